@@ -1,0 +1,48 @@
+"""The `macprovider` command line: a typer app assembled from one module per command family.
+
+Thin by design: each command parses its flags, resolves configuration, makes one core call, and maps
+`MacproviderError` to a one-line message on stderr and its exit code (`macprovider.errors`). MLX and
+mlx-lm are imported inside command bodies only, so `--help`, `config` and `service` stay fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from macprovider import __version__
+from macprovider.commands import autotune, config, models, serve, service
+
+app = typer.Typer(
+    name="macprovider",
+    help="A local OpenAI-compatible inference provider on MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"macprovider {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """A local OpenAI-compatible inference provider on MLX."""
+
+
+app.command("serve")(serve.serve)
+app.command("autotune")(autotune.autotune)
+app.add_typer(config.app, name="config")
+app.add_typer(models.app, name="models")
+app.add_typer(service.app, name="service")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

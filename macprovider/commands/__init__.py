@@ -1,0 +1,1 @@
+"""One module per command family; `macprovider.cli` assembles them. Keep imports here light."""

@@ -1,0 +1,46 @@
+"""`macprovider serve`: the OpenAI-compatible HTTP endpoint (SPEC.md §3)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from macprovider.commands.common import user_errors
+
+
+def serve(
+    model: str | None = typer.Option(None, "--model", help="Hub id org/name (from the local cache) or a local directory."),
+    host: str | None = typer.Option(None, "--host", help="Address to bind [default: 127.0.0.1]."),
+    port: str | None = typer.Option(None, "--port", help="Port to listen on [default: 8080]."),
+    kv_bits: str | None = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 4 or 8 bits [default: unset]."),
+    max_context: str | None = typer.Option(None, "--max-context", help="Max prompt+generation tokens per request [default: by RAM tier]."),
+    max_batch: str | None = typer.Option(None, "--max-batch", help="Sequences decoded together (continuous batching) [default: 1]."),
+    log_level: str | None = typer.Option(None, "--log-level", help="debug, info, warning, error."),
+    api_key_file: str | None = typer.Option(None, "--api-key-file", help="File (mode 0600) holding the API key."),
+    drain_timeout: str | None = typer.Option(None, "--drain-timeout", help="Seconds to let requests finish on SIGTERM [default: 30]."),
+    config: str | None = typer.Option(None, "--config", help="Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API."""
+    from macprovider import config as cfg
+    from macprovider.preflight import plan_serve
+
+    cli_values = {
+        "model": model,
+        "host": host,
+        "port": port,
+        "kv_bits": kv_bits,
+        "max_context_override": max_context,
+        "max_concurrency_override": max_batch,
+        "log_level": log_level,
+        "api_key_file": api_key_file,
+        "drain_timeout_s": drain_timeout,
+    }
+    with user_errors():
+        resolved = cfg.resolve(cli_values, cli_config=config)
+        for warning in resolved.warnings:
+            print(warning, file=sys.stderr)
+        plan = plan_serve(resolved)
+    from macprovider.server import run_server
+
+    raise typer.Exit(run_server(plan))

@@ -1,0 +1,322 @@
+"""Configuration: one resolver, CLI flag > environment variable > YAML > built-in default (SPEC.md §2).
+
+`resolve()` is the only place a setting's value is decided. It returns the frozen `Settings` together
+with where each value came from (`cli`, `env:NAME`, `yaml:PATH`, `default`, `ram-tier`), which
+`macprovider config show` prints and every preflight error quotes, e.g.
+
+    macprovider: invalid kv_bits 7 (from env:MACPROVIDER_KV_BITS): must be 4 or 8
+
+Values are checked here, before any model loads. Unknown YAML keys warn; YAML that does not parse fails.
+The API key itself is never a setting: it comes from `MACPROVIDER_API_KEY` or a 0600 `api_key_file`
+(`load_api_key`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from macprovider.errors import ConfigError
+
+GIB = 1024**3
+MIB = 1024**2
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseModel):
+    """The resolved settings of `serve` (and the defaults autotune children inherit). Immutable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    kv_bits: Literal[4, 8] | None = None
+    kv_quantized_start: int = 0
+    max_context_override: int | None = None
+    max_concurrency_override: int = 1
+    max_queue_depth: int | None = None
+    max_request_body_bytes: int = 10 * MIB
+    prompt_cache_bytes: int = 1 * GIB
+    log_level: LogLevel = "info"
+    api_key_file: str | None = None
+    drain_timeout_s: float = 30.0
+    cors_allowed_origins: tuple[str, ...] = ()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests that may wait for a batch slot before 429: `max_queue_depth`, default 2×max-batch."""
+        if self.max_queue_depth is not None:
+            return self.max_queue_depth
+        return 2 * self.max_concurrency_override
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """How one setting is named in each source and how its raw text is parsed and checked."""
+
+    name: str
+    env: str | None
+    parse: Callable[[Any], Any]
+    cli_flag: str | None = None
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise ValueError("must be an integer")
+        if isinstance(raw, str):
+            raw = raw.strip()
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError("must be an integer") from None
+        if isinstance(raw, float) and raw != value:
+            raise ValueError("must be an integer")
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise ValueError(f"must be {bound}")
+        return value
+
+    return parse
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def wrapped(raw: Any) -> Any:
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "unset", "none", "null")):
+            return None
+        return parse(raw)
+
+    return wrapped
+
+
+def _kv_bits(raw: Any) -> int:
+    value = _int_in(0)(raw) if not isinstance(raw, bool) else None
+    if value not in (4, 8):
+        raise ValueError("must be 4 or 8 (or unset for full-precision KV)")
+    return value
+
+
+def _float_min(low: float) -> Callable[[Any], float]:
+    def parse(raw: Any) -> float:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError("must be a number") from None
+        if not value >= low:
+            raise ValueError(f"must be >= {low:g}")
+        return value
+
+    return parse
+
+
+def _text(raw: Any) -> str:
+    if not isinstance(raw, (str, int)) or str(raw).strip() == "":
+        raise ValueError("must be a non-empty string")
+    return str(raw).strip()
+
+
+def _log_level(raw: Any) -> str:
+    value = str(raw).strip().lower()
+    if value not in ("debug", "info", "warning", "error", "critical"):
+        raise ValueError("must be one of debug, info, warning, error, critical")
+    return value
+
+
+def _origins(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        items = [part.strip() for part in raw.split(",")]
+    elif isinstance(raw, (list, tuple)):
+        items = [str(part).strip() for part in raw]
+    else:
+        raise ValueError("must be a list of origins")
+    return tuple(item for item in items if item)
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("model", "MACPROVIDER_MODEL", _optional(_text), "--model"),
+    SettingSpec("host", "MACPROVIDER_HOST", _text, "--host"),
+    SettingSpec("port", "MACPROVIDER_PORT", _int_in(1, 65535), "--port"),
+    SettingSpec("kv_bits", "MACPROVIDER_KV_BITS", _optional(_kv_bits), "--kv-bits"),
+    SettingSpec("kv_quantized_start", "MACPROVIDER_KV_QUANTIZED_START", _int_in(0)),
+    SettingSpec(
+        "max_context_override", "MACPROVIDER_MAX_CONTEXT_OVERRIDE", _optional(_int_in(1, 10_000_000)), "--max-context"
+    ),
+    SettingSpec("max_concurrency_override", "MACPROVIDER_MAX_CONCURRENCY_OVERRIDE", _int_in(1, 256), "--max-batch"),
+    SettingSpec("max_queue_depth", "MACPROVIDER_MAX_QUEUE_DEPTH", _optional(_int_in(0, 100_000))),
+    SettingSpec("max_request_body_bytes", "MACPROVIDER_MAX_REQUEST_BODY_BYTES", _int_in(1024, 1 << 34)),
+    SettingSpec("prompt_cache_bytes", "MACPROVIDER_PROMPT_CACHE_BYTES", _int_in(0)),
+    SettingSpec("log_level", "MACPROVIDER_LOG_LEVEL", _log_level, "--log-level"),
+    SettingSpec("api_key_file", "MACPROVIDER_API_KEY_FILE", _optional(_text), "--api-key-file"),
+    SettingSpec("drain_timeout_s", "MACPROVIDER_DRAIN_TIMEOUT_S", _float_min(0), "--drain-timeout"),
+    SettingSpec("cors_allowed_origins", "MACPROVIDER_CORS_ALLOWED_ORIGINS", _origins),
+)
+SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where macprovider keeps its files, from `$HOME` and `$XDG_CONFIG_HOME` (SPEC.md §2)."""
+
+    config_dir: Path
+    config_file: Path
+    autotune_db: Path
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Paths":
+        env = os.environ if env is None else env
+        home = Path(env.get("HOME") or Path.home())
+        base = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"
+        config_dir = base / "macprovider"
+        return cls(config_dir, config_dir / "config.yaml", config_dir / "autotune.sqlite")
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """`settings` plus, for every field, the source its value came from; `warnings` to print once."""
+
+    settings: Settings
+    sources: dict[str, str]
+    config_path: Path | None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def default_max_context(ram_gb: float) -> int:
+    """Default max context (tokens) by physical RAM tier, SPEC.md §2: ≤12→20000, ≤24→50000, ≤48→120000."""
+    if ram_gb <= 12:
+        return 20_000
+    if ram_gb <= 24:
+        return 50_000
+    if ram_gb <= 48:
+        return 120_000
+    return 200_000
+
+
+def config_path_for(cli_config: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
+    """The config file to read and whether it was named explicitly (`--config` or `MACPROVIDER_CONFIG`)."""
+    if cli_config:
+        return Path(cli_config).expanduser(), True
+    if env.get("MACPROVIDER_CONFIG"):
+        return Path(env["MACPROVIDER_CONFIG"]).expanduser(), True
+    return Paths.from_env(env).config_file, False
+
+
+def read_yaml(path: Path, explicit: bool) -> dict[str, Any]:
+    """Parse the YAML config. A missing default file is `{}`; a missing named file or bad YAML is ConfigError."""
+    import yaml
+
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist")
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    return data
+
+
+def resolve(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    cli_config: str | None = None,
+    ram_gb: float | None = None,
+) -> ResolvedConfig:
+    """Resolve every setting: CLI (non-None values of `cli`, keyed by setting name) > env > YAML > default.
+
+    `ram_gb` picks the RAM-tier default of `max_context_override` (detected when None). Raises
+    ConfigError naming setting, value and source for the first invalid value.
+    """
+    env = os.environ if env is None else env
+    cli = {key: value for key, value in (cli or {}).items() if value is not None}
+    unknown_cli = set(cli) - set(SETTINGS_BY_NAME)
+    if unknown_cli:
+        raise ValueError(f"unknown CLI settings {sorted(unknown_cli)}")
+    path, explicit = config_path_for(cli_config, env)
+    yaml_values = read_yaml(path, explicit)
+    warnings = [
+        f"warning: unknown key {key!r} in {path} is ignored"
+        for key in yaml_values
+        if key not in SETTINGS_BY_NAME and key != "api_key"
+    ]
+    if "api_key" in yaml_values:
+        warnings.append(f"warning: 'api_key' in {path} is ignored: use MACPROVIDER_API_KEY or api_key_file")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for spec in SETTINGS:
+        if spec.name in cli:
+            raw, source = cli[spec.name], "cli"
+        elif spec.env and env.get(spec.env) is not None:
+            raw, source = env[spec.env], f"env:{spec.env}"
+        elif spec.name in yaml_values:
+            raw, source = yaml_values[spec.name], f"yaml:{path}"
+        else:
+            sources[spec.name] = "default"
+            continue
+        try:
+            values[spec.name] = spec.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"invalid {spec.name} {raw!r} (from {source}): {exc}") from None
+        sources[spec.name] = source
+
+    if values.get("max_context_override") is None:
+        from macprovider.hardware import physical_ram_gb
+
+        values["max_context_override"] = default_max_context(physical_ram_gb() if ram_gb is None else ram_gb)
+        sources["max_context_override"] = "ram-tier"
+    settings = Settings(**values)
+    return ResolvedConfig(settings, sources, path if path.exists() else None, tuple(warnings))
+
+
+def load_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """The API key from `MACPROVIDER_API_KEY`, else from `api_key_file` (must be mode 0600 or stricter).
+
+    Raises ConfigError when the file is missing, unreadable, empty or readable by group/others.
+    """
+    env = os.environ if env is None else env
+    if env.get("MACPROVIDER_API_KEY"):
+        return env["MACPROVIDER_API_KEY"].strip()
+    if not settings.api_key_file:
+        return None
+    path = Path(settings.api_key_file).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise ConfigError(f"invalid api_key_file {str(path)!r}: file does not exist") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"invalid api_key_file {str(path)!r}: mode {oct(mode & 0o777)} must be 0600 (chmod 600)")
+    key = path.read_text(encoding="utf-8").strip()
+    if not key:
+        raise ConfigError(f"invalid api_key_file {str(path)!r}: file is empty")
+    return key
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` binds only the loopback interface (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,164 @@
+"""The contract between the HTTP layer and the engine, with no MLX in it.
+
+`server.py` depends only on this module's `EngineProtocol`, so HTTP tests run against a fake engine and
+the real engine (`engine.Engine`) can change inside. The engine works on token ids internally; the
+per-request text work (chat template, detokenizing, stop strings held back until resolved, EOS text never
+emitted) happens behind `submit`, so the server only relays `GenerationChunk`s.
+
+Flow of one request:
+    tokens = engine.encode_chat(messages)            # or encode_text(prompt); raises ApiError 400
+    handle = engine.submit(GenerationRequest(...))   # raises ApiError 413 / 429 / 503
+    async for chunk in handle: ...                   # text deltas, then one chunk with finish_reason+usage
+    handle.cancel()                                  # client went away: slot freed at the next step
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal, Protocol, Sequence
+
+EngineState = Literal["loading", "ready", "busy", "draining", "unavailable"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate.
+
+    prompt_tokens: the full prompt, token ids (1-D).
+    max_tokens: completion tokens wanted; None = the remaining capacity (max_context − prompt tokens).
+    temperature: 0 = greedy; top_p in (0, 1]; penalties in [−2, 2] (OpenAI semantics).
+    stop: up to 4 strings; generation ends before them and they are not returned.
+    seed: per-request sampling seed, or None.
+    """
+
+    prompt_tokens: Sequence[int]
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts and timing of one finished sequence (SPEC.md §3.3).
+
+    prompt_tokens / completion_tokens / cached_tokens: counts (cached = prompt tokens whose KV was reused).
+    generation_ms: decode wall time, first generated token to last, milliseconds.
+    generated_tokens: tokens the model generated (including a final EOS that is not returned as text).
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    generation_ms: float = 0.0
+    generated_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI `usage` object plus the macprovider timing fields."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "macprovider_generation_ms": round(self.generation_ms, 3),
+            "macprovider_generated_completion_tokens": self.generated_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of output. `text` may be empty. The last chunk of a sequence has `finish_reason` and
+    `usage` set; `finish_reason == "error"` carries `error` (a message safe to show a client)."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None
+
+
+class GenerationHandle(Protocol):
+    """A submitted sequence: iterate for chunks; `cancel()` is idempotent and safe from any thread."""
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]: ...
+
+    def cancel(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters and gauges for /v1/health and /metrics (SPEC.md §3.2). Bytes are integers."""
+
+    state: EngineState
+    active_sequences: int = 0
+    peak_active_sequences: int = 0
+    queued_sequences: int = 0
+    kv_cache_bytes: int = 0
+    peak_kv_cache_bytes: int = 0
+    peak_memory_bytes: int = 0
+    prompt_tokens_total: int = 0
+    cached_prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def engine_json(self) -> dict[str, int]:
+        """The `engine {…}` object of /v1/health."""
+        return {
+            "active_sequences": self.active_sequences,
+            "peak_active_sequences": self.peak_active_sequences,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "peak_kv_cache_bytes": self.peak_kv_cache_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "cached_prompt_tokens_total": self.cached_prompt_tokens_total,
+            "generated_tokens_total": self.generated_tokens_total,
+        }
+
+
+class EngineProtocol(Protocol):
+    """What the HTTP layer needs from an engine.
+
+    model_id: the id as configured (what /v1/models lists and `model` must equal).
+    max_context: C, the KV capacity of one sequence in tokens; max_batch: N; kv_bits: 4, 8 or None.
+    """
+
+    model_id: str
+    max_context: int
+    max_batch: int
+    kv_bits: int | None
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Apply the chat template (with the generation prompt) and tokenize. ApiError 400 if it fails."""
+        ...
+
+    def encode_text(self, prompt: str) -> list[int]:
+        """Tokenize a plain completion prompt."""
+        ...
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Queue a sequence. Raises ApiError: 413 `context_length_exceeded` (prompt > max_context),
+        429 `rate_limit_exceeded` (queue full, with Retry-After), 503 `model_not_loaded` / `draining`."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot of the engine's counters; cheap, safe from the event loop."""
+        ...
+
+    def start_draining(self) -> None:
+        """Stop admitting new sequences (submit → 503 `draining`); running ones go on."""
+        ...
+
+    def cancel_all(self, reason: str) -> None:
+        """End every queued and running sequence with an `error` chunk carrying `reason`."""
+        ...
+
+    def is_alive(self) -> bool:
+        """False once the generation thread has died; the server then reports 503 and exits non-zero."""
+        ...

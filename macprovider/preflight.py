@@ -1,0 +1,66 @@
+"""Serve preflight: every check that can fail before a model loads (SPEC.md §2, §3.5, §4).
+
+`plan_serve` turns resolved settings into a `ServePlan` or raises a MacproviderError whose one line
+names the setting, the value and its source. It reads the model's config.json (cheap) but never loads
+weights and never touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from macprovider.config import ResolvedConfig, Settings, is_loopback, load_api_key
+from macprovider.errors import ConfigError
+from macprovider.models import ensure_local, max_position_embeddings, read_model_config, validate_model_id
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What `serve` runs: the settings (max context already capped), the model directory, the API key.
+
+    `max_context_source` says why max context has its value (a settings source, or `model` when the
+    model's max_position_embeddings capped it).
+    """
+
+    settings: Settings
+    model_id: str
+    model_path: Path
+    api_key: str | None
+    max_context: int
+    max_context_source: str
+
+
+def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -> ServePlan:
+    """Check everything `serve` needs before loading. Raises ConfigError (exit 2) or ModelError (exit 1)."""
+    env = os.environ if env is None else env
+    settings = resolved.settings
+    if not settings.model:
+        raise ConfigError("no model configured: pass --model ORG/NAME (or set MACPROVIDER_MODEL or `model:` in config.yaml)")
+    model_id = validate_model_id(settings.model)
+    api_key = load_api_key(settings, env)
+    if not is_loopback(settings.host) and not api_key:
+        raise ConfigError(
+            f"refusing to bind host {settings.host!r} (from {resolved.sources['host']}) without an API key: "
+            "set MACPROVIDER_API_KEY or api_key_file, or bind 127.0.0.1"
+        )
+    model_path = ensure_local(model_id)
+    max_context = settings.max_context_override
+    source = resolved.sources["max_context_override"]
+    model_limit = max_position_embeddings(read_model_config(model_path))
+    if model_limit is not None and max_context is not None and model_limit < max_context:
+        if source in ("cli", "yaml") or source.startswith(("env:", "yaml:")):
+            # An explicit request above what the model supports: honour the model's limit, but say so.
+            import sys
+
+            print(
+                f"warning: max_context_override {max_context} (from {source}) exceeds the model's "
+                f"max_position_embeddings {model_limit}; using {model_limit}",
+                file=sys.stderr,
+            )
+        max_context, source = model_limit, "model"
+    assert max_context is not None
+    settings = settings.model_copy(update={"max_context_override": max_context})
+    return ServePlan(settings, model_id, model_path, api_key, max_context, source)
