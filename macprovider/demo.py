@@ -149,24 +149,14 @@ def _is_lfs(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".gguf", ".npz"))
 
 
-def hub_cache_dir(env: dict[str, str] | None = None) -> Path:
-    """The Hub cache directory as huggingface_hub computes it (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/...)."""
-    from huggingface_hub import constants
-
-    env = os.environ if env is None else env
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"])
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]) / "hub"
-    return Path(constants.HF_HUB_CACHE)
-
-
 def install_in_hub_cache(source: Path, repo_id: str, cache_dir: Path | None = None) -> Path:
     """Copy a model directory into the Hub cache as `repo_id`; returns the snapshot directory.
 
     LFS-like files (safetensors) go to blobs named by their sha256, others by their git blob sha1, as the
     Hub names them, so `macprovider models verify` can check them. Idempotent for identical content.
     """
+    from macprovider.models import hub_cache_dir
+
     cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
     files = sorted(p for p in Path(source).iterdir() if p.is_file())

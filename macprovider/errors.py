@@ -6,6 +6,7 @@ exit code, the HTTP layer maps `ApiError` to the OpenAI error envelope (SPEC.md 
     MacproviderError                 exit 1
     ├── ConfigError                  exit 2   bad flag / env / YAML value, unreadable config (SPEC §2)
     ├── ModelError                   exit 1   bad model id, model not cached offline, load failure (SPEC §4)
+    │   ├── InvalidModelId           exit 2   not org/name and not a local directory
     │   └── ModelNotCachedError      exit 1   not in the local cache and the Hub cannot be reached
     ├── ServiceError                 exit 1   launchctl / systemctl failures (SPEC §6)
     ├── StoreError                   exit 2   autotune database unusable (SPEC §5.11)
@@ -33,6 +34,12 @@ class ConfigError(MacproviderError):
 
 class ModelError(MacproviderError):
     """A model id that is invalid, cannot be found, or cannot be loaded."""
+
+
+class InvalidModelId(ModelError):
+    """A model id that is neither `org/name` nor an existing local directory (a usage error)."""
+
+    exit_code = 2
 
 
 class ModelNotCachedError(ModelError):

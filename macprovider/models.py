@@ -10,9 +10,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from macprovider.errors import ModelError, ModelNotCachedError
+from macprovider.errors import InvalidModelId, ModelError, ModelNotCachedError
 
 _PART = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -29,17 +29,30 @@ def is_hub_id(model: str) -> bool:
 def validate_model_id(model: str) -> str:
     """Return `model` if it is an `org/name` id or an existing local directory, else raise ModelError."""
     if not isinstance(model, str) or not model or len(model) > 512 or "\x00" in model:
-        raise ModelError(f"invalid model id {model!r}: expected org/name or a local directory")
+        raise InvalidModelId(f"invalid model id {model!r}: expected org/name or a local directory")
     if Path(model).expanduser().is_dir():
         return model
     if not is_hub_id(model):
-        raise ModelError(
+        raise InvalidModelId(
             f"invalid model id {model!r}: expected org/name (parts of [A-Za-z0-9._-]) or an existing local directory"
         )
     return model
 
 
-def hub_offline(env: dict[str, str] | None = None) -> bool:
+def hub_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The Hub cache directory as huggingface_hub computes it, read from the environment now (not at import):
+    HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    env = os.environ if env is None else env
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path(env.get("HOME") or Path.home()) / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def hub_offline(env: Mapping[str, str] | None = None) -> bool:
     """Whether huggingface_hub is in offline mode (HF_HUB_OFFLINE)."""
     env = os.environ if env is None else env
     return env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -54,7 +67,11 @@ def cached_model_path(model: str) -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(model, local_files_only=True, allow_patterns=ALLOW_PATTERNS))
+        return Path(
+            snapshot_download(
+                model, cache_dir=str(hub_cache_dir()), local_files_only=True, allow_patterns=ALLOW_PATTERNS
+            )
+        )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         return None
 
