@@ -1,0 +1,478 @@
+"""The MLX engine: one generation thread that owns the model and mlx-lm's `BatchGenerator`.
+
+This is the only serve-path module that imports MLX (DESIGN.md "Serving: one thread owns MLX").
+
+- Continuous batching (SPEC.md §3.1): up to `max_batch` sequences are decoded together by
+  `mlx_lm.generate.BatchGenerator`; a new request is inserted into the running batch as soon as a slot is
+  free (its prompt is prefilled in chunks interleaved with the running decode steps). Further requests
+  wait in a FIFO of `queue_depth`; beyond that `submit` raises 429 with Retry-After.
+- kv-bits: every sequence gets `kvcache.QuantizedKVCache` layers, which merge into a
+  `kvcache.BatchQuantizedKVCache` — quantized from the first token, and batching stays on.
+- max-context C: a prompt longer than C is refused (413); `max_tokens` is clamped to C − prompt tokens,
+  so the KV cache of a sequence never holds more than C tokens.
+- Prompt-prefix reuse: finished sequences leave their KV in mlx-lm's `LRUPromptCache` (bounded by
+  `prompt_cache_bytes`); a new prompt starts from the longest cached prefix.
+- Cancellation, draining and stats are messages to / reads from the thread; `EngineStats` is a snapshot.
+
+Threads: `submit`/`encode_*`/`stats` run on the server's threads; all MLX work happens on the generation
+thread, including loading the model (MLX streams are per thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from macprovider.engine_types import EngineStats, GenerationChunk, GenerationRequest
+from macprovider.errors import ApiError, ModelError
+from macprovider.preflight import ServePlan
+from macprovider.sequence import OutputText, SequenceHandle, SequenceState
+
+log = logging.getLogger("macprovider.engine")
+
+# Text of end-of-turn tokens of common chat formats; any of them in the vocabulary ends generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>", "<|return|>")
+PROMPT_CACHE_ENTRIES = 64
+
+
+class Engine:
+    """Implements `engine_types.EngineProtocol` on MLX. Construct cheaply, then `load()` (blocking)."""
+
+    def __init__(self, plan: ServePlan):
+        settings = plan.settings
+        self.model_id = plan.model_id
+        self.model_path = plan.model_path
+        self.max_context = plan.max_context
+        self.max_batch = settings.max_concurrency_override
+        self.kv_bits = settings.kv_bits
+        self.queue_depth = settings.queue_depth
+        self.prompt_cache_bytes = settings.prompt_cache_bytes
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._state = "loading"
+        self._draining = False
+        self._stopping = False
+        self._admitted = 0  # submitted and not finished (waiting + active)
+        # Generation-thread state.
+        self._pending: collections.deque[SequenceState] = collections.deque()
+        self._active: dict[int, SequenceState] = {}
+        self._counters = collections.Counter()
+        self._kv_bytes = 0
+        self.tokenizer: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self, timeout: float | None = None) -> None:
+        """Load the model on the generation thread and run a one-token self-test. Blocks until ready.
+
+        Raises ModelError when loading or the self-test fails (the thread is then gone).
+        """
+        self._thread = threading.Thread(target=self._thread_main, name="macprovider-generation", daemon=True)
+        self._thread.start()
+        if not self._loaded.wait(timeout):
+            raise ModelError(f"model {self.model_id} did not load within {timeout} s")
+        if self._load_error is not None:
+            raise ModelError(f"cannot load model {self.model_id}: {_describe(self._load_error)}") from None
+        self._self_test()
+        with self._lock:
+            self._state = "ready"
+        log.info("engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s", self.model_id, self.max_batch, self.max_context, self.kv_bits)
+
+    def _self_test(self) -> None:
+        prompt = self.encode_text("Hello")
+        handle = self._enqueue(GenerationRequest(prompt_tokens=prompt, max_tokens=1, temperature=0.0), internal=True)
+        try:
+            chunks = handle.wait(timeout=600)
+        except queue.Empty:
+            raise ModelError("self-test: no token within 600 s") from None
+        final = chunks[-1]
+        if final.finish_reason == "error" or final.usage is None or final.usage.generated_tokens != 1:
+            raise ModelError(f"self-test failed: {final.error or final.finish_reason}")
+
+    def close(self) -> None:
+        """Stop the generation thread (pending sequences are dropped)."""
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def is_alive(self) -> bool:
+        if self._thread is None:
+            return True  # not started yet: loading
+        return self._thread.is_alive() or self._stopping
+
+    # ------------------------------------------------------------------ protocol: text
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Chat template (with generation prompt) → token ids. Raises ApiError 400 when the template fails."""
+        tokenizer = self._require_tokenizer()
+        try:
+            with self._tokenizer_lock:
+                if tokenizer.has_chat_template:
+                    tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                else:
+                    from mlx_lm.server import convert_chat
+
+                    tokens = tokenizer.encode(convert_chat(messages))
+        except Exception as exc:  # jinja raises for e.g. roles the template does not accept
+            raise ApiError(400, "invalid_request", f"the model's chat template rejected the messages: {_describe(exc)}", param="messages") from None
+        return list(tokens)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        """Plain prompt → token ids (no special tokens added beyond the tokenizer's defaults)."""
+        tokenizer = self._require_tokenizer()
+        with self._tokenizer_lock:
+            return list(tokenizer.encode(prompt))
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ApiError(503, "model_not_loaded", "the model is still loading", error_type="server_error")
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ protocol: generation
+    def submit(self, request: GenerationRequest) -> SequenceHandle:
+        """Queue a sequence (see EngineProtocol.submit for the errors raised)."""
+        with self._lock:
+            state, draining = self._state, self._draining
+        if draining:
+            raise ApiError(503, "draining", "the server is shutting down", error_type="server_error")
+        if state not in ("ready", "busy"):
+            raise ApiError(503, "model_not_loaded", "the model is not loaded", error_type="server_error")
+        return self._enqueue(request, internal=False)
+
+    def _enqueue(self, request: GenerationRequest, internal: bool) -> SequenceHandle:
+        prompt = list(request.prompt_tokens)
+        if len(prompt) > self.max_context:
+            raise ApiError(
+                413,
+                "context_length_exceeded",
+                f"Prompt length ({len(prompt)} tokens) exceeds this provider's safe capacity ({self.max_context} tokens).",
+                param="messages",
+                extra={"n_prompt_tokens": len(prompt), "n_ctx": self.max_context},
+            )
+        if not prompt:
+            raise ApiError(400, "invalid_request", "the prompt is empty", param="messages")
+        with self._lock:
+            if not internal and self._admitted >= self.max_batch + self.queue_depth:
+                raise ApiError(
+                    429,
+                    "rate_limit_exceeded",
+                    f"all {self.max_batch} batch slots and {self.queue_depth} queue places are taken; retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self._admitted += 1
+        remaining = self.max_context - len(prompt)
+        max_tokens = remaining if request.max_tokens is None else min(request.max_tokens, remaining)
+        handle = SequenceHandle(on_cancel=lambda h: self._inbox.put(("cancel", h)))
+        sequence = SequenceState(
+            handle=handle,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            sampler=self._sampler(request),
+            logits_processors=self._logits_processors(request),
+            output=OutputText(self.tokenizer.detokenizer, self._hidden_ids, tuple(request.stop)),
+        )
+        self._inbox.put(("submit", sequence))
+        return handle
+
+    def start_draining(self) -> None:
+        with self._lock:
+            self._draining = True
+            if self._state in ("ready", "busy"):
+                self._state = "draining"
+
+    def cancel_all(self, reason: str) -> None:
+        self._inbox.put(("cancel_all", reason))
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            counters = dict(self._counters)
+            state = self._state
+            if state == "ready" and self._counters["active"] >= self.max_batch:
+                state = "busy"
+            if self._thread is not None and not self._thread.is_alive() and not self._stopping and self._loaded.is_set():
+                state = "unavailable"
+            return EngineStats(
+                state=state,
+                active_sequences=counters.get("active", 0),
+                peak_active_sequences=counters.get("peak_active", 0),
+                queued_sequences=counters.get("queued", 0),
+                kv_cache_bytes=counters.get("kv_bytes", 0),
+                peak_kv_cache_bytes=counters.get("peak_kv_bytes", 0),
+                peak_memory_bytes=counters.get("peak_memory", 0),
+                prompt_tokens_total=counters.get("prompt_tokens", 0),
+                cached_prompt_tokens_total=counters.get("cached_prompt_tokens", 0),
+                generated_tokens_total=counters.get("generated_tokens", 0),
+                extra={"prompt_cache_bytes": counters.get("prompt_cache_bytes", 0)},
+            )
+
+    # ------------------------------------------------------------------ sampling
+    def _sampler(self, request: GenerationRequest):
+        from mlx_lm.sample_utils import make_sampler
+
+        if request.temperature == 0:
+            return self._greedy
+        if request.seed is not None:
+            return _seeded_sampler(request.temperature, request.top_p, request.seed)
+        key = (request.temperature, request.top_p)
+        with self._lock:
+            sampler = self._samplers.get(key)
+            if sampler is None:
+                sampler = self._samplers[key] = make_sampler(temp=request.temperature, top_p=request.top_p)
+        return sampler
+
+    @staticmethod
+    def _logits_processors(request: GenerationRequest) -> list[Any]:
+        if not request.presence_penalty and not request.frequency_penalty:
+            return []
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return make_logits_processors(
+            presence_penalty=request.presence_penalty or None,
+            frequency_penalty=request.frequency_penalty or None,
+        )
+
+    # ------------------------------------------------------------------ generation thread
+    def _thread_main(self) -> None:
+        try:
+            self._load_on_thread()
+        except BaseException as exc:  # noqa: BLE001 - reported through load()
+            self._load_error = exc
+            self._loaded.set()
+            return
+        self._loaded.set()
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
+            log.exception("generation thread died: %s", _describe(exc))
+            with self._lock:
+                self._state = "unavailable"
+            self._fail_everything(f"the generation engine failed: {_describe(exc)}")
+            raise
+
+    def _load_on_thread(self) -> None:
+        import mlx.core as mx
+        from mlx_lm import load
+        from mlx_lm.generate import BatchGenerator, make_stop_sequences
+        from mlx_lm.models.cache import LRUPromptCache
+        from mlx_lm.sample_utils import greedy_sampler
+
+        from macprovider.kvcache import kv_group_size, make_cache_factory
+
+        model, tokenizer = load(str(self.model_path))
+        group_size = 64
+        if self.kv_bits is not None:
+            layer = model.layers[0] if hasattr(model, "layers") else None
+            head_dim = getattr(getattr(layer, "self_attn", None), "head_dim", None) or _head_dim_from(model)
+            group_size = kv_group_size(head_dim) if head_dim else 64
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        end_ids = set(tokenizer.eos_token_ids) | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+        tokenizer.eos_token_ids = end_ids
+        self._hidden_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or []) | frozenset(end_ids)
+        self._greedy = greedy_sampler
+        self._samplers: dict[tuple[float, float], Any] = {}
+        self._make_cache = make_cache_factory(model, self.kv_bits, group_size)
+        self._stop_sequences = make_stop_sequences(tokenizer)
+        self._prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=max(self.prompt_cache_bytes, 0))
+        self._batch = BatchGenerator(
+            model,
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=self.max_batch,
+            stream=mx.default_stream(mx.default_device()),
+        )
+        self._mx = mx
+        self.tokenizer = tokenizer
+
+    def _loop(self) -> None:
+        batch = self._batch
+        while True:
+            idle = not self._active and not self._pending
+            if not self._drain_inbox(block=idle):
+                return
+            self._admit()
+            if self._active:
+                prompt_responses, generation_responses = batch.next()
+                now = time.perf_counter()
+                for response in prompt_responses:
+                    if response.end_of_prompt and response.uid in self._active:
+                        self._active[response.uid].decode_started_at = now
+                for response in generation_responses:
+                    self._on_token(response, now)
+            self._publish_gauges()
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued messages; with `block`, wait for the first. False when told to stop."""
+        try:
+            message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, payload = message
+            if kind == "stop":
+                return False
+            if kind == "submit":
+                if payload.handle.cancelled:
+                    self._finish(payload, "cancelled")
+                else:
+                    self._pending.append(payload)
+            elif kind == "cancel":
+                self._cancel(payload)
+            elif kind == "cancel_all":
+                for sequence in list(self._pending) + list(self._active.values()):
+                    self._finish(sequence, "error", error=payload)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _cancel(self, handle: SequenceHandle) -> None:
+        for sequence in self._pending:
+            if sequence.handle is handle:
+                self._finish(sequence, "cancelled")
+                return
+        for sequence in self._active.values():
+            if sequence.handle is handle:
+                self._finish(sequence, "cancelled")
+                return
+
+    def _admit(self) -> None:
+        """Move waiting sequences into the running batch while slots are free (FIFO)."""
+        while self._pending and len(self._active) < self.max_batch:
+            sequence = self._pending.popleft()
+            if sequence.max_tokens <= 0:  # prompt fills the whole context: nothing may be generated
+                sequence.decode_started_at = sequence.last_token_at = time.perf_counter()
+                self._finish(sequence, "length")
+                continue
+            cache, rest = None, sequence.prompt
+            if self.prompt_cache_bytes > 0:
+                cache, rest = self._prompt_cache.fetch_nearest_cache(self.model_id, sequence.prompt)
+            if cache is not None and not rest:  # exact hit: recompute the last token to get its logits
+                from mlx_lm.models.cache import trim_prompt_cache
+
+                trim_prompt_cache(cache, 1)
+                rest = sequence.prompt[-1:]
+            sequence.cached_tokens = len(sequence.prompt) - len(rest)
+            (sequence.uid,) = self._batch.insert(
+                [rest],
+                max_tokens=[sequence.max_tokens],
+                caches=[cache if cache is not None else self._make_cache()],
+                all_tokens=[sequence.prompt[: sequence.cached_tokens]],
+                samplers=[sequence.sampler],
+                logits_processors=[sequence.logits_processors],
+                stop_sequences=[self._stop_sequences],
+            )
+            self._active[sequence.uid] = sequence
+            with self._lock:
+                self._counters["prompt_tokens"] += len(sequence.prompt)
+                self._counters["cached_prompt_tokens"] += sequence.cached_tokens
+
+    def _on_token(self, response: Any, now: float) -> None:
+        sequence = self._active.get(response.uid)
+        if sequence is None:
+            return
+        sequence.generated_tokens += 1
+        sequence.last_token_at = now
+        if sequence.decode_started_at is None:
+            sequence.decode_started_at = now
+        with self._lock:
+            self._counters["generated_tokens"] += 1
+        finish = response.finish_reason
+        if finish == "stop":  # an end-of-turn token: never rendered
+            text = sequence.output.finish(release_held=False)
+        else:
+            sequence.completion_tokens += 1
+            text = sequence.output.add(response.token)
+            if finish == "length" or sequence.output.stopped:
+                text += sequence.output.finish(release_held=not sequence.output.stopped)
+        if text:
+            sequence.handle.deliver(GenerationChunk(text=text))
+        if sequence.output.stopped and finish is None:
+            finish = "stop"
+        if finish is not None:
+            self._finish(sequence, finish, finished_by_batch=response.finish_reason is not None, response=response)
+
+    def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None) -> None:
+        """End a sequence: leave the batch (saving its KV for prefix reuse), send the final chunk."""
+        if sequence.uid is not None and sequence.uid in self._active:
+            del self._active[sequence.uid]
+            if finished_by_batch:
+                cache, tokens = response.prompt_cache, response.all_tokens
+            else:
+                extracted = self._batch.remove([sequence.uid], return_prompt_caches=reason in ("stop", "length"))
+                cache, tokens = extracted.get(sequence.uid, (None, None))
+            if cache is not None and self.prompt_cache_bytes > 0:
+                self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)
+                self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes)
+        elif sequence in self._pending:
+            self._pending.remove(sequence)
+        sequence.handle.finished = True
+        with self._lock:
+            self._admitted -= 1
+        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error))
+
+    def _fail_everything(self, message: str) -> None:
+        for sequence in list(self._pending) + list(self._active.values()):
+            try:
+                sequence.handle.deliver(GenerationChunk(finish_reason="error", usage=sequence.usage(), error=message))
+            except Exception:  # noqa: BLE001 - best effort while dying
+                pass
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                payload.handle.deliver(GenerationChunk(finish_reason="error", usage=payload.usage(), error=message))
+
+    def _publish_gauges(self) -> None:
+        kv_bytes = self._batch.prompt_cache_nbytes if self._active else 0
+        peak_memory = int(self._mx.get_peak_memory())
+        with self._lock:
+            counters = self._counters
+            counters["active"] = len(self._active)
+            counters["peak_active"] = max(counters["peak_active"], len(self._active))
+            counters["queued"] = len(self._pending)
+            counters["kv_bytes"] = kv_bytes
+            counters["peak_kv_bytes"] = max(counters["peak_kv_bytes"], kv_bytes)
+            counters["peak_memory"] = max(counters["peak_memory"], peak_memory)
+            counters["prompt_cache_bytes"] = self._prompt_cache.nbytes
+
+
+def _seeded_sampler(temperature: float, top_p: float, seed: int):
+    """A sampler with its own PRNG key, so a seeded request stays reproducible inside a shared batch."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p
+
+    state = {"key": mx.random.key(seed)}
+
+    def sample(logprobs):
+        state["key"], subkey = mx.random.split(state["key"])
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=subkey)
+
+    return sample
+
+
+def _head_dim_from(model: Any) -> int | None:
+    args = getattr(model, "args", None)
+    if args is None:
+        return None
+    head_dim = getattr(args, "head_dim", None)
+    if head_dim:
+        return int(head_dim)
+    hidden, heads = getattr(args, "hidden_size", None), getattr(args, "num_attention_heads", None)
+    return hidden // heads if hidden and heads else None
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line, path-free description of an exception for logs and client messages."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{exc.__class__.__name__}: {text}"[:300] if text else exc.__class__.__name__
+

@@ -1,0 +1,288 @@
+"""A quantized KV cache that can join a continuous batch.
+
+mlx-lm 0.32 batches sequences through `BatchKVCache` (mlx_lm/models/cache.py), whose interface —
+`merge`, `extend`, `filter`, `extract`, `prepare`/`finalize` for padding, `make_mask` — lets
+`BatchGenerator` add and remove sequences while the batch runs. Its `QuantizedKVCache` has no `merge`, so
+mlx-lm's server turns batching off under `--kv-bits`. `BatchQuantizedKVCache` follows `BatchKVCache` line
+for line, but stores keys and values as `mx.quantize` triples (packed uint32, scales, biases; group size
+64 by default) from the first token. Because it has `bits` and `group_size` attributes, mlx-lm's attention
+(`models/base.py: scaled_dot_product_attention`) routes it to `quantized_scaled_dot_product_attention`,
+unchanged. `QuantizedKVCache` here is mlx-lm's single-sequence cache plus a `merge` into the batch cache,
+so prefix-cache entries and freshly made caches enter a batch the same way full-precision ones do.
+
+Layout: each of `keys`/`values` is a tuple of three arrays with shapes
+    packed (B, H, L, D * bits / 32) uint32, scales (B, H, L, D / group_size), biases (same),
+L growing in steps of 256 tokens. Sequences are left-padded: `left_padding[b]` leading slots of row b are
+masked out, `offset[b]` is its real length (`_idx − left_padding[b]`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import mlx.core as mx
+from mlx.utils import tree_map, tree_reduce
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import KVCache, _BaseCache, dynamic_roll
+from mlx_lm.models.cache import QuantizedKVCache as _MlxQuantizedKVCache
+
+QuantTriple = tuple[mx.array, mx.array, mx.array]
+
+
+class QuantizedKVCache(_MlxQuantizedKVCache):
+    """mlx-lm's single-sequence quantized cache, able to `merge` into a `BatchQuantizedKVCache`."""
+
+    def size(self) -> int:
+        return self.offset
+
+    @classmethod
+    def merge(cls, caches: List["QuantizedKVCache"]) -> "BatchQuantizedKVCache":
+        return BatchQuantizedKVCache.merge(caches)
+
+
+def _empty_triple(batch: int, heads: int, length: int, dim: int, bits: int, group_size: int, dtype) -> QuantTriple:
+    per_int = 32 // bits
+    return (
+        mx.zeros((batch, heads, length, dim // per_int), dtype=mx.uint32),
+        mx.zeros((batch, heads, length, dim // group_size), dtype=dtype),
+        mx.zeros((batch, heads, length, dim // group_size), dtype=dtype),
+    )
+
+
+def _head_dim(triple: QuantTriple, bits: int) -> int:
+    return triple[0].shape[-1] * (32 // bits)
+
+
+class BatchQuantizedKVCache(_BaseCache):
+    """Batched, left-padded KV cache holding `mx.quantize`d keys and values (see module docstring).
+
+    left_padding: one int per sequence (tokens of padding before it). group_size/bits: as `mx.quantize`
+    (bits 4 or 8; the head dimension must be a multiple of group_size).
+    """
+
+    step = 256
+
+    def __init__(self, left_padding: List[int], group_size: int = 64, bits: int = 8):
+        self.keys: QuantTriple | None = None
+        self.values: QuantTriple | None = None
+        self.left_padding = mx.array(left_padding)
+        self.offset = mx.array([-pad for pad in left_padding])
+        self._idx = 0
+        self._right_padding = None
+        self.group_size = group_size
+        self.bits = bits
+
+    # -- growth ---------------------------------------------------------------------------------------
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Quantize and append `keys`/`values` of shape (B, H, N, D); return all cached triples."""
+        batch, heads, steps, k_dim = keys.shape
+        v_dim = values.shape[-1]
+        prev = self._idx
+        if self.keys is None or prev + steps > self.keys[0].shape[2]:
+            new_len = (self.step + steps - 1) // self.step * self.step
+            new_k = _empty_triple(batch, heads, new_len, k_dim, self.bits, self.group_size, keys.dtype)
+            new_v = _empty_triple(batch, heads, new_len, v_dim, self.bits, self.group_size, keys.dtype)
+            if self.keys is not None:
+                if prev % self.step != 0:
+                    self.keys, self.values = tree_map(lambda x: x[..., :prev, :], (self.keys, self.values))
+                self.keys = tuple(mx.concatenate([a, b], axis=2) for a, b in zip(self.keys, new_k))
+                self.values = tuple(mx.concatenate([a, b], axis=2) for a, b in zip(self.values, new_v))
+            else:
+                self.keys, self.values = new_k, new_v
+        self.offset = self.offset + steps
+        self._idx += steps
+        q_keys = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
+        q_values = mx.quantize(values, group_size=self.group_size, bits=self.bits)
+        for i in range(3):
+            self.keys[i][..., prev : self._idx, :] = q_keys[i]
+            self.values[i][..., prev : self._idx, :] = q_values[i]
+        return self.keys_and_values()
+
+    def keys_and_values(self):
+        return tree_map(lambda x: x[..., : self._idx, :], (self.keys, self.values))
+
+    # -- padding (same protocol as mlx-lm's BatchKVCache) ---------------------------------------------
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
+        if left_padding is not None:
+            if self.keys is not None:
+                raise ValueError("Left padding can only be added to an empty BatchQuantizedKVCache")
+            left_padding = mx.array(left_padding)
+            self.left_padding += left_padding
+            self.offset = self.offset - left_padding
+        if right_padding is not None and max(right_padding) > 0:
+            self._right_padding = mx.array(right_padding)
+
+    def finalize(self):
+        """Turn right padding (from a ragged prefill) into left padding by rolling each row."""
+        if self._right_padding is not None:
+            padding = self._right_padding
+            roll = lambda x: dynamic_roll(x, padding[:, None], axis=2)  # noqa: E731
+            self.keys = tuple(roll(x) for x in self.keys)
+            self.values = tuple(roll(x) for x in self.values)
+            self.offset = self.offset - padding
+            self.left_padding += padding
+            self._right_padding = None
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        return create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, **kwargs)
+
+    # -- state ----------------------------------------------------------------------------------------
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset, self.left_padding, self._idx
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset, self.left_padding, self._idx = v
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.group_size, self.bits)))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.group_size, self.bits = map(int, v)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self._idx, n)
+        self._idx -= n
+        self.offset = self.offset - n
+        return n
+
+    def size(self) -> int:
+        return self._idx
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return tree_reduce(lambda total, x: total + x.nbytes, (self.keys, self.values), 0)
+
+    # -- batch membership -----------------------------------------------------------------------------
+    def filter(self, batch_indices):
+        """Keep only the rows `batch_indices` (in that order); drop padding no row needs any more."""
+        if self.keys is not None:
+            self.keys = tuple(x[batch_indices] for x in self.keys)
+            self.values = tuple(x[batch_indices] for x in self.values)
+        self.offset = self.offset[batch_indices]
+        self.left_padding = self.left_padding[batch_indices]
+        min_left_pad = min(self.left_padding.tolist()) if self.left_padding.size else 0
+        if min_left_pad > 0:
+            if self.keys is not None:
+                self.keys = tuple(x[..., min_left_pad:, :] for x in self.keys)
+                self.values = tuple(x[..., min_left_pad:, :] for x in self.values)
+            self._idx -= min_left_pad
+            self.left_padding -= min_left_pad
+
+    def extend(self, other: "BatchQuantizedKVCache"):
+        """Append the rows of `other`, right-justifying both to the longer history."""
+        if self.keys is None and other.keys is None:
+            self.left_padding = mx.concatenate([self.left_padding, other.left_padding])
+            self.offset = mx.concatenate([self.offset, other.offset])
+            return
+        reference = self if self.keys is not None else other
+        heads = reference.keys[0].shape[1]
+        k_dim = _head_dim(reference.keys, self.bits)
+        v_dim = _head_dim(reference.values, self.bits)
+        dtype = reference.keys[1].dtype
+        max_idx = max(self._idx, other._idx)
+        max_size = max(c.keys[0].shape[2] for c in (self, other) if c.keys is not None)
+
+        def pad(cache):
+            keys, values = cache.keys, cache.values
+            if keys is None:
+                rows = cache.offset.shape[0]
+                keys = _empty_triple(rows, heads, 0, k_dim, self.bits, self.group_size, dtype)
+                values = _empty_triple(rows, heads, 0, v_dim, self.bits, self.group_size, dtype)
+            left = max_idx - cache._idx
+            right = max_size - keys[0].shape[2] - left
+            if right < 0:
+                keys, values = tree_map(lambda x: x[..., :right, :], (keys, values))
+                right = 0
+            if left or right:
+                widths = [(0, 0), (0, 0), (left, right), (0, 0)]
+                keys, values = tree_map(lambda x: mx.pad(x, widths), (keys, values))
+            return keys, values, cache.offset, cache.left_padding + left
+
+        (k1, v1, o1, p1), (k2, v2, o2, p2) = pad(self), pad(other)
+        self.keys = tuple(mx.concatenate([a, b]) for a, b in zip(k1, k2))
+        self.values = tuple(mx.concatenate([a, b]) for a, b in zip(v1, v2))
+        self.offset = mx.concatenate([o1, o2])
+        self.left_padding = mx.concatenate([p1, p2])
+        self._idx = max_idx
+
+    def extract(self, idx: int) -> QuantizedKVCache:
+        """Row `idx` as a single-sequence `QuantizedKVCache` (padding removed, contiguous copy)."""
+        cache = QuantizedKVCache(group_size=self.group_size, bits=self.bits)
+        padding = self.left_padding.tolist()[idx]
+        if self.keys is not None:
+            cut = lambda x: mx.contiguous(x[idx : idx + 1, :, padding : self._idx])  # noqa: E731
+            cache.keys = tuple(cut(x) for x in self.keys)
+            cache.values = tuple(cut(x) for x in self.values)
+            cache.offset = cache.keys[0].shape[2]
+        return cache
+
+    @classmethod
+    def merge(cls, caches: List[Any]) -> "BatchQuantizedKVCache":
+        """Left-pad single-sequence `QuantizedKVCache`s (possibly empty) into one batch cache."""
+        group_size, bits = caches[0].group_size, caches[0].bits
+        lengths = [c.offset if c.keys is not None else 0 for c in caches]
+        max_length = max(lengths)
+        if max_length == 0:
+            return cls([0] * len(caches), group_size=group_size, bits=bits)
+        padding = [max_length - length for length in lengths]
+        first = next(c for c in caches if c.keys is not None)
+        heads = first.keys[0].shape[1]
+        k_dim = _head_dim(first.keys, bits)
+        v_dim = _head_dim(first.values, bits)
+        dtype = first.keys[1].dtype
+        keys = _empty_triple(len(caches), heads, max_length, k_dim, bits, group_size, dtype)
+        values = _empty_triple(len(caches), heads, max_length, v_dim, bits, group_size, dtype)
+        for row, (pad, cache) in enumerate(zip(padding, caches)):
+            if cache.keys is None:
+                continue
+            for i in range(3):
+                keys[i][row : row + 1, :, pad : pad + cache.offset] = cache.keys[i][..., : cache.offset, :]
+                values[i][row : row + 1, :, pad : pad + cache.offset] = cache.values[i][..., : cache.offset, :]
+        cache = cls(padding, group_size=group_size, bits=bits)
+        cache.keys, cache.values = keys, values
+        cache.offset += max_length
+        cache._idx = max_length
+        return cache
+
+
+def kv_group_size(head_dim: int, preferred: int = 64) -> int:
+    """Group size for quantizing a head dimension: 64 (SPEC.md §3.1) when it divides `head_dim`, else 32.
+
+    Raises ValueError when neither divides it (mx.quantize needs the last axis divisible by the group).
+    """
+    for size in (preferred, 32):
+        if head_dim % size == 0:
+            return size
+    raise ValueError(f"head dimension {head_dim} is not a multiple of 32: the KV cache cannot be quantized")
+
+
+def make_cache_factory(model, kv_bits: int | None, group_size: int = 64):
+    """A function returning a fresh per-layer cache list for one sequence.
+
+    Full precision: mlx-lm's own `make_prompt_cache(model)`. With `kv_bits`: every plain `KVCache` layer
+    becomes a `QuantizedKVCache` (other cache kinds, e.g. rotating windows, stay as the model makes them).
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if kv_bits is None:
+        return lambda: make_prompt_cache(model)
+
+    def factory():
+        return [
+            QuantizedKVCache(group_size=group_size, bits=kv_bits) if type(layer) is KVCache else layer
+            for layer in make_prompt_cache(model)
+        ]
+
+    return factory
