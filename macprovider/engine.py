@@ -254,7 +254,6 @@ class Engine:
             with self._lock:
                 self._state = "unavailable"
             self._fail_everything(f"the generation engine failed: {_describe(exc)}")
-            raise
 
     def _load_on_thread(self) -> None:
         import mlx.core as mx

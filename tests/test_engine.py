@@ -1,0 +1,231 @@
+"""The MLX engine in-process on the tiny test model: continuous batching, kv-bits, max-context, stop
+strings, cancellation, queue limits, prefix reuse, seeds, failure of the generation thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from macprovider import config as cfg
+from macprovider.engine import Engine
+from macprovider.engine_types import GenerationRequest
+from macprovider.errors import ApiError
+from macprovider.preflight import plan_serve
+
+PROMPTS = [
+    "Hello there",
+    "Write a short poem about the sea and the sailors who sleep",
+    "What is the capital of France? Answer briefly, please.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 and code def main(): return",
+]
+
+
+def make_engine(model: str, **settings) -> Engine:
+    cli = {"model": model, "max_context_override": 2048, **settings}
+    engine = Engine(plan_serve(cfg.resolve(cli)))
+    engine.load()
+    return engine
+
+
+@pytest.fixture
+def engines():
+    made: list[Engine] = []
+
+    def factory(model: str, **settings) -> Engine:
+        engine = make_engine(model, **settings)
+        made.append(engine)
+        return engine
+
+    yield factory
+    for engine in made:
+        engine.close()
+
+
+async def collect(engine: Engine, tokens, **request):
+    """(text, chunks) of one sequence."""
+    handle = engine.submit(GenerationRequest(prompt_tokens=tokens, **request))
+    chunks = [chunk async for chunk in handle]
+    return "".join(c.text for c in chunks), chunks
+
+
+def chat(engine: Engine, text: str) -> list[int]:
+    return engine.encode_chat([{"role": "user", "content": text}])
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8, 4])
+def test_batched_greedy_outputs_equal_one_at_a_time(tiny_model, engines, kv_bits):
+    batched = engines(tiny_model, max_concurrency_override=4, kv_bits=kv_bits, prompt_cache_bytes=0)
+    prompts = [chat(batched, p) for p in PROMPTS]
+
+    async def together():
+        first = [asyncio.create_task(collect(batched, p, max_tokens=24, temperature=0)) for p in prompts[:3]]
+        # The fourth joins the running batch once the others are decoding.
+        while batched.stats().generated_tokens_total < 6:
+            await asyncio.sleep(0.01)
+        late = asyncio.create_task(collect(batched, prompts[3], max_tokens=24, temperature=0))
+        return await asyncio.gather(*first, late)
+
+    together_results = asyncio.run(together())
+    assert batched.stats().peak_active_sequences == 4
+
+    async def one_by_one():
+        return [await collect(batched, p, max_tokens=24, temperature=0) for p in prompts]
+
+    alone_results = asyncio.run(one_by_one())
+    assert [text for text, _ in together_results] == [text for text, _ in alone_results]
+    for text, chunks in together_results:
+        assert chunks[-1].usage.generated_tokens > 0
+        assert "<|im_end|>" not in text and "<|endoftext|>" not in text and "<|im_start|>" not in text
+
+
+def test_kv_bits_shrink_kv_bytes(tiny_model, engines):
+    peaks = {}
+    for bits in (None, 8, 4):
+        engine = engines(tiny_model, kv_bits=bits, prompt_cache_bytes=0)
+        prompt = chat(engine, "the sea is wide " * 140)
+        asyncio.run(collect(engine, prompt, max_tokens=4, temperature=0))
+        peaks[bits] = engine.stats().peak_kv_cache_bytes
+        engine.close()
+    assert peaks[None] > 0
+    # float32 tiny model: 8-bit ≈ (1 + 8/64)/4 = 28 %, 4-bit ≈ (0.5 + 8/64)/4 = 16 % of full precision.
+    assert peaks[8] <= 0.6 * peaks[None]
+    assert peaks[4] <= 0.35 * peaks[None]
+    assert peaks[4] < peaks[8]
+
+
+def test_max_context_rejects_long_prompts_and_clamps_generation(tiny_model, engines):
+    engine = engines(tiny_model, max_context_override=64)
+    long_prompt = chat(engine, "hello " * 100)
+    with pytest.raises(ApiError) as info:
+        engine.submit(GenerationRequest(prompt_tokens=long_prompt))
+    assert info.value.status == 413 and info.value.code == "context_length_exceeded"
+    assert info.value.extra == {"n_prompt_tokens": len(long_prompt), "n_ctx": 64}
+    assert f"Prompt length ({len(long_prompt)} tokens)" in info.value.message
+
+    prompt = chat(engine, "hello")
+    _, chunks = asyncio.run(collect(engine, prompt, temperature=0.0, max_tokens=10_000))
+    usage = chunks[-1].usage
+    assert usage.generated_tokens <= 64 - len(prompt)
+    if chunks[-1].finish_reason == "length":
+        assert usage.prompt_tokens + usage.generated_tokens == 64
+
+    exactly_full = list(range(3, 67))
+    text, chunks = asyncio.run(collect(engine, exactly_full, temperature=0.0))
+    assert text == "" and chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 0
+
+
+def test_stop_strings_end_generation_and_are_never_streamed(tiny_model, engines):
+    engine = engines(tiny_model, prompt_cache_bytes=0)
+    prompt = chat(engine, PROMPTS[1])
+    full, _ = asyncio.run(collect(engine, prompt, max_tokens=40, temperature=0))
+    stop = full[10:13]
+    assert len(stop) == 3
+    expected = full[: full.index(stop)]
+    text, chunks = asyncio.run(collect(engine, prompt, max_tokens=40, temperature=0, stop=[stop, "zzzz-never"]))
+    assert text == expected
+    assert chunks[-1].finish_reason == "stop"
+    streamed = ""
+    for chunk in chunks:
+        streamed += chunk.text
+        assert stop not in streamed
+
+
+def test_cancel_mid_batch_frees_the_slot_and_others_continue(tiny_model, engines):
+    engine = engines(tiny_model, max_concurrency_override=2, prompt_cache_bytes=0)
+    prompt = chat(engine, PROMPTS[0])
+
+    async def scenario():
+        doomed = engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=2000, temperature=1.0))
+        survivor = asyncio.create_task(collect(engine, chat(engine, PROMPTS[2]), max_tokens=30, temperature=0))
+        iterator = doomed.__aiter__()
+        await iterator.__anext__()
+        started = time.monotonic()
+        doomed.cancel()
+        final = [chunk async for chunk in iterator][-1]
+        while engine.stats().active_sequences > 1 and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        freed_after = time.monotonic() - started
+        return final, freed_after, await survivor
+
+    final, freed_after, (text, chunks) = asyncio.run(scenario())
+    assert final.finish_reason == "cancelled"
+    assert freed_after < 1.0
+    assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].usage.generated_tokens > 0
+
+
+def test_queue_limit_answers_429_with_retry_after(tiny_model, engines):
+    engine = engines(tiny_model, max_concurrency_override=1)  # 1 slot + 2 queue places
+    prompt = chat(engine, PROMPTS[0])
+
+    async def scenario():
+        handles = [engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=500, temperature=1.0)) for _ in range(3)]
+        with pytest.raises(ApiError) as info:
+            engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=5))
+        for handle in handles:
+            handle.cancel()
+        for handle in handles:
+            assert [c async for c in handle][-1].finish_reason == "cancelled"
+        return info.value
+
+    error = asyncio.run(scenario())
+    assert error.status == 429 and error.code == "rate_limit_exceeded" and "Retry-After" in error.headers
+    text, chunks = asyncio.run(collect(engine, prompt, max_tokens=3, temperature=0))  # room again
+    assert chunks[-1].finish_reason in ("stop", "length")
+
+
+def test_prefix_reuse_reports_cached_tokens_and_keeps_outputs_exact(tiny_model, engines):
+    warm = engines(tiny_model)
+    cold = engines(tiny_model, prompt_cache_bytes=0)
+    system = {"role": "system", "content": "You are a helpful assistant. " * 20}
+    first = [system, {"role": "user", "content": "Hello there"}]
+    reply, _ = asyncio.run(collect(warm, warm.encode_chat(first), max_tokens=8, temperature=0))
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+    text, chunks = asyncio.run(collect(warm, warm.encode_chat(second), max_tokens=12, temperature=0))
+    usage = chunks[-1].usage
+    assert usage.cached_tokens >= len(warm.encode_chat(first)) - 1
+    assert warm.stats().cached_prompt_tokens_total == usage.cached_tokens
+    cold_text, cold_chunks = asyncio.run(collect(cold, cold.encode_chat(second), max_tokens=12, temperature=0))
+    assert cold_chunks[-1].usage.cached_tokens == 0
+    assert text == cold_text
+
+
+def test_seeded_requests_reproduce_inside_a_batch(tiny_model, engines):
+    engine = engines(tiny_model, max_concurrency_override=3, prompt_cache_bytes=0)
+    prompt = chat(engine, PROMPTS[3])
+
+    async def scenario():
+        return await asyncio.gather(
+            collect(engine, prompt, max_tokens=20, temperature=1.0, seed=1234),
+            collect(engine, prompt, max_tokens=20, temperature=1.0, seed=1234),
+            collect(engine, prompt, max_tokens=20, temperature=1.0, seed=99),
+        )
+
+    (a, _), (b, _), (c, _) = asyncio.run(scenario())
+    assert a == b
+    assert a != c
+
+
+def test_generation_thread_death_is_reported(tiny_model, engines):
+    engine = engines(tiny_model)
+    prompt = chat(engine, PROMPTS[0])
+
+    def explode():
+        raise RuntimeError("simulated Metal failure")
+
+    engine._batch.next = explode
+    text, chunks = asyncio.run(collect(engine, prompt, max_tokens=5))
+    assert chunks[-1].finish_reason == "error" and "simulated Metal failure" in chunks[-1].error
+    engine._thread.join(timeout=5)
+    assert not engine.is_alive()
+    assert engine.stats().state == "unavailable"
+
+
+def test_draining_refuses_new_sequences(tiny_model, engines):
+    engine = engines(tiny_model)
+    engine.start_draining()
+    with pytest.raises(ApiError) as info:
+        engine.submit(GenerationRequest(prompt_tokens=[1, 2, 3]))
+    assert info.value.status == 503 and info.value.code == "draining"
+    assert engine.stats().state == "draining"
