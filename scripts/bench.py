@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: `macprovider serve` against `mlx_lm.server`, same model, same machine, one run.
+
+For each model, each server is started in turn (alternating, `--rounds` times) from this environment's
+installed packages, and measured with the same client code:
+
+- single-stream decode tokens/s: one streamed greedy request; (chunks − 1) / (last − first chunk time);
+- aggregate tokens/s at N concurrent streams: total completion tokens / wall time of the N requests;
+- TTFT median / p95 over the concurrent requests (request start → first non-empty content);
+- ours only: /v1/health latency p99 while the N streams decode, and health's peak KV bytes.
+
+Prints a table of ours/peer ratios and one JSON line (prefix `BENCH_JSON `). With `--kv-bits B` both
+servers quantize the KV cache (mlx_lm.server with `--quantized-kv-start 0`, which serializes requests;
+ours keeps batching). Without `--model`, tiny random-weight models are built locally (macprovider.demo):
+`tiny` (hidden 128, 2 layers) and `small` (hidden 256, 4 layers).
+
+    python scripts/bench.py                       # tiny + small, full-precision KV
+    python scripts/bench.py --kv-bits 8 --models small
+    python scripts/bench.py --model mlx-community/Llama-3.2-1B-Instruct-4bit   # a cached real model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+FILLER = "The sea is wide and the sea is deep, it sings the sailors off to sleep. "
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def p95(values: list[float]) -> float:
+    """sorted[ceil(0.95 n) − 1] (SPEC.md §5.4)."""
+    ordered = sorted(values)
+    return ordered[math.ceil(0.95 * len(ordered)) - 1]
+
+
+class Server:
+    """A server child process in its own process group; `stop()` kills the group."""
+
+    def __init__(self, kind: str, model: str, port: int, streams: int, kv_bits: int | None, env: dict[str, str]):
+        self.kind, self.port = kind, port
+        if kind == "ours":
+            argv = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(port), "--max-batch", str(streams), "--log-level", "warning"]
+            if kv_bits:
+                argv += ["--kv-bits", str(kv_bits)]
+        else:
+            argv = [sys.executable, "-m", "mlx_lm", "server", "--model", model, "--port", str(port), "--decode-concurrency", str(streams), "--prompt-concurrency", str(streams), "--log-level", "WARNING"]
+            if kv_bits:
+                argv += ["--kv-bits", str(kv_bits), "--quantized-kv-start", "0"]
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=env, start_new_session=True)
+
+    def wait_ready(self, model: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"{self.kind} server exited: {self.log.read()[-2000:].decode(errors='replace')}")
+            try:
+                # mlx_lm.server loads lazily: a real completion is the readiness check for both.
+                response = httpx.post(
+                    f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                    json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+                    timeout=30,
+                )
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.kind} server not ready after {timeout} s")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy chat request: TTFT, per-chunk times, completion tokens (from usage if sent)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    chunk_times: list[float] = []
+    usage = None
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    chunk_times.append(time.perf_counter())
+    tokens = usage["completion_tokens"] if usage else len(chunk_times)
+    return {"start": start, "chunk_times": chunk_times, "tokens": tokens, "end": time.perf_counter()}
+
+
+async def measure(server: Server, model: str, streams: int, prompt_words: int, max_tokens: int, round_index: int) -> dict:
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    prompt = lambda i: f"Request {round_index}-{i}. " + FILLER * max(1, prompt_words // 16)  # noqa: E731
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_one(client, url, model, prompt(-1), 8)  # discarded warm-up
+        single = await stream_one(client, url, model, prompt(-2), max_tokens)
+        times = single["chunk_times"]
+        single_tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+
+        health_latencies: list[float] = []
+        done = asyncio.Event()
+
+        async def poll_health():
+            while not done.is_set():
+                tic = time.perf_counter()
+                try:
+                    await client.get(f"http://127.0.0.1:{server.port}/v1/health", timeout=5)
+                    health_latencies.append((time.perf_counter() - tic) * 1000)
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+
+        poller = asyncio.create_task(poll_health()) if server.kind == "ours" else None
+        tic = time.perf_counter()
+        results = await asyncio.gather(*(stream_one(client, url, model, prompt(i), max_tokens) for i in range(streams)))
+        wall = time.perf_counter() - tic
+        done.set()
+        if poller:
+            await poller
+        health = None
+        if server.kind == "ours":
+            health = (await client.get(f"http://127.0.0.1:{server.port}/v1/health")).json()
+    ttfts = [(r["chunk_times"][0] - r["start"]) * 1000 for r in results if r["chunk_times"]]
+    return {
+        "single_decode_tps": single_tps,
+        "aggregate_tps": sum(r["tokens"] for r in results) / wall,
+        "ttft_median_ms": statistics.median(ttfts) if ttfts else float("nan"),
+        "ttft_p95_ms": p95(ttfts) if ttfts else float("nan"),
+        "health_p99_ms": sorted(health_latencies)[max(0, math.ceil(0.99 * len(health_latencies)) - 1)] if health_latencies else None,
+        "peak_kv_cache_bytes": (health or {}).get("engine", {}).get("peak_kv_cache_bytes"),
+        "completion_tokens": sum(r["tokens"] for r in results),
+    }
+
+
+def build_models(hf_home: Path, names: list[str]) -> dict[str, str]:
+    from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+
+    specs = {
+        "tiny": TinyModelSpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256),
+        "small": TinyModelSpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512, vocab_size=2048),
+    }
+    ids = {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_model_files(Path(tmp), specs[name])
+            install_in_hub_cache(Path(tmp), f"macprovider-bench/{name}", hf_home / "hub")
+        ids[name] = f"macprovider-bench/{name}"
+    return ids
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="benchmark this cached model id or local directory instead of built ones")
+    parser.add_argument("--models", default="tiny,small", help="built models to run: tiny,small")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams (and --max-batch of ours)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per server (medians reported)")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache on both servers")
+    args = parser.parse_args()
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    with tempfile.TemporaryDirectory(prefix="macprovider-bench-") as tmp:
+        if args.model:
+            models = {args.model: args.model}
+        else:
+            env["HF_HOME"] = tmp
+            models = build_models(Path(tmp), [m.strip() for m in args.models.split(",") if m.strip()])
+        report = {"streams": args.streams, "max_tokens": args.max_tokens, "kv_bits": args.kv_bits, "models": {}}
+        for name, model_id in models.items():
+            samples: dict[str, list[dict]] = {"ours": [], "peer": []}
+            for round_index in range(args.rounds):
+                for kind in ("ours", "peer") if round_index % 2 == 0 else ("peer", "ours"):
+                    server = Server(kind, model_id, free_port(), args.streams, args.kv_bits, env)
+                    try:
+                        server.wait_ready(model_id)
+                        samples[kind].append(asyncio.run(measure(server, model_id, args.streams, args.prompt_words, args.max_tokens, round_index)))
+                    finally:
+                        server.stop()
+            summary = {}
+            for kind, runs in samples.items():
+                summary[kind] = {key: statistics.median([r[key] for r in runs if r[key] is not None]) if any(r[key] is not None for r in runs) else None for key in runs[0]}
+            ratios = {
+                key: summary["ours"][key] / summary["peer"][key]
+                for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms")
+                if summary["peer"][key]
+            }
+            report["models"][name] = {"ours": summary["ours"], "peer": summary["peer"], "ratios_ours_over_peer": ratios}
+            print(f"\n== {name} ({model_id}) streams={args.streams} kv_bits={args.kv_bits or 'unset'} rounds={args.rounds}")
+            print(f"{'metric':<22}{'ours':>12}{'mlx_lm.server':>16}{'ours/peer':>12}")
+            for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms"):
+                print(f"{key:<22}{summary['ours'][key]:>12.1f}{summary['peer'][key]:>16.1f}{ratios.get(key, float('nan')):>12.2f}")
+            print(f"health p99 (ours, during {args.streams} streams): {summary['ours']['health_p99_ms']:.1f} ms; peak KV bytes (ours): {summary['ours']['peak_kv_cache_bytes']}")
+        print("BENCH_JSON " + json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

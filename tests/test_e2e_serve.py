@@ -1,0 +1,308 @@
+"""End to end: `macprovider serve` as a real process on the tiny local model, called with the official
+`openai` client (and httpx where the test needs raw HTTP). Servers are session-scoped per knob set."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServeProcess:
+    """`python -m macprovider serve` in its own process group, with stderr kept for assertions."""
+
+    def __init__(self, model: str, hf_home, home, *extra: str):
+        self.port = _free_port()
+        self.model = model
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
+        env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+        argv = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(self.port), *extra]
+        self.stderr_path = home / f"serve-{self.port}.log"
+        self._stderr = open(self.stderr_path, "wb")
+        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.stderr()
+            try:
+                if httpx.get(self.base + "/v1/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready in {timeout} s: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def health(self) -> dict:
+        return httpx.get(self.base + "/v1/health", timeout=5).json()
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._stderr.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def serve_factory(tiny_model, hf_home, tmp_path_factory):
+    started: list[ServeProcess] = []
+
+    def start(*extra: str, wait: bool = True) -> ServeProcess:
+        server = ServeProcess(tiny_model, hf_home, tmp_path_factory.mktemp("serve-home"), *extra)
+        started.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(serve_factory) -> ServeProcess:
+    return serve_factory("--max-batch", "4", "--max-context", "512")
+
+
+@pytest.fixture(scope="session")
+def serial_server(serve_factory) -> ServeProcess:
+    return serve_factory("--max-batch", "1", "--max-context", "512")
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the sea."}]
+
+
+def test_models_lists_the_configured_id(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [server.model]
+    assert models.data[0].owned_by == "macprovider"
+
+
+def test_chat_non_stream_and_stream_agree_under_greedy(server):
+    client = server.client()
+    full = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=24, temperature=0)
+    assert full.id.startswith("chatcmpl-") and full.object == "chat.completion"
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert full.usage.prompt_tokens > 0 and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    extra = full.usage.model_extra
+    assert extra["macprovider_generated_completion_tokens"] >= full.usage.completion_tokens
+    assert extra["macprovider_generation_ms"] >= 0
+
+    stream = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=24, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == choice.message.content
+    assert finish == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    for special in ("<|im_end|>", "<|endoftext|>", "<|im_start|>"):
+        assert special not in text
+
+
+def test_text_completions(server):
+    result = server.client().completions.create(model=server.model, prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert result.object == "text_completion" and result.choices[0].finish_reason in ("stop", "length")
+    assert result.usage.completion_tokens <= 12
+    streamed = server.client().completions.create(model=server.model, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in streamed if c.choices)
+    assert text == result.choices[0].text
+
+
+def test_error_envelopes(server):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="someone/else", messages=MESSAGES)
+    assert not_found.value.body["code"] == "model_not_found"
+
+    with pytest.raises(openai.APIStatusError) as too_long:
+        client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "sea " * 2000}])
+    assert too_long.value.status_code == 413
+    body = too_long.value.body
+    assert body["code"] == "context_length_exceeded" and body["param"] == "messages" and body["n_ctx"] == 512
+    assert body["message"] == f"Prompt length ({body['n_prompt_tokens']} tokens) exceeds this provider's safe capacity (512 tokens)."
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=server.model, messages=MESSAGES, n=2)
+    assert bad.value.body["param"] == "n"
+
+    raw = httpx.post(server.base + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
+    assert "Traceback" not in raw.text
+
+
+def _stream_windows(server: ServeProcess, count: int, max_tokens: int) -> list[tuple[float, float]]:
+    """Run `count` concurrent streams; (first content time, last content time) of each."""
+    barrier = threading.Barrier(count)
+
+    def one(i: int) -> tuple[float, float]:
+        client = server.client()
+        barrier.wait()
+        times = []
+        stream = client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": f"Stream {i}: tell me a long story about the sea"}],
+            max_tokens=max_tokens,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.monotonic())
+        return times[0], times[-1]
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_max_batch_decodes_streams_together(server, serial_server):
+    windows = _stream_windows(server, 4, 40)
+    latest_start = max(start for start, _ in windows)
+    earliest_end = min(end for _, end in windows)
+    assert latest_start < earliest_end  # all four were decoding at the same moment
+    assert server.health()["engine"]["peak_active_sequences"] == 4
+
+    serial = _stream_windows(serial_server, 2, 40)
+    (first_start, first_end), (second_start, second_end) = sorted(serial)
+    assert second_start > first_end  # with --max-batch 1 the second waits for the first
+    assert serial_server.health()["engine"]["peak_active_sequences"] == 1
+
+
+def test_queue_full_answers_429_with_retry_after(serial_server):
+    body = {"model": serial_server.model, "messages": MESSAGES, "max_tokens": 400, "temperature": 1.0, "stream": True}
+    with httpx.Client(base_url=serial_server.base, timeout=30) as http:
+        streams = [http.stream("POST", "/v1/chat/completions", json=body) for _ in range(3)]
+        responses = [s.__enter__() for s in streams]  # 1 decoding + 2 queued (queue depth 2 × max-batch)
+        try:
+            deadline = time.monotonic() + 10
+            while serial_server.health()["requests_in_flight"] < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            refused = httpx.post(serial_server.base + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert all(r.status_code == 200 for r in responses)
+
+
+def test_client_disconnect_frees_the_slot_within_a_second(server):
+    body = {"model": server.model, "messages": MESSAGES, "max_tokens": 450, "temperature": 1.0, "stream": True}
+    with httpx.Client(base_url=server.base, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if (choices[0].get("delta") or {}).get("content"):
+                        break
+            assert server.health()["engine"]["active_sequences"] == 1
+            closed_at = time.monotonic()
+    while server.health()["engine"]["active_sequences"] != 0:
+        assert time.monotonic() - closed_at < 1.0, "slot not freed within 1 s of the disconnect"
+        time.sleep(0.02)
+
+
+def test_prefix_reuse_reports_cached_tokens(server):
+    client = server.client()
+    long_system = {"role": "system", "content": "You are a helpful assistant who loves the sea. " * 12}
+    first = client.chat.completions.create(model=server.model, messages=[long_system, {"role": "user", "content": "Hi"}], max_tokens=6, temperature=0)
+    second = client.chat.completions.create(
+        model=server.model,
+        messages=[long_system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "More?"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert server.health()["engine"]["cached_prompt_tokens_total"] >= second.usage.prompt_tokens_details.cached_tokens
+
+
+@pytest.mark.parametrize("kv_bits, limit", [("8", 0.6), ("4", 0.35)])
+def test_kv_bits_shrink_health_kv_bytes_and_keep_batching(serve_factory, kv_bits, limit, server):
+    quantized = serve_factory("--max-batch", "4", "--max-context", "512", "--kv-bits", kv_bits)
+    prompt = [{"role": "user", "content": "The sea is wide and deep. " * 40}]
+    peaks = []
+    for target in (server, quantized):
+        before = target.health()["engine"]["peak_kv_cache_bytes"]
+        target.client().chat.completions.create(model=target.model, messages=prompt, max_tokens=4, temperature=0)
+        peaks.append(max(before, target.health()["engine"]["peak_kv_cache_bytes"]))
+    assert quantized.health()["capacity"]["kv_bits"] == int(kv_bits)
+    assert peaks[1] <= limit * peaks[0]
+    windows = _stream_windows(quantized, 3, 30)
+    assert max(s for s, _ in windows) < min(e for _, e in windows)  # batching stays on under kv-bits
+
+
+def test_sigterm_drains_and_exits_zero(serve_factory):
+    draining = serve_factory("--max-batch", "2", "--max-context", "512")
+    client = draining.client()
+    result: dict = {}
+
+    def long_request():
+        result["response"] = client.chat.completions.create(model=draining.model, messages=MESSAGES, max_tokens=60, temperature=0)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while draining.health()["requests_in_flight"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(draining.process.pid, signal.SIGTERM)
+    worker.join(timeout=40)
+    assert draining.process.wait(timeout=40) == 0
+    assert result["response"].choices[0].finish_reason in ("stop", "length")
+
+
+def test_preflight_errors_exit_before_loading(tiny_model, hf_home, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", MACPROVIDER_KV_BITS="7")
+    run = subprocess.run([sys.executable, "-m", "macprovider", "serve", "--model", tiny_model], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "kv_bits" in run.stderr and "'7'" in run.stderr and "env:MACPROVIDER_KV_BITS" in run.stderr
+    assert "Traceback" not in run.stderr
+
+    env.pop("MACPROVIDER_KV_BITS")
+    missing = subprocess.run([sys.executable, "-m", "macprovider", "serve", "--model", "nobody/absent-model"], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0
+    assert "not in the local Hugging Face cache" in missing.stderr and "models pull" in missing.stderr
+
+    exposed = subprocess.run([sys.executable, "-m", "macprovider", "serve", "--model", tiny_model, "--host", "0.0.0.0"], env=env, capture_output=True, text=True, timeout=60)
+    assert exposed.returncode == 2 and "API key" in exposed.stderr
+
+
+def test_models_json_shape_matches_spec(server):
+    payload = httpx.get(server.base + "/v1/models").json()
+    assert payload["object"] == "list"
+    entry = payload["data"][0]
+    assert set(entry) == {"id", "object", "created", "owned_by"} and entry["object"] == "model"
+    assert json.loads(json.dumps(payload)) == payload
