@@ -1,0 +1,180 @@
+"""`autotune --apply`: rewrite the four owned config keys, atomically, with a backup (SPEC.md §5.10).
+
+`render_config` is a pure line editor: it replaces the top-level lines of `model`, `kv_bits`,
+`max_context_override` and `max_concurrency_override` (removing `kv_bits` when it is unset), appends the
+missing ones, and leaves every other byte — keys, comments, blank lines, order, line endings — as it was.
+`apply_recommendation` writes it: refuse a symlink; back up the old file as
+`config.yaml.bak-<unix-ts>-<counter>` (lowest free counter from 0, O_CREAT|O_EXCL, mode 0600); write a
+temp file in the same directory, fsync, rename over the config, fsync the directory. A reader sees the old
+file or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from macprovider.errors import ApplyError
+
+OWNED_KEYS = ("model", "kv_bits", "max_context_override", "max_concurrency_override")
+_KEY_LINE = re.compile(r"^(model|kv_bits|max_context_override|max_concurrency_override)[ \t]*:(?=\s|$)")
+_PLAIN = re.compile(r"^[A-Za-z0-9_./~@+-]+$")
+_YAML_SPECIAL = re.compile(r"^(?:true|false|yes|no|on|off|null|~|[-+]?[0-9.]+(?:e[-+]?[0-9]+)?)$", re.IGNORECASE)
+
+
+def yaml_scalar(value: Any) -> str:
+    """A YAML scalar for `value`: ints as-is, plain-safe strings bare, anything else double-quoted (JSON)."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"unsupported value {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    if _PLAIN.match(text) and not _YAML_SPECIAL.match(text) and not text.startswith(("-", "~", "@")):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def owned_values(model: str, kv_bits: int | None, max_batch: int, max_context: int) -> dict[str, Any]:
+    """The owned keys and their new values (`kv_bits` None = remove the key)."""
+    return {
+        "model": model,
+        "kv_bits": kv_bits,
+        "max_context_override": max_context,
+        "max_concurrency_override": max_batch,
+    }
+
+
+def render_config(text: str, values: dict[str, Any]) -> str:
+    """The config text with the owned keys set to `values`; every other line byte-identical.
+
+    Only top-level (unindented) lines `key: ...` are owned. A key set to None is removed (every
+    occurrence); a key that appears more than once keeps its first line, updated, and loses the rest.
+    """
+    lines = text.splitlines(keepends=True)
+    newline = "\r\n" if any(line.endswith("\r\n") for line in lines) else "\n"
+    seen: set[str] = set()
+    out: list[str] = []
+    for line in lines:
+        match = _KEY_LINE.match(line)
+        if not match:
+            out.append(line)
+            continue
+        key = match.group(1)
+        value = values.get(key)
+        if value is None or key in seen:
+            continue
+        seen.add(key)
+        ending = line[len(line.rstrip("\r\n")):] or newline
+        out.append(f"{key}: {yaml_scalar(value)}{ending}")
+    missing = [key for key in OWNED_KEYS if key not in seen and values.get(key) is not None]
+    if missing and out and not out[-1].endswith(("\n", "\r")):
+        out[-1] = out[-1] + newline
+    for key in missing:
+        out.append(f"{key}: {yaml_scalar(values[key])}{newline}")
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What `apply_recommendation` did: the backup path (None if there was no old file or no change)."""
+
+    path: Path
+    backup: Path | None
+    changed: bool
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(str(directory), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _backup(path: Path, data: bytes, now: float) -> Path:
+    stamp = int(now)
+    counter = 0
+    while True:
+        candidate = path.with_name(f"{path.name}.bak-{stamp}-{counter}")
+        try:
+            fd = os.open(str(candidate), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            counter += 1
+            continue
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return candidate
+
+
+def apply_recommendation(path: Path, values: dict[str, Any], *, now: float | None = None) -> ApplyResult:
+    """Write `values` into the config at `path` atomically (see module docstring).
+
+    Raises ApplyError for a symlink, an unreadable/undecodable file, invalid YAML after editing, or a
+    failed write; the old config is then untouched.
+    """
+    import yaml
+
+    path = Path(path)
+    if path.is_symlink():
+        raise ApplyError(f"refusing to --apply: config path {path} is a symlink; point --config at the real file")
+    try:
+        old_bytes = path.read_bytes() if path.exists() else None
+        old_text = old_bytes.decode("utf-8") if old_bytes is not None else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ApplyError(f"cannot read config {path}: {exc.__class__.__name__}") from None
+    new_text = render_config(old_text, values)
+    try:
+        parsed = yaml.safe_load(new_text) or {}
+    except yaml.YAMLError:
+        raise ApplyError(f"config {path} would not be valid YAML after --apply; it is unchanged") from None
+    if not isinstance(parsed, dict) or any(parsed.get(k) != v for k, v in values.items() if v is not None):
+        raise ApplyError(f"config {path} has a layout --apply cannot edit safely; it is unchanged")
+    if old_bytes is not None and new_text.encode("utf-8") == old_bytes:
+        return ApplyResult(path, None, False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backup = _backup(path, old_bytes, time.time() if now is None else now) if old_bytes is not None else None
+        mode = (path.stat().st_mode & 0o777) if old_bytes is not None else 0o600
+        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(new_text.encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise ApplyError(f"cannot write config {path}: {exc.strerror or exc.__class__.__name__}") from None
+    return ApplyResult(path, backup, True)
+
+
+def summary_line(values: dict[str, Any], result: ApplyResult) -> str:
+    """`applied: model=<id> kv_bits=<n|unset> max_concurrency_override=<n> max_context_override=<n> (…)`."""
+    kv = "unset" if values["kv_bits"] is None else values["kv_bits"]
+    if result.backup is not None:
+        tail = f"(backup at {result.backup})"
+    elif result.changed:
+        tail = "(new file, no backup)"
+    else:
+        tail = "(config already had this recipe; unchanged, no backup)"
+    return (
+        f"applied: model={values['model']} kv_bits={kv} "
+        f"max_concurrency_override={values['max_concurrency_override']} "
+        f"max_context_override={values['max_context_override']} {tail}"
+    )

@@ -1,0 +1,216 @@
+"""The autotune report: recommendation, terminal block, JSON document and recipe hash (SPEC.md §5.9).
+
+Pure functions: they take what the run decided and return dicts / text; the runner prints them.
+
+Recipe hash contract: `"sha256:" + sha256(JCS(domain)).hexdigest()` where JCS is RFC 8785 canonical JSON
+(`rfc8785.dumps`) and `domain` is exactly
+`{binary_version, candidate_models, chip, knobs{kv_bits, max_concurrency_override, max_context_override},
+model, ram_gb, target_context}`. It depends on the machine, the version, the inputs and the
+recommendation — never on measurements. `verify_recipe_hash` recomputes it from a JSON report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import rfc8785
+
+from macprovider.autotune.search import Infeasible, Trial
+
+SPEC_VERSION = "1"
+WIDTH = 72
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The winning cell: model and knobs, median aggregate throughput, p95 TTFT, replicate count."""
+
+    model: str
+    target_context: int
+    kv_bits: int | None
+    max_batch: int
+    max_context: int
+    tps_median: float
+    ttft_p95_ms: float
+    replicates: int
+
+    @classmethod
+    def from_trial(cls, trial: Trial, target_context: int) -> "Recommendation":
+        """Build from the Stage 2 winner trial."""
+        return cls(
+            trial.model,
+            target_context,
+            trial.knobs.kv_bits,
+            trial.knobs.max_batch,
+            trial.knobs.max_context,
+            float(trial.throughput_tps or 0.0),
+            float(trial.ttft_p95_ms or 0.0),
+            int(trial.replicates_n or 0),
+        )
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        """Knob keys as YAML key names, so the object can be pasted into config.yaml."""
+        return {
+            "kv_bits": self.kv_bits,
+            "max_concurrency_override": self.max_batch,
+            "max_context_override": self.max_context,
+        }
+
+    @property
+    def serve_command(self) -> str:
+        """`macprovider serve --model <id> [--kv-bits N] --max-batch N --max-context N`."""
+        kv = f" --kv-bits {self.kv_bits}" if self.kv_bits is not None else ""
+        return f"macprovider serve --model {self.model}{kv} --max-batch {self.max_batch} --max-context {self.max_context}"
+
+
+def recipe_domain(
+    *, binary_version: str, candidate_models: Sequence[str], chip: str, ram_gb: int, rec: Recommendation
+) -> dict[str, Any]:
+    """The exact object the recipe hash covers (SPEC.md §5.9)."""
+    return {
+        "binary_version": binary_version,
+        "candidate_models": list(candidate_models),
+        "chip": chip,
+        "knobs": rec.knobs,
+        "model": rec.model,
+        "ram_gb": int(ram_gb),
+        "target_context": rec.target_context,
+    }
+
+
+def recipe_hash(domain: dict[str, Any]) -> str:
+    """`sha256:` + hex SHA-256 of the RFC 8785 canonical JSON of `domain`."""
+    return "sha256:" + hashlib.sha256(rfc8785.dumps(domain)).hexdigest()
+
+
+def verify_recipe_hash(report: dict[str, Any]) -> bool:
+    """Recompute the recipe hash of a JSON report and compare; a report without recommendation has null."""
+    rec = report.get("recommendation")
+    if rec is None:
+        return report.get("recipe_hash") is None
+    domain = {
+        "binary_version": report["machine"]["binary_version"],
+        "candidate_models": list(report["inputs"]["candidate_models"]),
+        "chip": report["machine"]["chip"],
+        "knobs": rec["knobs"],
+        "model": rec["model"],
+        "ram_gb": report["machine"]["ram_gb"],
+        "target_context": rec["target_context"],
+    }
+    return recipe_hash(domain) == report.get("recipe_hash")
+
+
+def build_report(
+    *,
+    run_id: str,
+    started_at: str,
+    ended_at: str,
+    machine: dict[str, Any],
+    inputs: dict[str, Any],
+    recommendation: Recommendation | None,
+    infeasible: Sequence[Infeasible],
+    alternates: Sequence[str],
+    db_path: str,
+    exit_reason: str,
+    partial: bool = False,
+    applied: bool = False,
+) -> dict[str, Any]:
+    """The JSON report (stable, additive-only keys of SPEC.md §5.9, plus `partial` and `applied`).
+
+    `infeasible` must already be ordered smallest first.
+    """
+    rec_obj = None
+    hash_value = None
+    if recommendation is not None:
+        rec_obj = {
+            "model": recommendation.model,
+            "target_context": recommendation.target_context,
+            "knobs": recommendation.knobs,
+            "tps_median": recommendation.tps_median,
+            "ttft_p95_ms": recommendation.ttft_p95_ms,
+            "replicates": recommendation.replicates,
+            "serve_command": recommendation.serve_command,
+        }
+        hash_value = recipe_hash(
+            recipe_domain(
+                binary_version=machine["binary_version"],
+                candidate_models=inputs["candidate_models"],
+                chip=machine["chip"],
+                ram_gb=machine["ram_gb"],
+                rec=recommendation,
+            )
+        )
+    return {
+        "spec_version": SPEC_VERSION,
+        "run_id": run_id,
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "machine": dict(machine),
+        "inputs": dict(inputs),
+        "recommendation": rec_obj,
+        "alternates": list(alternates),
+        "infeasible": [{"model": i.model, "rank": i.rank, "reason": i.reason} for i in infeasible],
+        "recipe_hash": hash_value,
+        "db_path": db_path,
+        "exit_reason": exit_reason,
+        "partial": partial,
+        "applied": applied,
+    }
+
+
+def _rule(title: str | None = None) -> str:
+    if title is None:
+        return "=" * WIDTH
+    text = f" {title} "
+    left = (WIDTH - len(text)) // 2
+    return "=" * left + text + "=" * (WIDTH - len(text) - left)
+
+
+def render_terminal(report: dict[str, Any]) -> str:
+    """The terminal block of SPEC.md §5.9 (RECOMMENDATION, or NO RECOMMENDATION with the reasons)."""
+    rec = report["recommendation"]
+    footer = f"run_id: {report['run_id']} | db: {report['db_path']}"
+    target = report["inputs"]["target_context"]
+    if rec is None:
+        lines = [_rule("NO RECOMMENDATION"), f"exit_reason: {report['exit_reason']}"]
+        if report["infeasible"]:
+            lines.append(f"no candidate is feasible at target_context {target} (smallest first):")
+            lines += [f"  rank {i['rank']} {i['model']}: {i['reason']}" for i in report["infeasible"]]
+            lines += [
+                "",
+                "try a smaller --target-context, or other --candidate-models.",
+            ]
+        lines += ["", footer, _rule()]
+        return "\n".join(lines) + "\n"
+    knobs = rec["knobs"]
+    kv = "unset" if knobs["kv_bits"] is None else str(knobs["kv_bits"])
+    lines = [_rule("RECOMMENDATION")]
+    if report.get("partial"):
+        lines.append("partial:         true (--max-duration ran out in Stage 2; best so far)")
+    lines += [
+        f"model:           {rec['model']}",
+        f"target_context:  {rec['target_context']}",
+        "knobs:",
+        f"  kv_bits:                    {kv}",
+        f"  max_concurrency_override:   {knobs['max_concurrency_override']}",
+        f"  max_context_override:       {knobs['max_context_override']}",
+        "measured:",
+        f"  tps_median:        {rec['tps_median']:.1f} tokens/sec",
+        f"  ttft_p95:          {round(rec['ttft_p95_ms'])} ms",
+        f"  replicates:        {rec['replicates']}",
+        "",
+        "alternates (smaller candidates from input list, not probed):",
+    ]
+    lines += [f"  - {alt}" for alt in report["alternates"]] or ["  - none"]
+    lines += [
+        "",
+        "serve command (copy-paste):",
+        f"  {rec['serve_command']}",
+        "",
+        footer,
+        _rule(),
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,414 @@
+"""One autotune run end to end: store, conflict/drain, Stage 1, Stage 2, report, apply, restore (SPEC.md §5).
+
+`run(inputs, deps)` returns a `RunOutcome` (exit code, exit_reason, JSON report). The real trial
+evaluator lives here: pre-warm → memory pre-check → candidate provider child → probe → Trial. Every
+ending of SPEC.md §5.12 goes through the same `finally`: the trial in flight is recorded (by the search
+stage), any drained provider is restored (after `--apply`), the run row gets its exit_reason, and the
+report is printed. SIGTERM is turned into KeyboardInterrupt so both signals end as `interrupted` (130).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+import sys
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from macprovider.autotune import memory
+from macprovider.autotune.preflight import AutotuneInputs
+from macprovider.autotune.probe import MAX_TOKENS
+from macprovider.autotune.provider import CandidateProvider, Deadline, DeadlineReached, ProviderExited, ProviderTimeout
+from macprovider.autotune.report import SPEC_VERSION, Recommendation, build_report, render_terminal
+from macprovider.autotune.search import (
+    BudgetExhausted,
+    IntegrityAbort,
+    Interrupted,
+    Knobs,
+    Trial,
+    infeasible_smallest_first,
+    stage1,
+    stage2,
+    stage2_cells,
+)
+from macprovider.errors import ApplyError, ProviderConflict, StoreError
+
+EXIT_CODES = {
+    "ok": 0,
+    "interrupted": 130,
+    "no_feasible": 1,
+    "budget_exhausted_no_model_selected": 1,
+    "budget_exhausted_with_partial_recommendation": 1,
+    "pre_warm_integrity_failure": 1,
+    "provider_conflict": 1,
+    "config_error": 2,
+    "internal_error": 1,
+}
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC with a `Z` suffix, millisecond precision."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass
+class Deps:
+    """What a run talks to; tests replace pieces. `evaluate` replaces the real trial evaluator."""
+
+    machine: Any = None
+    binary_version: str | None = None
+    detect_conflicts: Callable[[int, bool], Any] | None = None
+    budget_bytes: Callable[[], int] = memory.default_budget_bytes
+    evaluate: Callable[[str, Knobs, int], Trial] | None = None
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+
+
+@dataclass
+class RunOutcome:
+    """The run's exit code, exit_reason and JSON report (None only when the store could not open)."""
+
+    exit_code: int
+    exit_reason: str
+    report: dict[str, Any] | None
+
+
+class Progress:
+    """A rich progress display on stderr while the run goes, and `-v` per-trial lines."""
+
+    def __init__(self, err: TextIO, verbose: bool, total_hint: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress as RichProgress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = Console(file=err, stderr=err is sys.stderr)
+        self.verbose = verbose
+        self.progress = RichProgress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=self.console, transient=True,
+        )
+        self.task = self.progress.add_task("autotune", total=total_hint)
+
+    def __enter__(self) -> "Progress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def started(self, model: str, knobs: Knobs, stage: int) -> None:
+        kv = "unset" if knobs.kv_bits is None else knobs.kv_bits
+        self.progress.update(
+            self.task,
+            description=f"stage {stage}: {model} kv_bits={kv} max_batch={knobs.max_batch} max_context={knobs.max_context}",
+        )
+
+    def ended(self, trial: Trial) -> None:
+        self.progress.advance(self.task)
+        if self.verbose:
+            kv = "unset" if trial.knobs.kv_bits is None else trial.knobs.kv_bits
+            tps = f"{trial.throughput_tps:.1f} tok/s" if trial.throughput_tps is not None else "- tok/s"
+            ttft = f"{trial.ttft_p95_ms:.0f} ms" if trial.ttft_p95_ms is not None else "- ms"
+            verdict = "feasible" if trial.fits else f"infeasible: {trial.notes}"
+            self.console.print(
+                f"[stage {trial.stage}] {trial.model} kv_bits={kv} max_batch={trial.knobs.max_batch} "
+                f"max_context={trial.knobs.max_context}: {tps}, ttft p95 {ttft} -> {verdict}",
+                markup=False, highlight=False,
+            )
+
+
+class RealEvaluator:
+    """Trial = pre-warm → memory pre-check → `macprovider serve` child → probe (SPEC.md §5.4–§5.6)."""
+
+    def __init__(self, inputs: AutotuneInputs, deadline: Deadline, budget: Callable[[], int]) -> None:
+        self.inputs = inputs
+        self.deadline = deadline
+        self._budget_fn = budget
+        self._budget: int | None = inputs.memory_budget_bytes
+        self._paths: dict[str, Path] = {}
+        self._workloads: dict[str, Any] = {}
+
+    def budget(self) -> int:
+        if self._budget is None:
+            self._budget = int(self._budget_fn())
+        return self._budget
+
+    def __call__(self, model: str, knobs: Knobs, stage: int) -> Trial:
+        from macprovider.autotune import probe
+        from macprovider.autotune.prewarm import PrewarmIntegrity, PrewarmTransient, prewarm
+        from macprovider.models import read_model_config
+
+        inputs = self.inputs
+        base = Trial(stage, model, inputs.target_context, knobs, probe.MAX_TOKENS, fits=False)
+        if self.deadline.expired:
+            raise BudgetExhausted(replace(base, notes="--max-duration ran out before this trial started"))
+        try:
+            path = self._paths.get(model) or prewarm(model)
+        except PrewarmTransient as exc:
+            return replace(base, notes=f"pre-warm transient: {exc}", failure_class="transient")
+        except PrewarmIntegrity as exc:
+            return replace(base, notes=f"pre-warm integrity failure: {exc}", failure_class="integrity")
+        except KeyboardInterrupt:
+            raise Interrupted(replace(base, notes="interrupted during pre-warm")) from None
+        self._paths[model] = path
+
+        estimate = None
+        try:
+            estimate = memory.estimate(
+                path, read_model_config(path), max_context=knobs.max_context, max_batch=knobs.max_batch,
+                kv_bits=knobs.kv_bits, budget=self.budget(),
+            )
+        except (ValueError, KeyError, OSError, TypeError):
+            estimate = None  # cannot estimate: measure instead of guessing
+        est_fields: dict[str, Any] = {}
+        if estimate is not None:
+            est_fields = {"memory_estimate_bytes": estimate.total, "weights_bytes": estimate.weights}
+            if not estimate.fits:
+                return replace(base, notes=estimate.note(), failure_class="infeasible", **est_fields)
+        base = replace(base, **est_fields)
+
+        try:
+            workload = self._workloads.get(model) or probe.Workload(path, inputs.target_context)
+        except ValueError as exc:
+            return replace(base, notes=f"cannot build the probe prompt: {exc}", failure_class="infeasible")
+        self._workloads[model] = workload
+
+        provider = CandidateProvider(
+            model, inputs.port, max_batch=knobs.max_batch, max_context=knobs.max_context, kv_bits=knobs.kv_bits,
+            drain_grace=inputs.drain_grace_s, deadline=self.deadline,
+        )
+        replicates = inputs.stage1_replicates if stage == 1 else inputs.stage2_replicates
+        try:
+            with provider:
+                provider.wait_ready()
+                m = probe.measure(
+                    provider.base_url, model, workload, max_batch=knobs.max_batch, replicates=replicates,
+                    gate_ttft_ms=inputs.gate_ttft_ms, deadline=self.deadline, seed=stage * 1000,
+                )
+                died = None if provider.alive() else provider.proc.returncode if provider.proc else None
+                tail = provider.stderr_tail() if died is not None else ""
+        except ProviderExited as exc:
+            return replace(
+                base, notes=f"provider exited with code {exc.returncode} while loading (out of memory?): {exc.stderr_tail}",
+                failure_class="infeasible",
+            )
+        except ProviderTimeout as exc:
+            return replace(base, notes=f"load timeout: {exc}", failure_class="transient")
+        except DeadlineReached as exc:
+            raise BudgetExhausted(replace(base, notes=f"budget exhausted: {exc}")) from None
+        except KeyboardInterrupt:
+            raise Interrupted(replace(base, notes="interrupted")) from None
+
+        fits, reason = probe.judge(m, inputs.gate_ttft_ms, replicates * knobs.max_batch)
+        if died is not None:
+            fits, reason = False, f"provider exited with code {died} during the probe: {tail}"
+        return replace(
+            base,
+            fits=fits,
+            notes=reason,
+            failure_class="none" if fits else "infeasible",
+            measured_prompt_tokens=m.prompt_tokens,
+            throughput_tps=m.tps_median,
+            ttft_p95_ms=m.ttft_p95_ms,
+            n_err=len(m.errors),
+            replicates_n=m.replicates,
+            peak_memory_bytes=m.peak_memory_bytes,
+        )
+
+
+def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
+    """Run autotune (SPEC.md §5). Prints the terminal block (and JSON) on `deps.out`."""
+    from macprovider import __version__
+    from macprovider.autotune import conflict as conflict_mod
+    from macprovider.autotune.store import Store
+    from macprovider.hardware import MachineFacts
+
+    deps = deps or Deps()
+    err = deps.err
+    for warning in inputs.warnings:
+        print(warning, file=err)
+    try:
+        store = Store(inputs.db_path)
+    except StoreError as exc:
+        print(f"macprovider: {exc}", file=err)
+        return RunOutcome(2, "config_error", None)
+
+    machine = deps.machine or MachineFacts.detect()
+    machine_obj = {
+        "ram_gb": int(machine.ram_gb),
+        "chip": str(machine.chip),
+        "os_version": str(machine.os_version),
+        "binary_version": deps.binary_version or __version__,
+    }
+    inputs_obj = {
+        "target_context": inputs.target_context,
+        "candidate_models": list(inputs.candidate_models),
+        "stage1_replicates": inputs.stage1_replicates,
+        "stage2_replicates": inputs.stage2_replicates,
+        "gate_ttft_ms": inputs.gate_ttft_ms,
+        "tps_tie_epsilon": inputs.tps_tie_epsilon,
+    }
+    run_id = str(uuid.uuid4())
+    started = utc_now()
+    deadline = Deadline(inputs.max_duration_s)
+    store.insert_run(
+        {
+            "run_id": run_id, "started_at_utc": started, "spec_version": SPEC_VERSION,
+            "binary_version": machine_obj["binary_version"], "machine_ram_gb": machine_obj["ram_gb"],
+            "machine_chip": machine_obj["chip"], "machine_os_version": machine_obj["os_version"],
+            "target_context": inputs.target_context, "candidate_models_json": json.dumps(list(inputs.candidate_models)),
+            "stage1_replicates": inputs.stage1_replicates, "stage2_replicates": inputs.stage2_replicates,
+            "gate_ttft_ms": int(round(inputs.gate_ttft_ms)), "tps_tie_epsilon": inputs.tps_tie_epsilon,
+        }
+    )
+    store.retain(inputs.retain_runs)
+
+    evaluate_inner = deps.evaluate or RealEvaluator(inputs, deadline, deps.budget_bytes)
+    cells = stage2_cells(inputs.kv_bits_axis, inputs.max_batch_axis, inputs.max_context_axis)
+    progress = Progress(err, inputs.verbose, len(inputs.candidate_models) + len(cells))
+
+    def evaluate(model: str, knobs: Knobs, stage: int) -> Trial:
+        progress.started(model, knobs, stage)
+        try:
+            return evaluate_inner(model, knobs, stage)
+        except KeyboardInterrupt:
+            trial = Trial(stage, model, inputs.target_context, knobs, MAX_TOKENS, fits=False, notes="interrupted")
+            raise Interrupted(trial) from None
+
+    def record(trial: Trial) -> Trial:
+        row_id = store.insert_trial(run_id, utc_now(), trial)
+        trial = replace(trial, row_id=row_id)
+        progress.ended(trial)
+        return trial
+
+    exit_reason = "internal_error"
+    rec: Recommendation | None = None
+    partial = False
+    applied = False
+    apply_failed = False
+    infeasible: list = []
+    alternates: list[str] = []
+    conflicts = None
+    messages: list[str] = []
+    old_sigterm = None
+    if _in_main_thread():
+        old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        try:
+            with progress:
+                detect = deps.detect_conflicts or (
+                    lambda port, restart: conflict_mod.detect(port, restart_foreground=restart)
+                )
+                found = detect(inputs.port, inputs.restart_foreground)
+                if found.any and not inputs.drain:
+                    messages.append(found.refusal())
+                    raise ProviderConflict(found.refusal())
+                if found.any:
+                    conflicts = found
+                    conflicts.drain(inputs.drain_grace_s)
+                s1 = stage1(inputs.candidate_models, inputs.target_context, evaluate, record)
+                infeasible = infeasible_smallest_first(s1.infeasible)
+                if s1.chosen is None:
+                    exit_reason = "no_feasible"
+                    messages.append(
+                        f"autotune: no candidate is feasible at target context {inputs.target_context}; "
+                        "try a smaller --target-context or other --candidate-models"
+                    )
+                else:
+                    alternates = list(inputs.candidate_models[s1.rank:])
+                    s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon)
+                    partial = s2.partial
+                    if s2.best is not None:
+                        store.mark_kept(run_id, s2.best.row_id)
+                        rec = Recommendation.from_trial(s2.best, inputs.target_context)
+                    elif partial and s1.trial is not None:
+                        rec = Recommendation.from_trial(s1.trial, inputs.target_context)  # Stage 1 knobs
+                    if partial:
+                        exit_reason = "budget_exhausted_with_partial_recommendation"
+                    elif rec is None:
+                        exit_reason = "no_feasible"
+                        messages.append(f"autotune: no Stage 2 cell of {s1.chosen} is feasible")
+                    else:
+                        exit_reason = "ok"
+        except ProviderConflict as exc:
+            exit_reason = "provider_conflict"
+            if str(exc) not in messages:
+                messages.append(str(exc))
+        except IntegrityAbort as exc:
+            exit_reason = "pre_warm_integrity_failure"
+            messages.append(f"autotune: {exc.trial.model}: {exc}; run `macprovider models pull` again to repair it")
+        except BudgetExhausted:
+            exit_reason = "budget_exhausted_no_model_selected"
+            messages.append("autotune: --max-duration ran out before a model was selected")
+        except (Interrupted, KeyboardInterrupt):
+            exit_reason = "interrupted"
+            messages.append("autotune: interrupted")
+        except Exception as exc:  # noqa: BLE001 - the run row keeps internal_error; no traceback for users
+            exit_reason = "internal_error"
+            messages.append(f"autotune: internal error: {exc.__class__.__name__}: {exc}")
+        finally:
+            if old_sigterm is not None:
+                signal.signal(signal.SIGTERM, old_sigterm)
+        apply_lines: list[str] = []
+        if inputs.apply and exit_reason == "ok" and rec is not None:
+            from macprovider.autotune.apply import apply_recommendation, owned_values, summary_line
+
+            values = owned_values(rec.model, rec.kv_bits, rec.max_batch, rec.max_context)
+            try:
+                result = apply_recommendation(inputs.config_path, values)
+                applied = True
+                apply_lines.append(summary_line(values, result))
+                if not inputs.drain:
+                    apply_lines.append(
+                        f"restart the provider so the new recipe goes live: launchctl kickstart -k "
+                        f"gui/{os.getuid()}/{conflict_mod.LAUNCHD_LABEL}   (or: macprovider service restart)"
+                    )
+            except ApplyError as exc:
+                apply_failed = True
+                messages.append(f"autotune: --apply failed: {exc}")
+        elif inputs.apply and rec is not None:
+            messages.append(f"autotune: not applying a {exit_reason} recommendation")
+    finally:
+        if conflicts is not None:
+            try:
+                conflicts.restore()
+            except Exception as exc:  # noqa: BLE001 - never lose the run record over a restore failure
+                messages.append(f"autotune: could not restore the drained provider: {exc}")
+    report = build_report(
+        run_id=run_id, started_at=started, ended_at=utc_now(), machine=machine_obj, inputs=inputs_obj,
+        recommendation=rec, infeasible=infeasible, alternates=alternates if rec is not None else [],
+        db_path=str(inputs.db_path), exit_reason=exit_reason, partial=partial, applied=applied,
+    )
+    try:
+        store.finish_run(
+            run_id, ended_at_utc=report["ended_at"], exit_reason=exit_reason, report=report,
+            recipe_hash=report["recipe_hash"], applied=applied,
+        )
+    finally:
+        store.close()
+    out = deps.out
+    for line in messages:
+        print(line, file=err)
+    out.write(render_terminal(report))
+    for line in apply_lines:
+        print(line, file=out)
+    if inputs.json:
+        out.write(json.dumps(report, indent=2) + "\n")
+    out.flush()
+    code = EXIT_CODES[exit_reason]
+    if apply_failed and code == 0:
+        code = 1
+    return RunOutcome(code, exit_reason, report)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,241 @@
+"""Stage 1 (biggest feasible model) and Stage 2 (knob hill-climb) as pure functions (SPEC.md §5.4, §5.8).
+
+Nothing here knows about processes, HTTP or SQLite: both stages take an `evaluate(model, knobs, stage)
+-> Trial` callable (a real probe in `autotune.runner`, a scripted fake in tests) and a `record(trial)`
+callable that persists each trial the moment it ends. An evaluator that cannot finish a trial (budget
+ran out, SIGINT) raises a `TrialAborted` carrying the partial trial; the stage records it and lets the
+exception travel up so the run can end with the right `exit_reason`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal, Sequence
+
+FailureClass = Literal["none", "infeasible", "transient", "integrity"]
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The three serving knobs of one trial: kv_bits (None = full precision), max_batch, max_context."""
+
+    kv_bits: int | None
+    max_batch: int
+    max_context: int
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial = one row of `tune_trials` (SPEC.md §5.11), plus in-memory fields.
+
+    throughput_tps: aggregate decode tokens/s (median over replicates); None when not measured.
+    ttft_p95_ms: p95 of every TTFT sample of the trial (ms); None when not measured.
+    failure_class: `none` (feasible), `infeasible`, `transient` (pre-warm) or `integrity` (aborts the run).
+    weights_bytes: model weight bytes when known (orders the infeasible list, smallest first).
+    """
+
+    stage: int
+    model: str
+    target_context: int
+    knobs: Knobs
+    max_tokens: int
+    fits: bool
+    notes: str | None = None
+    measured_prompt_tokens: int | None = None
+    throughput_tps: float | None = None
+    ttft_p95_ms: float | None = None
+    n_err: int = 0
+    replicates_n: int | None = None
+    memory_estimate_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+    weights_bytes: int | None = None
+    failure_class: FailureClass = "none"
+    kept: bool = False
+    row_id: int | None = None
+    ttft_samples_ms: tuple[float, ...] = field(default=(), repr=False)
+
+
+class TrialAborted(Exception):
+    """The evaluator could not finish a trial; `trial` is what was measured so far (recorded by the stage)."""
+
+    def __init__(self, trial: Trial, message: str = "") -> None:
+        super().__init__(message or (trial.notes or "trial aborted"))
+        self.trial = trial
+
+
+class BudgetExhausted(TrialAborted):
+    """`--max-duration` ran out during a trial."""
+
+
+class Interrupted(TrialAborted):
+    """SIGINT / SIGTERM arrived during a trial."""
+
+
+class IntegrityAbort(Exception):
+    """A cached model failed its integrity check; the run ends with `pre_warm_integrity_failure`."""
+
+    def __init__(self, trial: Trial) -> None:
+        super().__init__(trial.notes or "pre-warm integrity failure")
+        self.trial = trial
+
+
+Evaluate = Callable[[str, Knobs, int], Trial]
+Record = Callable[[Trial], Trial]
+
+
+def median(values: Sequence[float]) -> float:
+    """The usual median (mean of the two middle values for an even count). ValueError on empty input."""
+    return float(statistics.median(values))
+
+
+def p95(values: Sequence[float]) -> float:
+    """p95 = sorted[ceil(0.95 n) − 1] (nearest-rank, SPEC.md §5.4). ValueError on empty input."""
+    if not values:
+        raise ValueError("p95 of no values")
+    ordered = sorted(values)
+    return float(ordered[math.ceil(0.95 * len(ordered)) - 1])
+
+
+def is_new_best(new: Trial, best: Trial | None, epsilon: float) -> bool:
+    """Keep-best rule of SPEC.md §5.8 with relative tie band `epsilon`.
+
+    No throughput → never best; no incumbent → best; incumbent throughput ≤ 0 → best iff new > 0;
+    relative gain (new − best)/best > ε → best; |gain| ≤ ε → best iff its TTFT is lower (a measured TTFT
+    beats an unmeasured one); otherwise the incumbent stays.
+    """
+    if new.throughput_tps is None or not math.isfinite(new.throughput_tps):
+        return False
+    if best is None:
+        return True
+    incumbent = best.throughput_tps
+    if incumbent is None or incumbent <= 0:
+        return new.throughput_tps > 0
+    gain = (new.throughput_tps - incumbent) / incumbent
+    if gain > epsilon:
+        return True
+    if abs(gain) <= epsilon:
+        if new.ttft_p95_ms is None:
+            return False
+        if best.ttft_p95_ms is None:
+            return True
+        return new.ttft_p95_ms < best.ttft_p95_ms
+    return False
+
+
+@dataclass(frozen=True)
+class Infeasible:
+    """A Stage 1 candidate that was not feasible: its 1-based input rank and the reason."""
+
+    model: str
+    rank: int
+    reason: str
+    weights_bytes: int | None = None
+
+
+@dataclass
+class Stage1Result:
+    """The chosen candidate (None if none was feasible), its rank and trial, and every infeasible one."""
+
+    chosen: str | None
+    rank: int | None
+    trial: Trial | None
+    infeasible: list[Infeasible]
+    trials: list[Trial]
+
+
+def stage1(
+    candidates: Sequence[str], target_context: int, evaluate: Evaluate, record: Record
+) -> Stage1Result:
+    """Walk `candidates` in the given order (never re-sorted); stop at the first feasible one.
+
+    Each candidate is evaluated with default knobs (kv_bits unset, max_batch 1, max_context = target).
+    Raises IntegrityAbort after recording an integrity failure; TrialAborted propagates after recording.
+    """
+    trials: list[Trial] = []
+    infeasible: list[Infeasible] = []
+    knobs = Knobs(None, 1, target_context)
+    for rank, model in enumerate(candidates, start=1):
+        try:
+            trial = evaluate(model, knobs, 1)
+        except TrialAborted as exc:
+            exc.trial = record(replace(exc.trial, fits=False, kept=False))
+            raise
+        trial = record(replace(trial, kept=False))
+        trials.append(trial)
+        if trial.failure_class == "integrity":
+            raise IntegrityAbort(trial)
+        if trial.fits:
+            return Stage1Result(model, rank, trial, infeasible, trials)
+        infeasible.append(Infeasible(model, rank, trial.notes or "infeasible", trial.weights_bytes))
+    return Stage1Result(None, None, None, infeasible, trials)
+
+
+def stage2_cells(
+    kv_bits_axis: Sequence[int | None], max_batch_axis: Sequence[int], max_context_axis: Sequence[int]
+) -> list[Knobs]:
+    """Cells kv_bits × max_batch × max_context, in that nesting order (kv_bits outermost)."""
+    return [Knobs(kv, batch, ctx) for kv in kv_bits_axis for batch in max_batch_axis for ctx in max_context_axis]
+
+
+@dataclass
+class Stage2Result:
+    """The best feasible cell (None if none), every cell trial, and whether the budget cut it short."""
+
+    best: Trial | None
+    trials: list[Trial]
+    partial: bool = False
+
+
+def stage2(
+    model: str, cells: Sequence[Knobs], evaluate: Evaluate, record: Record, epsilon: float
+) -> Stage2Result:
+    """Evaluate every cell in order and keep the best feasible one (`is_new_best`).
+
+    The returned trials are recorded with kept = 0; the caller marks the winner (exactly one row).
+    BudgetExhausted is absorbed: the result is the best so far with `partial = True`. Interrupted and
+    other TrialAborted propagate after the trial in flight is recorded.
+    """
+    best: Trial | None = None
+    trials: list[Trial] = []
+    for knobs in cells:
+        try:
+            trial = evaluate(model, knobs, 2)
+        except BudgetExhausted as exc:
+            exc.trial = record(replace(exc.trial, fits=False, kept=False))
+            trials.append(exc.trial)
+            return Stage2Result(best, trials, partial=True)
+        except TrialAborted as exc:
+            exc.trial = record(replace(exc.trial, fits=False, kept=False))
+            raise
+        trial = record(replace(trial, kept=False))
+        trials.append(trial)
+        if trial.fits and is_new_best(trial, best, epsilon):
+            best = trial
+    return Stage2Result(best, trials)
+
+
+def infeasible_smallest_first(items: Sequence[Infeasible]) -> list[Infeasible]:
+    """Order infeasible candidates smallest first, then larger by size (SPEC.md §5.4).
+
+    Size is the weight bytes when known, else the parameter count in the name (`…-7B-…`); a candidate of
+    unknown size sorts after the known ones, later input ranks (the operator's smaller ones) first.
+    """
+    def key(item: Infeasible) -> tuple[int, float, int]:
+        size = item.weights_bytes if item.weights_bytes is not None else nominal_size_bytes(item.model)
+        if size is None:
+            return (1, 0.0, -item.rank)
+        return (0, float(size), -item.rank)
+
+    return sorted(items, key=key)
+
+
+def nominal_size_bytes(model: str) -> float | None:
+    """Approximate 4-bit weight bytes from a parameter count in the id (`32B` → 32e9 × 0.5625), else None."""
+    import re
+
+    match = re.search(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)[Bb](?![A-Za-z0-9])", model.split("/")[-1])
+    if not match:
+        return None
+    return float(match.group(1)) * 1e9 * 0.5625
