@@ -49,7 +49,9 @@ class Workload:
 
     def __init__(self, model_dir: Path, target_context: int, fraction: float = PROMPT_FRACTION) -> None:
         import logging
+        import os
 
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" line
         logging.getLogger("transformers").setLevel(logging.ERROR)
         from transformers import AutoTokenizer
 

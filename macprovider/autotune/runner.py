@@ -189,7 +189,7 @@ class RealEvaluator:
                     gate_ttft_ms=inputs.gate_ttft_ms, deadline=self.deadline, seed=stage * 1000,
                 )
                 died = None if provider.alive() else provider.proc.returncode if provider.proc else None
-                tail = provider.stderr_tail() if died is not None else ""
+                tail = provider.stderr_tail(lines=3)
         except ProviderExited as exc:
             return replace(
                 base, notes=f"provider exited with code {exc.returncode} while loading (out of memory?): {exc.stderr_tail}",
@@ -205,6 +205,8 @@ class RealEvaluator:
         fits, reason = probe.judge(m, inputs.gate_ttft_ms, replicates * knobs.max_batch)
         if died is not None:
             fits, reason = False, f"provider exited with code {died} during the probe: {tail}"
+        elif m.errors and tail:
+            reason = f"{reason} (provider stderr: {tail})"
         return replace(
             base,
             fits=fits,
@@ -252,7 +254,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         "candidate_models": list(inputs.candidate_models),
         "stage1_replicates": inputs.stage1_replicates,
         "stage2_replicates": inputs.stage2_replicates,
-        "gate_ttft_ms": inputs.gate_ttft_ms,
+        "gate_ttft_ms": int(inputs.gate_ttft_ms) if float(inputs.gate_ttft_ms).is_integer() else inputs.gate_ttft_ms,
         "tps_tie_epsilon": inputs.tps_tie_epsilon,
     }
     run_id = str(uuid.uuid4())

@@ -1,0 +1,128 @@
+"""Report: terminal block, JSON keys, recipe hash with a pinned vector (SPEC.md §5.9)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import rfc8785
+
+from macprovider.autotune.report import (
+    Recommendation,
+    build_report,
+    recipe_domain,
+    recipe_hash,
+    render_terminal,
+    verify_recipe_hash,
+)
+from macprovider.autotune.search import Infeasible
+
+CANDIDATES = ["mlx-community/Qwen2.5-14B-Instruct-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit"]
+MACHINE = {"ram_gb": 32, "chip": "Apple M2 Pro", "os_version": "macOS 15.1", "binary_version": "0.1.0"}
+INPUTS = {
+    "target_context": 2000, "candidate_models": CANDIDATES, "stage1_replicates": 1, "stage2_replicates": 3,
+    "gate_ttft_ms": 60000, "tps_tie_epsilon": 0.02,
+}
+REC = Recommendation(CANDIDATES[0], 2000, 8, 2, 4096, 23.456, 812.4, 3)
+# Pinned vector: the canonical (RFC 8785) domain text and its SHA-256, computed independently of the code.
+PINNED_JCS = (
+    b'{"binary_version":"0.1.0","candidate_models":["mlx-community/Qwen2.5-14B-Instruct-4bit",'
+    b'"mlx-community/Llama-3.2-1B-Instruct-4bit"],"chip":"Apple M2 Pro","knobs":{"kv_bits":8,'
+    b'"max_concurrency_override":2,"max_context_override":4096},"model":"mlx-community/Qwen2.5-14B-Instruct-4bit",'
+    b'"ram_gb":32,"target_context":2000}'
+)
+PINNED_HASH = "sha256:a9e5ee9206c399a31c99269716e6f06edf38a62aee40e0999039d3ae3654b864"
+
+
+def report(rec=REC, **kw):
+    args = dict(
+        run_id="11111111-2222-3333-4444-555555555555", started_at="2026-01-01T00:00:00.000Z",
+        ended_at="2026-01-01T00:10:00.000Z", machine=MACHINE, inputs=INPUTS, recommendation=rec,
+        infeasible=[], alternates=CANDIDATES[1:], db_path="/db.sqlite", exit_reason="ok" if rec else "no_feasible",
+    )
+    args.update(kw)
+    return build_report(**args)
+
+
+def test_recipe_hash_pinned_vector():
+    domain = recipe_domain(binary_version="0.1.0", candidate_models=CANDIDATES, chip="Apple M2 Pro", ram_gb=32, rec=REC)
+    assert rfc8785.dumps(domain) == PINNED_JCS
+    assert "sha256:" + hashlib.sha256(PINNED_JCS).hexdigest() == PINNED_HASH
+    assert recipe_hash(domain) == PINNED_HASH
+    assert report()["recipe_hash"] == PINNED_HASH
+
+
+def test_recipe_hash_ignores_measurements_but_not_machine_version_or_inputs():
+    base = report()["recipe_hash"]
+    faster = Recommendation(CANDIDATES[0], 2000, 8, 2, 4096, 99.0, 1.0, 5)
+    assert report(rec=faster)["recipe_hash"] == base
+    assert report(machine={**MACHINE, "ram_gb": 64})["recipe_hash"] != base
+    assert report(machine={**MACHINE, "binary_version": "0.2.0"})["recipe_hash"] != base
+    assert report(inputs={**INPUTS, "candidate_models": CANDIDATES[::-1]})["recipe_hash"] != base
+    unset = Recommendation(CANDIDATES[0], 2000, None, 2, 4096, 1, 1, 1)
+    assert report(rec=unset)["recipe_hash"] != base
+    assert report(rec=None)["recipe_hash"] is None
+    assert verify_recipe_hash(report()) and verify_recipe_hash(report(rec=None))
+    tampered = report()
+    tampered["recommendation"]["knobs"]["kv_bits"] = 4
+    assert not verify_recipe_hash(tampered)
+
+
+def test_json_report_has_every_key_with_yaml_knob_names():
+    r = report(infeasible=[Infeasible("a/b", 1, "memory estimate 9 GiB")])
+    assert set(r) >= {
+        "spec_version", "run_id", "started_at", "ended_at", "machine", "inputs", "recommendation", "alternates",
+        "infeasible", "recipe_hash", "db_path", "exit_reason",
+    }
+    assert set(r["machine"]) == {"ram_gb", "chip", "os_version", "binary_version"}
+    assert set(r["inputs"]) == {"target_context", "candidate_models", "stage1_replicates", "stage2_replicates",
+                                "gate_ttft_ms", "tps_tie_epsilon"}
+    rec = r["recommendation"]
+    assert set(rec) == {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates", "serve_command"}
+    assert rec["knobs"] == {"kv_bits": 8, "max_concurrency_override": 2, "max_context_override": 4096}
+    assert rec["serve_command"] == (
+        "macprovider serve --model mlx-community/Qwen2.5-14B-Instruct-4bit --kv-bits 8 --max-batch 2 --max-context 4096"
+    )
+    assert r["infeasible"] == [{"model": "a/b", "rank": 1, "reason": "memory estimate 9 GiB"}]
+    assert r["started_at"].endswith("Z")
+
+
+def test_terminal_block_matches_the_spec_layout():
+    text = render_terminal(report())
+    assert text == (
+        "============================ RECOMMENDATION ============================\n"
+        "model:           mlx-community/Qwen2.5-14B-Instruct-4bit\n"
+        "target_context:  2000\n"
+        "knobs:\n"
+        "  kv_bits:                    8\n"
+        "  max_concurrency_override:   2\n"
+        "  max_context_override:       4096\n"
+        "measured:\n"
+        "  tps_median:        23.5 tokens/sec\n"
+        "  ttft_p95:          812 ms\n"
+        "  replicates:        3\n"
+        "\n"
+        "alternates (smaller candidates from input list, not probed):\n"
+        "  - mlx-community/Llama-3.2-1B-Instruct-4bit\n"
+        "\n"
+        "serve command (copy-paste):\n"
+        "  macprovider serve --model mlx-community/Qwen2.5-14B-Instruct-4bit --kv-bits 8 --max-batch 2 --max-context 4096\n"
+        "\n"
+        "run_id: 11111111-2222-3333-4444-555555555555 | db: /db.sqlite\n"
+        "========================================================================\n"
+    )
+
+
+def test_terminal_block_unset_kv_and_no_alternates():
+    text = render_terminal(report(rec=Recommendation("a/b", 100, None, 1, 100, 5.0, 10.0, 1), alternates=[]))
+    assert "  kv_bits:                    unset\n" in text
+    assert "  - none\n" in text
+    assert "--kv-bits" not in text
+
+
+def test_no_recommendation_block_lists_ranked_reasons():
+    text = render_terminal(
+        report(rec=None, alternates=[], infeasible=[Infeasible("s/1B", 2, "ttft"), Infeasible("b/32B", 1, "memory estimate")])
+    )
+    assert "NO RECOMMENDATION" in text.splitlines()[0] and len(text.splitlines()[0]) == 72
+    assert "  rank 2 s/1B: ttft\n  rank 1 b/32B: memory estimate\n" in text
+    assert "--target-context" in text and "--candidate-models" in text

@@ -1,0 +1,185 @@
+"""Stage 1 / Stage 2 search with a scripted fake probe (SPEC.md §5.4, §5.8)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from macprovider.autotune.search import (
+    BudgetExhausted,
+    Infeasible,
+    IntegrityAbort,
+    Interrupted,
+    Knobs,
+    Trial,
+    infeasible_smallest_first,
+    is_new_best,
+    median,
+    p95,
+    stage1,
+    stage2,
+    stage2_cells,
+)
+
+
+def trial(model="m", tps=None, ttft=None, fits=True, stage=2, knobs=Knobs(None, 1, 100), **kw) -> Trial:
+    return Trial(stage, model, 100, knobs, 64, fits=fits, throughput_tps=tps, ttft_p95_ms=ttft, **kw)
+
+
+class FakeProbe:
+    """Scripted evaluator: `script[model]` (stage 1) or `script[knobs]` (stage 2) → Trial or exception."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls: list[tuple[str, Knobs, int]] = []
+
+    def __call__(self, model, knobs, stage):
+        self.calls.append((model, knobs, stage))
+        outcome = self.script[model if stage == 1 else knobs]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return replace(outcome, model=model, knobs=knobs, stage=stage)
+
+
+class Recorder:
+    def __init__(self):
+        self.rows: list[Trial] = []
+
+    def __call__(self, t: Trial) -> Trial:
+        t = replace(t, row_id=len(self.rows) + 1)
+        self.rows.append(t)
+        return t
+
+
+def test_keep_best_check_vector_of_the_spec():
+    a = trial(tps=10.0, ttft=4000)
+    assert is_new_best(trial(tps=10.05, ttft=3000), a, 0.02) is True
+    assert is_new_best(trial(tps=10.05, ttft=4500), a, 0.02) is False
+
+
+@pytest.mark.parametrize(
+    "new, best, eps, expected",
+    [
+        (trial(tps=None), None, 0.02, False),  # no throughput: never best
+        (trial(tps=1.0), None, 0.02, True),  # no incumbent
+        (trial(tps=0.5), trial(tps=0.0), 0.02, True),  # incumbent <= 0: best iff new > 0
+        (trial(tps=0.0), trial(tps=0.0), 0.02, False),
+        (trial(tps=10.3, ttft=9999), trial(tps=10.0, ttft=1), 0.02, True),  # gain > eps wins despite ttft
+        (trial(tps=9.7, ttft=1), trial(tps=10.0, ttft=9999), 0.02, False),  # loss > eps loses despite ttft
+        (trial(tps=10.0, ttft=100), trial(tps=10.0, ttft=None), 0.02, True),  # measured ttft beats unmeasured
+        (trial(tps=10.0, ttft=None), trial(tps=10.0, ttft=100), 0.02, False),
+        (trial(tps=10.0, ttft=100), trial(tps=10.0, ttft=100), 0.02, False),  # exact tie: incumbent stays
+        (trial(tps=10.1, ttft=50), trial(tps=10.0, ttft=100), 0.0, True),  # eps 0: any gain wins
+    ],
+)
+def test_keep_best_rules(new, best, eps, expected):
+    assert is_new_best(new, best, eps) is expected
+
+
+def test_p95_is_nearest_rank_and_median_is_usual():
+    assert p95([5.0]) == 5.0
+    assert p95(list(map(float, range(1, 21)))) == 19.0  # ceil(0.95*20)-1 = 18 -> 19
+    assert p95(list(map(float, range(1, 11)))) == 10.0  # ceil(9.5)-1 = 9 -> 10
+    assert median([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
+def test_stage1_keeps_operator_order_and_stops_at_first_feasible():
+    probe = FakeProbe({"org/1B": trial(fits=True, tps=5), "org/32B": trial(fits=True, tps=1)})
+    rec = Recorder()
+    result = stage1(["org/1B", "org/32B"], 100, probe, rec)
+    assert result.chosen == "org/1B" and result.rank == 1
+    assert [c[0] for c in probe.calls] == ["org/1B"]  # the 32B is never probed
+    assert probe.calls[0][1] == Knobs(None, 1, 100)
+    assert [(r.stage, r.kept) for r in rec.rows] == [(1, False)]
+
+
+def test_stage1_walks_past_infeasible_and_lists_them():
+    probe = FakeProbe(
+        {
+            "org/big-32B": trial(fits=False, notes="memory estimate 20 GiB"),
+            "org/mid-7B": trial(fits=False, notes="ttft"),
+            "org/small-1B": trial(fits=True, tps=3),
+        }
+    )
+    result = stage1(["org/big-32B", "org/mid-7B", "org/small-1B"], 100, probe, Recorder())
+    assert result.chosen == "org/small-1B" and result.rank == 3
+    assert [i.model for i in result.infeasible] == ["org/big-32B", "org/mid-7B"]
+
+
+def test_all_infeasible_is_reported_smallest_first():
+    probe = FakeProbe(
+        {
+            "org/a-32B": trial(fits=False, notes="x"),
+            "org/b-1B": trial(fits=False, notes="y"),
+            "org/c-7B": trial(fits=False, notes="z", weights_bytes=4_000_000_000),
+        }
+    )
+    result = stage1(["org/a-32B", "org/b-1B", "org/c-7B"], 100, probe, Recorder())
+    assert result.chosen is None
+    ordered = infeasible_smallest_first(result.infeasible)
+    assert [i.model for i in ordered] == ["org/b-1B", "org/c-7B", "org/a-32B"]
+    unknown = infeasible_smallest_first([Infeasible("org/x", 1, "r"), Infeasible("org/y", 2, "r", 10)])
+    assert [i.model for i in unknown] == ["org/y", "org/x"]
+
+
+def test_integrity_failure_is_recorded_then_aborts():
+    probe = FakeProbe({"org/a": trial(fits=False, notes="bad hash", failure_class="integrity"), "org/b": trial()})
+    rec = Recorder()
+    with pytest.raises(IntegrityAbort):
+        stage1(["org/a", "org/b"], 100, probe, rec)
+    assert [r.model for r in rec.rows] == ["org/a"]
+    assert len(probe.calls) == 1
+
+
+def test_interrupt_in_stage1_records_the_trial_in_flight():
+    probe = FakeProbe({"org/a": Interrupted(trial(fits=False, notes="interrupted", stage=1))})
+    rec = Recorder()
+    with pytest.raises(Interrupted):
+        stage1(["org/a"], 100, probe, rec)
+    assert rec.rows[0].notes == "interrupted" and rec.rows[0].fits is False
+
+
+def test_stage2_cells_nesting_order():
+    cells = stage2_cells([None, 4], [1, 2], [100, 200])
+    assert cells[:4] == [Knobs(None, 1, 100), Knobs(None, 1, 200), Knobs(None, 2, 100), Knobs(None, 2, 200)]
+    assert cells[4] == Knobs(4, 1, 100) and len(cells) == 8
+
+
+def test_stage2_keeps_best_feasible_cell_and_ignores_infeasible_fast_ones():
+    cells = stage2_cells([None, 8], [1, 2], [100])
+    probe = FakeProbe(
+        {
+            Knobs(None, 1, 100): trial(tps=10.0, ttft=400),
+            Knobs(None, 2, 100): trial(tps=50.0, ttft=100, fits=False),  # fastest but infeasible
+            Knobs(8, 1, 100): trial(tps=10.1, ttft=300),  # within eps, lower ttft -> best
+            Knobs(8, 2, 100): trial(tps=10.15, ttft=500),  # within eps of 10.1, higher ttft -> stays
+        }
+    )
+    rec = Recorder()
+    result = stage2("m", cells, probe, rec, 0.02)
+    assert [c[1] for c in probe.calls] == cells
+    assert result.best.knobs == Knobs(8, 1, 100)
+    assert not result.partial and len(rec.rows) == 4 and not any(r.kept for r in rec.rows)
+
+
+def test_stage2_budget_exhausted_returns_best_so_far_as_partial():
+    cells = stage2_cells([None, 4, 8], [1], [100])
+    probe = FakeProbe(
+        {
+            Knobs(None, 1, 100): trial(tps=10.0, ttft=100),
+            Knobs(4, 1, 100): BudgetExhausted(trial(fits=False, notes="budget")),
+            Knobs(8, 1, 100): trial(tps=99.0, ttft=1),
+        }
+    )
+    rec = Recorder()
+    result = stage2("m", cells, probe, rec, 0.02)
+    assert result.partial and result.best.knobs == Knobs(None, 1, 100)
+    assert len(rec.rows) == 2 and rec.rows[1].notes == "budget"  # the trial in flight is recorded
+    assert len(probe.calls) == 2
+
+
+def test_stage2_no_feasible_cell():
+    cells = stage2_cells([None], [1, 2], [100])
+    probe = FakeProbe({c: trial(fits=False, tps=None) for c in cells})
+    assert stage2("m", cells, probe, Recorder(), 0.02).best is None
