@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
 import psutil
 import pytest
@@ -55,7 +56,8 @@ def gone(pid: int) -> bool:
 @pytest.fixture
 def foreground_serve():
     """Pid of a detached process (not our child) whose argv looks like `... macprovider serve`."""
-    script = f"'{sys.executable}' -c 'import time; time.sleep(120)' macprovider serve --port 1 >/dev/null 2>&1 & echo $!"
+    token = uuid.uuid4().hex
+    script = f"'{sys.executable}' -c 'import time; time.sleep(120)' macprovider serve --port 1 --model {token} >/dev/null 2>&1 & echo $!"
     pid = int(subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout.strip())
     yield pid
     try:
@@ -86,7 +88,8 @@ def test_foreground_serve_is_found_never_self_and_drained(foreground_serve):
     found.drain(5)
     assert gone(foreground_serve)
     found.restore()  # without --restart-foreground nothing comes back
-    assert all(s.argv[-3:] != ["serve", "--port", "1"] for s in find_foreground_servers())
+    token = found.foreground[0].argv[-1]
+    assert all(s.argv[-1] != token for s in find_foreground_servers())
 
 
 def test_restart_foreground_relaunches_the_original_argv(foreground_serve):
