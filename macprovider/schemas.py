@@ -1,0 +1,367 @@
+"""OpenAI request/response shapes and the error envelope (SPEC.md §3.3, §3.4). Pure: no sockets, no engine.
+
+Requests are validated by strict pydantic models (a string is not a number, `true` is not an integer,
+every integer and float has both bounds). Unknown fields are ignored, but a *known* feature this provider
+does not implement (`n > 1`, `tools`, `logprobs`, a JSON `response_format`, `suffix`, `echo`, …) is refused
+with 400 naming the parameter, never silently dropped (`unsupported_features`).
+
+    parse_json_body(bytes) -> dict             400 invalid_json / invalid_request (not an object)
+    parse_chat(dict) -> ChatCompletionRequest  400 invalid_request, `param` = dotted path (`messages.0.role`)
+    normalize_messages(request) -> [{"role", "content"}]   text parts joined, ready for the chat template
+    chat_response / chat_chunk / completion_response / completion_chunk -> dicts for JSON / SSE
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from macprovider.engine_types import GenerationRequest, Usage
+from macprovider.errors import ApiError
+
+# Bounds of request integers (SPEC.md §3.5: every integer has a lower and an upper bound).
+MAX_TOKENS_LIMIT = 10_000_000  # same ceiling as the max_context_override setting
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # OpenAI allows int64; MLX keys take uint64 (negatives wrap)
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1000
+MAX_MESSAGES = 100_000
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class _Strict(BaseModel):
+    """Strict types, unknown fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ChatMessage(_Strict):
+    """One chat message: `content` is a string or a list of OpenAI text parts (null only for assistant)."""
+
+    role: Role
+    content: Any = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            parts = []
+            for index, part in enumerate(value):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise PydanticCustomError(
+                        "content_part",
+                        "content part {index} is not supported: only text parts (type \"text\") are",
+                        {"index": index},
+                    )
+                parts.append(part["text"])
+            return "".join(parts)
+        raise PydanticCustomError("content_type", "content must be a string or a list of text parts")
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise PydanticCustomError("stop_type", "stop must be a string or a list of strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise PydanticCustomError("stop_count", "stop takes at most {n} strings", {"n": MAX_STOP_STRINGS})
+    if any(not item or len(item) > MAX_STOP_CHARS for item in items):
+        raise PydanticCustomError("stop_len", "each stop string must have 1..{n} characters", {"n": MAX_STOP_CHARS})
+    return tuple(items)
+
+
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _Sampling(_Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    max_tokens: TokenCount | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    stop: Any = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    user: str | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value: Any) -> tuple[str, ...]:
+        return _stop(value)
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    def _common_unsupported(self) -> None:
+        if self.n is not None and self.n != 1:
+            raise _unsupported("n", "n must be 1: this provider returns one choice per request")
+        if self.logit_bias:
+            raise _unsupported("logit_bias", "logit_bias is not supported")
+
+    def generation_request(self, prompt_tokens: list[int], max_tokens: int | None) -> GenerationRequest:
+        """The engine request; None sampling fields become OpenAI's defaults (temperature 1, top_p 1)."""
+        return GenerationRequest(
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            stop=self.stop,
+            seed=None if self.seed is None else self.seed % 2**64,
+        )
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions body (SPEC.md §3.3)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: TokenCount | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def check_supported(self) -> None:
+        """Raise ApiError 400 naming the first requested feature this provider does not implement."""
+        self._common_unsupported()
+        if self.tools:
+            raise _unsupported("tools", "tools (function calling) are not supported by this provider")
+        if self.tool_choice is not None and self.tool_choice != "none":
+            raise _unsupported("tool_choice", "tool_choice must be \"none\": tools are not supported")
+        if self.functions:
+            raise _unsupported("functions", "functions (function calling) are not supported by this provider")
+        if self.function_call is not None and self.function_call != "none":
+            raise _unsupported("function_call", "function_call must be \"none\": functions are not supported")
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            raise _unsupported("response_format", "only response_format {\"type\": \"text\"} is supported")
+        if self.logprobs:
+            raise _unsupported("logprobs", "logprobs are not supported")
+        if self.top_logprobs:
+            raise _unsupported("top_logprobs", "top_logprobs are not supported")
+        for index, message in enumerate(self.messages):
+            if message.content is None and message.role != "assistant":
+                raise ApiError(400, "invalid_request", f"a {message.role} message needs content", param=f"messages.{index}.content")
+
+    @property
+    def wanted_tokens(self) -> int | None:
+        """`max_completion_tokens`, else `max_tokens`; None = the engine's default (remaining capacity)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions body: a single string `prompt`."""
+
+    prompt: Any
+    suffix: Any = None
+    echo: bool | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise PydanticCustomError("prompt_type", "prompt must be a single string (arrays of prompts or tokens are not supported)")
+        return value
+
+    def check_supported(self) -> None:
+        """Raise ApiError 400 naming the first requested feature this provider does not implement."""
+        self._common_unsupported()
+        if self.suffix is not None:
+            raise _unsupported("suffix", "suffix is not supported")
+        if self.echo:
+            raise _unsupported("echo", "echo is not supported")
+        if self.best_of is not None and self.best_of > 1:
+            raise _unsupported("best_of", "best_of must be 1")
+        if self.logprobs:
+            raise _unsupported("logprobs", "logprobs are not supported")
+
+    @property
+    def wanted_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def _unsupported(param: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message, param=param)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """Decode a request body. Raises ApiError 400 `invalid_json` (not UTF-8 / not JSON / NaN / too deep)
+    or 400 `invalid_request` (valid JSON that is not an object)."""
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "the request body must be a JSON object", param=None)
+    return data
+
+
+def param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """pydantic's error location → dotted OpenAI `param`, e.g. ('messages', 0, 'role') → 'messages.0.role'.
+    Type tags pydantic inserts for unions/constraints (they contain '[' or '-') are dropped."""
+    parts = [str(item) for item in loc if isinstance(item, int) or ("[" not in str(item) and "-" not in str(item))]
+    return ".".join(parts) or None
+
+
+def _validate(model: type[_Sampling], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        param = param_from_loc(tuple(error["loc"]))
+        message = error["msg"] if error["type"] != "missing" else "this field is required"
+        raise ApiError(400, "invalid_request", f"invalid {param or 'request'}: {message}", param=param) from None
+
+
+def parse_chat(data: dict[str, Any]) -> ChatCompletionRequest:
+    """Validate a chat completion body. Raises ApiError 400 (`invalid_request`, `param` set)."""
+    request = _validate(ChatCompletionRequest, data)
+    request.check_supported()
+    return request
+
+
+def parse_completion(data: dict[str, Any]) -> CompletionRequest:
+    """Validate a text completion body. Raises ApiError 400 (`invalid_request`, `param` set)."""
+    request = _validate(CompletionRequest, data)
+    request.check_supported()
+    return request
+
+
+def normalize_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Messages for the chat template: `{"role", "content"}` with text parts joined (null content → "")."""
+    return [{"role": message.role, "content": message.content or ""} for message in request.messages]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def context_length_error(n_prompt: int, n_ctx: int, param: str) -> ApiError:
+    """413 `context_length_exceeded` with the exact SPEC.md §3.4 message and `n_prompt_tokens`, `n_ctx`."""
+    return ApiError(
+        413,
+        "context_length_exceeded",
+        f"Prompt length ({n_prompt} tokens) exceeds this provider's safe capacity ({n_ctx} tokens).",
+        param=param,
+        extra={"n_prompt_tokens": n_prompt, "n_ctx": n_ctx},
+    )
+
+
+def error_envelope(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error body `{"error": {"message", "type", "param", "code"}}`."""
+    return ApiError(status, code, message, param=param).envelope()
+
+
+# ---------------------------------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    """`chatcmpl-…` / `cmpl-…` ids: prefix + 24 random hex digits."""
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def chat_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    """Non-streaming `chat.completion` object."""
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
+        ],
+        "usage": usage.to_openai(),
+    }
+
+
+def chat_chunk(request_id: str, created: int, model: str, delta: dict[str, Any] | None = None, finish_reason: str | None = None, usage: Usage | None = None) -> dict[str, Any]:
+    """One `chat.completion.chunk`: a delta (with `finish_reason`), or with `usage` the final `choices: []` chunk."""
+    chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    if usage is not None:
+        chunk["choices"] = []
+        chunk["usage"] = usage.to_openai()
+    else:
+        chunk["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}]
+    return chunk
+
+
+def completion_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    """Non-streaming `text_completion` object."""
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage.to_openai(),
+    }
+
+
+def completion_chunk(request_id: str, created: int, model: str, text: str = "", finish_reason: str | None = None, usage: Usage | None = None) -> dict[str, Any]:
+    """One streamed `text_completion` chunk (or, with `usage`, the final `choices: []` chunk)."""
+    chunk: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+    if usage is not None:
+        chunk["choices"] = []
+        chunk["usage"] = usage.to_openai()
+    else:
+        chunk["choices"] = [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+    return chunk
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    """One server-sent event `data: <json>\\n\\n` (or the literal `[DONE]`)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n".encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- health, metrics
+def prometheus_text(health: dict[str, Any]) -> str:
+    """Prometheus text exposition (format 0.0.4) of a /v1/health body: the same counters and gauges."""
+    capacity, engine = health["capacity"], health["engine"]
+    model = str(health["model"]).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    rows: list[tuple[str, str, str, Any]] = [
+        ("macprovider_info", "gauge", "Served model (value is always 1).", None),
+        ("macprovider_ready", "gauge", "1 when the server admits requests (status ready or busy).", int(health["status"] in ("ready", "busy"))),
+        ("macprovider_uptime_seconds", "gauge", "Seconds since the server started.", health["uptime_s"]),
+        ("macprovider_requests_total", "counter", "Completion requests received.", health["requests_total"]),
+        ("macprovider_requests_in_flight", "gauge", "Completion requests admitted to the engine and not finished.", health["requests_in_flight"]),
+        ("macprovider_requests_queued", "gauge", "Sequences waiting for a batch slot.", health["requests_queued"]),
+        ("macprovider_errors_total", "counter", "Completion requests that ended with an error.", health["errors_total"]),
+        ("macprovider_memory_rss_bytes", "gauge", "Resident set size of the server process.", int(health["memory_rss_mb"] * 1024 * 1024)),
+        ("macprovider_max_context_tokens", "gauge", "Max prompt+generation tokens per sequence.", capacity["max_context_tokens"]),
+        ("macprovider_max_batch", "gauge", "Sequences decoded together.", capacity["max_batch"]),
+        ("macprovider_kv_bits", "gauge", "KV cache quantization bits (0 = full precision).", capacity["kv_bits"] or 0),
+    ]
+    for key, value in engine.items():
+        kind = "counter" if key.endswith("_total") else "gauge"
+        rows.append((f"macprovider_engine_{key}", kind, f"Engine {key.replace('_', ' ')}.", value))
+    lines = []
+    for name, kind, help_text, value in rows:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f'{name}{{model="{model}",status="{health["status"]}"}} 1' if value is None else f"{name} {value}")
+    return "\n".join(lines) + "\n"

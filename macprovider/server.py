@@ -1,0 +1,699 @@
+"""The HTTP layer of `macprovider serve` (SPEC.md §3.2–§3.5): routes, SSE, auth/Host/Origin checks, limits,
+disconnect → cancel, and the process lifecycle (load in the background, drain on SIGTERM, exit when the
+generation thread dies).
+
+It talks to the engine only through `engine_types.EngineProtocol`, so tests run it against a fake engine.
+
+    create_app(engine, settings, api_key) -> FastAPI      pure app factory (no sockets, no threads)
+    ServeRuntime(engine, settings, api_key).run() -> int  uvicorn + background load + watchdog + drain
+    run_server(plan) -> int                               what `macprovider serve` calls (exit code)
+
+Middleware order, outermost first (pure ASGI, so streaming responses and disconnects pass untouched):
+Host/Origin guard (403) → CORS (only when origins are configured) → API key (401) → body cap from
+Content-Length (413) → routes. A chunked body is capped while it is read (413).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import psutil
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from macprovider import schemas
+from macprovider.config import Settings, is_loopback
+from macprovider.engine_types import EngineProtocol, GenerationChunk
+from macprovider.errors import ApiError
+
+log = logging.getLogger("macprovider.server")
+
+OPEN_PATHS = frozenset({"/v1/health", "/health", "/metrics"})
+LOOPBACK_HOST_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+LOOPBACK_ORIGIN_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+ADMITTING = ("ready", "busy")
+
+
+class ServerState:
+    """What the HTTP layer counts and the lifecycle flags the runtime sets. Touched only on the event loop.
+
+    requests_total: completion requests received; errors_total: those answered with an error (any status
+    ≥ 400, or an error event in a stream); in_flight: requests admitted to the engine whose response has
+    not finished. `idle` is set whenever in_flight is 0 (the drain waits on it).
+    """
+
+    def __init__(self, started_at: float):
+        self.started_at = started_at
+        self.requests_total = 0
+        self.errors_total = 0
+        self.in_flight = 0
+        self.draining = False
+        self.load_failed = False
+        self.engine_dead = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def begin(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def end(self, error: bool) -> None:
+        self.in_flight -= 1
+        self.errors_total += int(error)
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+# ---------------------------------------------------------------------------------------------- middleware
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
+
+
+class HostOriginGuard:
+    """403 `forbidden_host` for a non-loopback Host on a loopback bind (DNS rebinding, SPEC.md §3.5) and
+    403 `forbidden_origin` for a cross-site Origin (not configured, and not loopback on a loopback bind)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app = app
+        self.loopback = is_loopback(settings.host)
+        self.origins = frozenset(settings.cors_allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            error = self.check(Headers(scope=scope))
+            if error is not None:
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, headers: Headers) -> ApiError | None:
+        if self.loopback and host_name(headers.get("host", "")) not in LOOPBACK_HOST_NAMES:
+            return ApiError(403, "forbidden_host", "this server only answers requests addressed to localhost")
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin):
+            return ApiError(403, "forbidden_origin", "cross-site requests are not allowed from this origin")
+        return None
+
+    def origin_allowed(self, origin: str) -> bool:
+        if origin in self.origins or "*" in self.origins:
+            return True
+        if not self.loopback:
+            return False
+        try:
+            parts = urlsplit(origin)
+            return parts.scheme in ("http", "https") and parts.hostname in LOOPBACK_ORIGIN_HOSTS
+        except ValueError:
+            return False
+
+
+def host_name(host: str) -> str:
+    """The name part of a Host header, lower-cased: `localhost:8080` → `localhost`, `[::1]:80` → `[::1]`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    name, _, port = host.rpartition(":")
+    return name if name and port.isdigit() else host
+
+
+class RequestGuard:
+    """401 `invalid_api_key` (constant-time compare; health and metrics are open) and 413
+    `request_too_large` from Content-Length, before the body is read."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
+        self.app = app
+        self.key = api_key.encode("utf-8") if api_key else None
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            error = self.check(scope["path"], Headers(scope=scope))
+            if error is not None:
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, path: str, headers: Headers) -> ApiError | None:
+        if self.key is not None and path not in OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), self.key):
+                return ApiError(
+                    401,
+                    "invalid_api_key",
+                    "missing or invalid API key: send it as `Authorization: Bearer <key>`",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get("content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_body):
+            return ApiError(
+                413,
+                "request_too_large",
+                f"the request body is larger than this server's limit of {self.max_body} bytes",
+                headers={"Connection": "close"},
+            )
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+class _ClientGone(Exception):
+    """The client closed the connection before the response was complete."""
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_disconnect(receive: Receive, work: Awaitable[Any]) -> Any:
+    """Await `work` while listening for `http.disconnect`; raise _ClientGone if the client leaves first.
+    The body must already have been read, so `receive` only reports the disconnect."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task in done:
+        return task.result()
+    raise _ClientGone
+
+
+class EventStream(Response):
+    """ASGI `text/event-stream` response that listens for disconnect concurrently (whatever the ASGI spec
+    version), closes its event generator however it ends (so the generator's `finally` cancels the
+    sequence), then calls `on_close(error)`."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[bool], None]):  # noqa: D107
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.events = events
+        self.on_close = on_close
+        self.error = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def pump() -> None:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                }
+            )
+            async for data in self.events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        try:
+            await _until_disconnect(receive, pump())
+        except (_ClientGone, OSError):
+            pass
+        finally:
+            await self.events.aclose()  # type: ignore[attr-defined]
+            self.on_close(self.error)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, *, started_at: float | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `engine` (SPEC.md §3.2). Pure: no sockets, no threads started.
+
+    `settings` gives host (loopback rules), max_request_body_bytes, cors_allowed_origins; `api_key`
+    None = no key required. `app.state.macprovider` is the `ServerState` the runtime drives.
+    """
+    state = ServerState(time.time() if started_at is None else started_at)
+    from macprovider.hardware import physical_ram_gb
+
+    ram_gb = physical_ram_gb()
+    process = psutil.Process()
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="macprovider")
+    app.state.macprovider = state
+
+    # -- errors: every one is the OpenAI envelope
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            error = ApiError(404, "path_not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/health")
+        elif exc.status_code == 405:
+            error = ApiError(405, "method_not_allowed", f"method {request.method} is not allowed on this route", headers=dict(exc.headers or {}))
+        else:
+            error = ApiError(exc.status_code, "invalid_request", "the request could not be served", headers=dict(exc.headers or {}))
+        return _error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.error("internal error: %s", exc.__class__.__name__, exc_info=exc)
+        return _error_response(ApiError(500, "internal_error", "internal server error"))
+
+    # -- health and metrics
+    def status() -> str:
+        if state.engine_dead or state.load_failed or not engine.is_alive():
+            return "unavailable"
+        engine_state = engine.stats().state
+        if state.draining and engine_state != "unavailable":
+            return "draining"
+        return engine_state
+
+    def health_body() -> dict[str, Any]:
+        stats = engine.stats()
+        current = status()
+        return {
+            "status": current,
+            "model": engine.model_id,
+            "model_loaded": stats.state in ("ready", "busy", "draining") and current != "unavailable",
+            "uptime_s": round(time.time() - state.started_at, 3),
+            "requests_total": state.requests_total,
+            "requests_in_flight": state.in_flight,
+            "requests_queued": stats.queued_sequences,
+            "errors_total": state.errors_total,
+            "memory_rss_mb": round(process.memory_info().rss / (1024 * 1024), 1),
+            "capacity": {
+                "ram_gb": ram_gb,
+                "max_context_tokens": engine.max_context,
+                "max_batch": engine.max_batch,
+                "kv_bits": engine.kv_bits,
+            },
+            "engine": stats.engine_json(),
+        }
+
+    async def health() -> Response:
+        body = health_body()
+        return JSONResponse(body, status_code=200 if body["status"] in ADMITTING else 503)
+
+    app.add_api_route("/v1/health", health, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(schemas.prometheus_text(health_body()), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- models
+    def require_loaded() -> None:
+        current = status()
+        if current in ("loading", "unavailable"):
+            message = "the model is still loading" if current == "loading" else "the engine is unavailable"
+            raise ApiError(503, "model_not_loaded", message, headers={"Retry-After": "1"})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        require_loaded()
+        entry = {"id": engine.model_id, "object": "model", "created": int(state.started_at), "owned_by": "macprovider"}
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    # -- completions
+    async def read_body(request: Request) -> bytes:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
+        cap, size, parts = settings.max_request_body_bytes, 0, []
+        async for part in request.stream():
+            size += len(part)
+            if size > cap:
+                raise ApiError(413, "request_too_large", f"the request body is larger than this server's limit of {cap} bytes", headers={"Connection": "close"})
+            parts.append(part)
+        return b"".join(parts)
+
+    async def complete(request: Request, chat: bool) -> Response:
+        state.requests_total += 1
+        try:
+            if state.draining or status() == "draining":
+                raise ApiError(503, "draining", "the server is shutting down", headers={"Retry-After": "5"})
+            require_loaded()
+            data = schemas.parse_json_body(await read_body(request))
+            body = schemas.parse_chat(data) if chat else schemas.parse_completion(data)
+            if body.model != engine.model_id:
+                raise ApiError(404, "model_not_found", f"the model {body.model!r} is not served here; this server serves {engine.model_id!r}", param="model")
+            param = "messages" if chat else "prompt"
+            if chat:
+                tokens = await run_in_threadpool(engine.encode_chat, schemas.normalize_messages(body))
+            else:
+                tokens = await run_in_threadpool(engine.encode_text, body.prompt)
+            if not tokens:
+                raise ApiError(400, "invalid_request", f"the {param} is empty", param=param)
+            if len(tokens) > engine.max_context:
+                raise schemas.context_length_error(len(tokens), engine.max_context, param)
+            if state.draining:
+                raise ApiError(503, "draining", "the server is shutting down", headers={"Retry-After": "5"})
+            handle = engine.submit(body.generation_request(list(tokens), body.wanted_tokens))
+        except ApiError as exc:
+            state.errors_total += 1
+            return _error_response(exc)
+        except Exception as exc:  # noqa: BLE001 - the client gets the envelope, the log gets the details
+            state.errors_total += 1
+            log.error("internal error before generation: %s", exc.__class__.__name__, exc_info=exc)
+            return _error_response(ApiError(500, "internal_error", "internal server error"))
+        state.begin()
+        relay = _Relay(handle, engine.model_id, chat, lambda: state.draining)
+        if body.streaming:
+            stream = EventStream(relay.events(), on_close=state.end)
+            relay.on_error = lambda: setattr(stream, "error", True)
+            return stream
+        error = True
+        try:
+            response = await _until_disconnect(request.receive, relay.collect())
+            error = response.status_code >= 400
+            return response
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            if not relay.finished:
+                handle.cancel()
+            state.end(error)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, chat=False)
+
+    # -- middleware, innermost first
+    app.add_middleware(RequestGuard, api_key=api_key, max_body=settings.max_request_body_bytes)
+    if settings.cors_allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allowed_origins), allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(HostOriginGuard, settings=settings)
+    return app
+
+
+class _Relay:
+    """Turns a generation handle's chunks into OpenAI chat or text-completion objects (SPEC.md §3.3)."""
+
+    def __init__(self, handle: Any, model: str, chat: bool, draining: Callable[[], bool]):
+        self.handle = handle
+        self.model = model
+        self.chat = chat
+        self.draining = draining
+        self.id = schemas.new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.finished = False
+        self.on_error: Callable[[], None] = lambda: None
+
+    def _failure(self, chunk: GenerationChunk | None) -> ApiError:
+        if self.draining():
+            return ApiError(503, "draining", (chunk and chunk.error) or "the server is shutting down")
+        if chunk is not None and chunk.finish_reason == "cancelled":
+            return ApiError(503, "cancelled", chunk.error or "the request was cancelled")
+        return ApiError(500, "internal_error", (chunk and chunk.error) or "generation ended without a result")
+
+    def _chunk(self, text: str = "", finish: str | None = None, usage: Any = None, role: bool = False) -> bytes:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            return schemas.sse(schemas.chat_chunk(self.id, self.created, self.model, delta, finish, usage))
+        return schemas.sse(schemas.completion_chunk(self.id, self.created, self.model, text, finish, usage))
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """SSE bytes: role chunk (chat), content chunks, finish chunk, usage chunk, `[DONE]`; or an error event
+        then `[DONE]`. Cancels the sequence if closed before the engine finished it."""
+        try:
+            if self.chat:
+                yield self._chunk(role=True)
+            final = None
+            async for chunk in self.handle:
+                if chunk.finish_reason is not None:
+                    final = chunk
+                    self.finished = True
+                if chunk.text:
+                    yield self._chunk(chunk.text)
+                if final is not None:
+                    break
+            self.finished = True
+            if final is None or final.finish_reason in ("error", "cancelled") or final.usage is None:
+                self.on_error()
+                yield schemas.sse(self._failure(final).envelope())
+            else:
+                yield self._chunk(finish=final.finish_reason)
+                yield self._chunk(usage=final.usage)
+            yield schemas.sse("[DONE]")
+        finally:
+            if not self.finished:
+                self.handle.cancel()
+
+    async def collect(self) -> Response:
+        """The non-streaming response, or the error envelope if the engine failed the sequence."""
+        parts: list[str] = []
+        final = None
+        async for chunk in self.handle:
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                final = chunk
+                break
+        self.finished = True
+        if final is None or final.finish_reason in ("error", "cancelled") or final.usage is None:
+            return _error_response(self._failure(final))
+        build = schemas.chat_response if self.chat else schemas.completion_response
+        return JSONResponse(build(self.id, self.created, self.model, "".join(parts), final.finish_reason, final.usage))
+
+
+# ---------------------------------------------------------------------------------------------- the process
+CANCEL_GRACE_S = 5.0  # after cancel_all, how long streams get to send their final error event
+DEATH_GRACE_S = 2.0  # after the generation thread died, how long in-flight requests get to see their error
+WATCHDOG_INTERVAL_S = 0.25
+
+
+class _Uvicorn:  # namespace for the lazily defined uvicorn.Server subclass
+    cls: Any = None
+
+
+def _uvicorn_server_class() -> Any:
+    if _Uvicorn.cls is not None:
+        return _Uvicorn.cls
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn.Server whose signals start our drain instead of uvicorn's own shutdown, and which does not
+        re-raise the captured signal after a graceful exit (uvicorn does, which would turn exit 0 into −15)."""
+
+        runtime: "ServeRuntime"
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:  # runs on the main thread, between bytecodes
+            runtime = self.runtime
+            if sig == signal.SIGINT and runtime.shutting_down:
+                os.write(2, b"macprovider: second interrupt, exiting now\n")
+                os._exit(130)
+            if runtime.loop is None:  # not started yet: let uvicorn stop the startup
+                self.should_exit = True
+                return
+            # Only flags and a wake-up here: engine locks may be held by the interrupted code.
+            runtime.loop.call_soon_threadsafe(runtime.begin_shutdown, signal.Signals(sig).name)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                await self.runtime.on_started(self)
+
+    _Uvicorn.cls = Server
+    return Server
+
+
+class ServeRuntime:
+    """One serving process: the app under uvicorn, the engine loaded on a background thread, a watchdog on
+    the generation thread, and the drain on SIGTERM/SIGINT (SPEC.md §3.1).
+
+    Exit codes from `run()`: 0 after a signal-initiated drain, 1 when loading failed, the generation
+    thread died, or the address could not be bound. `started` is set once the socket listens (`port` is
+    then the bound port; settings.port 0 picks a free one).
+    """
+
+    def __init__(self, engine: EngineProtocol, settings: Settings, api_key: str | None, *, load: bool = True):
+        import threading
+
+        import uvicorn
+
+        self.engine = engine
+        self.settings = settings
+        self.app = create_app(engine, settings, api_key)
+        self.state: ServerState = self.app.state.macprovider
+        self.load_on_start = load
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: int | None = None
+        self.started = threading.Event()
+        self.shutting_down = False
+        self.loaded = False
+        self.exit_code = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        config = uvicorn.Config(
+            self.app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=settings.log_level == "debug",
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=int(CANCEL_GRACE_S),
+            timeout_keep_alive=5,
+        )
+        self.server = _uvicorn_server_class()(config)
+        self.server.runtime = self
+
+    # -- entry
+    def run(self) -> int:
+        """Serve until shut down; the exit code."""
+        try:
+            self.server.run()
+        except SystemExit as exc:  # uvicorn exits on a bind failure after logging the OSError
+            log.error("cannot listen on %s:%s", self.settings.host, self.settings.port)
+            return 1
+        return self.exit_code
+
+    def request_shutdown(self, reason: str = "shutdown requested") -> None:
+        """Start the drain from any thread (what SIGTERM does)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.begin_shutdown, reason)
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    # -- lifecycle (event loop)
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def on_started(self, server: Any) -> None:
+        import threading
+
+        self.loop = asyncio.get_running_loop()
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+        self._spawn(self._watchdog())
+        if self.load_on_start and hasattr(self.engine, "load"):
+            log.info("loading model %s", self.engine.model_id)
+            threading.Thread(target=self._load, name="macprovider-load", daemon=True).start()
+        else:
+            self._on_loaded(None)
+        self.started.set()
+
+    def _load(self) -> None:
+        error: BaseException | None = None
+        try:
+            self.engine.load()  # type: ignore[attr-defined]
+        except BaseException as exc:  # noqa: BLE001 - reported on the loop
+            error = exc
+        try:
+            assert self.loop is not None
+            self.loop.call_soon_threadsafe(self._on_loaded, error)
+        except RuntimeError:  # the loop already closed: we are exiting anyway
+            pass
+
+    def _on_loaded(self, error: BaseException | None) -> None:
+        if error is not None:
+            from macprovider.errors import MacproviderError
+
+            detail = str(error) if isinstance(error, MacproviderError) else f"{error.__class__.__name__}: {error}"
+            log.error("cannot load model %s: %s", self.engine.model_id, detail.splitlines()[0] if detail else "")
+            self.state.load_failed = True
+            self.exit_code = 1
+            self.server.should_exit = True
+            return
+        self.loaded = True
+        if not self.shutting_down:
+            log.info(
+                "ready: serving %s at %s (max_batch=%d, max_context=%d, kv_bits=%s)",
+                self.engine.model_id, self.url, self.engine.max_batch, self.engine.max_context, self.engine.kv_bits,
+            )
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.state.idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def begin_shutdown(self, reason: str) -> None:
+        """Stop admitting (503 `draining`), then drain: wait ≤ drain_timeout_s, cancel the rest, exit."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.state.draining = True
+        log.info("%s: draining, %d request(s) in flight (up to %g s)", reason, self.state.in_flight, self.settings.drain_timeout_s)
+        try:
+            self.engine.start_draining()
+        except Exception as exc:  # noqa: BLE001 - the drain must go on
+            log.error("engine.start_draining failed: %s", exc.__class__.__name__)
+        self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        if not await self._wait_idle(self.settings.drain_timeout_s):
+            log.warning("drain timeout: cancelling %d request(s) still in flight", self.state.in_flight)
+            self.engine.cancel_all("server shutting down")
+            await self._wait_idle(CANCEL_GRACE_S)
+        log.info("drained; exiting")
+        self.server.should_exit = True
+
+    async def _watchdog(self) -> None:
+        while not self.server.should_exit:
+            if self.loaded and not self.engine.is_alive():
+                self.state.engine_dead = True
+                self.exit_code = 1
+                log.error("the generation thread died; exiting with status 1 so a supervisor restarts the server")
+                await self._wait_idle(DEATH_GRACE_S)
+                self.server.should_exit = True
+                return
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+
+
+def configure_logging(level: str) -> None:
+    """Log lines on stderr: `time level logger: message`, at `level` for macprovider and uvicorn."""
+    import sys
+
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("macprovider", "uvicorn"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+def run_server(plan: Any) -> int:
+    """`macprovider serve` after preflight: build the engine (cheap), listen, load in the background.
+    Returns the process exit code (0 after a drain, 1 on load failure / engine death / bind failure)."""
+    from macprovider.engine import Engine
+
+    configure_logging(plan.settings.log_level)
+    engine = Engine(plan)
+    runtime = ServeRuntime(engine, plan.settings, plan.api_key)
+    try:
+        return runtime.run()
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
