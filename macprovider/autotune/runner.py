@@ -116,7 +116,7 @@ class Progress:
             self.console.print(
                 f"[stage {trial.stage}] {trial.model} kv_bits={kv} max_batch={trial.knobs.max_batch} "
                 f"max_context={trial.knobs.max_context}: {tps}, ttft p95 {ttft} -> {verdict}",
-                markup=False, highlight=False,
+                markup=False, highlight=False, soft_wrap=True,
             )
 
 

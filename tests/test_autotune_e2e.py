@@ -1,0 +1,243 @@
+"""autotune end to end: real `macprovider serve` children on tiny local models of different sizes (§5).
+
+Models (session fixture, all head_dim 64): small (hidden 64, 2 layers), big (hidden 128, 4 layers,
+intermediate 1024), huge (hidden 128, 4 layers, intermediate 8192) and a copy of small whose weights blob is
+truncated. `--target-context 256` and one Stage 2 replicate keep each provider start to a few seconds.
+
+A shared development machine may run other engineers' `macprovider serve` processes; the CLI runs here use a
+wrapper that hides foreground servers from the conflict check, except the conflict test, which uses the real
+detection (and only ever drains its own server).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from macprovider.autotune import conflict, memory
+from macprovider.autotune.preflight import parse_inputs
+from macprovider.autotune.provider import port_is_listening
+from macprovider.autotune.runner import Deps, run
+from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+SPECS = {
+    "e2e/small": TinyModelSpec(hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=128),
+    "e2e/big": TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=4, intermediate_size=1024),
+    "e2e/huge": TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=4, intermediate_size=8192),
+}
+NO_FOREGROUND = (
+    "import sys; from macprovider.autotune import conflict; "
+    "conflict.find_foreground_servers = lambda exclude_pids=None: []; "
+    "from macprovider.cli import main; sys.argv[0] = 'macprovider'; main()"
+)
+
+
+@pytest.fixture(scope="session")
+def e2e_models(hf_home, tmp_path_factory) -> dict[str, Path]:
+    """Install the tiny models in the session Hub cache; returns id -> snapshot dir (plus a truncated copy)."""
+    out = {}
+    for repo, spec in SPECS.items():
+        src = build_model_files(tmp_path_factory.mktemp(repo.split("/")[1]), spec)
+        out[repo] = install_in_hub_cache(src, repo, hf_home / "hub")
+    src = build_model_files(tmp_path_factory.mktemp("trunc"), SPECS["e2e/small"])
+    snap = install_in_hub_cache(src, "e2e/truncated", hf_home / "hub")
+    blob = (snap / "model.safetensors").resolve()
+    blob.write_bytes(blob.read_bytes()[:-4096])
+    out["e2e/truncated"] = snap
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def budget_between(models, fits: str, too_big: str) -> str:
+    """A --memory-budget-gb that admits `fits` but not `too_big` at target context 256."""
+    def est(repo):
+        config = json.loads((models[repo] / "config.json").read_text())
+        return memory.estimate(models[repo], config, max_context=256, max_batch=2, kv_bits=None, budget=0).total
+    low, high = est(fits), est(too_big)
+    assert low < high
+    return f"{(low + high) / 2 / memory.GIB:.6f}"
+
+
+def autotune_cli(tmp_path, *args, timeout=170):
+    argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
+            "--target-context", "256", "--stage2-replicates", "1", "--port", str(free_port()), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def db_rows(tmp_path, sql):
+    db = sqlite3.connect(tmp_path / "at.sqlite")
+    db.row_factory = sqlite3.Row
+    return db.execute(sql).fetchall()
+
+
+def test_biggest_feasible_under_the_memory_budget_then_knobs_then_apply(tmp_path, e2e_models):
+    config = tmp_path / "config.yaml"
+    config.write_text("# keep me\nport: 9000\n")
+    budget = budget_between(e2e_models, "e2e/big", "e2e/huge")
+    result = autotune_cli(
+        tmp_path, "--candidate-models", "e2e/huge,e2e/big,e2e/small", "--memory-budget-gb", budget,
+        "--kv-bits-axis", "unset", "--max-batch-axis", "1,2", "--json", "--apply", "--config", str(config),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    rec = report["recommendation"]
+    assert rec["model"] == "e2e/big" and report["alternates"] == ["e2e/small"]
+    assert report["infeasible"][0]["model"] == "e2e/huge"
+    assert report["infeasible"][0]["reason"].startswith("memory estimate")
+    assert rec["tps_median"] > 0 and rec["ttft_p95_ms"] > 0 and rec["replicates"] == 1
+    assert report["exit_reason"] == "ok" and report["recipe_hash"].startswith("sha256:")
+    trials = db_rows(tmp_path, "SELECT * FROM tune_trials ORDER BY id")
+    assert [(t["stage"], t["model"]) for t in trials] == [(1, "e2e/huge"), (1, "e2e/big"), (2, "e2e/big"), (2, "e2e/big")]
+    assert trials[0]["fits"] == 0 and trials[0]["memory_estimate_bytes"] > 0
+    assert all(t["memory_estimate_bytes"] > 0 for t in trials[1:])
+    assert trials[1]["measured_prompt_tokens"] is not None and trials[1]["measured_prompt_tokens"] <= 256
+    assert sum(t["kept"] for t in trials) == 1 and [t["kept"] for t in trials if t["stage"] == 1] == [0, 0]
+    assert yaml.safe_load(config.read_text()) == {
+        "port": 9000, "model": "e2e/big", "max_concurrency_override": rec["knobs"]["max_concurrency_override"],
+        "max_context_override": 256}
+    assert config.read_text().startswith("# keep me\nport: 9000\n")
+    assert "applied: model=e2e/big" in result.stdout
+
+
+def test_operator_order_is_honoured(tmp_path, e2e_models):
+    result = autotune_cli(tmp_path, "--candidate-models", "e2e/small,e2e/big", "--kv-bits-axis", "8",
+                          "--max-batch-axis", "1", "-v")
+    assert result.returncode == 0, result.stderr
+    assert "model:           e2e/small" in result.stdout and "  - e2e/big" in result.stdout
+    models = [r["model"] for r in db_rows(tmp_path, "SELECT model FROM tune_trials")]
+    assert "e2e/big" not in models
+    assert "[stage 2] e2e/small kv_bits=8" in result.stderr
+
+
+def test_truncated_safetensors_aborts_with_integrity_failure(tmp_path, e2e_models):
+    result = autotune_cli(tmp_path, "--candidate-models", "e2e/truncated,e2e/small", "--json")
+    assert result.returncode == 1
+    assert '"exit_reason": "pre_warm_integrity_failure"' in result.stdout
+    trials = db_rows(tmp_path, "SELECT model, notes FROM tune_trials")
+    assert [t["model"] for t in trials] == ["e2e/truncated"]
+    assert "integrity" in trials[0]["notes"] and "model.safetensors" in trials[0]["notes"]
+
+
+def test_all_infeasible_lists_smallest_first(tmp_path, e2e_models):
+    budget = budget_between(e2e_models, "e2e/small", "e2e/big")
+    result = autotune_cli(tmp_path, "--candidate-models", "e2e/huge,e2e/big,e2e/small", "--memory-budget-gb", budget,
+                          "--gate-ttft-ms", "0.001", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    assert report["exit_reason"] == "no_feasible" and report["recommendation"] is None
+    assert [i["model"] for i in report["infeasible"]] == ["e2e/small", "e2e/big", "e2e/huge"]
+    assert "ttft p95" in report["infeasible"][0]["reason"]
+    assert "NO RECOMMENDATION" in result.stdout and "--target-context" in result.stdout
+
+
+def test_max_duration_is_enforced_inside_a_slow_trial(tmp_path, e2e_models):
+    port = free_port()
+    argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
+            "--target-context", "256", "--candidate-models", "e2e/small", "--port", str(port), "--max-duration", "1.5"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "budget_exhausted_no_model_selected" in result.stdout
+    assert not port_is_listening(port)
+    assert db_rows(tmp_path, "SELECT exit_reason FROM tune_runs")[0][0] == "budget_exhausted_no_model_selected"
+
+
+def _serve_children(pid: int) -> list[psutil.Process]:
+    try:
+        return [c for c in psutil.Process(pid).children(recursive=True) if "serve" in (c.cmdline() or [])]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_sigint_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, e2e_models):
+    port = free_port()
+    argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
+            "--target-context", "256", "--candidate-models", "e2e/small", "--port", str(port), "--drain-grace", "5"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not port_is_listening(port):  # the candidate provider is up: a trial is in flight
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        children = _serve_children(proc.pid)
+        assert children
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in out
+    assert not port_is_listening(port)
+    assert all(not c.is_running() or c.status() == psutil.STATUS_ZOMBIE for c in children)
+    trials = db_rows(tmp_path, "SELECT model, fits, notes FROM tune_trials")
+    assert [(t["model"], t["fits"]) for t in trials] == [("e2e/small", 0)] and "interrupted" in trials[0]["notes"]
+    assert db_rows(tmp_path, "SELECT exit_reason, ended_at_utc FROM tune_runs")[0][0] == "interrupted"
+    # the next run opens the database normally
+    again = autotune_cli(tmp_path, "--candidate-models", "e2e/small", "--dry-run")
+    assert again.returncode == 0
+
+
+@pytest.fixture
+def foreground_serve(e2e_models, tmp_path):
+    """A real `macprovider serve` started detached (not our child), like an operator's terminal would."""
+    port = free_port()
+    log = tmp_path / "fg.log"
+    cmd = (f"'{sys.executable}' -m macprovider serve --model e2e/small --port {port} --max-context 512 "
+           f">'{log}' 2>&1 & echo $!")
+    pid = int(subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=True).stdout.strip())
+    deadline = time.monotonic() + 90
+    while not port_is_listening(port):
+        assert psutil.pid_exists(pid) and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    yield pid, port
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["cmdline"] and str(port) in p.info["cmdline"] and "serve" in p.info["cmdline"]:
+            p.kill()
+
+
+def test_conflict_with_a_foreground_serve_refuses_then_drains_and_restarts(tmp_path, e2e_models, foreground_serve):
+    pid, fg_port = foreground_serve
+    refused = subprocess.run(
+        [sys.executable, "-m", "macprovider", "autotune", "--db-path", str(tmp_path / "at.sqlite"),
+         "--candidate-models", "e2e/small", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode == 1
+    assert f"foreground-PID-{pid}" in refused.stderr and "rerun with --drain" in refused.stderr
+    assert "provider_conflict" in refused.stdout and psutil.pid_exists(pid)
+
+    def only_mine(port, restart):  # never drain other people's servers on a shared machine
+        found = conflict.detect(port, restart_foreground=restart)
+        found.foreground = [s for s in found.foreground if s.pid == pid]
+        return found
+
+    inputs = parse_inputs({"db_path": str(tmp_path / "at.sqlite"), "candidate_models": "e2e/small",
+                           "target_context": "256", "stage2_replicates": "1", "kv_bits_axis": "unset",
+                           "max_batch_axis": "1", "port": str(free_port()), "drain": True,
+                           "restart_foreground": True, "drain_grace": "10"})
+    outcome = run(inputs, Deps(detect_conflicts=only_mine, out=io.StringIO(), err=io.StringIO()))
+    assert outcome.exit_reason == "ok"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    deadline = time.monotonic() + 90
+    while not port_is_listening(fg_port):  # restarted with its original argv
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
