@@ -576,7 +576,10 @@ class ServeRuntime:
     def request_shutdown(self, reason: str = "shutdown requested") -> None:
         """Start the drain from any thread (what SIGTERM does)."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.begin_shutdown, reason)
+            try:
+                self.loop.call_soon_threadsafe(self.begin_shutdown, reason)
+            except RuntimeError:  # the loop is closed: already shut down
+                pass
 
     @property
     def url(self) -> str:
@@ -688,12 +691,6 @@ def run_server(plan: Any) -> int:
     configure_logging(plan.settings.log_level)
     engine = Engine(plan)
     runtime = ServeRuntime(engine, plan.settings, plan.api_key)
-    try:
-        return runtime.run()
-    finally:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
+    # The engine's generation thread is a daemon and is left to the interpreter's exit: joining it first
+    # (Engine.close) makes MLX abort the process at exit ("terminate called without an active exception").
+    return runtime.run()
