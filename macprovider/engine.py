@@ -176,7 +176,7 @@ class Engine:
             max_tokens=max_tokens,
             sampler=self._sampler(request),
             logits_processors=self._logits_processors(request),
-            output=OutputText(self.tokenizer.detokenizer, self._hidden_ids, tuple(request.stop)),
+            output=OutputText(self.tokenizer.detokenizer, self._hidden_ids, tuple(request.stop or ())),
         )
         self._inbox.put(("submit", sequence))
         return handle

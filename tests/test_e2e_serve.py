@@ -174,8 +174,7 @@ def _stream_windows(server: ServeProcess, count: int, max_tokens: int) -> list[t
             model=server.model,
             messages=[{"role": "user", "content": f"Stream {i}: tell me a long story about the sea"}],
             max_tokens=max_tokens,
-            temperature=0.8,
-            seed=i,
+            temperature=0,
             stream=True,
         )
         for chunk in stream:
@@ -188,7 +187,7 @@ def _stream_windows(server: ServeProcess, count: int, max_tokens: int) -> list[t
 
 
 def test_max_batch_decodes_streams_together(server, serial_server):
-    windows = _stream_windows(server, 4, 40)
+    windows = _stream_windows(server, 4, 120)
     latest_start = max(start for start, _ in windows)
     earliest_end = min(end for _, end in windows)
     assert latest_start < earliest_end  # all four were decoding at the same moment
@@ -201,7 +200,7 @@ def test_max_batch_decodes_streams_together(server, serial_server):
 
 
 def test_queue_full_answers_429_with_retry_after(serial_server):
-    body = {"model": serial_server.model, "messages": MESSAGES, "max_tokens": 400, "temperature": 1.0, "stream": True}
+    body = {"model": serial_server.model, "messages": MESSAGES, "max_tokens": 450, "temperature": 0, "stream": True}
     with httpx.Client(base_url=serial_server.base, timeout=30) as http:
         streams = [http.stream("POST", "/v1/chat/completions", json=body) for _ in range(3)]
         responses = [s.__enter__() for s in streams]  # 1 decoding + 2 queued (queue depth 2 × max-batch)
@@ -220,10 +219,11 @@ def test_queue_full_answers_429_with_retry_after(serial_server):
 
 
 def test_client_disconnect_frees_the_slot_within_a_second(server):
-    body = {"model": server.model, "messages": MESSAGES, "max_tokens": 450, "temperature": 1.0, "stream": True}
+    body = {"model": server.model, "messages": MESSAGES, "max_tokens": 450, "temperature": 0, "stream": True}
     with httpx.Client(base_url=server.base, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            for line in response.iter_lines():
+            lines = response.iter_lines()  # kept referenced: closing the generator would close the stream
+            for line in lines:
                 if line.startswith("data: {"):
                     choices = json.loads(line[6:]).get("choices") or [{}]
                     if (choices[0].get("delta") or {}).get("content"):
@@ -260,8 +260,8 @@ def test_kv_bits_shrink_health_kv_bytes_and_keep_batching(serve_factory, kv_bits
         peaks.append(max(before, target.health()["engine"]["peak_kv_cache_bytes"]))
     assert quantized.health()["capacity"]["kv_bits"] == int(kv_bits)
     assert peaks[1] <= limit * peaks[0]
-    windows = _stream_windows(quantized, 3, 30)
-    assert max(s for s, _ in windows) < min(e for _, e in windows)  # batching stays on under kv-bits
+    _stream_windows(quantized, 3, 30)
+    assert quantized.health()["engine"]["peak_active_sequences"] == 3  # batching stays on under kv-bits
 
 
 def test_sigterm_drains_and_exits_zero(serve_factory):

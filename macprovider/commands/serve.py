@@ -43,4 +43,14 @@ def serve(
         plan = plan_serve(resolved)
     from macprovider.server import run_server
 
-    raise typer.Exit(run_server(plan))
+    code = run_server(plan)
+    # MLX's C++ runtime aborts in static destructors ("terminate called without an active exception")
+    # when the interpreter finalizes with the generation thread's streams alive. Everything is drained
+    # and flushed at this point, so leave without running them: the exit status stays truthful.
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
