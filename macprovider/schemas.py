@@ -363,5 +363,5 @@ def prometheus_text(health: dict[str, Any]) -> str:
     for name, kind, help_text, value in rows:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
-        lines.append(f'{name}{{model="{model}",status="{health["status"]}"}} 1' if value is None else f"{name} {value}")
+        lines.append(f'{name}{{model="{model}"}} 1' if value is None else f"{name} {value}")
     return "\n".join(lines) + "\n"

@@ -21,6 +21,13 @@ def served():
         yield server
 
 
+@pytest.fixture(scope="module")
+def shared():
+    """One server for the many read-only parametrized cases (each must leave the engine untouched)."""
+    with serving() as server:
+        yield server
+
+
 def _error(response: httpx.Response, status: int, code: str, param: str | None = "<any>") -> dict:
     assert response.status_code == status, response.text
     body = response.json()
@@ -233,11 +240,11 @@ M = [{"role": "user", "content": "hi"}]
         ({"model": "m", "messages": M, "user": 7}, "user"),
     ],
 )
-def test_invalid_chat_requests_name_the_param(served, body, param):
+def test_invalid_chat_requests_name_the_param(shared, body, param):
     if body.get("model") == "m":
-        body = {**body, "model": served.engine.model_id}
-    _error(httpx.post(served.base + "/v1/chat/completions", json=body), 400, "invalid_request", param)
-    assert served.engine.submitted == []
+        body = {**body, "model": shared.engine.model_id}
+    _error(httpx.post(shared.base + "/v1/chat/completions", json=body), 400, "invalid_request", param)
+    assert shared.engine.submitted == []
 
 
 @pytest.mark.parametrize(
@@ -254,9 +261,10 @@ def test_invalid_chat_requests_name_the_param(served, body, param):
         ({"prompt": ""}, "prompt"),
     ],
 )
-def test_invalid_completion_requests_name_the_param(served, extra, param):
-    body = {"model": served.engine.model_id, **extra}
-    _error(httpx.post(served.base + "/v1/completions", json=body), 400, "invalid_request", param)
+def test_invalid_completion_requests_name_the_param(shared, extra, param):
+    body = {"model": shared.engine.model_id, **extra}
+    _error(httpx.post(shared.base + "/v1/completions", json=body), 400, "invalid_request", param)
+    assert shared.engine.submitted == []
 
 
 def test_unknown_fields_and_accepted_features_pass(served):
@@ -279,15 +287,15 @@ def test_unknown_fields_and_accepted_features_pass(served):
         (b'{"model": ' + b'{"a": ' * 500 + b"1" + b"}" * 500 + b"}", "invalid_request"),  # parses, wrong type
     ],
 )
-def test_hostile_bodies(served, raw, code):
-    response = httpx.post(served.base + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+def test_hostile_bodies(shared, raw, code):
+    response = httpx.post(shared.base + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     _error(response, 400, code)
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
-def test_wrong_content_type_is_415(served, content_type):
+def test_wrong_content_type_is_415(shared, content_type):
     headers = {"content-type": content_type} if content_type else {}
-    response = httpx.post(served.base + "/v1/chat/completions", content=json.dumps(chat_body(served.engine)), headers=headers)
+    response = httpx.post(shared.base + "/v1/chat/completions", content=json.dumps(chat_body(shared.engine)), headers=headers)
     _error(response, 415, "unsupported_media_type")
 
 
@@ -395,7 +403,7 @@ def test_metrics_is_prometheus_text(served):
     for name in samples:
         base = name.split("{")[0]
         assert f"# HELP {base} " in response.text and f"# TYPE {base} " in response.text
-    assert f'macprovider_info{{model="{served.engine.model_id}",status="ready"}} 1' in lines
+    assert f'macprovider_info{{model="{served.engine.model_id}"}} 1' in lines
 
 
 def test_docs_routes_are_disabled(served):
@@ -423,14 +431,14 @@ def test_api_key_rules():
 
 
 @pytest.mark.parametrize("host", ["localhost", "localhost:8080", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:8080", "LOCALHOST:9"])
-def test_loopback_host_headers_are_accepted(served, host):
-    assert httpx.get(served.base + "/v1/models", headers={"host": host}).status_code == 200
+def test_loopback_host_headers_are_accepted(shared, host):
+    assert httpx.get(shared.base + "/v1/models", headers={"host": host}).status_code == 200
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", "localhost.evil", "10.0.0.1", "[::2]"])
-def test_other_host_headers_are_403_on_a_loopback_bind(served, host):
-    _error(httpx.get(served.base + "/v1/models", headers={"host": host}), 403, "forbidden_host")
-    _error(httpx.get(served.base + "/v1/health", headers={"host": host}), 403, "forbidden_host")
+def test_other_host_headers_are_403_on_a_loopback_bind(shared, host):
+    _error(httpx.get(shared.base + "/v1/models", headers={"host": host}), 403, "forbidden_host")
+    _error(httpx.get(shared.base + "/v1/health", headers={"host": host}), 403, "forbidden_host")
 
 
 def test_missing_host_header_is_403(served):
