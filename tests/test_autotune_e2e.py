@@ -167,7 +167,8 @@ def _serve_children(pid: int) -> list[psutil.Process]:
         return []
 
 
-def test_sigint_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, e2e_models):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, e2e_models, sig):
     port = free_port()
     argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
             "--target-context", "256", "--candidate-models", "e2e/small", "--port", str(port), "--drain-grace", "5"]
@@ -179,7 +180,7 @@ def test_sigint_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
             time.sleep(0.1)
         children = _serve_children(proc.pid)
         assert children
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -118,3 +118,11 @@ def test_uncached_model_offline_is_transient(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
     with pytest.raises(PrewarmTransient, match="HF_HUB_OFFLINE"):
         prewarm("org/not-here")
+
+
+def test_unreachable_hub_is_transient(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(PrewarmTransient, match="cannot reach"):
+        prewarm("org/absent")

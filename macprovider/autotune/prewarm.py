@@ -8,8 +8,9 @@ Two failure classes, decided by checking rather than by matching error text:
   truncated or malformed safetensors header, a missing `config.json` / tokenizer / weight file — the run
   aborts with `pre_warm_integrity_failure`.
 
-Note: `macprovider models verify` (macprovider/models.py) checks the same blob hashes; the two could share
-`verify_snapshot` once both have landed.
+Downloads go through `macprovider.model_cache.pull_model` (the code of `models pull`). `verify_snapshot`
+hashes blobs like `model_cache.verify_model` does and adds what pre-warm also needs (safetensors headers
+against file lengths, required files); the hashing could move into `model_cache` and be shared.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab
 
 class PrewarmTransient(Exception):
     """The model could not be fetched for a reason that may go away (network, Hub, disk, gated)."""
+
+
+class PrewarmUnusable(Exception):
+    """The repo can never serve (absent, not an MLX model): infeasible, but not an integrity abort."""
 
 
 class PrewarmIntegrity(Exception):
@@ -115,8 +120,8 @@ def prewarm(model: str) -> Path:
     """Return the verified local directory of `model`, downloading it first if it is not cached.
 
     A local directory is only verified. A Hub id already complete in the cache is not downloaded again;
-    otherwise `huggingface_hub.snapshot_download` fetches it (as `models pull`). Raises PrewarmTransient
-    or PrewarmIntegrity.
+    otherwise `model_cache.pull_model` fetches it (exactly `macprovider models pull`). Raises PrewarmTransient,
+    PrewarmUnusable or PrewarmIntegrity.
     """
     from macprovider import models
 
@@ -128,18 +133,20 @@ def prewarm(model: str) -> Path:
     if path is not None and (path / "config.json").is_file() and _weights_complete(path):
         verify_snapshot(path)
         return path
-    from huggingface_hub import snapshot_download
-
     if models.hub_offline():
         state = "incomplete in" if path is not None else "not in"
         raise PrewarmTransient(f"{state} the local cache and HF_HUB_OFFLINE is set")
+    from macprovider.model_cache import PullError, pull_model
+
     try:
-        path = Path(
-            snapshot_download(model, cache_dir=str(models.hub_cache_dir()), allow_patterns=models.ALLOW_PATTERNS)
-        )
+        path = pull_model(model)  # what `macprovider models pull` does (resumable snapshot_download)
     except KeyboardInterrupt:
         raise
-    except Exception as exc:  # noqa: BLE001 - every download failure is transient by definition (§5.5)
+    except PullError as exc:
+        if exc.transient:
+            raise PrewarmTransient(str(exc)) from None
+        raise PrewarmUnusable(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - any other download failure is transient by definition (§5.5)
         raise PrewarmTransient(_classify(exc)) from None
     verify_snapshot(path)
     return path

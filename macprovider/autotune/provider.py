@@ -103,9 +103,13 @@ def serve_argv(
 
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a candidate: ours without MACPROVIDER_* (the trial's flags are the only knobs)."""
+    """The environment of a candidate: ours without MACPROVIDER_* (the trial's flags are the only knobs),
+    offline for the Hub."""
     base = dict(os.environ if base is None else base)
-    return {k: v for k, v in base.items() if not k.startswith("MACPROVIDER_")}
+    env = {k: v for k, v in base.items() if not k.startswith("MACPROVIDER_")}
+    # Pre-warm already put the files in the cache: a candidate never opens a network connection (§5.3).
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    return env
 
 
 class CandidateProvider:

@@ -138,7 +138,7 @@ class RealEvaluator:
 
     def __call__(self, model: str, knobs: Knobs, stage: int) -> Trial:
         from macprovider.autotune import probe
-        from macprovider.autotune.prewarm import PrewarmIntegrity, PrewarmTransient, prewarm
+        from macprovider.autotune.prewarm import PrewarmIntegrity, PrewarmTransient, PrewarmUnusable, prewarm
         from macprovider.models import read_model_config
 
         inputs = self.inputs
@@ -149,6 +149,8 @@ class RealEvaluator:
             path = self._paths.get(model) or prewarm(model)
         except PrewarmTransient as exc:
             return replace(base, notes=f"pre-warm transient: {exc}", failure_class="transient")
+        except PrewarmUnusable as exc:
+            return replace(base, notes=f"pre-warm failed: {exc}", failure_class="infeasible")
         except PrewarmIntegrity as exc:
             return replace(base, notes=f"pre-warm integrity failure: {exc}", failure_class="integrity")
         except KeyboardInterrupt:
@@ -191,12 +193,13 @@ class RealEvaluator:
                 died = None if provider.alive() else provider.proc.returncode if provider.proc else None
                 tail = provider.stderr_tail(lines=3)
         except ProviderExited as exc:
+            hint = " (killed by a signal: out of memory?)" if (exc.returncode or 0) < 0 else ""
             return replace(
-                base, notes=f"provider exited with code {exc.returncode} while loading (out of memory?): {exc.stderr_tail}",
+                base, notes=f"provider exited with code {exc.returncode} while loading{hint}: {exc.stderr_tail}",
                 failure_class="infeasible",
             )
         except ProviderTimeout as exc:
-            return replace(base, notes=f"load timeout: {exc}", failure_class="transient")
+            return replace(base, notes=f"pre-warm transient: load timeout: {exc}", failure_class="transient")
         except DeadlineReached as exc:
             raise BudgetExhausted(replace(base, notes=f"budget exhausted: {exc}")) from None
         except KeyboardInterrupt:
