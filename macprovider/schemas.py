@@ -155,7 +155,7 @@ class ChatCompletionRequest(_Sampling):
             raise _unsupported("functions", "functions (function calling) are not supported by this provider")
         if self.function_call is not None and self.function_call != "none":
             raise _unsupported("function_call", "function_call must be \"none\": functions are not supported")
-        if self.response_format is not None and self.response_format != {"type": "text"}:
+        if self.response_format is not None and self.response_format.get("type") != "text":
             raise _unsupported("response_format", "only response_format {\"type\": \"text\"} is supported")
         if self.logprobs:
             raise _unsupported("logprobs", "logprobs are not supported")

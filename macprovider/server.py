@@ -370,7 +370,8 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             response = await _until_disconnect(request.receive, relay.collect())
             error = response.status_code >= 400
             return response
-        except _ClientGone:
+        except _ClientGone:  # nobody will read this; the sequence is cancelled below
+            error = False
             return Response(status_code=499)
         finally:
             if not relay.finished:
