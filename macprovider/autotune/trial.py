@@ -1,0 +1,166 @@
+"""One trial for real, and the progress display (SPEC.md §5.3–§5.6, §5.9).
+
+`RealEvaluator(model, knobs, stage) -> Trial`: pre-warm (download + integrity check) → memory pre-check
+(rejects hopeless candidates from safetensors headers, without loading) → a `macprovider serve` child with
+the trial's knobs → the probe workload → a feasibility verdict. `Progress` is the rich display on stderr and
+the `-v` per-trial lines.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from macprovider.autotune import memory
+from macprovider.autotune.preflight import AutotuneInputs
+from macprovider.autotune.provider import CandidateProvider, Deadline, DeadlineReached, ProviderExited, ProviderTimeout
+from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial
+
+
+class Progress:
+    """A rich progress display on stderr while the run goes, and `-v` per-trial lines."""
+
+    def __init__(self, err: TextIO, verbose: bool, total_hint: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress as RichProgress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = Console(file=err, stderr=err is sys.stderr)
+        self.verbose = verbose
+        self.progress = RichProgress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=self.console, transient=True,
+        )
+        self.task = self.progress.add_task("autotune", total=total_hint)
+
+    def __enter__(self) -> "Progress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def started(self, model: str, knobs: Knobs, stage: int) -> None:
+        kv = "unset" if knobs.kv_bits is None else knobs.kv_bits
+        self.progress.update(
+            self.task,
+            description=f"stage {stage}: {model} kv_bits={kv} max_batch={knobs.max_batch} max_context={knobs.max_context}",
+        )
+
+    def ended(self, trial: Trial) -> None:
+        self.progress.advance(self.task)
+        if self.verbose:
+            kv = "unset" if trial.knobs.kv_bits is None else trial.knobs.kv_bits
+            tps = f"{trial.throughput_tps:.1f} tok/s" if trial.throughput_tps is not None else "- tok/s"
+            ttft = f"{trial.ttft_p95_ms:.0f} ms" if trial.ttft_p95_ms is not None else "- ms"
+            verdict = "feasible" if trial.fits else f"infeasible: {trial.notes}"
+            self.console.print(
+                f"[stage {trial.stage}] {trial.model} kv_bits={kv} max_batch={trial.knobs.max_batch} "
+                f"max_context={trial.knobs.max_context}: {tps}, ttft p95 {ttft} -> {verdict}",
+                markup=False, highlight=False, soft_wrap=True,
+            )
+
+
+class RealEvaluator:
+    """Trial = pre-warm → memory pre-check → `macprovider serve` child → probe (SPEC.md §5.4–§5.6)."""
+
+    def __init__(self, inputs: AutotuneInputs, deadline: Deadline, budget: Callable[[], int]) -> None:
+        self.inputs = inputs
+        self.deadline = deadline
+        self._budget_fn = budget
+        self._budget: int | None = inputs.memory_budget_bytes
+        self._paths: dict[str, Path] = {}
+        self._workloads: dict[str, Any] = {}
+
+    def budget(self) -> int:
+        if self._budget is None:
+            self._budget = int(self._budget_fn())
+        return self._budget
+
+    def __call__(self, model: str, knobs: Knobs, stage: int) -> Trial:
+        from macprovider.autotune import probe
+        from macprovider.autotune.prewarm import PrewarmIntegrity, PrewarmTransient, PrewarmUnusable, prewarm
+        from macprovider.models import read_model_config
+
+        inputs = self.inputs
+        base = Trial(stage, model, inputs.target_context, knobs, probe.MAX_TOKENS, fits=False)
+        if self.deadline.expired:
+            raise BudgetExhausted(replace(base, notes="--max-duration ran out before this trial started"))
+        try:
+            path = self._paths.get(model) or prewarm(model)
+        except PrewarmTransient as exc:
+            return replace(base, notes=f"pre-warm transient: {exc}", failure_class="transient")
+        except PrewarmUnusable as exc:
+            return replace(base, notes=f"pre-warm failed: {exc}", failure_class="infeasible")
+        except PrewarmIntegrity as exc:
+            return replace(base, notes=f"pre-warm integrity failure: {exc}", failure_class="integrity")
+        except KeyboardInterrupt:
+            raise Interrupted(replace(base, notes="interrupted during pre-warm")) from None
+        self._paths[model] = path
+
+        estimate = None
+        try:
+            estimate = memory.estimate(
+                path, read_model_config(path), max_context=knobs.max_context, max_batch=knobs.max_batch,
+                kv_bits=knobs.kv_bits, budget=self.budget(),
+            )
+        except (ValueError, KeyError, OSError, TypeError):
+            estimate = None  # cannot estimate: measure instead of guessing
+        est_fields: dict[str, Any] = {}
+        if estimate is not None:
+            est_fields = {"memory_estimate_bytes": estimate.total, "weights_bytes": estimate.weights}
+            if not estimate.fits:
+                return replace(base, notes=estimate.note(), failure_class="infeasible", **est_fields)
+        base = replace(base, **est_fields)
+
+        try:
+            workload = self._workloads.get(model) or probe.Workload(path, inputs.target_context)
+        except ValueError as exc:
+            return replace(base, notes=f"cannot build the probe prompt: {exc}", failure_class="infeasible")
+        self._workloads[model] = workload
+
+        provider = CandidateProvider(
+            model, inputs.port, max_batch=knobs.max_batch, max_context=knobs.max_context, kv_bits=knobs.kv_bits,
+            drain_grace=inputs.drain_grace_s, deadline=self.deadline,
+        )
+        replicates = inputs.stage1_replicates if stage == 1 else inputs.stage2_replicates
+        try:
+            with provider:
+                provider.wait_ready()
+                m = probe.measure(
+                    provider.base_url, model, workload, max_batch=knobs.max_batch, replicates=replicates,
+                    gate_ttft_ms=inputs.gate_ttft_ms, deadline=self.deadline, seed=stage * 1000,
+                )
+                died = None if provider.alive() else provider.proc.returncode if provider.proc else None
+                tail = provider.stderr_tail(lines=3)
+        except ProviderExited as exc:
+            hint = " (killed by a signal: out of memory?)" if (exc.returncode or 0) < 0 else ""
+            return replace(
+                base, notes=f"provider exited with code {exc.returncode} while loading{hint}: {exc.stderr_tail}",
+                failure_class="infeasible",
+            )
+        except ProviderTimeout as exc:
+            return replace(base, notes=f"pre-warm transient: load timeout: {exc}", failure_class="transient")
+        except DeadlineReached as exc:
+            raise BudgetExhausted(replace(base, notes=f"budget exhausted: {exc}")) from None
+        except KeyboardInterrupt:
+            raise Interrupted(replace(base, notes="interrupted")) from None
+
+        fits, reason = probe.judge(m, inputs.gate_ttft_ms, replicates * knobs.max_batch)
+        if died is not None:
+            fits, reason = False, f"provider exited with code {died} during the probe: {tail}"
+        elif m.errors and tail:
+            reason = f"{reason} (provider stderr: {tail})"
+        return replace(
+            base,
+            fits=fits,
+            notes=reason,
+            failure_class="none" if fits else "infeasible",
+            measured_prompt_tokens=m.prompt_tokens,
+            throughput_tps=m.tps_median,
+            ttft_p95_ms=m.ttft_p95_ms,
+            n_err=len(m.errors),
+            replicates_n=m.replicates,
+            peak_memory_bytes=m.peak_memory_bytes,
+        )
