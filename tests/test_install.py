@@ -67,6 +67,7 @@ def fake_tool(bin_dir: Path, name: str, script: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+@pytest.mark.install
 def test_install_sh_fresh_home_then_second_run_changes_nothing(tmp_path):
     src = checkout_copy(tmp_path)
     env = environment(tmp_path)
