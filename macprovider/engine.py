@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from macprovider.engine_types import EngineStats, GenerationChunk, GenerationRequest
+from macprovider.engine_types import EngineStats, GenerationChunk, GenerationRequest, TokenLogprob
 from macprovider.errors import ApiError, ModelError
 from macprovider.preflight import ServePlan
 from macprovider.sequence import OutputText, SequenceHandle, SequenceState
@@ -175,8 +175,9 @@ class Engine:
             prompt=prompt,
             max_tokens=max_tokens,
             sampler=self._sampler(request),
-            logits_processors=self._logits_processors(request),
+            logits_processors=self._logits_processors(request) + self._grammar_processors(request),
             output=OutputText(self.tokenizer.detokenizer, self._hidden_ids, tuple(request.stop or ())),
+            top_logprobs=request.top_logprobs,
         )
         self._inbox.put(("submit", sequence))
         return handle
@@ -227,6 +228,13 @@ class Engine:
                 sampler = self._samplers[key] = make_sampler(temp=request.temperature, top_p=request.top_p)
         return sampler
 
+    def _grammar_processors(self, request: GenerationRequest) -> list[Any]:
+        if request.grammar is None:
+            return []
+        from macprovider.structured import GrammarProcessor
+
+        return [GrammarProcessor(self._grammar_tokenizers, request.grammar)]
+
     @staticmethod
     def _logits_processors(request: GenerationRequest) -> list[Any]:
         if not request.presence_penalty and not request.frequency_penalty:
@@ -276,6 +284,10 @@ class Engine:
         self._hidden_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or []) | frozenset(end_ids)
         self._greedy = greedy_sampler
         self._samplers: dict[tuple[float, float], Any] = {}
+        self._token_texts: dict[int, str] = {}  # token id -> decoded text, for logprobs (generation thread)
+        from macprovider.structured import TokenizerCache
+
+        self._grammar_tokenizers = TokenizerCache(getattr(tokenizer, "_tokenizer", tokenizer), sorted(end_ids))
         self._make_cache = make_cache_factory(model, self.kv_bits, group_size)
         self._stop_sequences = make_stop_sequences(tokenizer)
         self._prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=max(self.prompt_cache_bytes, 0))
@@ -382,6 +394,7 @@ class Engine:
         with self._lock:
             self._counters["generated_tokens"] += 1
         finish = response.finish_reason
+        logprobs: tuple[TokenLogprob, ...] = ()
         if finish == "stop":  # an end-of-turn token: never rendered
             text = sequence.output.finish(release_held=False)
         else:
@@ -389,12 +402,36 @@ class Engine:
             text = sequence.output.add(response.token)
             if finish == "length" or sequence.output.stopped:
                 text += sequence.output.finish(release_held=not sequence.output.stopped)
-        if text:
-            sequence.handle.deliver(GenerationChunk(text=text))
+            if sequence.top_logprobs is not None:
+                logprobs = (self._token_logprob(response.token, response.logprobs, sequence.top_logprobs),)
+        if text or logprobs:
+            sequence.handle.deliver(GenerationChunk(text=text, logprobs=logprobs))
         if sequence.output.stopped and finish is None:
             finish = "stop"
         if finish is not None:
             self._finish(sequence, finish, finished_by_batch=response.finish_reason is not None, response=response)
+
+    def _token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
+
+    def _token_logprob(self, token: int, logprobs: Any, top: int) -> TokenLogprob:
+        """The sampled token's log-probability and the `top` best alternatives, from BatchGenerator's
+        per-token log-softmax vector (shape (vocab,), natural log, after logits processors)."""
+        import mlx.core as mx
+
+        row = logprobs.reshape(-1)
+        alternatives: tuple[tuple[str, float], ...] = ()
+        if top > 0:
+            k = min(top, row.shape[0])
+            ids = mx.argpartition(-row, kth=k - 1)[:k]
+            values = row[ids]
+            order = mx.argsort(-values)
+            ids_list, values_list = ids[order].tolist(), values[order].tolist()
+            alternatives = tuple((self._token_text(i), float(v)) for i, v in zip(ids_list, values_list))
+        return TokenLogprob(self._token_text(token), float(row[token].item()), alternatives)
 
     def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None) -> None:
         """End a sequence: leave the batch (saving its KV for prefix reuse), send the final chunk."""

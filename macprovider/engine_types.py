@@ -30,6 +30,9 @@ class GenerationRequest:
     temperature: 0 = greedy; top_p in (0, 1]; penalties in [−2, 2] (OpenAI semantics).
     stop: up to 4 strings; generation ends before them and they are not returned.
     seed: per-request sampling seed, or None.
+    top_logprobs: None = no log-probabilities; 0–20 = each generated token's log-probability plus that many
+        most likely alternatives (OpenAI `logprobs`/`top_logprobs`), delivered in `GenerationChunk.logprobs`.
+    grammar: None, or an llguidance grammar (`structured.grammar_for`) the output is constrained to.
     """
 
     prompt_tokens: Sequence[int]
@@ -40,6 +43,18 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    top_logprobs: int | None = None
+    grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its natural-log probability under the model's distribution (before
+    temperature/top-p), and the `top` most likely tokens at that step as (token text, logprob), best first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,12 +91,15 @@ class Usage:
 @dataclass(frozen=True)
 class GenerationChunk:
     """A piece of output. `text` may be empty. The last chunk of a sequence has `finish_reason` and
-    `usage` set; `finish_reason == "error"` carries `error` (a message safe to show a client)."""
+    `usage` set; `finish_reason == "error"` carries `error` (a message safe to show a client).
+    `logprobs`: the tokens generated since the previous chunk, when the request asked for log-probabilities
+    (their text may lag `text` by the tokens held back for stop strings)."""
 
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class GenerationHandle(Protocol):

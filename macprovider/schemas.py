@@ -2,25 +2,26 @@
 
 Requests are validated by strict pydantic models (a string is not a number, `true` is not an integer,
 every integer and float has both bounds). Unknown fields are ignored, but a *known* feature this provider
-does not implement (`n > 1`, `tools`, `logprobs`, a JSON `response_format`, `suffix`, `echo`, …) is refused
+does not implement (`n > 1`, `tools`, a non-JSON `response_format`, `suffix`, `echo`, …) is refused
 with 400 naming the parameter, never silently dropped (`unsupported_features`).
 
     parse_json_body(bytes) -> dict             400 invalid_json / invalid_request (not an object)
     parse_chat(dict) -> ChatCompletionRequest  400 invalid_request, `param` = dotted path (`messages.0.role`)
     normalize_messages(request) -> [{"role", "content"}]   text parts joined, ready for the chat template
     chat_response / chat_chunk / completion_response / completion_chunk -> dicts for JSON / SSE
+    chat_logprobs / completion_logprobs -> OpenAI `logprobs` objects from `TokenLogprob`s
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from macprovider.engine_types import GenerationRequest, Usage
+from macprovider.engine_types import GenerationRequest, TokenLogprob, Usage
 from macprovider.errors import ApiError
 
 # Bounds of request integers (SPEC.md §3.5: every integer has a lower and an upper bound).
@@ -128,7 +129,19 @@ class _Sampling(_Strict):
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=self.stop,
             seed=None if self.seed is None else self.seed % 2**64,
+            top_logprobs=self.wanted_logprobs,
+            grammar=self.grammar,
         )
+
+    @property
+    def grammar(self) -> str | None:
+        """The llguidance grammar the output must follow, or None."""
+        return None
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        """None = no log-probabilities; else how many alternatives per token (0–20)."""
+        return None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -155,15 +168,23 @@ class ChatCompletionRequest(_Sampling):
             raise _unsupported("functions", "functions (function calling) are not supported by this provider")
         if self.function_call is not None and self.function_call != "none":
             raise _unsupported("function_call", "function_call must be \"none\": functions are not supported")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise _unsupported("response_format", "only response_format {\"type\": \"text\"} is supported")
-        if self.logprobs:
-            raise _unsupported("logprobs", "logprobs are not supported")
-        if self.top_logprobs:
-            raise _unsupported("top_logprobs", "top_logprobs are not supported")
+        _ = self.grammar  # 400 for a bad response_format
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _unsupported("top_logprobs", "top_logprobs requires logprobs: true")
         for index, message in enumerate(self.messages):
             if message.content is None and message.role != "assistant":
                 raise ApiError(400, "invalid_request", f"a {message.role} message needs content", param=f"messages.{index}.content")
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def grammar(self) -> str | None:
+        """`response_format` as an llguidance grammar (None for text); ApiError 400 if it is bad."""
+        from macprovider.structured import grammar_for
+
+        return grammar_for(self.response_format)
 
     @property
     def wanted_tokens(self) -> int | None:
@@ -196,8 +217,10 @@ class CompletionRequest(_Sampling):
             raise _unsupported("echo", "echo is not supported")
         if self.best_of is not None and self.best_of > 1:
             raise _unsupported("best_of", "best_of must be 1")
-        if self.logprobs:
-            raise _unsupported("logprobs", "logprobs are not supported")
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def wanted_tokens(self) -> int | None:
@@ -284,7 +307,36 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def chat_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI chat `choices[].logprobs`: `{"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": null}`."""
+
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI legacy completion `choices[].logprobs`: parallel lists `tokens`, `token_logprobs`,
+    `top_logprobs` (one {token: logprob} dict per token) and `text_offset` (characters, from `offset`)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [dict(e.top) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Non-streaming `chat.completion` object."""
     return {
         "id": request_id,
@@ -292,43 +344,43 @@ def chat_response(request_id: str, created: int, model: str, text: str, finish_r
         "created": created,
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": logprobs}
         ],
         "usage": usage.to_openai(),
     }
 
 
-def chat_chunk(request_id: str, created: int, model: str, delta: dict[str, Any] | None = None, finish_reason: str | None = None, usage: Usage | None = None) -> dict[str, Any]:
+def chat_chunk(request_id: str, created: int, model: str, delta: dict[str, Any] | None = None, finish_reason: str | None = None, usage: Usage | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One `chat.completion.chunk`: a delta (with `finish_reason`), or with `usage` the final `choices: []` chunk."""
     chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if usage is not None:
         chunk["choices"] = []
         chunk["usage"] = usage.to_openai()
     else:
-        chunk["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}]
+        chunk["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": logprobs}]
     return chunk
 
 
-def completion_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+def completion_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Non-streaming `text_completion` object."""
     return {
         "id": request_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
         "usage": usage.to_openai(),
     }
 
 
-def completion_chunk(request_id: str, created: int, model: str, text: str = "", finish_reason: str | None = None, usage: Usage | None = None) -> dict[str, Any]:
+def completion_chunk(request_id: str, created: int, model: str, text: str = "", finish_reason: str | None = None, usage: Usage | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One streamed `text_completion` chunk (or, with `usage`, the final `choices: []` chunk)."""
     chunk: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     if usage is not None:
         chunk["choices"] = []
         chunk["usage"] = usage.to_openai()
     else:
-        chunk["choices"] = [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+        chunk["choices"] = [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]
     return chunk
 
 

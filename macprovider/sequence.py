@@ -139,6 +139,7 @@ class SequenceState:
     completion_tokens: int = 0
     decode_started_at: float | None = None
     last_token_at: float | None = None
+    top_logprobs: int | None = None
 
     def usage(self) -> Usage:
         """Usage for the final chunk; decode time runs from entering the decode batch to the last token."""

@@ -1,0 +1,249 @@
+"""The process lifecycle of `macprovider serve` (SPEC.md §3.1): the app under uvicorn, the model loaded on a
+background thread, a watchdog on the generation thread, and the drain on SIGTERM/SIGINT.
+
+    ServeRuntime(engine, settings, api_key).run() -> int  uvicorn + background load + watchdog + drain
+    configure_logging(level)                              stderr log lines for macprovider and uvicorn
+    run_server(plan) -> int                               what `macprovider serve` calls (exit code)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable
+
+from macprovider.config import Settings
+from macprovider.engine_types import EngineProtocol
+from macprovider.server import ServerState, create_app
+
+log = logging.getLogger("macprovider.server")
+
+CANCEL_GRACE_S = 5.0  # after cancel_all, how long streams get to send their final error event
+DEATH_GRACE_S = 2.0  # after the generation thread died, how long in-flight requests get to see their error
+WATCHDOG_INTERVAL_S = 0.25
+
+
+class _Uvicorn:  # namespace for the lazily defined uvicorn.Server subclass
+    cls: Any = None
+
+
+def _uvicorn_server_class() -> Any:
+    if _Uvicorn.cls is not None:
+        return _Uvicorn.cls
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn.Server whose signals start our drain instead of uvicorn's own shutdown, and which does not
+        re-raise the captured signal after a graceful exit (uvicorn does, which would turn exit 0 into −15)."""
+
+        runtime: "ServeRuntime"
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:  # runs on the main thread, between bytecodes
+            runtime = self.runtime
+            if sig == signal.SIGINT and runtime.shutting_down:
+                os.write(2, b"macprovider: second interrupt, exiting now\n")
+                os._exit(130)
+            if runtime.loop is None:  # not started yet: let uvicorn stop the startup
+                self.should_exit = True
+                return
+            # Only flags and a wake-up here: engine locks may be held by the interrupted code.
+            runtime.loop.call_soon_threadsafe(runtime.begin_shutdown, signal.Signals(sig).name)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                await self.runtime.on_started(self)
+
+    _Uvicorn.cls = Server
+    return Server
+
+
+class ServeRuntime:
+    """One serving process: the app under uvicorn, the engine loaded on a background thread, a watchdog on
+    the generation thread, and the drain on SIGTERM/SIGINT (SPEC.md §3.1).
+
+    Exit codes from `run()`: 0 after a signal-initiated drain, 1 when loading failed, the generation
+    thread died, or the address could not be bound. `started` is set once the socket listens (`port` is
+    then the bound port; settings.port 0 picks a free one).
+    """
+
+    def __init__(self, engine: EngineProtocol, settings: Settings, api_key: str | None, *, load: bool = True):
+        import threading
+
+        import uvicorn
+
+        self.engine = engine
+        self.settings = settings
+        self.app = create_app(engine, settings, api_key)
+        self.state: ServerState = self.app.state.macprovider
+        self.load_on_start = load
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: int | None = None
+        self.started = threading.Event()
+        self.shutting_down = False
+        self.loaded = False
+        self.exit_code = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        config = uvicorn.Config(
+            self.app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=settings.log_level == "debug",
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=int(CANCEL_GRACE_S),
+            timeout_keep_alive=5,
+        )
+        self.server = _uvicorn_server_class()(config)
+        self.server.runtime = self
+
+    # -- entry
+    def run(self) -> int:
+        """Serve until shut down; the exit code."""
+        try:
+            self.server.run()
+        except SystemExit as exc:  # uvicorn exits on a bind failure after logging the OSError
+            log.error("cannot listen on %s:%s", self.settings.host, self.settings.port)
+            return 1
+        return self.exit_code
+
+    def request_shutdown(self, reason: str = "shutdown requested") -> None:
+        """Start the drain from any thread (what SIGTERM does)."""
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self.begin_shutdown, reason)
+            except RuntimeError:  # the loop is closed: already shut down
+                pass
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    # -- lifecycle (event loop)
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def on_started(self, server: Any) -> None:
+        import threading
+
+        self.loop = asyncio.get_running_loop()
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+        self._spawn(self._watchdog())
+        if self.load_on_start and hasattr(self.engine, "load"):
+            log.info("loading model %s", self.engine.model_id)
+            threading.Thread(target=self._load, name="macprovider-load", daemon=True).start()
+        else:
+            self._on_loaded(None)
+        self.started.set()
+
+    def _load(self) -> None:
+        error: BaseException | None = None
+        try:
+            self.engine.load()  # type: ignore[attr-defined]
+        except BaseException as exc:  # noqa: BLE001 - reported on the loop
+            error = exc
+        try:
+            assert self.loop is not None
+            self.loop.call_soon_threadsafe(self._on_loaded, error)
+        except RuntimeError:  # the loop already closed: we are exiting anyway
+            pass
+
+    def _on_loaded(self, error: BaseException | None) -> None:
+        if error is not None:
+            from macprovider.errors import MacproviderError
+
+            detail = str(error) if isinstance(error, MacproviderError) else f"{error.__class__.__name__}: {error}"
+            log.error("cannot load model %s: %s", self.engine.model_id, detail.splitlines()[0] if detail else "")
+            self.state.load_failed = True
+            self.exit_code = 1
+            self.server.should_exit = True
+            return
+        self.loaded = True
+        if not self.shutting_down:
+            log.info(
+                "ready: serving %s at %s (max_batch=%d, max_context=%d, kv_bits=%s)",
+                self.engine.model_id, self.url, self.engine.max_batch, self.engine.max_context, self.engine.kv_bits,
+            )
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.state.idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def begin_shutdown(self, reason: str) -> None:
+        """Stop admitting (503 `draining`), then drain: wait ≤ drain_timeout_s, cancel the rest, exit."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.state.draining = True
+        log.info("%s: draining, %d request(s) in flight (up to %g s)", reason, self.state.in_flight, self.settings.drain_timeout_s)
+        try:
+            self.engine.start_draining()
+        except Exception as exc:  # noqa: BLE001 - the drain must go on
+            log.error("engine.start_draining failed: %s", exc.__class__.__name__)
+        self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        if not await self._wait_idle(self.settings.drain_timeout_s):
+            log.warning("drain timeout: cancelling %d request(s) still in flight", self.state.in_flight)
+            self.engine.cancel_all("server shutting down")
+            await self._wait_idle(CANCEL_GRACE_S)
+        log.info("drained; exiting")
+        self.server.should_exit = True
+
+    async def _watchdog(self) -> None:
+        while not self.server.should_exit:
+            if self.loaded and not self.engine.is_alive():
+                self.state.engine_dead = True
+                self.exit_code = 1
+                log.error("the generation thread died; exiting with status 1 so a supervisor restarts the server")
+                await self._wait_idle(DEATH_GRACE_S)
+                self.server.should_exit = True
+                return
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+
+
+def configure_logging(level: str) -> None:
+    """Log lines on stderr: `time level logger: message`, at `level` for macprovider and uvicorn."""
+    import sys
+
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("macprovider", "uvicorn"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+def run_server(plan: Any) -> int:
+    """`macprovider serve` after preflight: build the engine (cheap), listen, load in the background.
+    Returns the process exit code (0 after a drain, 1 on load failure / engine death / bind failure)."""
+    from macprovider.engine import Engine
+
+    configure_logging(plan.settings.log_level)
+    engine = Engine(plan)
+    runtime = ServeRuntime(engine, plan.settings, plan.api_key)
+    # The engine's generation thread is a daemon and is left to the interpreter's exit: joining it first
+    # (Engine.close) makes MLX abort the process at exit ("terminate called without an active exception").
+    return runtime.run()
