@@ -158,6 +158,8 @@ class Engine:
             )
         if not prompt:
             raise ApiError(400, "invalid_request", "the prompt is empty", param="messages")
+        if request.grammar is not None and not self._grammar_ok:
+            raise ApiError(400, "invalid_request", "this model's tokenizer does not support response_format (constrained decoding needs a fast tokenizer)", param="response_format")
         with self._lock:
             if not internal and self._admitted >= self.max_batch + self.queue_depth:
                 raise ApiError(
@@ -287,7 +289,9 @@ class Engine:
         self._token_texts: dict[int, str] = {}  # token id -> decoded text, for logprobs (generation thread)
         from macprovider.structured import TokenizerCache
 
-        self._grammar_tokenizers = TokenizerCache(getattr(tokenizer, "_tokenizer", tokenizer), sorted(end_ids))
+        hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+        self._grammar_ok = bool(getattr(hf_tokenizer, "is_fast", False))  # llguidance.hf needs a fast tokenizer
+        self._grammar_tokenizers = TokenizerCache(hf_tokenizer, sorted(end_ids))
         self._make_cache = make_cache_factory(model, self.kv_bits, group_size)
         self._stop_sequences = make_stop_sequences(tokenizer)
         self._prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=max(self.prompt_cache_bytes, 0))

@@ -74,12 +74,14 @@ def main() -> None:
     prompt = engine.encode_chat([{"role": "user", "content": "List a few things about the sea as JSON"}])
     half = args.batch // 2
     asyncio.run(run(engine, prompt, 1, 1, 8, grammar))  # warm-up (builds the llguidance tokenizer)
-    free_a, free_b, constrained_b = [], [], []
+    free_a, free_b, constrained_b, constrained_tokens = [], [], [], []
     for _ in range(args.repeats):
         for is_c, ms, _n in asyncio.run(run(engine, prompt, args.batch, 0, args.tokens, grammar)):
             free_a.append(ms)
-        for is_c, ms, _n in asyncio.run(run(engine, prompt, args.batch - half, half, args.tokens, grammar)):
+        for is_c, ms, n in asyncio.run(run(engine, prompt, args.batch - half, half, args.tokens, grammar)):
             (constrained_b if is_c else free_b).append(ms)
+            if is_c:
+                constrained_tokens.append(n)
     engine.close()
     a, fb, cb = statistics.median(free_a), statistics.median(free_b), statistics.median(constrained_b)
     print(json.dumps({
@@ -87,7 +89,9 @@ def main() -> None:
         "A_unconstrained_ms_per_token": round(a, 3),
         "B_unconstrained_ms_per_token": round(fb, 3),
         "B_constrained_ms_per_token": round(cb, 3),
+        "B_constrained_tokens_median": statistics.median(constrained_tokens),
         "ratio_constrained_vs_A": round(cb / a, 3),
+        "ratio_B_unconstrained_vs_A": round(fb / a, 3),
         "target_ratio": 1.5,
     }, indent=2))
 

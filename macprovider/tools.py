@@ -1,0 +1,154 @@
+"""Building blocks for OpenAI tool calling (issue "Agents can use it", item 1). NOT wired into the HTTP
+layer yet: `tools` / `tool_choice` other than "none" are still refused with 400 by `schemas.py`.
+
+    check_tools(tools, tool_choice) -> (tools, choice)   ApiError 400 naming `tools.N...` / `tool_choice`
+    tool_call_grammar(tools, choice, start, end) -> str  llguidance grammar forcing one well-formed call
+    ToolCallSplitter(start, end, parse)                  streamed text -> content text + parsed calls
+
+The markup (`start`/`end`, e.g. "<tool_call>" / "</tool_call>") and `parse` come from mlx-lm's per-model
+tool parsers (`TokenizerWrapper.tool_call_start`, `.tool_call_end`, `.tool_parser`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any, Callable
+
+from macprovider.errors import ApiError
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI function-name rule
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message, param=param)
+
+
+def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]], Any]:
+    """Validate OpenAI `tools` and `tool_choice`; returns (tools, choice) where choice is "auto", "none",
+    "required" or a function name (str, for `{"type": "function", "function": {"name": ...}}`).
+    Raises ApiError 400 naming the first bad field (`tools.0.function.name`, `tool_choice`, …)."""
+    tools = tools or []
+    if not isinstance(tools, list):
+        raise _bad("tools", "tools must be a list")
+    names = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise _bad(f"tools.{i}.type", 'each tool needs type "function"')
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _bad(f"tools.{i}.function", "each tool needs a function object")
+        name = function.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise _bad(f"tools.{i}.function.name", "function name must be 1-64 of a-z, A-Z, 0-9, _ and -")
+        if name in names:
+            raise _bad(f"tools.{i}.function.name", f"duplicate function name {name!r}")
+        names.append(name)
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise _bad(f"tools.{i}.function.parameters", "parameters must be a JSON schema object")
+    if tool_choice is None:
+        return tools, "auto" if tools else "none"
+    if tool_choice in ("auto", "none", "required"):
+        if tool_choice == "required" and not tools:
+            raise _bad("tool_choice", 'tool_choice "required" needs tools')
+        return tools, tool_choice
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name")
+        if name not in names:
+            raise _bad("tool_choice", f"tool_choice names function {name!r}, which is not in tools")
+        return tools, name
+    raise _bad("tool_choice", 'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], choice: str, start: str, end: str) -> str:
+    """llguidance Lark grammar: `start` + one JSON object {"name": <a tool (or `choice`)>, "arguments":
+    <that tool's parameters schema>} + `end` (the Hermes/Qwen `<tool_call>` JSON format, mlx-lm's
+    `json_tools` parser). Raises ApiError 400 (`tools`) if a parameters schema cannot be compiled."""
+    from llguidance import LLMatcher
+
+    variants = []
+    for tool in tools:
+        function = tool["function"]
+        if choice not in ("required", "auto") and function["name"] != choice:
+            continue
+        variants.append({
+            "type": "object",
+            "properties": {"name": {"const": function["name"]}, "arguments": function.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        })
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    grammar = f"start: {json.dumps(start)} call {json.dumps(end)}\ncall: %json {json.dumps(schema)}\n"
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(LLMatcher.grammar_from_lark(grammar))
+    if is_error:
+        raise _bad("tools", f"a tool's parameters schema cannot be used: {messages[0]}")
+    return LLMatcher.grammar_from_lark(grammar)
+
+
+class ToolCallSplitter:
+    """Splits streamed model text into client `content` and tool calls, so markup never reaches `content`.
+
+    start/end: the model's tool-call markup; parse(text, tools) -> {"name", "arguments"} (mlx-lm parser).
+    `feed(text)` returns (content, calls) safe to send now: text that might be the beginning of `start` is
+    held back; a call is returned once its `end` arrived. `finish()` flushes (an unterminated call is
+    parsed if it can be, else dropped). Calls are OpenAI-shaped: {"id", "type": "function",
+    "function": {"name", "arguments": <JSON string>}}.
+    """
+
+    def __init__(self, start: str, end: str, parse: Callable[[str, Any], dict[str, Any]], tools: Any = None):
+        self.start, self.end, self.parse, self.tools = start, end, parse, tools
+        self._buffer = ""
+        self._in_call = False
+        self.calls = 0
+
+    def _call(self, body: str) -> dict[str, Any] | None:
+        try:
+            parsed = self.parse(body, self.tools)
+        except Exception:  # noqa: BLE001 - a malformed call is dropped, never shown as content
+            return None
+        arguments = parsed.get("arguments", {})
+        self.calls += 1
+        return {
+            "id": f"call_{secrets.token_hex(12)}",
+            "type": "function",
+            "function": {"name": parsed.get("name", ""), "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)},
+        }
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        self._buffer += text
+        content, calls = "", []
+        while True:
+            if self._in_call:
+                at = self._buffer.find(self.end)
+                if at < 0:
+                    return content, calls
+                call = self._call(self._buffer[:at])
+                if call is not None:
+                    calls.append(call)
+                self._buffer = self._buffer[at + len(self.end):]
+                self._in_call = False
+                continue
+            at = self._buffer.find(self.start)
+            if at >= 0:
+                content += self._buffer[:at]
+                self._buffer = self._buffer[at + len(self.start):]
+                self._in_call = True
+                continue
+            keep = 0  # longest suffix of the buffer that is a prefix of `start`
+            for n in range(min(len(self.start) - 1, len(self._buffer)), 0, -1):
+                if self.start.startswith(self._buffer[-n:]):
+                    keep = n
+                    break
+            content += self._buffer[: len(self._buffer) - keep]
+            self._buffer = self._buffer[len(self._buffer) - keep:]
+            return content, calls
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        rest, self._buffer = self._buffer, ""
+        if self._in_call:
+            self._in_call = False
+            call = self._call(rest)
+            return "", [call] if call is not None else []
+        return rest, []
