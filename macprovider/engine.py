@@ -109,13 +109,17 @@ class Engine:
         return self._thread.is_alive() or self._stopping
 
     # ------------------------------------------------------------------ protocol: text
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Chat template (with generation prompt) → token ids. Raises ApiError 400 when the template fails."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Chat template (with generation prompt, and `tools` when given) → token ids. Raises ApiError 400
+        when the template fails, or for `tools` when the model has no tool-call support in mlx-lm."""
         tokenizer = self._require_tokenizer()
+        if tools and not (tokenizer.has_chat_template and tokenizer.has_tool_calling):
+            raise ApiError(400, "invalid_request", "this model's chat template does not support tools", param="tools")
         try:
             with self._tokenizer_lock:
                 if tokenizer.has_chat_template:
-                    tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                    extra = {"tools": tools} if tools else {}
+                    tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
                 else:
                     from mlx_lm.server import convert_chat
 
@@ -123,6 +127,14 @@ class Engine:
         except Exception as exc:  # jinja raises for e.g. roles the template does not accept
             raise ApiError(400, "invalid_request", f"the model's chat template rejected the messages: {_describe(exc)}", param="messages") from None
         return list(tokens)
+
+    @property
+    def tool_markup(self) -> tuple[str, str, Any] | None:
+        """(tool_call_start, tool_call_end, parse) from mlx-lm's tool parser of this model, or None."""
+        tokenizer = self.tokenizer
+        if tokenizer is None or not tokenizer.has_tool_calling:
+            return None
+        return tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser
 
     def encode_text(self, prompt: str) -> list[int]:
         """Plain prompt → token ids (no special tokens added beyond the tokenizer's defaults)."""

@@ -2,7 +2,7 @@
 
 Requests are validated by strict pydantic models (a string is not a number, `true` is not an integer,
 every integer and float has both bounds). Unknown fields are ignored, but a *known* feature this provider
-does not implement (`n > 1`, `tools`, a non-JSON `response_format`, `suffix`, `echo`, …) is refused
+does not implement (`n > 1`, `functions`, a non-JSON `response_format`, `suffix`, `echo`, …) is refused
 with 400 naming the parameter, never silently dropped (`unsupported_features`).
 
     parse_json_body(bytes) -> dict             400 invalid_json / invalid_request (not an object)
@@ -45,6 +45,9 @@ class ChatMessage(_Strict):
 
     role: Role
     content: Any = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -160,10 +163,9 @@ class ChatCompletionRequest(_Sampling):
     def check_supported(self) -> None:
         """Raise ApiError 400 naming the first requested feature this provider does not implement."""
         self._common_unsupported()
-        if self.tools:
-            raise _unsupported("tools", "tools (function calling) are not supported by this provider")
-        if self.tool_choice is not None and self.tool_choice != "none":
-            raise _unsupported("tool_choice", "tool_choice must be \"none\": tools are not supported")
+        tools, choice = self.tool_spec
+        if choice not in ("auto", "none") and self.response_format is not None and self.response_format.get("type") != "text":
+            raise _unsupported("response_format", "response_format cannot be combined with a forced tool_choice")
         if self.functions:
             raise _unsupported("functions", "functions (function calling) are not supported by this provider")
         if self.function_call is not None and self.function_call != "none":
@@ -178,6 +180,13 @@ class ChatCompletionRequest(_Sampling):
     @property
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def tool_spec(self) -> tuple[list[dict[str, Any]], str]:
+        """(tools, choice): choice is "auto", "none", "required" or a function name; ApiError 400 if bad."""
+        from macprovider.tools import check_tools
+
+        return check_tools(self.tools, self.tool_choice)
 
     @property
     def grammar(self) -> str | None:
@@ -279,9 +288,31 @@ def parse_completion(data: dict[str, Any]) -> CompletionRequest:
     return request
 
 
-def normalize_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages for the chat template: `{"role", "content"}` with text parts joined (null content → "")."""
-    return [{"role": message.role, "content": message.content or ""} for message in request.messages]
+def normalize_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages for the chat template: `{"role", "content"}` with text parts joined (null content → ""),
+    plus `tool_calls` (arguments decoded to objects, as chat templates expect), `tool_call_id`, `name`."""
+    out: list[dict[str, Any]] = []
+    for message in request.messages:
+        item: dict[str, Any] = {"role": message.role, "content": message.content or ""}
+        if message.tool_calls:
+            calls = []
+            for call in message.tool_calls:
+                call = dict(call) if isinstance(call, dict) else {}
+                function = dict(call.get("function") or {})
+                if isinstance(function.get("arguments"), str):
+                    try:
+                        function["arguments"] = json.loads(function["arguments"])
+                    except ValueError:
+                        pass
+                call["function"] = function
+                calls.append(call)
+            item["tool_calls"] = calls
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            item["name"] = message.name
+        out.append(item)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -336,15 +367,19 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
     }
 
 
-def chat_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Non-streaming `chat.completion` object."""
+def chat_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Non-streaming `chat.completion` object (`content` null when the answer is only tool calls)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+        message["content"] = text or None
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": logprobs}
+            {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
         ],
         "usage": usage.to_openai(),
     }

@@ -340,8 +340,19 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             if body.model != engine.model_id:
                 raise ApiError(404, "model_not_found", f"the model {body.model!r} is not served here; this server serves {engine.model_id!r}", param="model")
             param = "messages" if chat else "prompt"
+            tools, choice = body.tool_spec if chat else ([], "none")
+            splitter, grammar = None, None
+            if tools:
+                markup = getattr(engine, "tool_markup", None)
+                if markup is None:
+                    raise ApiError(400, "invalid_request", "this model's chat template does not support tools", param="tools")
+                from macprovider.tools import ToolCallSplitter, tool_call_grammar
+
+                splitter = ToolCallSplitter(markup[0], markup[1], markup[2], tools)
+                if choice not in ("auto", "none"):
+                    grammar = tool_call_grammar(tools, choice, markup[0] + "\n", "\n" + markup[1])
             if chat:
-                tokens = await run_in_threadpool(engine.encode_chat, schemas.normalize_messages(body))
+                tokens = await run_in_threadpool(engine.encode_chat, schemas.normalize_messages(body), tools or None)
             else:
                 tokens = await run_in_threadpool(engine.encode_text, body.prompt)
             if not tokens:
@@ -350,7 +361,12 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
                 raise schemas.context_length_error(len(tokens), engine.max_context, param)
             if state.draining:
                 raise ApiError(503, "draining", "the server is shutting down", headers={"Retry-After": "5"})
-            handle = engine.submit(body.generation_request(list(tokens), body.wanted_tokens))
+            generation = body.generation_request(list(tokens), body.wanted_tokens)
+            if grammar is not None:
+                import dataclasses
+
+                generation = dataclasses.replace(generation, grammar=grammar)
+            handle = engine.submit(generation)
         except ApiError as exc:
             state.errors_total += 1
             return _error_response(exc)
@@ -359,7 +375,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             log.error("internal error before generation: %s", exc.__class__.__name__, exc_info=exc)
             return _error_response(ApiError(500, "internal_error", "internal server error"))
         state.begin()
-        relay = _Relay(handle, engine.model_id, chat, lambda: state.draining)
+        relay = _Relay(handle, engine.model_id, chat, lambda: state.draining, splitter)
         if body.streaming:
             stream = EventStream(relay.events(), on_close=state.end)
             relay.on_error = lambda: setattr(stream, "error", True)
@@ -398,8 +414,10 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
 class _Relay:
     """Turns a generation handle's chunks into OpenAI chat or text-completion objects (SPEC.md §3.3)."""
 
-    def __init__(self, handle: Any, model: str, chat: bool, draining: Callable[[], bool]):
+    def __init__(self, handle: Any, model: str, chat: bool, draining: Callable[[], bool], splitter: Any = None):
         self.handle = handle
+        self.splitter = splitter  # tools.ToolCallSplitter when the request has tools
+        self.tool_calls = 0
         self.model = model
         self.chat = chat
         self.draining = draining
@@ -432,6 +450,21 @@ class _Relay:
             return schemas.sse(schemas.chat_chunk(self.id, self.created, self.model, delta, finish, usage, lp))
         return schemas.sse(schemas.completion_chunk(self.id, self.created, self.model, text, finish, usage, lp))
 
+    def _tool_chunks(self, calls: list[dict[str, Any]]) -> list[bytes]:
+        """Per call two OpenAI deltas: {index, id, type, function.name, arguments ""}, then the arguments."""
+        out = []
+        for call in calls:
+            index = self.tool_calls
+            self.tool_calls += 1
+            head = {"index": index, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+            args = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
+            for part in (head, args):
+                out.append(schemas.sse(schemas.chat_chunk(self.id, self.created, self.model, {"tool_calls": [part]})))
+        return out
+
+    def _finish_reason(self, reason: str) -> str:
+        return "tool_calls" if reason == "stop" and self.splitter is not None and self.splitter.calls else reason
+
     async def events(self) -> AsyncIterator[bytes]:
         """SSE bytes: role chunk (chat), content chunks, finish chunk, usage chunk, `[DONE]`; or an error event
         then `[DONE]`. Cancels the sequence if closed before the engine finished it."""
@@ -444,7 +477,11 @@ class _Relay:
                     final = chunk
                     self.finished = True
                 if chunk.text or chunk.logprobs:
-                    yield self._chunk(chunk.text, logprobs=chunk.logprobs)
+                    text, calls = self.splitter.feed(chunk.text) if self.splitter else (chunk.text, [])
+                    if text or chunk.logprobs:
+                        yield self._chunk(text, logprobs=chunk.logprobs)
+                    for event in self._tool_chunks(calls):
+                        yield event
                 if final is not None:
                     break
             self.finished = True
@@ -452,7 +489,13 @@ class _Relay:
                 self.on_error()
                 yield schemas.sse(self._failure(final).envelope())
             else:
-                yield self._chunk(finish=final.finish_reason)
+                if self.splitter is not None:
+                    text, calls = self.splitter.finish()
+                    if text:
+                        yield self._chunk(text)
+                    for event in self._tool_chunks(calls):
+                        yield event
+                yield self._chunk(finish=self._finish_reason(final.finish_reason))
                 yield self._chunk(usage=final.usage)
             yield schemas.sse("[DONE]")
         finally:
@@ -473,10 +516,16 @@ class _Relay:
         self.finished = True
         if final is None or final.finish_reason in ("error", "cancelled") or final.usage is None:
             return _error_response(self._failure(final))
+        text = "".join(parts)
+        if self.splitter is not None:
+            text, calls = self.splitter.feed(text)
+            rest, more = self.splitter.finish()
+            text, calls = text + rest, calls + more
+            return JSONResponse(
+                schemas.chat_response(self.id, self.created, self.model, text, self._finish_reason(final.finish_reason), final.usage, self._logprobs(entries), calls)
+            )
         build = schemas.chat_response if self.chat else schemas.completion_response
-        return JSONResponse(
-            build(self.id, self.created, self.model, "".join(parts), final.finish_reason, final.usage, self._logprobs(entries))
-        )
+        return JSONResponse(build(self.id, self.created, self.model, text, final.finish_reason, final.usage, self._logprobs(entries)))
 
 
 def run_server(plan: Any) -> int:

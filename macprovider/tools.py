@@ -1,5 +1,4 @@
-"""Building blocks for OpenAI tool calling (issue "Agents can use it", item 1). NOT wired into the HTTP
-layer yet: `tools` / `tool_choice` other than "none" are still refused with 400 by `schemas.py`.
+"""OpenAI tool calling (SPEC.md §3.3 extension, issue "Agents can use it"), used by `server.py`.
 
     check_tools(tools, tool_choice) -> (tools, choice)   ApiError 400 naming `tools.N...` / `tool_choice`
     tool_call_grammar(tools, choice, start, end) -> str  llguidance grammar forcing one well-formed call
@@ -51,8 +50,8 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]], Any
     if tool_choice is None:
         return tools, "auto" if tools else "none"
     if tool_choice in ("auto", "none", "required"):
-        if tool_choice == "required" and not tools:
-            raise _bad("tool_choice", 'tool_choice "required" needs tools')
+        if tool_choice != "none" and not tools:
+            raise _bad("tool_choice", f'tool_choice "{tool_choice}" needs tools')
         return tools, tool_choice
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
         name = (tool_choice.get("function") or {}).get("name")
@@ -79,7 +78,8 @@ def tool_call_grammar(tools: list[dict[str, Any]], choice: str, start: str, end:
             "required": ["name", "arguments"],
             "additionalProperties": False,
         })
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    schema = dict(variants[0]) if len(variants) == 1 else {"anyOf": variants}
+    schema["x-guidance"] = {"whitespace_flexible": False}  # compact JSON: no unbounded whitespace runs
     grammar = f"start: {json.dumps(start)} call {json.dumps(end)}\ncall: %json {json.dumps(schema)}\n"
     is_error, messages = LLMatcher.validate_grammar_with_warnings(LLMatcher.grammar_from_lark(grammar))
     if is_error:

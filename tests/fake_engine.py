@@ -139,7 +139,9 @@ class FakeEngine:
         self._active: list[FakeHandle] = []
 
     # -- protocol
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    tool_markup = None  # no tool-call support
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: Any = None) -> list[int]:
         self.encode_threads.add(threading.get_ident())
         self.encoded.append(messages)
         if self.encode_error is not None:
