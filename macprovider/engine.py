@@ -296,6 +296,9 @@ class Engine:
         end_ids = set(tokenizer.eos_token_ids) | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
         tokenizer.eos_token_ids = end_ids
         self._hidden_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or []) | frozenset(end_ids)
+        if getattr(tokenizer, "has_tool_calling", False):  # tool-call markup must reach the server's splitter
+            markup = set(tokenizer.tool_call_start_tokens or ()) | set(tokenizer.tool_call_end_tokens or ())
+            self._hidden_ids = self._hidden_ids - (markup - frozenset(end_ids))
         self._greedy = greedy_sampler
         self._samplers: dict[tuple[float, float], Any] = {}
         self._token_texts: dict[int, str] = {}  # token id -> decoded text, for logprobs (generation thread)

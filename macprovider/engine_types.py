@@ -151,9 +151,12 @@ class EngineProtocol(Protocol):
     max_context: int
     max_batch: int
     kv_bits: int | None
+    # Optional (read with getattr): `tool_markup` -> (tool_call_start, tool_call_end, parse(text, tools)) from
+    # mlx-lm's per-model tool parser, or None when the model cannot call tools.
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Apply the chat template (with the generation prompt) and tokenize. ApiError 400 if it fails."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Apply the chat template (with the generation prompt, and OpenAI `tools` when given) and tokenize.
+        ApiError 400 if it fails, or (param `tools`) when the model has no tool-call support."""
         ...
 
     def encode_text(self, prompt: str) -> list[int]:
