@@ -350,6 +350,8 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
 
                 splitter = ToolCallSplitter(markup[0], markup[1], markup[2], tools)
                 if choice not in ("auto", "none"):
+                    if not getattr(markup[2], "__module__", "").endswith("json_tools"):
+                        raise ApiError(400, "invalid_request", "a forced tool_choice needs a model with JSON tool-call markup (mlx-lm json_tools)", param="tool_choice")
                     grammar = tool_call_grammar(tools, choice, markup[0] + "\n", "\n" + markup[1])
             if chat:
                 tokens = await run_in_threadpool(engine.encode_chat, schemas.normalize_messages(body), tools or None)
