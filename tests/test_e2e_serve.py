@@ -187,10 +187,8 @@ def _stream_windows(server: ServeProcess, count: int, max_tokens: int) -> list[t
 
 
 def test_max_batch_decodes_streams_together(server, serial_server):
-    windows = _stream_windows(server, 4, 120)
-    latest_start = max(start for start, _ in windows)
-    earliest_end = min(end for _, end in windows)
-    assert latest_start < earliest_end  # all four were decoding at the same moment
+    _stream_windows(server, 4, 200)
+    # The engine's own count: all four sequences were in the decode batch at the same step.
     assert server.health()["engine"]["peak_active_sequences"] == 4
 
     serial = _stream_windows(serial_server, 2, 40)
