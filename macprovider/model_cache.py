@@ -185,6 +185,15 @@ def _reason(exc: BaseException) -> str:
     return f"{inner.__class__.__name__}: {text}"[:300] if text else inner.__class__.__name__
 
 
+def _unreachable(where: str, repo_id: str, exc: BaseException, retry: str) -> "PullError":
+    """The transient error for a Hub that cannot be reached (DNS, refused connection, timeout)."""
+    return PullError(
+        f"cannot reach the Hugging Face Hub at {where} to download {repo_id} ({_reason(exc)}): check the "
+        f"network (or HF_ENDPOINT), then {retry}; `macprovider models demo` works offline",
+        transient=True,
+    )
+
+
 def pull_model(
     model: str,
     *,
@@ -262,11 +271,7 @@ def pull_model(
                 f"the Hub at {where} answered HTTP {status} for {repo_id}: try again later; {retry}", transient=True
             ) from None
         if _is_connection_failure(exc):
-            raise PullError(
-                f"cannot reach the Hugging Face Hub at {where} to download {repo_id} ({_reason(exc)}): check the "
-                f"network (or HF_ENDPOINT), then {retry}; `macprovider models demo` works offline",
-                transient=True,
-            ) from None
+            raise _unreachable(where, repo_id, exc, retry) from None
         raise PullError(f"cannot download {repo_id}: {_reason(exc)}; {retry}", transient=True) from None
     except HfHubHTTPError as exc:
         status = _http_status(exc)
@@ -290,19 +295,11 @@ def pull_model(
                 transient=True,
             ) from None
         if _is_connection_failure(exc):
-            raise PullError(
-                f"cannot reach the Hugging Face Hub at {where} to download {repo_id} ({_reason(exc)}): check the "
-                f"network (or HF_ENDPOINT), then {retry}",
-                transient=True,
-            ) from None
+            raise _unreachable(where, repo_id, exc, retry) from None
         raise PullError(f"cannot download {repo_id}: {_reason(exc)}; {retry}", transient=True) from None
     except Exception as exc:  # httpx transport errors raised outside huggingface_hub's wrappers
         if _is_connection_failure(exc):
-            raise PullError(
-                f"cannot reach the Hugging Face Hub at {where} to download {repo_id} ({_reason(exc)}): check the "
-                f"network (or HF_ENDPOINT), then {retry}",
-                transient=True,
-            ) from None
+            raise _unreachable(where, repo_id, exc, retry) from None
         raise
     if not any(path.glob("model*.safetensors")):
         raise PullError(
