@@ -121,7 +121,7 @@ class ServeRuntime:
         """Serve until shut down; the exit code."""
         try:
             self.server.run()
-        except SystemExit as exc:  # uvicorn exits on a bind failure after logging the OSError
+        except SystemExit:  # uvicorn exits on a bind failure after logging the OSError
             log.error("cannot listen on %s:%s", self.settings.host, self.settings.port)
             return 1
         return self.exit_code
