@@ -11,12 +11,24 @@ installed packages, and measured with the same client code:
 
 Prints a table of ours/peer ratios and one JSON line (prefix `BENCH_JSON `). With `--kv-bits B` both
 servers quantize the KV cache (mlx_lm.server with `--quantized-kv-start 0`, which serializes requests;
-ours keeps batching). Without `--model`, tiny random-weight models are built locally (macprovider.demo):
-`tiny` (hidden 128, 2 layers) and `small` (hidden 256, 4 layers).
+ours keeps batching), and two more measurements run in the same rotation:
+
+- ours without kv-bits (`ours_full`): the single-stream decode ratio kv-bits / full precision;
+- a KV-bytes probe: a fresh `macprovider serve --max-batch 4` with and without kv-bits gets 4 concurrent
+  prompts of ~`--probe-prompt-tokens` tokens; health's `peak_kv_cache_bytes` of both are compared.
+
+Without `--model`, tiny random-weight models are built locally (macprovider.demo): `tiny` (hidden 128,
+2 layers) and `small` (hidden 256, 4 layers), in `--dtype` (float32 by default, see demo.TinyModelSpec).
 
     python scripts/bench.py                       # tiny + small, full-precision KV
     python scripts/bench.py --kv-bits 8 --models small
     python scripts/bench.py --model mlx-community/Llama-3.2-1B-Instruct-4bit   # a cached real model
+
+BLAS: on Linux the `mlx[cpu]` wheel bundles the reference (netlib) BLAS, whose sgemm makes a batch of B
+decode steps cost ~B times one step, so batching barely pays there, unlike on a Mac (Accelerate/Metal).
+Both servers inherit this process's environment, so
+`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0` (Debian `libopenblas0-pthread`) gives both an
+optimized sgemm; the JSON records `LD_PRELOAD` and the library versions.
 """
 
 from __future__ import annotations
@@ -57,7 +69,7 @@ class Server:
 
     def __init__(self, kind: str, model: str, port: int, streams: int, kv_bits: int | None, env: dict[str, str]):
         self.kind, self.port = kind, port
-        if kind == "ours":
+        if kind.startswith("ours"):
             argv = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(port), "--max-batch", str(streams), "--log-level", "warning"]
             if kv_bits:
                 argv += ["--kv-bits", str(kv_bits)]
@@ -150,7 +162,7 @@ async def measure(server: Server, model: str, streams: int, prompt_words: int, m
                     pass
                 await asyncio.sleep(0.05)
 
-        poller = asyncio.create_task(poll_health()) if server.kind == "ours" else None
+        poller = asyncio.create_task(poll_health()) if server.kind.startswith("ours") else None
         tic = time.perf_counter()
         results = await asyncio.gather(*(stream_one(client, url, model, prompt(i), max_tokens) for i in range(streams)))
         wall = time.perf_counter() - tic
@@ -158,7 +170,7 @@ async def measure(server: Server, model: str, streams: int, prompt_words: int, m
         if poller:
             await poller
         health = None
-        if server.kind == "ours":
+        if server.kind.startswith("ours"):
             health = (await client.get(f"http://127.0.0.1:{server.port}/v1/health")).json()
     ttfts = [(r["chunk_times"][0] - r["start"]) * 1000 for r in results if r["chunk_times"]]
     return {
@@ -172,12 +184,36 @@ async def measure(server: Server, model: str, streams: int, prompt_words: int, m
     }
 
 
-def build_models(hf_home: Path, names: list[str]) -> dict[str, str]:
+async def probe_kv_bytes(server: Server, model: str, prompts: int, prompt_tokens: int) -> dict:
+    """`prompts` concurrent chat requests of ~`prompt_tokens` tokens each (8 new tokens); health's peak KV
+    bytes afterwards, and the prompt tokens the server counted for each."""
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    filler = FILLER.split()
+
+    async def one(client: httpx.AsyncClient, words: int, max_tokens: int = 8, tag: int = -1) -> int:
+        text = f"Request {tag}: " + " ".join(filler[i % len(filler)] for i in range(words))
+        body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
+        response = await client.post(url, json=body)
+        response.raise_for_status()
+        return response.json()["usage"]["prompt_tokens"]
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        # Calibrate words → tokens on this tokenizer; the probe's peak must come from the concurrent prompts,
+        # so the calibration prompt is short.
+        per_word = (await one(client, 64, 1) - await one(client, 32, 1)) / 32
+        base = await one(client, 32, 1) - 32 * per_word
+        words = max(1, round((prompt_tokens - base) / per_word))
+        counted = await asyncio.gather(*(one(client, words, tag=i) for i in range(prompts)))
+        health = (await client.get(f"http://127.0.0.1:{server.port}/v1/health")).json()
+    return {"prompt_tokens": counted, "peak_kv_cache_bytes": health["engine"]["peak_kv_cache_bytes"]}
+
+
+def build_models(hf_home: Path, names: list[str], dtype: str) -> dict[str, str]:
     from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
     specs = {
-        "tiny": TinyModelSpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256),
-        "small": TinyModelSpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512, vocab_size=2048),
+        "tiny": TinyModelSpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256, dtype=dtype),
+        "small": TinyModelSpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512, vocab_size=2048, dtype=dtype),
     }
     ids = {}
     for name in names:
@@ -192,26 +228,42 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="benchmark this cached model id or local directory instead of built ones")
     parser.add_argument("--models", default="tiny,small", help="built models to run: tiny,small")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weights of built models")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams (and --max-batch of ours)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per server (medians reported)")
     parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache on both servers")
+    parser.add_argument("--probe-prompts", type=int, default=4, help="kv-bits mode: concurrent prompts of the KV-bytes probe")
+    parser.add_argument("--probe-prompt-tokens", type=int, default=600, help="kv-bits mode: tokens per probe prompt")
     args = parser.parse_args()
 
+    import mlx.core as mx
+    import mlx_lm
+
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    kinds = ("ours", "peer", "ours_full") if args.kv_bits else ("ours", "peer")
     with tempfile.TemporaryDirectory(prefix="macprovider-bench-") as tmp:
         if args.model:
             models = {args.model: args.model}
         else:
             env["HF_HOME"] = tmp
-            models = build_models(Path(tmp), [m.strip() for m in args.models.split(",") if m.strip()])
-        report = {"streams": args.streams, "max_tokens": args.max_tokens, "kv_bits": args.kv_bits, "models": {}}
+            models = build_models(Path(tmp), [m.strip() for m in args.models.split(",") if m.strip()], args.dtype)
+        report = {
+            "streams": args.streams,
+            "max_tokens": args.max_tokens,
+            "prompt_words": args.prompt_words,
+            "kv_bits": args.kv_bits,
+            "dtype": None if args.model else args.dtype,
+            "environment": {"LD_PRELOAD": os.environ.get("LD_PRELOAD"), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "cpus": os.cpu_count()},
+            "models": {},
+        }
         for name, model_id in models.items():
-            samples: dict[str, list[dict]] = {"ours": [], "peer": []}
+            samples: dict[str, list[dict]] = {kind: [] for kind in kinds}
             for round_index in range(args.rounds):
-                for kind in ("ours", "peer") if round_index % 2 == 0 else ("peer", "ours"):
-                    server = Server(kind, model_id, free_port(), args.streams, args.kv_bits, env)
+                for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
+                    bits = None if kind == "ours_full" else args.kv_bits
+                    server = Server(kind, model_id, free_port(), args.streams, bits, env)
                     try:
                         server.wait_ready(model_id)
                         samples[kind].append(asyncio.run(measure(server, model_id, args.streams, args.prompt_words, args.max_tokens, round_index)))
@@ -225,12 +277,37 @@ def main() -> int:
                 for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms")
                 if summary["peer"][key]
             }
-            report["models"][name] = {"ours": summary["ours"], "peer": summary["peer"], "ratios_ours_over_peer": ratios}
+            entry = {**summary, "ratios_ours_over_peer": ratios}
             print(f"\n== {name} ({model_id}) streams={args.streams} kv_bits={args.kv_bits or 'unset'} rounds={args.rounds}")
             print(f"{'metric':<22}{'ours':>12}{'mlx_lm.server':>16}{'ours/peer':>12}")
             for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms"):
                 print(f"{key:<22}{summary['ours'][key]:>12.1f}{summary['peer'][key]:>16.1f}{ratios.get(key, float('nan')):>12.2f}")
             print(f"health p99 (ours, during {args.streams} streams): {summary['ours']['health_p99_ms']:.1f} ms; peak KV bytes (ours): {summary['ours']['peak_kv_cache_bytes']}")
+            if args.kv_bits:
+                full = summary["ours_full"]
+                entry["kv_bits_over_full"] = {
+                    "single_decode_tps": summary["ours"]["single_decode_tps"] / full["single_decode_tps"],
+                    "aggregate_tps": summary["ours"]["aggregate_tps"] / full["aggregate_tps"],
+                }
+                probes = {}
+                for kind, bits in (("ours", args.kv_bits), ("ours_full", None)):
+                    server = Server(kind, model_id, free_port(), args.probe_prompts, bits, env)
+                    try:
+                        server.wait_ready(model_id)
+                        probes[kind] = asyncio.run(probe_kv_bytes(server, model_id, args.probe_prompts, args.probe_prompt_tokens))
+                    finally:
+                        server.stop()
+                entry["kv_bytes_probe"] = {**probes, "ratio": probes["ours"]["peak_kv_cache_bytes"] / probes["ours_full"]["peak_kv_cache_bytes"]}
+                print(
+                    f"ours kv-bits {args.kv_bits} / ours full precision: single-stream decode "
+                    f"{entry['kv_bits_over_full']['single_decode_tps']:.2f}x ({summary['ours']['single_decode_tps']:.1f} vs {full['single_decode_tps']:.1f} tok/s), "
+                    f"aggregate {entry['kv_bits_over_full']['aggregate_tps']:.2f}x"
+                )
+                print(
+                    f"KV-bytes probe ({args.probe_prompts} concurrent prompts of {probes['ours']['prompt_tokens']} tokens): "
+                    f"{probes['ours']['peak_kv_cache_bytes']} vs {probes['ours_full']['peak_kv_cache_bytes']} bytes = {entry['kv_bytes_probe']['ratio']:.2f}x"
+                )
+            report["models"][name] = entry
         print("BENCH_JSON " + json.dumps(report))
     return 0
 
