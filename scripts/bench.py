@@ -4,7 +4,8 @@
 For each model, each server is started in turn (alternating, `--rounds` times) from this environment's
 installed packages, and measured with the same client code:
 
-- single-stream decode tokens/s: one streamed greedy request; (chunks − 1) / (last − first chunk time);
+- single-stream decode tokens/s: streamed greedy requests one at a time (median of `--single-repeats`);
+  (chunks − 1) / (last − first chunk time);
 - aggregate tokens/s at N concurrent streams: total completion tokens / wall time of the N requests;
 - TTFT median / p95 over the concurrent requests (request start → first non-empty content);
 - ours only: /v1/health latency p99 while the N streams decode, and health's peak KV bytes.
@@ -140,14 +141,17 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
     return {"start": start, "chunk_times": chunk_times, "tokens": tokens, "end": time.perf_counter()}
 
 
-async def measure(server: Server, model: str, streams: int, prompt_words: int, max_tokens: int, round_index: int) -> dict:
+async def measure(server: Server, model: str, streams: int, prompt_words: int, max_tokens: int, round_index: int, single_repeats: int) -> dict:
     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
     prompt = lambda i: f"Request {round_index}-{i}. " + FILLER * max(1, prompt_words // 16)  # noqa: E731
     async with httpx.AsyncClient(timeout=600) as client:
         await stream_one(client, url, model, prompt(-1), 8)  # discarded warm-up
-        single = await stream_one(client, url, model, prompt(-2), max_tokens)
-        times = single["chunk_times"]
-        single_tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+        single_rates = []
+        for repeat in range(single_repeats):
+            times = (await stream_one(client, url, model, prompt(-2 - repeat), max_tokens))["chunk_times"]
+            if len(times) > 1:
+                single_rates.append((len(times) - 1) / (times[-1] - times[0]))
+        single_tps = statistics.median(single_rates) if single_rates else float("nan")
 
         health_latencies: list[float] = []
         done = asyncio.Event()
@@ -233,6 +237,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per server (medians reported)")
+    parser.add_argument("--single-repeats", type=int, default=3, help="single-stream requests per round (median)")
     parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache on both servers")
     parser.add_argument("--probe-prompts", type=int, default=4, help="kv-bits mode: concurrent prompts of the KV-bytes probe")
     parser.add_argument("--probe-prompt-tokens", type=int, default=600, help="kv-bits mode: tokens per probe prompt")
@@ -266,7 +271,7 @@ def main() -> int:
                     server = Server(kind, model_id, free_port(), args.streams, bits, env)
                     try:
                         server.wait_ready(model_id)
-                        samples[kind].append(asyncio.run(measure(server, model_id, args.streams, args.prompt_words, args.max_tokens, round_index)))
+                        samples[kind].append(asyncio.run(measure(server, model_id, args.streams, args.prompt_words, args.max_tokens, round_index, args.single_repeats)))
                     finally:
                         server.stop()
             summary = {}

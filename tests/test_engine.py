@@ -155,6 +155,31 @@ def test_cancel_mid_batch_frees_the_slot_and_others_continue(tiny_model, engines
     assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].usage.generated_tokens > 0
 
 
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_kv_bits_sequence_cancelled_mid_batch_leaves_the_others_exact(tiny_model, engines, kv_bits):
+    """A quantized batch loses a row mid-decode (BatchQuantizedKVCache.filter); the rows that stay decode
+    exactly what they decode alone."""
+    engine = engines(tiny_model, max_concurrency_override=4, kv_bits=kv_bits, prompt_cache_bytes=0)
+    prompts = [chat(engine, p) for p in PROMPTS[:3]]
+
+    async def scenario():
+        doomed = engine.submit(GenerationRequest(prompt_tokens=chat(engine, PROMPTS[3]), max_tokens=2000, temperature=1.0))
+        survivors = [asyncio.create_task(collect(engine, p, max_tokens=24, temperature=0)) for p in prompts]
+        iterator = doomed.__aiter__()
+        while engine.stats().generated_tokens_total < 8:
+            await iterator.__anext__()
+        assert engine.stats().active_sequences == 4
+        doomed.cancel()
+        final = [chunk async for chunk in iterator][-1]
+        return final, await asyncio.gather(*survivors)
+
+    final, together = asyncio.run(scenario())
+    assert final.finish_reason == "cancelled"
+    alone = [asyncio.run(collect(engine, p, max_tokens=24, temperature=0)) for p in prompts]
+    assert [text for text, _ in together] == [text for text, _ in alone]
+    assert all(chunks[-1].usage.generated_tokens > 0 for _, chunks in together)
+
+
 def test_queue_limit_answers_429_with_retry_after(tiny_model, engines):
     engine = engines(tiny_model, max_concurrency_override=1)  # 1 slot + 2 queue places
     prompt = chat(engine, PROMPTS[0])
@@ -175,9 +200,10 @@ def test_queue_limit_answers_429_with_retry_after(tiny_model, engines):
     assert chunks[-1].finish_reason in ("stop", "length")
 
 
-def test_prefix_reuse_reports_cached_tokens_and_keeps_outputs_exact(tiny_model, engines):
-    warm = engines(tiny_model)
-    cold = engines(tiny_model, prompt_cache_bytes=0)
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_prefix_reuse_reports_cached_tokens_and_keeps_outputs_exact(tiny_model, engines, kv_bits):
+    warm = engines(tiny_model, kv_bits=kv_bits)
+    cold = engines(tiny_model, prompt_cache_bytes=0, kv_bits=kv_bits)
     system = {"role": "system", "content": "You are a helpful assistant. " * 20}
     first = [system, {"role": "user", "content": "Hello there"}]
     reply, _ = asyncio.run(collect(warm, warm.encode_chat(first), max_tokens=8, temperature=0))
