@@ -310,9 +310,10 @@ def pull_model(
     return path
 
 
-def _blob_hash(path: Path, algorithm: str, on_bytes: Callable[[int], None] | None) -> str:
+def blob_hash(path: Path, algorithm: str, on_bytes: Callable[[int], None] | None = None) -> str:
     """Hex digest of a file: `sha256` of the content, or `git-sha1` = sha1(b"blob <len>\\0" + content)
-    (git's object id for a blob, which is what the Hub records for non-LFS files)."""
+    (git's object id for a blob, which is what the Hub records for non-LFS files). `on_bytes(n)` is called
+    as bytes are read. Raises OSError when the file cannot be read."""
     size = path.stat().st_size
     if algorithm == "sha256":
         digest = hashlib.sha256()
@@ -326,7 +327,9 @@ def _blob_hash(path: Path, algorithm: str, on_bytes: Callable[[int], None] | Non
     return digest.hexdigest()
 
 
-def _algorithm_for(blob_name: str) -> str | None:
+def blob_hash_algorithm(blob_name: str) -> str | None:
+    """The hash a Hub cache blob is named by: `sha256` (64 hex digits, LFS/Xet files), `git-sha1` (40 hex
+    digits, other files), or None (not a hash name: cannot be verified)."""
     if not set(blob_name) <= _HEX:
         return None
     return {64: "sha256", 40: "git-sha1"}.get(len(blob_name))
@@ -361,14 +364,14 @@ def verify_model(
         rel = path.relative_to(repo / "snapshots")
         revision, name = rel.parts[0], "/".join(rel.parts[1:])
         blob = Path(os.path.abspath(path.parent / os.readlink(path))) if path.is_symlink() else path
-        algorithm = _algorithm_for(blob.name) if path.is_symlink() else None
+        algorithm = blob_hash_algorithm(blob.name) if path.is_symlink() else None
         if not path.exists():
             checks.append(FileCheck(revision, name, algorithm or "?", blob.name, None, "missing"))
             continue
         if algorithm is None:
             checks.append(FileCheck(revision, name, "?", "", None, "unverifiable", path.stat().st_size))
             continue
-        actual = _blob_hash(path, algorithm, on_bytes)
+        actual = blob_hash(path, algorithm, on_bytes)
         status = "ok" if actual == blob.name else "mismatch"
         checks.append(FileCheck(revision, name, algorithm, blob.name, actual, status, path.stat().st_size))
     return VerifyReport(model, tuple(checks))

@@ -9,23 +9,20 @@ Two failure classes, decided by checking rather than by matching error text:
   aborts with `pre_warm_integrity_failure`.
 
 Downloads go through `macprovider.model_cache.pull_model` (the code of `models pull`). `verify_snapshot`
-hashes blobs like `model_cache.verify_model` does and adds what pre-warm also needs (safetensors headers
-against file lengths, required files); the hashing could move into `model_cache` and be shared.
+hashes blobs with `model_cache.blob_hash` (as `models verify` does) and adds what pre-warm also needs
+(safetensors headers against file lengths, required files).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 from macprovider.autotune.memory import SafetensorsError, read_safetensors_header, weight_files
+from macprovider.model_cache import PullError, blob_hash, blob_hash_algorithm, pull_model
 
-_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
-_SHA1_NAME = re.compile(r"^[0-9a-f]{40}$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
 
@@ -39,17 +36,6 @@ class PrewarmUnusable(Exception):
 
 class PrewarmIntegrity(Exception):
     """The cached model is damaged or incomplete; the message names the file."""
-
-
-def _hash_file(path: Path, algorithm: str) -> str:
-    if algorithm == "sha256":
-        digest = hashlib.sha256()
-    else:
-        digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_snapshot(snapshot: Path) -> None:
@@ -81,8 +67,8 @@ def verify_snapshot(snapshot: Path) -> None:
         if not target.is_file():
             raise PrewarmIntegrity(f"{entry.name} points to a missing cache blob")
         name = target.name
-        algorithm = "sha256" if _SHA256_NAME.match(name) else "sha1" if _SHA1_NAME.match(name) else None
-        if algorithm and _hash_file(target, algorithm) != name:
+        algorithm = blob_hash_algorithm(name)
+        if algorithm and blob_hash(target, algorithm) != name:
             raise PrewarmIntegrity(f"{entry.name} does not match the hash the cache recorded for it ({algorithm})")
     for shard in shards:
         try:
@@ -136,8 +122,6 @@ def prewarm(model: str) -> Path:
     if models.hub_offline():
         state = "incomplete in" if path is not None else "not in"
         raise PrewarmTransient(f"{state} the local cache and HF_HUB_OFFLINE is set")
-    from macprovider.model_cache import PullError, pull_model
-
     try:
         path = pull_model(model)  # what `macprovider models pull` does (resumable snapshot_download)
     except KeyboardInterrupt:
