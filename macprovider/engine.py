@@ -295,7 +295,7 @@ class Engine:
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         end_ids = set(tokenizer.eos_token_ids) | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
         tokenizer.eos_token_ids = end_ids
-        self._hidden_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or []) | frozenset(end_ids)
+        self._hidden_ids = _special_token_ids(tokenizer) | frozenset(end_ids)
         if getattr(tokenizer, "has_tool_calling", False):  # tool-call markup must reach the server's splitter
             markup = set(tokenizer.tool_call_start_tokens or ()) | set(tokenizer.tool_call_end_tokens or ())
             self._hidden_ids = self._hidden_ids - (markup - frozenset(end_ids))
@@ -513,6 +513,17 @@ def _seeded_sampler(temperature: float, top_p: float, seed: int):
         return mx.random.categorical(logprobs * (1.0 / temperature), key=subkey)
 
     return sample
+
+
+def _special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Token ids never rendered as text: the special-tokens map (`all_special_ids`) and every added token
+    flagged `special` in transformers' `added_tokens_decoder` (ChatML's `<|im_start|>`, Llama 3's header
+    tokens, … which `all_special_ids` leaves out unless listed as additional special tokens) — the set
+    `decode(..., skip_special_tokens=True)` of a fast tokenizer skips."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(token_id for token_id, token in added.items() if getattr(token, "special", False))
+    return frozenset(ids)
 
 
 def _head_dim_from(model: Any) -> int | None:

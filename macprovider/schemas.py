@@ -354,7 +354,16 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
 
 def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
     """OpenAI legacy completion `choices[].logprobs`: parallel lists `tokens`, `token_logprobs`,
-    `top_logprobs` (one {token: logprob} dict per token) and `text_offset` (characters, from `offset`)."""
+    `top_logprobs` (one {token: logprob} dict per token) and `text_offset` (characters, from `offset`).
+    Two candidates with the same text (e.g. byte tokens both shown as "\ufffd") share one key: the higher
+    log-probability, listed first, is kept."""
+
+    def top_dict(top: Sequence[tuple[str, float]]) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for token, logprob in top:
+            merged.setdefault(token, logprob)
+        return merged
+
     offsets = []
     for e in entries:
         offsets.append(offset)
@@ -362,7 +371,7 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [dict(e.top) for e in entries],
+        "top_logprobs": [top_dict(e.top) for e in entries],
         "text_offset": offsets,
     }
 

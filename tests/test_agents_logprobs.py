@@ -98,3 +98,13 @@ def test_completion_logprobs_and_seed(server):
 
     assert sample(1234) == sample(1234)
     assert len({sample(s) for s in (1, 2, 3)}) > 1  # the seed changes the random-weight model's samples
+
+
+def test_completion_top_logprobs_keep_the_best_of_candidates_with_the_same_text():
+    """Legacy `top_logprobs` is a {token text: logprob} dict: two byte tokens that both render as U+FFFD
+    collide, and the higher (first-listed) log-probability must win."""
+    from macprovider.engine_types import TokenLogprob
+    from macprovider.schemas import completion_logprobs
+
+    entry = TokenLogprob("\ufffd", -0.5, (("\ufffd", -0.5), ("\ufffd", -0.9), ("a", -1.2)))
+    assert completion_logprobs([entry])["top_logprobs"] == [{"\ufffd": -0.5, "a": -1.2}]
