@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -62,6 +63,11 @@ class TinyModelSpec:
     # than float32. With float16 weights (as real checkpoints) KV bytes under kv-bits are ~53 % / ~28 % of
     # full precision; with float32 they are ~28 % / ~16 %.
     dtype: str = "float32"
+    # Standard deviation of the attention scores q·k/sqrt(head_dim) at initialisation. q_proj and k_proj
+    # weights get std sqrt(attention_score_std / hidden_size) (inputs have unit RMS after RMSNorm, so
+    # q·k/sqrt(d) has std ≈ std_q · std_k · hidden_size). With every weight at std 0.02 the scores are ~0.05:
+    # attention is uniform, the keys do not matter, and a test could not tell a damaged KV cache apart.
+    attention_score_std: float = 2.0
 
 
 def train_tokenizer(vocab_size: int):
@@ -84,8 +90,9 @@ def train_tokenizer(vocab_size: int):
 def build_model_files(directory: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Write a tiny llama chat model into `directory` (created). Returns the directory.
 
-    Files: config.json, model.safetensors (`spec.dtype`, random normal × 0.02, seeded by `spec.seed`),
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json.
+    Files: config.json, model.safetensors (`spec.dtype`, seeded by `spec.seed`: random normal × 0.02,
+    q_proj/k_proj scaled for `spec.attention_score_std`, norm gains 1), tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, generation_config.json.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -115,10 +122,15 @@ def build_model_files(directory: Path, spec: TinyModelSpec = TinyModelSpec()) ->
     }
     mx.random.seed(spec.seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
-    weights = {
-        name: (mx.random.normal(value.shape) * 0.02).astype(getattr(mx, spec.dtype))
-        for name, value in tree_flatten(model.parameters())
-    }
+    query_key_std = math.sqrt(spec.attention_score_std / spec.hidden_size)
+
+    def initial(name: str, shape) -> mx.array:
+        if name.endswith("norm.weight"):  # RMSNorm gains start at 1, as in a trained model
+            return mx.ones(shape)
+        std = query_key_std if name.endswith(("q_proj.weight", "k_proj.weight")) else 0.02
+        return mx.random.normal(shape) * std
+
+    weights = {name: initial(name, value.shape).astype(getattr(mx, spec.dtype)) for name, value in tree_flatten(model.parameters())}
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(str(directory / "tokenizer.json"))

@@ -109,25 +109,25 @@ def test_trim_and_right_padding_roll():
     assert batch.trim(2) == 2 and batch.size() == 4
 
 
-@pytest.mark.parametrize("bits, tolerance", [(8, 1e-3), (4, 1e-2)])
+@pytest.mark.parametrize("bits, tolerance", [(8, 1e-4), (4, 1e-2)])
 def test_quantized_attention_logits_stay_close_to_full_precision(tiny_model, bits, tolerance):
-    """Documented tolerance: max |Δ log-prob| over the vocabulary after a 40-token prompt on the tiny
-    random-weight test model is below 1e-3 with 8-bit KV and below 1e-2 with 4-bit KV (measured:
-    ~1.4e-6 and ~2.1e-5; random weights with std 0.02 make attention scores small, so real models
-    deviate more)."""
+    """Documented tolerance: at every position of a 40-token prompt on the tiny test model, the
+    Kullback-Leibler divergence KL(full ‖ quantized) of the next-token distributions (nats) stays below
+    1e-4 with 8-bit KV and below 1e-2 with 4-bit KV (measured: max 9.5e-6 and 3.0e-3; KL divergence is
+    the measure llama.cpp's `perplexity --kl-divergence` reports for quantization)."""
     from mlx_lm import load
 
     from macprovider.models import ensure_local
 
     model, tokenizer = load(str(ensure_local(tiny_model)))
     tokens = mx.array([tokenizer.encode("the quick brown fox jumps over the lazy dog " * 4)[:40]])
-    full = model(tokens, cache=make_cache_factory(model, None)())[:, -1, :]
-    quant = model(tokens, cache=make_cache_factory(model, bits)())[:, -1, :]
+    full = model(tokens, cache=make_cache_factory(model, None)())[0]
+    quant = model(tokens, cache=make_cache_factory(model, bits)())[0]
     full = full - mx.logsumexp(full, axis=-1, keepdims=True)
     quant = quant - mx.logsumexp(quant, axis=-1, keepdims=True)
-    delta = mx.max(mx.abs(full - quant)).item()
-    assert delta < tolerance
-    assert delta > 0  # the cache really was quantized
+    divergence = (mx.exp(full) * (full - quant)).sum(axis=-1)  # one value per position
+    assert divergence.max().item() < tolerance
+    assert divergence[1:].min().item() > 0  # the cache really was quantized (position 0 attends to itself only)
 
 
 def test_group_size_choice():
