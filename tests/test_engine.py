@@ -76,12 +76,13 @@ def test_batched_greedy_outputs_equal_one_at_a_time(tiny_model, engines, kv_bits
     prompts = [chat(batched, p) for p in PROMPTS]
 
     async def together():
-        first = [asyncio.create_task(collect(batched, p, max_tokens=24, temperature=0, top_logprobs=0)) for p in prompts[:3]]
-        # The fourth joins the running batch once the others are decoding.
+        # PROMPTS[1:] run the full 24 tokens on the test model; PROMPTS[0] (greedy: 6 tokens, then EOS)
+        # joins the running batch once the others are decoding.
+        first = [asyncio.create_task(collect(batched, p, max_tokens=24, temperature=0, top_logprobs=0)) for p in prompts[1:]]
         while batched.stats().generated_tokens_total < 6:
             await asyncio.sleep(0.01)
-        late = asyncio.create_task(collect(batched, prompts[3], max_tokens=24, temperature=0, top_logprobs=0))
-        return await asyncio.gather(*first, late)
+        late = asyncio.create_task(collect(batched, prompts[0], max_tokens=24, temperature=0, top_logprobs=0))
+        return await asyncio.gather(late, *first)
 
     together_results = asyncio.run(together())
     assert batched.stats().peak_active_sequences == 4
@@ -150,10 +151,10 @@ def test_stop_strings_end_generation_and_are_never_streamed(tiny_model, engines)
 
 def test_cancel_mid_batch_frees_the_slot_and_others_continue(tiny_model, engines):
     engine = engines(tiny_model, max_concurrency_override=2, prompt_cache_bytes=0)
-    prompt = chat(engine, PROMPTS[0])
+    prompt = chat(engine, PROMPTS[1])  # greedy: hundreds of tokens before any EOS on the test model
 
     async def scenario():
-        doomed = engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=2000, temperature=1.0))
+        doomed = engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=2000, temperature=0))
         survivor = asyncio.create_task(collect(engine, chat(engine, PROMPTS[2]), max_tokens=30, temperature=0))
         iterator = doomed.__aiter__()
         await iterator.__anext__()
@@ -176,10 +177,11 @@ def test_kv_bits_sequence_cancelled_mid_batch_leaves_the_others_exact(tiny_model
     """A quantized batch loses a row mid-decode (BatchQuantizedKVCache.filter); the rows that stay decode
     exactly what they decode alone."""
     engine = engines(tiny_model, max_concurrency_override=4, kv_bits=kv_bits, prompt_cache_bytes=0)
-    prompts = [chat(engine, p) for p in PROMPTS[:3]]
+    prompts = [chat(engine, p) for p in (PROMPTS[0], PROMPTS[2], PROMPTS[3])]
 
     async def scenario():
-        doomed = engine.submit(GenerationRequest(prompt_tokens=chat(engine, PROMPTS[3]), max_tokens=2000, temperature=1.0))
+        # PROMPTS[1] under greedy decoding runs for hundreds of tokens on the test model: it cannot end first.
+        doomed = engine.submit(GenerationRequest(prompt_tokens=chat(engine, PROMPTS[1]), max_tokens=2000, temperature=0))
         survivors = [asyncio.create_task(collect(engine, p, max_tokens=24, temperature=0, top_logprobs=0)) for p in prompts]
         iterator = doomed.__aiter__()
         # Cancel once all four have decoded together (the survivors need 24 tokens each, so they still run).
@@ -198,10 +200,10 @@ def test_kv_bits_sequence_cancelled_mid_batch_leaves_the_others_exact(tiny_model
 
 def test_queue_limit_answers_429_with_retry_after(tiny_model, engines):
     engine = engines(tiny_model, max_concurrency_override=1)  # 1 slot + 2 queue places
-    prompt = chat(engine, PROMPTS[0])
+    prompt = chat(engine, PROMPTS[1])  # greedy: hundreds of tokens before any EOS on the test model
 
     async def scenario():
-        handles = [engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=500, temperature=1.0)) for _ in range(3)]
+        handles = [engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=500, temperature=0)) for _ in range(3)]
         with pytest.raises(ApiError) as info:
             engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=5))
         for handle in handles:
