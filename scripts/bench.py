@@ -204,8 +204,9 @@ async def probe_kv_bytes(server: Server, model: str, prompts: int, prompt_tokens
     async with httpx.AsyncClient(timeout=600) as client:
         # Calibrate words → tokens on this tokenizer; the probe's peak must come from the concurrent prompts,
         # so the calibration prompt is short.
-        per_word = (await one(client, 64, 1) - await one(client, 32, 1)) / 32
-        base = await one(client, 32, 1) - 32 * per_word
+        short, long = await one(client, 32, 1), await one(client, 64, 1)
+        per_word = (long - short) / 32
+        base = short - 32 * per_word
         words = max(1, round((prompt_tokens - base) / per_word))
         counted = await asyncio.gather(*(one(client, words, tag=i) for i in range(prompts)))
         health = (await client.get(f"http://127.0.0.1:{server.port}/v1/health")).json()
