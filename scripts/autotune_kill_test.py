@@ -85,7 +85,7 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
     env.update(HOME=str(work / "home"), HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1", XDG_CONFIG_HOME=str(work / "xdg"))
     os.environ.update(env)
-    from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+    from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
     src = build_model_files(work / "src", TinyModelSpec(hidden_size=64, num_attention_heads=1, num_hidden_layers=2))
     install_in_hub_cache(src, "kill/tiny", work / "hf" / "hub")

@@ -18,7 +18,7 @@ ours keeps batching), and two more measurements run in the same rotation:
 - a KV-bytes probe: a fresh `macprovider serve --max-batch 4` with and without kv-bits gets 4 concurrent
   prompts of ~`--probe-prompt-tokens` tokens; health's `peak_kv_cache_bytes` of both are compared.
 
-Without `--model`, tiny random-weight models are built locally (macprovider.demo): `tiny` (hidden 128,
+Without `--model`, tiny random-weight models are built locally (macprovider.models.demo): `tiny` (hidden 128,
 2 layers) and `small` (hidden 256, 4 layers), in `--dtype` (float32 by default, see demo.TinyModelSpec).
 
     python scripts/bench.py                       # tiny + small, full-precision KV
@@ -214,7 +214,7 @@ async def probe_kv_bytes(server: Server, model: str, prompts: int, prompt_tokens
 
 
 def build_models(hf_home: Path, names: list[str], dtype: str) -> dict[str, str]:
-    from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+    from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
     specs = {
         "tiny": TinyModelSpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256, dtype=dtype),

@@ -3,7 +3,7 @@ unconstrained ones in the same continuous batch, on the MLX engine in-process.
 
     python scripts/bench_constrained.py [--model ID] [--batch 4] [--tokens 64] [--hidden 512 --layers 4]
 
-Without --model it builds a random-weight llama (macprovider.demo) in a temporary Hub cache (HF_HOME is
+Without --model it builds a random-weight llama (macprovider.models.demo) in a temporary Hub cache (HF_HOME is
 pointed there, offline). Reports decode ms/token (Usage.generation_ms / generated tokens) for:
   A) `batch` unconstrained sequences;  B) batch/2 constrained + batch/2 unconstrained together.
 Target (issue "Agents can use it"): constrained ms/token in B <= 1.5 x unconstrained ms/token in A.
@@ -29,7 +29,7 @@ SCHEMA = {
 
 
 async def run(engine, prompt, n_free: int, n_constrained: int, tokens: int, grammar: str | None):
-    from macprovider.engine_types import GenerationRequest
+    from macprovider.engine.protocol import GenerationRequest
 
     async def one(g):
         handle = engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=tokens, temperature=0.8, seed=7, grammar=g))
@@ -56,7 +56,7 @@ def main() -> None:
     if model is None:
         os.environ["HF_HOME"] = tmp
         os.environ["HF_HUB_OFFLINE"] = "1"
-        from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+        from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
         source = Path(tmp) / "src"
         build_model_files(source, TinyModelSpec(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.hidden * 2))
@@ -64,9 +64,9 @@ def main() -> None:
         install_in_hub_cache(source, model, Path(tmp) / "hub")
 
     from macprovider import config as cfg
-    from macprovider.engine import Engine
-    from macprovider.preflight import plan_serve
-    from macprovider.structured import grammar_for
+    from macprovider.engine.engine import Engine
+    from macprovider.serve.preflight import plan_serve
+    from macprovider.engine.constrained import grammar_for
 
     engine = Engine(plan_serve(cfg.resolve({"model": model, "max_context_override": 2048, "max_concurrency_override": args.batch, "prompt_cache_bytes": 0})))
     engine.load()

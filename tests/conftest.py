@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from macprovider.demo import TinyModelSpec, install_in_hub_cache, build_model_files
+from macprovider.models.demo import TinyModelSpec, install_in_hub_cache, build_model_files
 
 TINY_MODEL_ID = "macprovider-test/tiny-chat"
 

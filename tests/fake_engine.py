@@ -6,7 +6,7 @@ after that many chunks until `release()` / a cancel / `cancel_all`, then finishe
 finish_reason and a Usage. Everything a test calls from its own thread (`release_all`, `wait_active`,
 `kill`, `handles[i].cancelled.wait`) is thread-safe; the handles themselves run on the server's loop.
 
-`serving(engine)` runs `serve_runtime.ServeRuntime` over it on a real socket (127.0.0.1, port 0) in a background
+`serving(engine)` runs `serve.runtime.ServeRuntime` over it on a real socket (127.0.0.1, port 0) in a background
 thread.
 """
 
@@ -24,9 +24,9 @@ import httpx
 
 from macprovider.config import Settings
 
-from macprovider.engine_types import EngineStats, GenerationChunk, GenerationRequest, Usage
+from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, Usage
 from macprovider.errors import ApiError
-from macprovider.serve_runtime import ServeRuntime
+from macprovider.serve.runtime import ServeRuntime
 
 
 @dataclass
@@ -112,7 +112,7 @@ class FakeHandle:
 
 @dataclass
 class FakeEngine:
-    """Implements `engine_types.EngineProtocol` (plus `load()`), with knobs for tests."""
+    """Implements `engine.protocol.EngineProtocol` (plus `load()`), with knobs for tests."""
 
     model_id: str = "fake-org/fake-model"
     max_context: int = 64

@@ -13,9 +13,9 @@ import pytest
 
 from macprovider import config as cfg
 from macprovider.config import Settings
-from macprovider.engine import Engine
-from macprovider.preflight import plan_serve
-from macprovider.serve_runtime import ServeRuntime
+from macprovider.engine.engine import Engine
+from macprovider.serve.preflight import plan_serve
+from macprovider.serve.runtime import ServeRuntime
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea"}]
 
@@ -103,8 +103,8 @@ def test_completion_logprobs_and_seed(server):
 def test_completion_top_logprobs_keep_the_best_of_candidates_with_the_same_text():
     """Legacy `top_logprobs` is a {token text: logprob} dict: two byte tokens that both render as U+FFFD
     collide, and the higher (first-listed) log-probability must win."""
-    from macprovider.engine_types import TokenLogprob
-    from macprovider.schemas import completion_logprobs
+    from macprovider.engine.protocol import TokenLogprob
+    from macprovider.serve.openai_schemas import completion_logprobs
 
     entry = TokenLogprob("\ufffd", -0.5, (("\ufffd", -0.5), ("\ufffd", -0.9), ("a", -1.2)))
     assert completion_logprobs([entry])["top_logprobs"] == [{"\ufffd": -0.5, "a": -1.2}]

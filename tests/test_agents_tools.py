@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_agents_logprobs import real_server  # noqa: E402

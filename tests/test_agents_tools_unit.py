@@ -1,4 +1,4 @@
-"""macprovider.tools building blocks (not wired into HTTP yet): validation naming the bad field, markup
+"""macprovider.engine.tool_calls building blocks (not wired into HTTP yet): validation naming the bad field, markup
 splitting with mlx-lm's json_tools parser, and the llguidance grammar that forces one well-formed call."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from llguidance import LLMatcher
 from mlx_lm.tool_parsers import json_tools
 
 from macprovider.errors import ApiError
-from macprovider.tools import ToolCallSplitter, check_tools, tool_call_grammar
+from macprovider.engine.tool_calls import ToolCallSplitter, check_tools, tool_call_grammar
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

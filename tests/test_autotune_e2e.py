@@ -29,7 +29,7 @@ from macprovider.autotune import conflict, memory
 from macprovider.autotune.preflight import parse_inputs
 from macprovider.autotune.provider import port_is_listening
 from macprovider.autotune.runner import Deps, run
-from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

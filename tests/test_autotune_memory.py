@@ -11,7 +11,7 @@ import pytest
 from macprovider.autotune import memory
 from macprovider.autotune.memory import KvShape, SafetensorsError, kv_bytes, read_safetensors_header, weights_bytes
 from macprovider.autotune.prewarm import PrewarmIntegrity, PrewarmTransient, prewarm, verify_snapshot
-from macprovider.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], truncate: int = 0) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from macprovider import config as cfg
 from macprovider.errors import ConfigError, InvalidModelId, ModelNotCachedError
-from macprovider.preflight import plan_serve
+from macprovider.serve.preflight import plan_serve
 
 
 def write_config(home, text: str):

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from macprovider import config as cfg
-from macprovider.engine import Engine
-from macprovider.engine_types import GenerationRequest
+from macprovider.engine.engine import Engine
+from macprovider.engine.protocol import GenerationRequest
 from macprovider.errors import ApiError
-from macprovider.preflight import plan_serve
+from macprovider.serve.preflight import plan_serve
 
 PROMPTS = [
     "Hello there",
@@ -278,7 +278,7 @@ def test_draining_refuses_new_sequences(tiny_model, engines):
 def test_added_special_tokens_are_hidden_even_outside_the_special_tokens_map(tiny_model, engines):
     """ChatML's `<|im_start|>` is an added token flagged special but not in `all_special_ids` (as in many
     real tokenizers); a model that generates it must not show it as text."""
-    from macprovider.engine import _special_token_ids
+    from macprovider.engine.engine import _special_token_ids
 
     engine = engines(tiny_model)
     vocab = engine.tokenizer.get_vocab()

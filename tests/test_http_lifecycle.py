@@ -90,7 +90,7 @@ SERVER_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from fake_engine import FakeEngine, Script
     from macprovider.config import Settings
-    from macprovider.serve_runtime import ServeRuntime, configure_logging
+    from macprovider.serve.runtime import ServeRuntime, configure_logging
     configure_logging("info")
     engine = FakeEngine(script=Script(hold_after={hold!r}))
     runtime = ServeRuntime(engine, Settings(model=engine.model_id, port=0, drain_timeout_s={drain!r}), None, load=False)

@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from macprovider.kvcache import BatchQuantizedKVCache, QuantizedKVCache, kv_group_size, make_cache_factory
+from macprovider.engine.kvcache import BatchQuantizedKVCache, QuantizedKVCache, kv_group_size, make_cache_factory
 
 HEADS, DIM = 2, 64
 
@@ -117,7 +117,7 @@ def test_quantized_attention_logits_stay_close_to_full_precision(tiny_model, bit
     the measure llama.cpp's `perplexity --kl-divergence` reports for quantization)."""
     from mlx_lm import load
 
-    from macprovider.models import ensure_local
+    from macprovider.models.ids import ensure_local
 
     model, tokenizer = load(str(ensure_local(tiny_model)))
     tokens = mx.array([tokenizer.encode("the quick brown fox jumps over the lazy dog " * 4)[:40]])

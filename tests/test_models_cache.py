@@ -1,6 +1,6 @@
 """`macprovider models list | pull | verify | rm` on a temporary Hub cache (SPEC.md §4).
 
-Models are copies of the session's tiny model (built with macprovider.demo), so corrupting one never
+Models are copies of the session's tiny model (built with macprovider.models.demo), so corrupting one never
 touches the shared session cache. Pull tests never reach the network: offline mode, a closed local port,
 and a local fake Hub that answers with huggingface's error headers.
 """
@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from macprovider.cli import app
-from macprovider.demo import install_in_hub_cache
+from macprovider.models.demo import install_in_hub_cache
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_verify_reports_a_missing_blob(cache):
 
 def test_verify_hashes_match_the_hub_naming(cache):
     """The recorded names are sha256 (LFS) and git blob sha1 (regular files), recomputed independently."""
-    from macprovider.model_cache import verify_model
+    from macprovider.models.hub_cache import verify_model
 
     report = verify_model("org/one")
     assert report.ok and len(report.files) == 6
@@ -249,7 +249,7 @@ def test_pull_error_classes_for_autotune(cache, fake_hub, monkeypatch):
     """Gated is transient (a login may fix it); an absent repo is not."""
     import huggingface_hub.constants as hub_constants
 
-    from macprovider.model_cache import PullError, pull_model
+    from macprovider.models.hub_cache import PullError, pull_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
@@ -263,7 +263,7 @@ def test_pull_error_classes_for_autotune(cache, fake_hub, monkeypatch):
 
 def test_serve_keeps_failing_fast_on_an_uncached_model_offline(cache):
     from macprovider.errors import ModelNotCachedError
-    from macprovider.models import ensure_local
+    from macprovider.models.ids import ensure_local
 
     with pytest.raises(ModelNotCachedError, match="models pull org/absent"):
         ensure_local("org/absent")

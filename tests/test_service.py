@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from macprovider import service
+from macprovider.service import spec as service
 from macprovider.cli import app
 
 REPO = Path(__file__).resolve().parents[1]

@@ -125,7 +125,7 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     import os
 
     from macprovider.config import Paths, config_path_for
-    from macprovider.models import validate_model_id
+    from macprovider.models.ids import validate_model_id
 
     env = os.environ if env is None else env
     warnings: list[str] = []

@@ -8,8 +8,8 @@ Two failure classes, decided by checking rather than by matching error text:
   truncated or malformed safetensors header, a missing `config.json` / tokenizer / weight file — the run
   aborts with `pre_warm_integrity_failure`.
 
-Downloads go through `macprovider.model_cache.pull_model` (the code of `models pull`). `verify_snapshot`
-hashes blobs with `model_cache.blob_hash` (as `models verify` does) and adds what pre-warm also needs
+Downloads go through `macprovider.models.hub_cache.pull_model` (the code of `models pull`). `verify_snapshot`
+hashes blobs with `hub_cache.blob_hash` (as `models verify` does) and adds what pre-warm also needs
 (safetensors headers against file lengths, required files).
 """
 
@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from macprovider.autotune.memory import SafetensorsError, read_safetensors_header, weight_files
-from macprovider.model_cache import PullError, blob_hash, blob_hash_algorithm, pull_model
+from macprovider.models.hub_cache import PullError, blob_hash, blob_hash_algorithm, pull_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
@@ -106,10 +106,10 @@ def prewarm(model: str) -> Path:
     """Return the verified local directory of `model`, downloading it first if it is not cached.
 
     A local directory is only verified. A Hub id already complete in the cache is not downloaded again;
-    otherwise `model_cache.pull_model` fetches it (exactly `macprovider models pull`). Raises PrewarmTransient,
+    otherwise `hub_cache.pull_model` fetches it (exactly `macprovider models pull`). Raises PrewarmTransient,
     PrewarmUnusable or PrewarmIntegrity.
     """
-    from macprovider import models
+    from macprovider.models import ids as models
 
     local = Path(model).expanduser()
     if local.is_dir():

@@ -81,7 +81,7 @@ class RealEvaluator:
     def __call__(self, model: str, knobs: Knobs, stage: int) -> Trial:
         from macprovider.autotune import probe
         from macprovider.autotune.prewarm import PrewarmIntegrity, PrewarmTransient, PrewarmUnusable, prewarm
-        from macprovider.models import read_model_config
+        from macprovider.models.ids import read_model_config
 
         inputs = self.inputs
         base = Trial(stage, model, inputs.target_context, knobs, probe.MAX_TOKENS, fits=False)

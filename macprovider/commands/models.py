@@ -25,10 +25,10 @@ def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON: {cache_dir, models[{id, size_bytes, files, refs, revisions, path}]}."),
 ) -> None:
     """List the models in the local Hugging Face cache with their size on disk."""
-    from macprovider import model_cache
+    from macprovider.models import hub_cache
 
     with user_errors():
-        listing = model_cache.list_models()
+        listing = hub_cache.list_models()
     for warning in listing.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if as_json:
@@ -57,12 +57,12 @@ def list_cmd(
     typer.echo(f"{'MODEL':<{width}}  {'SIZE':>9}  {'FILES':>5}  MODIFIED")
     for m in listing.models:
         modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_modified))
-        typer.echo(f"{m.repo_id:<{width}}  {model_cache.format_size(m.size_bytes):>9}  {m.nb_files:>5}  {modified}")
+        typer.echo(f"{m.repo_id:<{width}}  {hub_cache.format_size(m.size_bytes):>9}  {m.nb_files:>5}  {modified}")
     total = sum(m.size_bytes for m in listing.models)
-    typer.echo(f"{len(listing.models)} model(s), {model_cache.format_size(total)} in {listing.cache_dir}")
+    typer.echo(f"{len(listing.models)} model(s), {hub_cache.format_size(total)} in {listing.cache_dir}")
     if listing.incomplete_bytes:
         typer.echo(
-            f"partial downloads: {model_cache.format_size(listing.incomplete_bytes)} "
+            f"partial downloads: {hub_cache.format_size(listing.incomplete_bytes)} "
             "(run `macprovider models pull ID` again to resume)"
         )
 
@@ -70,10 +70,10 @@ def list_cmd(
 @app.command("pull")
 def pull(model: str = typer.Argument(..., help="Hub id org/name, e.g. mlx-community/Llama-3.2-1B-Instruct-4bit.")) -> None:
     """Download a model into the Hugging Face cache (resumable; only what mlx-lm loads)."""
-    from macprovider import model_cache
+    from macprovider.models import hub_cache
 
     with user_errors():
-        path = model_cache.pull_model(model)
+        path = hub_cache.pull_model(model)
     typer.echo(f"{model} is in the cache at {path}")
     typer.echo(f"serve it with: macprovider serve --model {model}")
 
@@ -86,10 +86,10 @@ def verify(model: str = typer.Argument(..., help="Hub id org/name of a cached mo
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from macprovider import model_cache
+    from macprovider.models import hub_cache
 
     with user_errors():
-        repo, files = model_cache.verify_plan(model)
+        repo, files = hub_cache.verify_plan(model)
         total = sum(p.stat().st_size for p in files if p.exists())
         progress = Progress(
             TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -97,7 +97,7 @@ def verify(model: str = typer.Argument(..., help="Hub id org/name of a cached mo
         )
         with progress:
             task = progress.add_task("verify", total=total)
-            report = model_cache.verify_model(model, on_bytes=lambda n: progress.advance(task, n))
+            report = hub_cache.verify_model(model, on_bytes=lambda n: progress.advance(task, n))
     checked = [f for f in report.files if f.status != "unverifiable"]
     for f in report.files:
         if f.status == "unverifiable":
@@ -125,11 +125,11 @@ def rm(
     model: str = typer.Argument(..., help="Hub id org/name of a cached model."),
 ) -> None:
     """Delete a model (all its cached revisions) from the Hugging Face cache."""
-    from macprovider import model_cache
+    from macprovider.models import hub_cache
 
     with user_errors():
-        freed = model_cache.remove_model(model)
-    typer.echo(f"removed {model} from the cache ({model_cache.format_size(freed)} freed)")
+        freed = hub_cache.remove_model(model)
+    typer.echo(f"removed {model} from the cache ({hub_cache.format_size(freed)} freed)")
 
 
 @app.command("demo")
@@ -140,9 +140,9 @@ def demo(
 
     Then: `macprovider serve --model macprovider-demo/tiny-chat`.
     """
-    from macprovider.demo import create_demo_model
+    from macprovider.models.demo import create_demo_model
     from macprovider.errors import InvalidModelId
-    from macprovider.models import is_hub_id
+    from macprovider.models.ids import is_hub_id
 
     with user_errors():
         if not is_hub_id(repo_id):

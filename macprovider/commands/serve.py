@@ -23,7 +23,7 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     from macprovider import config as cfg
-    from macprovider.preflight import plan_serve
+    from macprovider.serve.preflight import plan_serve
 
     cli_values = {
         "model": model,
@@ -41,9 +41,10 @@ def serve(
         for warning in resolved.warnings:
             print(warning, file=sys.stderr)
         plan = plan_serve(resolved)
-    from macprovider.server import run_server
+    from macprovider.engine.engine import Engine
+    from macprovider.serve import run_server
 
-    code = run_server(plan)
+    code = run_server(plan, Engine(plan))
     # MLX's C++ runtime aborts in static destructors ("terminate called without an active exception")
     # when the interpreter finalizes with the generation thread's streams alive. Everything is drained
     # and flushed at this point, so leave without running them: the exit status stays truthful.

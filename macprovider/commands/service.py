@@ -29,7 +29,8 @@ _CONFIG_HELP = "Config file the service serves with (default: MACPROVIDER_CONFIG
 
 
 def _manager(name: str | None):
-    from macprovider import service, service_managers
+    from macprovider.service import spec as service
+    from macprovider.service import managers as service_managers
 
     name = name or service.default_manager()
     if name not in ("launchd", "systemd"):
@@ -53,7 +54,7 @@ def _settings(config: str | None):
 
 
 def _spec(config_path: Path, settings):
-    from macprovider import service
+    from macprovider.service import spec as service
     from macprovider.config import Settings
 
     home = os.environ.get("HOME") or str(Path.home())
@@ -151,7 +152,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Is the service installed, loaded, running (pid), on which port, and healthy? Exit 0 if running, else 3."""
-    from macprovider import service
+    from macprovider.service import spec as service
     from macprovider.config import Settings
 
     with user_errors():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from macprovider.errors import InvalidModelId, ModelError, ModelNotCachedError
-from macprovider.models import (
+from macprovider.models.ids import (
     ALLOW_PATTERNS,
     cached_model_path,
     hub_cache_dir,

@@ -1,11 +1,10 @@
 """The HTTP layer of `macprovider serve` (SPEC.md §3.2–§3.5): routes, SSE, auth/Host/Origin checks, limits,
 disconnect → cancel, the relay from engine chunks to OpenAI objects. The process lifecycle (uvicorn, background load, drain,
-watchdog) lives in `macprovider.serve_runtime`.
+watchdog) lives in `macprovider.serve.runtime`.
 
-It talks to the engine only through `engine_types.EngineProtocol`, so tests run it against a fake engine.
+It talks to the engine only through `engine.protocol.EngineProtocol`, so tests run it against a fake engine.
 
     create_app(engine, settings, api_key) -> FastAPI      pure app factory (no sockets, no threads)
-    run_server(plan) -> int                               re-export of `serve_runtime.run_server`
 
 Middleware order, outermost first (pure ASGI, so streaming responses and disconnects pass untouched):
 Host/Origin guard (403) → CORS (only when origins are configured) → API key (401) → body cap from
@@ -29,12 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from macprovider import schemas
+from macprovider.serve import openai_schemas as schemas
 from macprovider.config import Settings, is_loopback
-from macprovider.engine_types import EngineProtocol, GenerationChunk
+from macprovider.engine.protocol import EngineProtocol, GenerationChunk
 from macprovider.errors import ApiError
 
-log = logging.getLogger("macprovider.server")
+log = logging.getLogger("macprovider.serve.app")
 
 OPEN_PATHS = frozenset({"/v1/health", "/health", "/metrics"})
 LOOPBACK_HOST_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -346,7 +345,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
                 markup = getattr(engine, "tool_markup", None)
                 if markup is None:
                     raise ApiError(400, "invalid_request", "this model's chat template does not support tools", param="tools")
-                from macprovider.tools import ToolCallSplitter, tool_call_grammar
+                from macprovider.engine.tool_calls import ToolCallSplitter, tool_call_grammar
 
                 splitter = ToolCallSplitter(markup[0], markup[1], markup[2], tools)
                 if choice not in ("auto", "none"):
@@ -528,10 +527,3 @@ class _Relay:
             )
         build = schemas.chat_response if self.chat else schemas.completion_response
         return JSONResponse(build(self.id, self.created, self.model, text, final.finish_reason, final.usage, self._logprobs(entries)))
-
-
-def run_server(plan: Any) -> int:
-    """`macprovider serve` after preflight; see `macprovider.serve_runtime.run_server` (exit code)."""
-    from macprovider.serve_runtime import run_server as _run_server
-
-    return _run_server(plan)

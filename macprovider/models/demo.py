@@ -171,7 +171,7 @@ def install_in_hub_cache(source: Path, repo_id: str, cache_dir: Path | None = No
     LFS-like files (safetensors) go to blobs named by their sha256, others by their git blob sha1, as the
     Hub names them, so `macprovider models verify` can check them. Idempotent for identical content.
     """
-    from macprovider.models import hub_cache_dir
+    from macprovider.models.ids import hub_cache_dir
 
     cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))

@@ -8,29 +8,13 @@ weights and never touches the network.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from macprovider.config import ResolvedConfig, Settings, is_loopback, load_api_key
+from macprovider.engine.protocol import ServePlan
 from macprovider.errors import ConfigError
-from macprovider.models import ensure_local, max_position_embeddings, read_model_config, validate_model_id
-
-
-@dataclass(frozen=True)
-class ServePlan:
-    """What `serve` runs: the settings (max context already capped), the model directory, the API key.
-
-    `max_context_source` says why max context has its value (a settings source, or `model` when the
-    model's max_position_embeddings capped it).
-    """
-
-    settings: Settings
-    model_id: str
-    model_path: Path
-    api_key: str | None
-    max_context: int
-    max_context_source: str
+from macprovider.models.ids import ensure_local, max_position_embeddings, read_model_config, validate_model_id
 
 
 def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -> ServePlan:

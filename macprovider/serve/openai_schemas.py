@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from macprovider.engine_types import GenerationRequest, TokenLogprob, Usage
+from macprovider.engine.protocol import GenerationRequest, TokenLogprob, Usage
 from macprovider.errors import ApiError
 
 # Bounds of request integers (SPEC.md §3.5: every integer has a lower and an upper bound).
@@ -184,14 +184,14 @@ class ChatCompletionRequest(_Sampling):
     @property
     def tool_spec(self) -> tuple[list[dict[str, Any]], str]:
         """(tools, choice): choice is "auto", "none", "required" or a function name; ApiError 400 if bad."""
-        from macprovider.tools import check_tools
+        from macprovider.engine.tool_calls import check_tools
 
         return check_tools(self.tools, self.tool_choice)
 
     @property
     def grammar(self) -> str | None:
         """`response_format` as an llguidance grammar (None for text); ApiError 400 if it is bad."""
-        from macprovider.structured import grammar_for
+        from macprovider.engine.constrained import grammar_for
 
         return grammar_for(self.response_format)
 

@@ -3,7 +3,7 @@ background thread, a watchdog on the generation thread, and the drain on SIGTERM
 
     ServeRuntime(engine, settings, api_key).run() -> int  uvicorn + background load + watchdog + drain
     configure_logging(level)                              stderr log lines for macprovider and uvicorn
-    run_server(plan) -> int                               what `macprovider serve` calls (exit code)
+    run_server(plan, engine) -> int                       what `macprovider serve` calls (exit code)
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import logging
 from typing import Any, Awaitable
 
 from macprovider.config import Settings
-from macprovider.engine_types import EngineProtocol
-from macprovider.server import ServerState, create_app
+from macprovider.engine.protocol import EngineProtocol, ServePlan
+from macprovider.serve.app import ServerState, create_app
 
-log = logging.getLogger("macprovider.server")
+log = logging.getLogger("macprovider.serve.app")
 
 CANCEL_GRACE_S = 5.0  # after cancel_all, how long streams get to send their final error event
 DEATH_GRACE_S = 2.0  # after the generation thread died, how long in-flight requests get to see their error
@@ -236,13 +236,12 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(level.upper())
 
 
-def run_server(plan: Any) -> int:
-    """`macprovider serve` after preflight: build the engine (cheap), listen, load in the background.
-    Returns the process exit code (0 after a drain, 1 on load failure / engine death / bind failure)."""
-    from macprovider.engine import Engine
-
+def run_server(plan: ServePlan, engine: EngineProtocol) -> int:
+    """`macprovider serve` after preflight: listen, load `engine` (built, not loaded) in the background, serve
+    until drained. The engine is handed in (`commands/serve.py` builds `engine.engine.Engine`), so this
+    package never imports MLX. Returns the process exit code (0 after a drain, 1 on load failure / engine
+    death / bind failure)."""
     configure_logging(plan.settings.log_level)
-    engine = Engine(plan)
     runtime = ServeRuntime(engine, plan.settings, plan.api_key)
     # The engine's generation thread is a daemon and is left to the interpreter's exit: joining it first
     # (Engine.close) makes MLX abort the process at exit ("terminate called without an active exception").

@@ -27,12 +27,11 @@ import threading
 import time
 from typing import Any
 
-from macprovider.engine_types import EngineStats, GenerationChunk, GenerationRequest, TokenLogprob
+from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, ServePlan, TokenLogprob
 from macprovider.errors import ApiError, ModelError
-from macprovider.preflight import ServePlan
-from macprovider.sequence import OutputText, SequenceHandle, SequenceState
+from macprovider.engine.sequence import OutputText, SequenceHandle, SequenceState
 
-log = logging.getLogger("macprovider.engine")
+log = logging.getLogger("macprovider.engine.engine")
 
 # Text of end-of-turn tokens of common chat formats; any of them in the vocabulary ends generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>", "<|return|>")
@@ -40,7 +39,7 @@ PROMPT_CACHE_ENTRIES = 64
 
 
 class Engine:
-    """Implements `engine_types.EngineProtocol` on MLX. Construct cheaply, then `load()` (blocking)."""
+    """Implements `engine.protocol.EngineProtocol` on MLX. Construct cheaply, then `load()` (blocking)."""
 
     def __init__(self, plan: ServePlan):
         settings = plan.settings
@@ -245,7 +244,7 @@ class Engine:
     def _grammar_processors(self, request: GenerationRequest) -> list[Any]:
         if request.grammar is None:
             return []
-        from macprovider.structured import GrammarProcessor
+        from macprovider.engine.constrained import GrammarProcessor
 
         return [GrammarProcessor(self._grammar_tokenizers, request.grammar)]
 
@@ -284,7 +283,7 @@ class Engine:
         from mlx_lm.models.cache import LRUPromptCache
         from mlx_lm.sample_utils import greedy_sampler
 
-        from macprovider.kvcache import kv_group_size, make_cache_factory
+        from macprovider.engine.kvcache import kv_group_size, make_cache_factory
 
         model, tokenizer = load(str(self.model_path))
         group_size = 64
@@ -302,7 +301,7 @@ class Engine:
         self._greedy = greedy_sampler
         self._samplers: dict[tuple[float, float], Any] = {}
         self._token_texts: dict[int, str] = {}  # token id -> decoded text, for logprobs (generation thread)
-        from macprovider.structured import TokenizerCache
+        from macprovider.engine.constrained import TokenizerCache
 
         hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
         self._grammar_ok = bool(getattr(hf_tokenizer, "is_fast", False))  # llguidance.hf needs a fast tokenizer

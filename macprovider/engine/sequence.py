@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from mlx_lm.generate import TextStateMachine
 
-from macprovider.engine_types import GenerationChunk, Usage
+from macprovider.engine.protocol import GenerationChunk, Usage
 
 
 class OutputText:

@@ -1,5 +1,5 @@
 """Service managers: install / uninstall / start / stop / restart / status of the service file that
-`macprovider.service` renders, for launchd (a LaunchAgent in the `gui/<uid>` domain) and systemd (a user
+`macprovider.service.spec` renders, for launchd (a LaunchAgent in the `gui/<uid>` domain) and systemd (a user
 unit). Every `launchctl` / `systemctl` call goes through the injected `Runner`.
 
 launchd (launchctl(1)): install = write plist 0644, `bootout gui/<uid>/<label>` (a stale job; "not loaded"
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from macprovider.errors import ServiceError
-from macprovider.service import (
+from macprovider.service.spec import (
     LABEL,
     SYSTEMD_UNIT,
     Runner,

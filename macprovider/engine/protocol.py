@@ -1,7 +1,7 @@
 """The contract between the HTTP layer and the engine, with no MLX in it.
 
-`server.py` depends only on this module's `EngineProtocol`, so HTTP tests run against a fake engine and
-the real engine (`engine.Engine`) can change inside. The engine works on token ids internally; the
+`macprovider.serve` depends only on this module's `EngineProtocol`, so HTTP tests run against a fake engine and
+the real engine (`engine.engine.Engine`) can change inside. The engine works on token ids internally; the
 per-request text work (chat template, detokenizing, stop strings held back until resolved, EOS text never
 emitted) happens behind `submit`, so the server only relays `GenerationChunk`s.
 
@@ -15,7 +15,11 @@ Flow of one request:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Protocol, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from macprovider.config import Settings
 
 EngineState = Literal["loading", "ready", "busy", "draining", "unavailable"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -183,3 +187,19 @@ class EngineProtocol(Protocol):
     def is_alive(self) -> bool:
         """False once the generation thread has died; the server then reports 503 and exits non-zero."""
         ...
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What `serve` runs: the settings (max context already capped), the model directory, the API key.
+
+    `max_context_source` says why max context has its value (a settings source, or `model` when the
+    model's max_position_embeddings capped it).
+    """
+
+    settings: Settings
+    model_id: str
+    model_path: Path
+    api_key: str | None
+    max_context: int
+    max_context_source: str

@@ -1,0 +1,13 @@
+"""The MLX side of `macprovider serve`: one generation thread that owns the model (DESIGN.md "Serving").
+
+Layout:
+    protocol.py     the HTTP <-> engine contract (EngineProtocol, GenerationRequest/Chunk, ServePlan); no MLX
+    engine.py       Engine: the generation thread, mlx-lm's BatchGenerator, prefix cache, stats
+    sequence.py     per-request output text (detokenizer, stop strings) and the handle the HTTP side iterates
+    kvcache.py      BatchQuantizedKVCache: kv-bits that keep continuous batching
+    tool_calls.py   tool validation, the forced-call grammar, the streamed markup splitter (no MLX)
+    constrained.py  response_format -> llguidance grammar (no MLX); GrammarProcessor (logits processor)
+Imports: `engine` -> `models` and the shared core (`config`, `errors`) only. Importers: `commands` (builds
+the Engine); `serve` may import only `protocol`, `tool_calls` and `constrained`. Nothing imports MLX at
+module level, so importing this package stays cheap.
+"""

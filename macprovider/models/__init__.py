@@ -1,0 +1,9 @@
+"""Models on disk (SPEC.md §4, §9): ids, the Hugging Face Hub cache, and locally built demo models.
+
+Layout:
+    ids.py        model id validation, cache resolution (`ensure_local`), facts from config.json
+    hub_cache.py  list / pull / verify / rm on the Hub cache (huggingface_hub), blob hashes
+    demo.py       tiny random-weight chat models built locally, installed in the Hub cache layout
+Imports: the shared core (`config`, `errors`) only — never `serve`, `engine` or `autotune`. Importers:
+`commands`, `serve.preflight`, `autotune` (pre-warm, memory), `engine`.
+"""

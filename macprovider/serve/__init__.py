@@ -1,0 +1,26 @@
+"""`macprovider serve`, the HTTP side (SPEC.md §3): OpenAI routes over an engine that is handed in.
+
+Layout (DESIGN.md "Shape: one subpackage per family"):
+    app.py             create_app: middleware (Host/Origin, CORS, key, body cap), routes, SSE relay
+    runtime.py         ServeRuntime / run_server: uvicorn lifecycle, background load, watchdog, drain
+    openai_schemas.py  OpenAI request models, response/chunk builders, the error envelope
+    preflight.py       plan_serve: every check before a model loads -> engine.protocol.ServePlan
+Imports: `runtime` -> `app` -> `openai_schemas`, never the reverse. The engine is reached through
+`engine.protocol` (plus the MLX-free request helpers `engine.tool_calls` and `engine.constrained`); nothing
+here imports MLX or the engine itself (`commands/serve.py` builds it), so the HTTP tests run on a fake engine.
+Importers: `commands` only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from macprovider.engine.protocol import EngineProtocol, ServePlan
+
+
+def run_server(plan: "ServePlan", engine: "EngineProtocol") -> int:
+    """Serve `engine` as planned until drained; see `macprovider.serve.runtime.run_server` (exit code)."""
+    from macprovider.serve.runtime import run_server as _run_server
+
+    return _run_server(plan, engine)
