@@ -37,6 +37,8 @@ SPECS = {
     "e2e/small": TinyModelSpec(hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=128),
     "e2e/big": TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=4, intermediate_size=1024),
     "e2e/huge": TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=4, intermediate_size=8192),
+    "e2e/mid": TinyModelSpec(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+                             intermediate_size=1024, vocab_size=2048),
 }
 NO_FOREGROUND = (
     "import sys; from macprovider.autotune import conflict; "
@@ -67,10 +69,17 @@ def free_port() -> int:
 
 
 def budget_between(models, fits: str, too_big: str) -> str:
-    """A --memory-budget-gb that admits `fits` but not `too_big` at target context 256."""
+    """A --memory-budget-gb that admits `fits` but not `too_big` at target context 256 (the runtime baseline
+    measured here is the one the CLI then reads from the same cache)."""
+    from macprovider.autotune.trial import BASELINE_CACHE_NAME
+    from macprovider.config import Paths
+
+    baseline = memory.runtime_baseline_bytes(Paths.from_env().config_dir / BASELINE_CACHE_NAME)
+
     def est(repo):
         config = json.loads((models[repo] / "config.json").read_text())
-        return memory.estimate(models[repo], config, max_context=256, max_batch=2, kv_bits=None, budget=0).total
+        return memory.estimate(models[repo], config, max_context=256, max_batch=2, kv_bits=None, budget=0,
+                               baseline=baseline).total
     low, high = est(fits), est(too_big)
     assert low < high
     return f"{(low + high) / 2 / memory.GIB:.6f}"
@@ -110,11 +119,42 @@ def test_biggest_feasible_under_the_memory_budget_then_knobs_then_apply(tmp_path
     assert all(t["memory_estimate_bytes"] > 0 for t in trials[1:])
     assert trials[1]["measured_prompt_tokens"] is not None and trials[1]["measured_prompt_tokens"] <= 256
     assert sum(t["kept"] for t in trials) == 1 and [t["kept"] for t in trials if t["stage"] == 1] == [0, 0]
+    assert_memory_estimates_within(tmp_path, expect=3)
     assert yaml.safe_load(config.read_text()) == {
         "port": 9000, "model": "e2e/big", "max_concurrency_override": rec["knobs"]["max_concurrency_override"],
         "max_context_override": 256}
     assert config.read_text().startswith("# keep me\nport: 9000\n")
     assert "applied: model=e2e/big" in result.stdout
+
+
+def assert_memory_estimates_within(tmp_path, tolerance=0.10, expect=1):
+    """Every trial that ran has its estimate within ±tolerance of its measured peak (SPEC.md §5.6)."""
+    rows = db_rows(tmp_path, "SELECT * FROM tune_trials WHERE peak_memory_bytes IS NOT NULL")
+    assert len(rows) >= expect
+    for row in rows:
+        error = (row["memory_estimate_bytes"] - row["peak_memory_bytes"]) / row["peak_memory_bytes"]
+        assert abs(error) <= tolerance, (dict(row), error)
+        assert row["peak_memory_bytes"] == row["mlx_peak_memory_bytes"] + row["memory_baseline_bytes"]
+        terms = ("weights", "kv", "prompt_cache", "prefill", "baseline")
+        assert row["memory_estimate_bytes"] == sum(row[f"memory_{t}_bytes"] for t in terms)
+    return rows
+
+
+def test_memory_estimate_within_ten_percent_with_and_without_kv_bits(tmp_path, e2e_models):
+    result = autotune_cli(tmp_path, "--candidate-models", "e2e/mid", "--kv-bits-axis", "unset,8,4",
+                          "--max-batch-axis", "1,2", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = assert_memory_estimates_within(tmp_path, expect=7)
+    assert {(r["kv_bits"], r["max_batch"]) for r in rows if r["stage"] == 2} == {
+        (kv, b) for kv in (None, 8, 4) for b in (1, 2)}
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    assert len(report["trials"]) == 7
+    for trial in report["trials"]:
+        assert abs(trial["memory_estimate_error"]) <= 0.10
+        assert sum(trial["memory_estimate_terms"].values()) == trial["memory_estimate_bytes"]
+    rec = report["recommendation"]
+    assert rec["peak_memory_bytes"] > rec["memory_estimate_bytes"] * 0.9
+    assert "memory_peak:" in result.stdout
 
 
 def test_operator_order_is_honoured(tmp_path, e2e_models):
@@ -125,6 +165,7 @@ def test_operator_order_is_honoured(tmp_path, e2e_models):
     models = [r["model"] for r in db_rows(tmp_path, "SELECT model FROM tune_trials")]
     assert "e2e/big" not in models
     assert "[stage 2] e2e/small kv_bits=8" in result.stderr
+    assert_memory_estimates_within(tmp_path, expect=2)
 
 
 def test_truncated_safetensors_aborts_with_integrity_failure(tmp_path, e2e_models):

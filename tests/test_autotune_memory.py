@@ -72,7 +72,7 @@ def model_src(tmp_path_factory) -> Path:
 
 def test_memory_precheck_rejects_quickly_without_loading(model_src):
     config = json.loads((model_src / "config.json").read_text())
-    est = memory.estimate(model_src, config, max_context=100_000, max_batch=2, kv_bits=None, budget=memory.OVERHEAD_BYTES)
+    est = memory.estimate(model_src, config, max_context=100_000, max_batch=2, kv_bits=None, budget=128 * memory.MIB)
     assert not est.fits and est.note().startswith("memory estimate ")
     assert est.weights == (model_src / "model.safetensors").stat().st_size - 8 - struct.unpack(
         "<Q", (model_src / "model.safetensors").read_bytes()[:8])[0]
@@ -126,3 +126,82 @@ def test_unreachable_hub_is_transient(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     with pytest.raises(PrewarmTransient, match="cannot reach"):
         prewarm("org/absent")
+
+
+def test_quantized_kv_bytes_follow_the_activation_dtype_and_group_size():
+    base = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128}
+    fp32 = KvShape.from_config({**base, "torch_dtype": "float32"})  # head_dim 64: group 64
+    assert fp32.kv_bytes_per_element(None) == 4
+    assert fp32.kv_bytes_per_element(8) == 1 + 2 * 4 / 64 and fp32.kv_bytes_per_element(4) == 0.5 + 2 * 4 / 64
+    odd = KvShape.from_config({**base, "hidden_size": 192, "num_attention_heads": 2, "torch_dtype": "float16"})
+    assert odd.head_dim == 96 and odd.kv_bytes_per_element(8) == 1 + 2 * 2 / 32  # 64 does not divide 96
+
+
+def test_estimate_terms_add_up(model_src):
+    config = json.loads((model_src / "config.json").read_text())
+    shape = KvShape.from_config(config)
+    est = memory.estimate(model_src, config, max_context=300, max_batch=2, kv_bits=8, budget=memory.GIB,
+                          baseline=100 * memory.MIB, cached_tokens=1000)
+    assert est.kv == kv_bytes(shape, 2 * 512, 8)  # 300 tokens allocate two steps of 256
+    assert est.prompt_cache == kv_bytes(shape, 1000, 8) and est.baseline == 100 * memory.MIB
+    assert est.prefill == shape.prefill_bytes(300, 2) > 0
+    assert est.total == sum(est.terms().values())
+    capped = memory.estimate(model_src, config, max_context=300, max_batch=2, kv_bits=8, budget=memory.GIB,
+                             cached_tokens=10**6, prompt_cache_bytes=1234)
+    assert capped.prompt_cache == 1234
+    assert replace_budget(est).note().startswith("memory estimate ") and "baseline 0.10" in replace_budget(est).note()
+
+
+def replace_budget(est):
+    from dataclasses import replace
+
+    return replace(est, budget=0)
+
+
+def test_the_memory_model_constants_match_the_runtime():
+    """The constants the estimate cites are the ones mlx-lm and the engine really use."""
+    import inspect
+
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import KVCache
+
+    from macprovider.engine import engine, kvcache
+
+    assert KVCache.step == kvcache.BatchQuantizedKVCache.step == memory.KV_ALLOCATION_STEP
+    assert inspect.signature(BatchGenerator).parameters["prefill_step_size"].default == memory.PREFILL_STEP_SIZE
+    assert "prefill_step_size" not in inspect.getsource(engine.Engine)  # the engine keeps mlx-lm's default
+    assert engine.PROMPT_CACHE_ENTRIES == memory.PROMPT_CACHE_ENTRIES
+    assert [kvcache.kv_group_size(d) for d in (64, 96, 128)] == [64, 32, 64]
+
+
+def test_runtime_baseline_is_measured_once_per_runtime_and_cached_atomically(tmp_path):
+    cache = tmp_path / "cfg" / "runtime-baseline.json"
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return 123_456_789
+
+    assert memory.runtime_baseline_bytes(cache, measure) == 123_456_789
+    assert memory.runtime_baseline_bytes(cache, measure) == 123_456_789
+    assert len(calls) == 1 and json.loads(cache.read_text())["key"] == memory.runtime_key()
+    other = json.loads(cache.read_text())
+    other["key"]["mlx"] = "0.0.1"
+    cache.write_text(json.dumps(other))
+    assert memory.runtime_baseline_bytes(cache, measure) == 123_456_789 and len(calls) == 2  # another runtime
+    assert [p.name for p in cache.parent.iterdir()] == ["runtime-baseline.json"]  # no temp file left
+
+
+def test_runtime_baseline_falls_back_without_caching_when_the_child_fails(tmp_path):
+    cache = tmp_path / "runtime-baseline.json"
+
+    def broken():
+        raise RuntimeError("runtime baseline child exited 1")
+
+    assert memory.runtime_baseline_bytes(cache, broken) == memory.FALLBACK_BASELINE_BYTES
+    assert not cache.exists()
+
+
+def test_bare_runtime_child_reports_a_plausible_footprint():
+    value = memory.measure_runtime_baseline()
+    assert 20 * memory.MIB < value < 2 * memory.GIB

@@ -77,7 +77,9 @@ def test_json_report_has_every_key_with_yaml_knob_names():
     assert set(r["inputs"]) == {"target_context", "candidate_models", "stage1_replicates", "stage2_replicates",
                                 "gate_ttft_ms", "tps_tie_epsilon"}
     rec = r["recommendation"]
-    assert set(rec) == {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates", "serve_command"}
+    assert set(rec) >= {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates", "serve_command"}
+    assert set(rec) - {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates",
+                       "serve_command"} == {"memory_estimate_bytes", "peak_memory_bytes"}  # additions (issue 15)
     assert rec["knobs"] == {"kv_bits": 8, "max_concurrency_override": 2, "max_context_override": 4096}
     assert rec["serve_command"] == (
         "macprovider serve --model mlx-community/Qwen2.5-14B-Instruct-4bit --kv-bits 8 --max-batch 2 --max-context 4096"

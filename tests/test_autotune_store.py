@@ -62,10 +62,12 @@ def columns(db, table):
 def test_fresh_database_has_the_spec_tables_wal_and_indexes(tmp_path):
     db = tmp_path / "a.sqlite"
     store = Store(db)
-    assert store.schema_version == 3
+    assert store.schema_version == 4
     store.close()
-    assert columns(db, "tune_runs") == SPEC_RUN_COLUMNS
-    assert columns(db, "tune_trials") == SPEC_TRIAL_COLUMNS + ["memory_estimate_bytes", "peak_memory_bytes"]
+    assert columns(db, "tune_runs") == SPEC_RUN_COLUMNS + ["objective", "workload"]
+    assert columns(db, "tune_trials") == SPEC_TRIAL_COLUMNS + [
+        "memory_estimate_bytes", "peak_memory_bytes", "memory_weights_bytes", "memory_kv_bytes",
+        "memory_prompt_cache_bytes", "memory_prefill_bytes", "memory_baseline_bytes", "mlx_peak_memory_bytes"]
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     indexed = {r[2] for r in conn.execute("SELECT * FROM sqlite_master WHERE type='index'").fetchall() if r[2]}
@@ -93,7 +95,7 @@ def test_prototype_database_is_migrated_in_place_with_stage_1(tmp_path):
     assert row_id > rows[0]["id"]
     store.close()
     assert columns(db, "tune_trials")[: len(SPEC_TRIAL_COLUMNS)] == SPEC_TRIAL_COLUMNS
-    assert Store(db).schema_version == 3  # reopening applies nothing twice
+    assert Store(db).schema_version == 4  # reopening applies nothing twice
 
 
 def test_run_row_lifecycle_and_trial_fields(tmp_path):
@@ -101,7 +103,9 @@ def test_run_row_lifecycle_and_trial_fields(tmp_path):
     store.insert_run(run_row("r1", "2026-01-01T00:00:00Z"))
     run = store.rows("SELECT * FROM tune_runs")[0]
     assert run["exit_reason"] == "internal_error" and run["ended_at_utc"] is None
-    t1 = store.insert_trial("r1", "2026-01-01T00:00:01Z", a_trial(stage=1, memory_estimate_bytes=5, peak_memory_bytes=4))
+    t1 = store.insert_trial("r1", "2026-01-01T00:00:01Z", a_trial(
+        stage=1, memory_estimate_bytes=5, peak_memory_bytes=4, mlx_peak_memory_bytes=3,
+        memory_terms={"weights": 1, "kv": 1, "prompt_cache": 0, "prefill": 1, "baseline": 2}))
     t2 = store.insert_trial("r1", "2026-01-01T00:00:02Z", a_trial())
     t3 = store.insert_trial("r1", "2026-01-01T00:00:03Z", a_trial())
     store.mark_kept("r1", t3)
@@ -113,7 +117,10 @@ def test_run_row_lifecycle_and_trial_fields(tmp_path):
     assert [tuple(k) for k in store.rows("SELECT id, stage FROM tune_trials WHERE kept = 1")] == [(t2, 2)]
     row = store.rows("SELECT * FROM tune_trials WHERE id = ?", (t1,))[0]
     assert (row["stage"], row["kv_bits"], row["max_batch"], row["max_context_cap"], row["replicates_n"]) == (1, 8, 2, 300, 3)
-    assert (row["memory_estimate_bytes"], row["peak_memory_bytes"]) == (5, 4)
+    assert (row["memory_estimate_bytes"], row["peak_memory_bytes"], row["mlx_peak_memory_bytes"]) == (5, 4, 3)
+    assert (row["memory_weights_bytes"], row["memory_kv_bytes"], row["memory_prompt_cache_bytes"],
+            row["memory_prefill_bytes"], row["memory_baseline_bytes"]) == (1, 1, 0, 1, 2)
+    assert store.rows("SELECT memory_kv_bytes FROM tune_trials WHERE id = ?", (t2,))[0][0] is None
     store.finish_run("r1", ended_at_utc="2026-01-01T00:01:00Z", exit_reason="ok", report={"a": 1},
                      recipe_hash="sha256:x", applied=True)
     run = store.rows("SELECT * FROM tune_runs")[0]

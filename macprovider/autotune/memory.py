@@ -1,13 +1,38 @@
-"""Memory pre-check: will this candidate fit before we spend a load on it? (SPEC.md §5.6)
+"""Memory pre-check and the memory model of a candidate (SPEC.md §5.6).
 
-estimate = weights + KV cache + fixed overhead, where
-  weights  = exact bytes from the safetensors headers (sum of every tensor's `data_offsets` span), or the
-             index's `metadata.total_size` when the headers cannot be read;
-  KV cache = 2 (K and V) × layers × kv_heads × head_dim × bytes per element × tokens,
-             bytes per element: 8-bit ≈ 1.0625 (8 bits + a float16 scale and bias per group of 64 →
-             8 + 32/64 bits = 8.5 bits), 4-bit ≈ 0.5625 (4.5 bits), full precision = the model dtype size;
-             tokens = max_context × max_batch (every sequence of a full batch at the cap);
-  overhead = OVERHEAD_BYTES for activations, scratch buffers and the runtime.
+"Measured peak" (one definition, used by every trial row, the report and the tests):
+    measured peak = the serving child's MLX peak (`mx.get_peak_memory()` over its whole life, reported by
+                    `GET /v1/health` as `engine.peak_memory_bytes`) + the runtime baseline below.
+MLX's peak counts every buffer MLX allocated (weights, KV cache, activations) on Metal and on the CPU
+backend alike; the baseline is what the process holds before MLX allocates anything. (On Linux the serving
+child's RSS high-water mark runs a few tens of MiB above this: its tokenizer and HTTP server state.)
+
+estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
+  weights      exact bytes from the safetensors headers (sum of every tensor's `data_offsets` span — packed
+               quantized weights, scales and biases included), or the index's `metadata.total_size`.
+  kv_live      max_batch sequences × allocated tokens × KV bytes per token. Allocated tokens = max_context
+               rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
+               BatchQuantizedKVCache grow by the same step). KV bytes per token = 2 (K and V) × layers ×
+               kv_heads (GQA: `num_key_value_heads`) × head_dim × bytes per element, where bytes per element
+               is the activation dtype size at full precision, and with kv-bits b it is b/8 + 2 × dtype
+               size / group size (mx.quantize: b-bit codes plus one scale and one bias per group of 64, or 32
+               when 64 does not divide head_dim — engine.kvcache.kv_group_size). float16 activations give
+               SPEC's 1.0625 B (8-bit) and 0.5625 B (4-bit).
+  prompt_cache finished sequences the engine keeps for prefix reuse (mlx-lm `LRUPromptCache`, at most
+               PROMPT_CACHE_ENTRIES entries and `prompt_cache_bytes`, default 1 GiB; each entry is a contiguous
+               copy of its tokens' KV, `BatchKVCache.extract`): the tokens the trial's workload leaves there ×
+               KV bytes per token, capped by `prompt_cache_bytes`. A provider that serves for hours fills it up
+               to that cap; a trial only holds what its requests left.
+  prefill      the activations of one prefill step: mlx-lm's BatchGenerator prefills `prefill_batch_size`
+               (= max_batch, engine) prompts in chunks of at most PREFILL_STEP_SIZE tokens (its
+               `prefill_step_size` default, 2048). Per token of a chunk: dtype size × (3 × intermediate_size
+               (SwiGLU gate, up and their product, mlx_lm/models/llama.py MLP) + 4 × hidden_size (residual,
+               normed input, attention output, o_proj)) + 4 B × heads × chunk (the float32 attention scores
+               MLX's CPU `scaled_dot_product_attention` materialises; Metal's fused kernel does not, so there
+               the term is an upper bound). chunk = min(PREFILL_STEP_SIZE, max_context).
+  baseline     the runtime's own footprint: the RSS of a bare child that imports what `macprovider serve`
+               imports (MLX, mlx-lm, the HTTP server) and allocates nothing, measured once per machine and
+               runtime (`runtime_baseline_bytes`, cached in the config directory).
 budget = `--memory-budget-gb`, else `hardware.memory_budget_bytes` (Metal's recommended working set where
 MLX reports it, else physical RAM minus a reserve). Reading headers is a few small reads, so a hopeless
 candidate is rejected in milliseconds without loading anything.
@@ -23,10 +48,13 @@ from typing import Any
 
 GIB = 1024**3
 MIB = 1024**2
-# Activations, temporary buffers and the MLX runtime beside weights and KV (a deliberately round figure:
-# the measured peak recorded per trial is there to check it).
-OVERHEAD_BYTES = 256 * MIB
-KV_BYTES_PER_ELEMENT = {8: 1.0625, 4: 0.5625}
+KV_ALLOCATION_STEP = 256  # mlx_lm.models.cache.KVCache.step (tests/test_autotune_memory.py pins it)
+PREFILL_STEP_SIZE = 2048  # mlx_lm.generate.BatchGenerator prefill_step_size default (pinned by a test)
+PROMPT_CACHE_ENTRIES = 64  # macprovider.engine.engine.PROMPT_CACHE_ENTRIES (pinned by a test)
+KV_GROUP_SIZES = (64, 32)  # engine.kvcache.kv_group_size: 64 when it divides head_dim, else 32
+SCORE_BYTES = 4  # float32 attention scores (CPU scaled_dot_product_attention)
+# Used only when the bare baseline child cannot run (then the provider would not start either).
+FALLBACK_BASELINE_BYTES = 128 * MIB
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # Safetensors dtype names → bytes per element (safetensors format spec).
 SAFETENSORS_DTYPE_BYTES = {
@@ -119,65 +147,211 @@ def weights_bytes(model_dir: Path) -> int:
 
 
 @dataclass(frozen=True)
-class KvShape:
-    """KV-relevant shape of a model: layers, KV heads, head dimension, activation dtype bytes."""
+class ModelShape:
+    """What the memory model needs from config.json: layers, attention heads, KV heads, head dimension,
+    hidden and intermediate sizes, activation dtype bytes."""
 
     layers: int
+    heads: int
     kv_heads: int
     head_dim: int
+    hidden_size: int
+    intermediate_size: int
     dtype_bytes: int
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "KvShape":
-        """From config.json (top level or `text_config`). ValueError when a field is missing."""
+    def from_config(cls, config: dict[str, Any]) -> "ModelShape":
+        """From config.json (top level or `text_config`). ValueError/KeyError when a field is missing."""
         scope = config.get("text_config") if "num_hidden_layers" not in config and config.get("text_config") else config
         layers = int(scope["num_hidden_layers"])
         heads = int(scope["num_attention_heads"])
+        hidden = int(scope["hidden_size"])
         kv_heads = int(scope.get("num_key_value_heads") or heads)
-        head_dim = int(scope.get("head_dim") or int(scope["hidden_size"]) // heads)
+        head_dim = int(scope.get("head_dim") or hidden // heads)
+        intermediate = int(scope.get("intermediate_size") or 4 * hidden)
         dtype = str(scope.get("torch_dtype") or config.get("torch_dtype") or "float16")
-        return cls(layers, kv_heads, head_dim, DTYPE_BYTES.get(dtype, 2))
+        return cls(layers, heads, kv_heads, head_dim, hidden, intermediate, DTYPE_BYTES.get(dtype, 2))
+
+    def kv_bytes_per_element(self, kv_bits: int | None) -> float:
+        """Full precision: the dtype size; kv-bits b: b/8 + 2 × dtype size / group size (module docstring)."""
+        if kv_bits is None:
+            return float(self.dtype_bytes)
+        group = next((g for g in KV_GROUP_SIZES if self.head_dim % g == 0), KV_GROUP_SIZES[-1])
+        return kv_bits / 8 + 2 * self.dtype_bytes / group
+
+    def kv_bytes_per_token(self, kv_bits: int | None) -> float:
+        """2 (K and V) × layers × kv_heads × head_dim × bytes per element."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_bytes_per_element(kv_bits)
+
+    def prefill_bytes(self, chunk: int, batch: int) -> int:
+        """Activations of one prefill step of `batch` prompts × `chunk` tokens (module docstring)."""
+        per_token = self.dtype_bytes * (3 * self.intermediate_size + 4 * self.hidden_size) + SCORE_BYTES * self.heads * chunk
+        return int(batch * chunk * per_token)
 
 
-def kv_bytes(shape: KvShape, tokens: int, kv_bits: int | None) -> int:
-    """2 × layers × kv_heads × head_dim × bytes per element × tokens (see module docstring)."""
-    per_element = KV_BYTES_PER_ELEMENT[kv_bits] if kv_bits is not None else shape.dtype_bytes
-    return int(2 * shape.layers * shape.kv_heads * shape.head_dim * per_element * tokens)
+KvShape = ModelShape  # the name earlier callers used
+
+
+def kv_bytes(shape: ModelShape, tokens: int, kv_bits: int | None) -> int:
+    """KV bytes of `tokens` tokens: 2 × layers × kv_heads × head_dim × bytes per element × tokens."""
+    return int(shape.kv_bytes_per_token(kv_bits) * tokens)
+
+
+def allocated_tokens(tokens: int) -> int:
+    """Tokens a KV cache holding `tokens` has allocated: rounded up to KV_ALLOCATION_STEP."""
+    return -(-tokens // KV_ALLOCATION_STEP) * KV_ALLOCATION_STEP
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes: weights, kv, overhead and their total, against `budget`."""
+    """The estimate's terms in bytes (module docstring), their total, and the `budget` it must fit."""
 
     weights: int
     kv: int
-    overhead: int
+    prompt_cache: int
+    prefill: int
+    baseline: int
     budget: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.overhead
+        return self.weights + self.kv + self.prompt_cache + self.prefill + self.baseline
 
     @property
     def fits(self) -> bool:
         return self.total <= self.budget
 
+    def terms(self) -> dict[str, int]:
+        """The terms by name (for reports): weights, kv, prompt_cache, prefill, baseline."""
+        return {
+            "weights": self.weights, "kv": self.kv, "prompt_cache": self.prompt_cache,
+            "prefill": self.prefill, "baseline": self.baseline,
+        }
+
     def note(self) -> str:
         """`memory estimate …` note for an infeasible trial."""
-        return (
-            f"memory estimate {self.total / GIB:.2f} GiB (weights {self.weights / GIB:.2f} + KV {self.kv / GIB:.2f}"
-            f" + overhead {self.overhead / GIB:.2f}) exceeds budget {self.budget / GIB:.2f} GiB"
-        )
+        parts = " + ".join(f"{name} {value / GIB:.2f}" for name, value in self.terms().items())
+        return f"memory estimate {self.total / GIB:.2f} GiB ({parts}) exceeds budget {self.budget / GIB:.2f} GiB"
 
 
 def estimate(
-    model_dir: Path, config: dict[str, Any], *, max_context: int, max_batch: int, kv_bits: int | None, budget: int
+    model_dir: Path,
+    config: dict[str, Any],
+    *,
+    max_context: int,
+    max_batch: int,
+    kv_bits: int | None,
+    budget: int,
+    baseline: int = 0,
+    cached_tokens: int = 0,
+    prompt_cache_bytes: int | None = None,
 ) -> MemoryEstimate:
-    """Estimate the memory of serving the model with these knobs. Raises SafetensorsError/OSError/ValueError."""
-    shape = KvShape.from_config(config)
+    """Estimate the peak memory of serving the model with these knobs (module docstring, term by term).
+
+    baseline: the runtime baseline in bytes (`runtime_baseline_bytes`). cached_tokens: the tokens the
+    workload's finished requests leave in the prompt cache (newest PROMPT_CACHE_ENTRIES requests);
+    prompt_cache_bytes: the serving child's `prompt_cache_bytes` (default: `Settings` default).
+    Raises SafetensorsError/OSError/ValueError/KeyError when the files cannot be read.
+    """
+    from macprovider.config import Settings
+
+    shape = ModelShape.from_config(config)
+    cap = Settings().prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
     return MemoryEstimate(
-        weights_bytes(model_dir), kv_bytes(shape, max_context * max_batch, kv_bits), OVERHEAD_BYTES, budget
+        weights=weights_bytes(model_dir),
+        kv=kv_bytes(shape, max_batch * allocated_tokens(max_context), kv_bits),
+        prompt_cache=min(cap, kv_bytes(shape, cached_tokens, kv_bits)),
+        prefill=shape.prefill_bytes(min(PREFILL_STEP_SIZE, max_context), max_batch),
+        baseline=baseline,
+        budget=budget,
     )
+
+
+def relative_error(estimate_bytes: int | None, measured_bytes: int | None) -> float | None:
+    """(estimate − measured) / measured, or None when either is unknown."""
+    if not estimate_bytes or not measured_bytes:
+        return None
+    return (estimate_bytes - measured_bytes) / measured_bytes
+
+
+# The bare child: import what `macprovider serve` imports, allocate nothing, report its RSS.
+_BASELINE_CHILD = """
+import json, psutil
+import mlx.core, mlx_lm, mlx_lm.generate, mlx_lm.models.cache
+import macprovider.serve.runtime, macprovider.engine.engine, macprovider.engine.kvcache
+print(json.dumps({"rss": psutil.Process().memory_info().rss, "mlx_active": mlx.core.get_active_memory()}))
+"""
+
+
+def runtime_key() -> dict[str, str]:
+    """What the baseline depends on: interpreter, platform, and the versions of MLX, mlx-lm, macprovider."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    return {
+        "python": sys.executable, "python_version": platform.python_version(), "machine": platform.machine(),
+        "system": platform.system(), "mlx": version("mlx"), "mlx_lm": version("mlx-lm"),
+        "macprovider": version("macprovider"),
+    }
+
+
+def measure_runtime_baseline(timeout_s: float = 120.0) -> int:
+    """RSS (bytes) of a bare child that imports the serving runtime and allocates nothing.
+
+    Raises RuntimeError when the child fails (its stderr tail in the message).
+    """
+    import subprocess
+    import sys
+
+    from macprovider.autotune.provider import child_env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _BASELINE_CHILD], capture_output=True, text=True, timeout=timeout_s, env=child_env(),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"runtime baseline child exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    return int(figures["rss"]) + int(figures["mlx_active"])
+
+
+def runtime_baseline_bytes(cache_file: Path, measure: Any = measure_runtime_baseline) -> int:
+    """The runtime baseline, measured once per `runtime_key()` and cached in `cache_file` (JSON).
+
+    A cache written for another interpreter or other versions is measured again; the file is replaced
+    atomically (temp file + rename), so a crash never leaves half a file. When the child cannot run,
+    FALLBACK_BASELINE_BYTES is returned and nothing is cached.
+    """
+    import os
+    import tempfile
+
+    key = runtime_key()
+    try:
+        cached = json.loads(Path(cache_file).read_text(encoding="utf-8"))
+        if cached.get("key") == key and int(cached["baseline_bytes"]) > 0:
+            return int(cached["baseline_bytes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        value = int(measure())
+    except Exception:  # noqa: BLE001 - a child that cannot run (or times out): the documented fallback
+        return FALLBACK_BASELINE_BYTES
+    try:
+        cache_file = Path(cache_file)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".runtime-baseline-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"key": key, "baseline_bytes": value}, handle)
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # an unwritable config directory only costs a re-measurement next run
+    return value
 
 
 def default_budget_bytes() -> int:

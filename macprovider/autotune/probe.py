@@ -66,6 +66,16 @@ class Workload:
         markers.update(tok.content for tok in decoder.values() if getattr(tok, "special", False) and tok.content)
         self.leak_markers = tuple(sorted(markers))
 
+    name = "synthetic"
+
+    def cached_tokens(self, max_context: int, max_batch: int, replicates: int) -> int:
+        """Tokens this workload's finished requests leave in the provider's prompt cache: the warm-up and
+        every measured stream (at most memory.PROMPT_CACHE_ENTRIES), each ≤ prompt + MAX_TOKENS, ≤ max_context."""
+        from macprovider.autotune.memory import PROMPT_CACHE_ENTRIES
+
+        requests = min(1 + replicates * max_batch, PROMPT_CACHE_ENTRIES)
+        return requests * min(max_context, self.target_tokens + MAX_TOKENS)
+
     def count(self, messages: list[dict[str, str]]) -> int:
         """Prompt tokens of `messages` after the chat template (with the generation prompt)."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

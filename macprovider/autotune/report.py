@@ -35,6 +35,8 @@ class Recommendation:
     tps_median: float
     ttft_p95_ms: float
     replicates: int
+    memory_estimate_bytes: int | None = None
+    peak_memory_bytes: int | None = None
 
     @classmethod
     def from_trial(cls, trial: Trial, target_context: int) -> "Recommendation":
@@ -48,6 +50,8 @@ class Recommendation:
             float(trial.throughput_tps or 0.0),
             float(trial.ttft_p95_ms or 0.0),
             int(trial.replicates_n or 0),
+            trial.memory_estimate_bytes,
+            trial.peak_memory_bytes,
         )
 
     @property
@@ -117,8 +121,11 @@ def build_report(
     exit_reason: str,
     partial: bool = False,
     applied: bool = False,
+    trials: Sequence[Trial] = (),
 ) -> dict[str, Any]:
-    """The JSON report (stable, additive-only keys of SPEC.md §5.9, plus `partial` and `applied`).
+    """The JSON report (stable, additive-only keys of SPEC.md §5.9, plus `partial`, `applied`, the
+    recommendation's `memory_estimate_bytes` / `peak_memory_bytes` and `trials[]`: every trial's knobs,
+    verdict, throughput, TTFT and memory estimate beside the measured peak, see `trial_summary`).
 
     `infeasible` must already be ordered smallest first.
     """
@@ -133,6 +140,8 @@ def build_report(
             "ttft_p95_ms": recommendation.ttft_p95_ms,
             "replicates": recommendation.replicates,
             "serve_command": recommendation.serve_command,
+            "memory_estimate_bytes": recommendation.memory_estimate_bytes,
+            "peak_memory_bytes": recommendation.peak_memory_bytes,
         }
         hash_value = recipe_hash(
             recipe_domain(
@@ -158,6 +167,32 @@ def build_report(
         "exit_reason": exit_reason,
         "partial": partial,
         "applied": applied,
+        "trials": [trial_summary(t) for t in trials],
+    }
+
+
+def trial_summary(trial: Trial) -> dict[str, Any]:
+    """One trial for the JSON report: stage, model, knobs (YAML key names), fits, kept, notes, tps_median,
+    ttft_p95_ms, and the memory estimate (with its terms) beside the measured peak (autotune.memory)."""
+    from macprovider.autotune.memory import relative_error
+
+    return {
+        "stage": trial.stage,
+        "model": trial.model,
+        "knobs": {
+            "kv_bits": trial.knobs.kv_bits,
+            "max_concurrency_override": trial.knobs.max_batch,
+            "max_context_override": trial.knobs.max_context,
+        },
+        "fits": trial.fits,
+        "kept": trial.kept,
+        "notes": trial.notes,
+        "tps_median": trial.throughput_tps,
+        "ttft_p95_ms": trial.ttft_p95_ms,
+        "memory_estimate_bytes": trial.memory_estimate_bytes,
+        "memory_estimate_terms": dict(trial.memory_terms) if trial.memory_terms else None,
+        "peak_memory_bytes": trial.peak_memory_bytes,
+        "memory_estimate_error": relative_error(trial.memory_estimate_bytes, trial.peak_memory_bytes),
     }
 
 
@@ -167,6 +202,15 @@ def _rule(title: str | None = None) -> str:
     text = f" {title} "
     left = (WIDTH - len(text)) // 2
     return "=" * left + text + "=" * (WIDTH - len(text) - left)
+
+
+def _memory_line(rec: dict[str, Any]) -> list[str]:
+    """`  memory_peak: <n> MiB (estimate <n> MiB, <±x.x> %)` when the trial measured both."""
+    peak, est = rec.get("peak_memory_bytes"), rec.get("memory_estimate_bytes")
+    if not peak or not est:
+        return []
+    mib = 1024**2
+    return [f"  memory_peak:       {peak / mib:.0f} MiB (estimate {est / mib:.0f} MiB, {(est - peak) / peak:+.1%})"]
 
 
 def render_terminal(report: dict[str, Any]) -> str:
@@ -201,6 +245,7 @@ def render_terminal(report: dict[str, Any]) -> str:
         f"  tps_median:        {rec['tps_median']:.1f} tokens/sec",
         f"  ttft_p95:          {round(rec['ttft_p95_ms'])} ms",
         f"  replicates:        {rec['replicates']}",
+        *_memory_line(rec),
         "",
         "alternates (smaller candidates from input list, not probed):",
     ]

@@ -140,13 +140,17 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
             trial = Trial(stage, model, inputs.target_context, knobs, MAX_TOKENS, fits=False, notes="interrupted")
             raise Interrupted(trial) from None
 
+    recorded: list[Trial] = []
+
     def record(trial: Trial) -> Trial:
         row_id = store.insert_trial(run_id, utc_now(), trial)
         trial = replace(trial, row_id=row_id)
+        recorded.append(trial)
         progress.ended(trial)
         return trial
 
     exit_reason = "internal_error"
+    kept_row: int | None = None
     rec: Recommendation | None = None
     partial = False
     applied = False
@@ -185,6 +189,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
                     partial = s2.partial
                     if s2.best is not None:
                         store.mark_kept(run_id, s2.best.row_id)
+                        kept_row = s2.best.row_id
                         rec = Recommendation.from_trial(s2.best, inputs.target_context)
                     elif partial and s1.trial is not None:
                         rec = Recommendation.from_trial(s1.trial, inputs.target_context)  # Stage 1 knobs
@@ -243,6 +248,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         run_id=run_id, started_at=started, ended_at=utc_now(), machine=machine_obj, inputs=inputs_obj,
         recommendation=rec, infeasible=infeasible, alternates=alternates if rec is not None else [],
         db_path=str(inputs.db_path), exit_reason=exit_reason, partial=partial, applied=applied,
+        trials=[replace(t, kept=t.row_id == kept_row) for t in recorded],
     )
     try:
         store.finish_run(

@@ -34,6 +34,8 @@ class Trial:
     ttft_p95_ms: p95 of every TTFT sample of the trial (ms); None when not measured.
     failure_class: `none` (feasible), `infeasible`, `transient` (pre-warm) or `integrity` (aborts the run).
     weights_bytes: model weight bytes when known (orders the infeasible list, smallest first).
+    memory_estimate_bytes / peak_memory_bytes: the estimate and the measured peak (MLX peak + runtime
+    baseline, autotune.memory); mlx_peak_memory_bytes the MLX part alone; memory_terms the estimate's terms.
     """
 
     stage: int
@@ -50,6 +52,8 @@ class Trial:
     replicates_n: int | None = None
     memory_estimate_bytes: int | None = None
     peak_memory_bytes: int | None = None
+    mlx_peak_memory_bytes: int | None = None
+    memory_terms: dict[str, int] | None = field(default=None, repr=False, compare=False)
     weights_bytes: int | None = None
     failure_class: FailureClass = "none"
     kept: bool = False

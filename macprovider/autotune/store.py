@@ -8,6 +8,11 @@ the migration that sets it). Migrations, applied in order when the store opens, 
     2  rebuild `tune_trials` into the SPEC shape (SQLite's documented create-copy-drop-rename recipe),
        old rows get stage = 1
     3  add `memory_estimate_bytes` and `peak_memory_bytes` (memory pre-check vs measured peak, §5.6)
+    4  the calibrated memory model and the run's choice (issue 15): `tune_trials` gets the estimate's terms
+       `memory_weights_bytes`, `memory_kv_bytes`, `memory_prompt_cache_bytes`, `memory_prefill_bytes`,
+       `memory_baseline_bytes` and `mlx_peak_memory_bytes`; from here on `peak_memory_bytes` is the measured
+       peak of autotune.memory (MLX peak + runtime baseline; rows with a NULL `mlx_peak_memory_bytes` are
+       older and hold the MLX peak alone). `tune_runs` gets `objective` and `workload`.
 
 Never edit a shipped migration: append a new one. The journal is WAL with synchronous=FULL and every
 write is one transaction, so a `kill -9` at any moment leaves the last committed state.
@@ -86,7 +91,29 @@ def _m3_memory_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE tune_trials ADD COLUMN {column} INTEGER")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_m1_prototype, _m2_stage_columns, _m3_memory_columns)
+MEMORY_TERM_COLUMNS = {  # tune_trials column -> MemoryEstimate term
+    "memory_weights_bytes": "weights",
+    "memory_kv_bytes": "kv",
+    "memory_prompt_cache_bytes": "prompt_cache",
+    "memory_prefill_bytes": "prefill",
+    "memory_baseline_bytes": "baseline",
+}
+
+
+def _m4_memory_terms_objective_workload(conn: sqlite3.Connection) -> None:
+    existing = _columns(conn, "tune_trials")
+    for column in (*MEMORY_TERM_COLUMNS, "mlx_peak_memory_bytes"):
+        if column not in existing:
+            conn.execute(f"ALTER TABLE tune_trials ADD COLUMN {column} INTEGER")
+    runs = _columns(conn, "tune_runs")
+    for column in ("objective", "workload"):
+        if column not in runs:
+            conn.execute(f"ALTER TABLE tune_runs ADD COLUMN {column} TEXT")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _m1_prototype, _m2_stage_columns, _m3_memory_columns, _m4_memory_terms_objective_workload,
+)
 
 
 class Store:
@@ -223,15 +250,17 @@ class Store:
             trial.replicates_n,
             trial.memory_estimate_bytes,
             trial.peak_memory_bytes,
+            trial.mlx_peak_memory_bytes,
+            *((trial.memory_terms or {}).get(term) for term in MEMORY_TERM_COLUMNS.values()),
         )
+        columns = (
+            "ts_utc, run_id, stage, model, target_context, measured_prompt_tokens, max_tokens, agg_throughput_tps,"
+            " ttft_p95_ms, fits, n_err, kept, notes, kv_bits, max_context_cap, max_batch, replicates_n,"
+            " memory_estimate_bytes, peak_memory_bytes, mlx_peak_memory_bytes, " + ", ".join(MEMORY_TERM_COLUMNS)
+        )
+        marks = ", ".join("?" * len(values))
         return self._write(
-            lambda c: c.execute(
-                "INSERT INTO tune_trials (ts_utc, run_id, stage, model, target_context, measured_prompt_tokens,"
-                " max_tokens, agg_throughput_tps, ttft_p95_ms, fits, n_err, kept, notes, kv_bits, max_context_cap,"
-                " max_batch, replicates_n, memory_estimate_bytes, peak_memory_bytes)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                values,
-            ).lastrowid
+            lambda c: c.execute(f"INSERT INTO tune_trials ({columns}) VALUES ({marks})", values).lastrowid
         )
 
     def mark_kept(self, run_id: str, row_id: int) -> None:

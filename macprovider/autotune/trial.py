@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from macprovider.autotune import memory
+from macprovider.autotune.memory import MIB
 from macprovider.autotune.preflight import AutotuneInputs
 from macprovider.autotune.provider import CandidateProvider, Deadline, DeadlineReached, ProviderExited, ProviderTimeout
 from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial
+
+
+BASELINE_CACHE_NAME = "runtime-baseline.json"  # in the config directory, beside autotune.sqlite
 
 
 class Progress:
@@ -55,9 +59,15 @@ class Progress:
             tps = f"{trial.throughput_tps:.1f} tok/s" if trial.throughput_tps is not None else "- tok/s"
             ttft = f"{trial.ttft_p95_ms:.0f} ms" if trial.ttft_p95_ms is not None else "- ms"
             verdict = "feasible" if trial.fits else f"infeasible: {trial.notes}"
+            mem = ""
+            if trial.memory_estimate_bytes is not None:
+                peak = "-" if trial.peak_memory_bytes is None else f"{trial.peak_memory_bytes / MIB:.0f}"
+                error = memory.relative_error(trial.memory_estimate_bytes, trial.peak_memory_bytes)
+                mem = f", memory est {trial.memory_estimate_bytes / MIB:.0f} MiB / peak {peak} MiB" + (
+                    f" ({error:+.1%})" if error is not None else "")
             self.console.print(
                 f"[stage {trial.stage}] {trial.model} kv_bits={kv} max_batch={trial.knobs.max_batch} "
-                f"max_context={trial.knobs.max_context}: {tps}, ttft p95 {ttft} -> {verdict}",
+                f"max_context={trial.knobs.max_context}: {tps}, ttft p95 {ttft}{mem} -> {verdict}",
                 markup=False, highlight=False, soft_wrap=True,
             )
 
@@ -72,6 +82,15 @@ class RealEvaluator:
         self._budget: int | None = inputs.memory_budget_bytes
         self._paths: dict[str, Path] = {}
         self._workloads: dict[str, Any] = {}
+        self._baseline: int | None = None
+
+    def baseline(self) -> int:
+        """The runtime baseline (memory.runtime_baseline_bytes), measured once per machine and cached."""
+        if self._baseline is None:
+            from macprovider.config import Paths
+
+            self._baseline = memory.runtime_baseline_bytes(Paths.from_env().config_dir / BASELINE_CACHE_NAME)
+        return self._baseline
 
     def budget(self) -> int:
         if self._budget is None:
@@ -99,32 +118,36 @@ class RealEvaluator:
             raise Interrupted(replace(base, notes="interrupted during pre-warm")) from None
         self._paths[model] = path
 
-        estimate = None
-        try:
-            estimate = memory.estimate(
-                path, read_model_config(path), max_context=knobs.max_context, max_batch=knobs.max_batch,
-                kv_bits=knobs.kv_bits, budget=self.budget(),
-            )
-        except (ValueError, KeyError, OSError, TypeError):
-            estimate = None  # cannot estimate: measure instead of guessing
-        est_fields: dict[str, Any] = {}
-        if estimate is not None:
-            est_fields = {"memory_estimate_bytes": estimate.total, "weights_bytes": estimate.weights}
-            if not estimate.fits:
-                return replace(base, notes=estimate.note(), failure_class="infeasible", **est_fields)
-        base = replace(base, **est_fields)
-
         try:
             workload = self._workloads.get(model) or probe.Workload(path, inputs.target_context)
         except ValueError as exc:
             return replace(base, notes=f"cannot build the probe prompt: {exc}", failure_class="infeasible")
         self._workloads[model] = workload
 
+        estimate = None
+        replicates = inputs.stage1_replicates if stage == 1 else inputs.stage2_replicates
+        try:
+            estimate = memory.estimate(
+                path, read_model_config(path), max_context=knobs.max_context, max_batch=knobs.max_batch,
+                kv_bits=knobs.kv_bits, budget=self.budget(), baseline=self.baseline(),
+                cached_tokens=workload.cached_tokens(knobs.max_context, knobs.max_batch, replicates),
+            )
+        except (ValueError, KeyError, OSError, TypeError):
+            estimate = None  # cannot estimate: measure instead of guessing
+        est_fields: dict[str, Any] = {}
+        if estimate is not None:
+            est_fields = {
+                "memory_estimate_bytes": estimate.total, "weights_bytes": estimate.weights,
+                "memory_terms": estimate.terms(),
+            }
+            if not estimate.fits:
+                return replace(base, notes=estimate.note(), failure_class="infeasible", **est_fields)
+        base = replace(base, **est_fields)
+
         provider = CandidateProvider(
             model, inputs.port, max_batch=knobs.max_batch, max_context=knobs.max_context, kv_bits=knobs.kv_bits,
             drain_grace=inputs.drain_grace_s, deadline=self.deadline,
         )
-        replicates = inputs.stage1_replicates if stage == 1 else inputs.stage2_replicates
         try:
             with provider:
                 provider.wait_ready()
@@ -162,5 +185,6 @@ class RealEvaluator:
             ttft_p95_ms=m.ttft_p95_ms,
             n_err=len(m.errors),
             replicates_n=m.replicates,
-            peak_memory_bytes=m.peak_memory_bytes,
+            mlx_peak_memory_bytes=m.peak_memory_bytes,
+            peak_memory_bytes=None if m.peak_memory_bytes is None else m.peak_memory_bytes + self.baseline(),
         )
