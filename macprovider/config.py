@@ -41,7 +41,7 @@ class Settings(BaseModel):
     kv_quantized_start: int = 0
     max_context_override: int | None = None
     max_concurrency_override: int = 1
-    max_queue_depth: int | None = None
+    max_queue_depth: int = 64
     max_request_body_bytes: int = 10 * MIB
     prompt_cache_bytes: int = 1 * GIB
     log_level: LogLevel = "info"
@@ -51,10 +51,9 @@ class Settings(BaseModel):
 
     @property
     def queue_depth(self) -> int:
-        """Requests that may wait for a batch slot before 429: `max_queue_depth`, default 2×max-batch."""
-        if self.max_queue_depth is not None:
-            return self.max_queue_depth
-        return 2 * self.max_concurrency_override
+        """Requests that may wait for a batch slot before 429: `max_queue_depth` (SPEC.md §3.1, default 64; a
+        queued request holds only its token ids — Ollama's OLLAMA_MAX_QUEUE default is 512)."""
+        return self.max_queue_depth
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "max_context_override", "MACPROVIDER_MAX_CONTEXT_OVERRIDE", _optional(_int_in(1, 10_000_000)), "--max-context"
     ),
     SettingSpec("max_concurrency_override", "MACPROVIDER_MAX_CONCURRENCY_OVERRIDE", _int_in(1, 256), "--max-batch"),
-    SettingSpec("max_queue_depth", "MACPROVIDER_MAX_QUEUE_DEPTH", _optional(_int_in(0, 100_000))),
+    SettingSpec("max_queue_depth", "MACPROVIDER_MAX_QUEUE_DEPTH", _int_in(0, 100_000)),
     SettingSpec("max_request_body_bytes", "MACPROVIDER_MAX_REQUEST_BODY_BYTES", _int_in(1024, 1 << 34)),
     SettingSpec("prompt_cache_bytes", "MACPROVIDER_PROMPT_CACHE_BYTES", _int_in(0)),
     SettingSpec("log_level", "MACPROVIDER_LOG_LEVEL", _log_level, "--log-level"),

@@ -1,15 +1,40 @@
 """Shared fixtures. Every test runs with HOME, XDG_CONFIG_HOME and HF_HOME pinned to temporary
 directories, MACPROVIDER_* scrubbed and HF_HUB_OFFLINE=1, so no test touches the developer's files or
-the network. Tiny models are built once per session into a session Hub cache (SPEC.md §9)."""
+the network. Tiny models are built once per session into a session Hub cache (SPEC.md §9).
+
+The shell's own settings never reach a test: libraries read some variables once, at import
+(`huggingface_hub.constants` reads HF_HUB_OFFLINE, HF_HOME, HF_ENDPOINT, ... when first imported), where a
+per-test monkeypatch cannot reach them. So this module removes every variable named by `SHELL_PREFIXES` /
+`SHELL_NAMES` from the process environment *before* importing anything that imports those libraries; the
+suite then behaves the same with `HF_HUB_OFFLINE=1` (or `MACPROVIDER_KV_BITS=8`) exported as in a clean
+shell (issue 14).
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
 
-import pytest
+SHELL_PREFIXES = ("MACPROVIDER_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "MLX_")
+SHELL_NAMES = ("XDG_CONFIG_HOME", "XDG_CACHE_HOME")
 
-from macprovider.models.demo import TinyModelSpec, install_in_hub_cache, build_model_files
+
+def _scrub_shell_environment() -> None:
+    """Drop the shell's HF_* / MACPROVIDER_* / ... variables before any library reads them at import."""
+    imported_early = [name for name in ("huggingface_hub", "transformers", "macprovider") if name in sys.modules]
+    assert not imported_early, f"imported before tests/conftest.py could isolate the environment: {imported_early}"
+    for key in list(os.environ):
+        if key.startswith(SHELL_PREFIXES) or key in SHELL_NAMES:
+            del os.environ[key]
+
+
+_scrub_shell_environment()
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from macprovider.models.demo import TinyModelSpec, install_in_hub_cache, build_model_files  # noqa: E402
 
 TINY_MODEL_ID = "macprovider-test/tiny-chat"
 
@@ -31,11 +56,12 @@ def tiny_model(hf_home, tmp_path_factory) -> str:
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch, hf_home):
-    """Pin HOME/XDG_CONFIG_HOME/HF_HOME, scrub MACPROVIDER_*, force HF_HUB_OFFLINE=1."""
+    """Pin HOME/XDG_CONFIG_HOME/HF_HOME, scrub what an earlier test set (MACPROVIDER_*, HF_*, ...), force
+    HF_HUB_OFFLINE=1."""
     home = tmp_path / "home"
     home.mkdir()
     for key in list(os.environ):
-        if key.startswith("MACPROVIDER_") or key in ("HF_HUB_CACHE", "XDG_CONFIG_HOME"):
+        if key.startswith(SHELL_PREFIXES) or key in SHELL_NAMES:
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))

@@ -200,11 +200,22 @@ def test_max_duration_is_enforced_inside_a_slow_trial(tmp_path, e2e_models):
     assert db_rows(tmp_path, "SELECT exit_reason FROM tune_runs")[0][0] == "budget_exhausted_no_model_selected"
 
 
-def _serve_children(pid: int) -> list[psutil.Process]:
+def _listening_serve_child(pid: int, port: int) -> psutil.Process | None:
+    """The `serve` descendant of `pid` that listens on `port`, or None. Descendants come and go between
+    trials (and a short-lived one may vanish while we look), so each is read on its own."""
     try:
-        return [c for c in psutil.Process(pid).children(recursive=True) if "serve" in (c.cmdline() or [])]
+        descendants = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        return []
+        return None
+    for child in descendants:
+        try:
+            if "serve" in child.cmdline() and any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")
+            ):
+                return child
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -215,11 +226,14 @@ def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while not port_is_listening(port):  # the candidate provider is up: a trial is in flight
+        # The first trial's candidate listens: a trial is in flight. Freeze it (SIGSTOP) so the trial cannot
+        # finish before our signal lands, however slowly this process is scheduled (issue 14: checking "port
+        # listening" then "children" raced a trial that ended in between).
+        while (child := _listening_serve_child(proc.pid, port)) is None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
-        children = _serve_children(proc.pid)
-        assert children
+        child.suspend()
+        assert child.status() == psutil.STATUS_STOPPED
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -228,7 +242,7 @@ def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
     assert proc.returncode == 130, err
     assert "interrupted" in out
     assert not port_is_listening(port)
-    assert all(not c.is_running() or c.status() == psutil.STATUS_ZOMBIE for c in children)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE  # SIGKILL reaches a stopped child
     trials = db_rows(tmp_path, "SELECT model, fits, notes FROM tune_trials")
     assert [(t["model"], t["fits"]) for t in trials] == [("e2e/small", 0)] and "interrupted" in trials[0]["notes"]
     assert db_rows(tmp_path, "SELECT exit_reason, ended_at_utc FROM tune_runs")[0][0] == "interrupted"

@@ -199,7 +199,7 @@ def test_kv_bits_sequence_cancelled_mid_batch_leaves_the_others_exact(tiny_model
 
 
 def test_queue_limit_answers_429_with_retry_after(tiny_model, engines):
-    engine = engines(tiny_model, max_concurrency_override=1)  # 1 slot + 2 queue places
+    engine = engines(tiny_model, max_concurrency_override=1, max_queue_depth=2)  # 1 slot + 2 queue places
     prompt = chat(engine, PROMPTS[1])  # greedy: hundreds of tokens before any EOS on the test model
 
     async def scenario():
