@@ -233,7 +233,10 @@ def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         child.suspend()
-        assert child.status() == psutil.STATUS_STOPPED
+        stop_by = time.monotonic() + 10
+        while child.status() != psutil.STATUS_STOPPED:  # SIGSTOP is delivered asynchronously
+            assert time.monotonic() < stop_by, child.status()
+            time.sleep(0.01)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:

@@ -284,3 +284,24 @@ def test_added_special_tokens_are_hidden_even_outside_the_special_tokens_map(tin
     vocab = engine.tokenizer.get_vocab()
     assert vocab["<|im_start|>"] not in engine.tokenizer.all_special_ids
     assert {vocab[token] for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")} <= _special_token_ids(engine.tokenizer)
+
+
+def test_prompt_cache_entries_hold_only_their_own_bytes(tiny_model, engines):
+    """A finished sequence's KV, kept for prefix reuse, owns just its rows: MLX's live memory grows by what
+    the prompt cache counts, not by the batch buffers the rows were cut from (issue 14: lazily extracted
+    rows kept every batch buffer alive, ~5x the counted bytes)."""
+    import mlx.core as mx
+
+    engine = engines(tiny_model, max_concurrency_override=8, prompt_cache_bytes=64 << 20)
+    prompts = [chat(engine, f"{i}: " + PROMPTS[1] * (1 + i % 4)) for i in range(16)]
+    before = mx.get_active_memory()
+
+    async def scenario():
+        return await asyncio.gather(*(collect(engine, p, max_tokens=8 + 4 * (i % 5), temperature=0) for i, p in enumerate(prompts)))
+
+    asyncio.run(scenario())
+    engine.close()  # the generation thread is done with MLX: what is live now is what the engine keeps
+    held = engine._prompt_cache.nbytes
+    assert held > 0
+    grown = mx.get_active_memory() - before
+    assert grown <= held * 1.1 + (256 << 10), (grown, held)

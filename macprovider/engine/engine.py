@@ -36,6 +36,11 @@ log = logging.getLogger("macprovider.engine.engine")
 # Text of end-of-turn tokens of common chat formats; any of them in the vocabulary ends generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>", "<|return|>")
 PROMPT_CACHE_ENTRIES = 64
+# MLX keeps freed buffers for reuse (its buffer cache) up to its memory limit by default — on Linux, all of
+# RAM. Decode-step temporaries are far smaller, and mlx-lm empties the cache after every prefill chunk, so a
+# fixed cap bounds the process without costing reuse where it matters (issue 14; health reports the cache
+# as engine.cache_memory_bytes).
+MLX_CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 
 
 class Engine:
@@ -223,7 +228,9 @@ class Engine:
                 prompt_tokens_total=counters.get("prompt_tokens", 0),
                 cached_prompt_tokens_total=counters.get("cached_prompt_tokens", 0),
                 generated_tokens_total=counters.get("generated_tokens", 0),
-                extra={"prompt_cache_bytes": counters.get("prompt_cache_bytes", 0)},
+                prompt_cache_bytes=counters.get("prompt_cache_bytes", 0),
+                active_memory_bytes=counters.get("active_memory", 0),
+                cache_memory_bytes=counters.get("cache_memory", 0),
             )
 
     # ------------------------------------------------------------------ sampling
@@ -285,6 +292,7 @@ class Engine:
 
         from macprovider.engine.kvcache import kv_group_size, make_cache_factory
 
+        mx.set_cache_limit(MLX_CACHE_LIMIT_BYTES)
         model, tokenizer = load(str(self.model_path))
         group_size = 64
         if self.kv_bits is not None:
@@ -461,6 +469,10 @@ class Engine:
                 extracted = self._batch.remove([sequence.uid], return_prompt_caches=reason in ("stop", "length"))
                 cache, tokens = extracted.get(sequence.uid, (None, None))
             if cache is not None and self.prompt_cache_bytes > 0:
+                # mlx-lm extracts a row lazily (a slice of the whole batch buffer): evaluated now, the entry
+                # owns just its rows; left lazy, it kept every batch buffer it came from alive — ~5x the
+                # bytes the prompt cache counted (issue 14; measured in scripts/soak.py's memory phase).
+                self._mx.eval([layer.state for layer in cache])
                 self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)
                 self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes)
         elif sequence in self._pending:
@@ -486,7 +498,8 @@ class Engine:
 
     def _publish_gauges(self) -> None:
         kv_bytes = self._batch.prompt_cache_nbytes if self._active else 0
-        peak_memory = int(self._mx.get_peak_memory())
+        mx = self._mx
+        peak_memory, active_memory, cache_memory = int(mx.get_peak_memory()), int(mx.get_active_memory()), int(mx.get_cache_memory())
         with self._lock:
             counters = self._counters
             counters["active"] = len(self._active)
@@ -496,6 +509,8 @@ class Engine:
             counters["peak_kv_bytes"] = max(counters["peak_kv_bytes"], kv_bytes)
             counters["peak_memory"] = max(counters["peak_memory"], peak_memory)
             counters["prompt_cache_bytes"] = self._prompt_cache.nbytes
+            counters["active_memory"] = active_memory
+            counters["cache_memory"] = cache_memory
 
 
 def _seeded_sampler(temperature: float, top_p: float, seed: int):

@@ -128,6 +128,11 @@ class EngineStats:
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
+    # What the process holds now (issue 14): the prompt (prefix) cache's entries, MLX's live arrays and MLX's
+    # buffer cache (freed buffers kept for reuse: `mx.get_active_memory` / `mx.get_cache_memory`).
+    prompt_cache_bytes: int = 0
+    active_memory_bytes: int = 0
+    cache_memory_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def engine_json(self) -> dict[str, int]:
@@ -141,6 +146,9 @@ class EngineStats:
             "prompt_tokens_total": self.prompt_tokens_total,
             "cached_prompt_tokens_total": self.cached_prompt_tokens_total,
             "generated_tokens_total": self.generated_tokens_total,
+            "prompt_cache_bytes": self.prompt_cache_bytes,
+            "active_memory_bytes": self.active_memory_bytes,
+            "cache_memory_bytes": self.cache_memory_bytes,
         }
 
 
