@@ -48,6 +48,7 @@ class Settings(BaseModel):
     api_key_file: str | None = None
     drain_timeout_s: float = 30.0
     cors_allowed_origins: tuple[str, ...] = ()
+    record_workload: bool = True  # keep the content-free request-shape record (macprovider.workload)
 
     @property
     def queue_depth(self) -> int:
@@ -115,6 +116,17 @@ def _float_min(low: float) -> Callable[[Any], float]:
     return parse
 
 
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _text(raw: Any) -> str:
     if not isinstance(raw, (str, int)) or str(raw).strip() == "":
         raise ValueError("must be a non-empty string")
@@ -155,6 +167,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("api_key_file", "MACPROVIDER_API_KEY_FILE", _optional(_text), "--api-key-file"),
     SettingSpec("drain_timeout_s", "MACPROVIDER_DRAIN_TIMEOUT_S", _float_min(0), "--drain-timeout"),
     SettingSpec("cors_allowed_origins", "MACPROVIDER_CORS_ALLOWED_ORIGINS", _origins),
+    SettingSpec("record_workload", "MACPROVIDER_RECORD_WORKLOAD", _bool),
 )
 SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
 
@@ -174,6 +187,13 @@ class Paths:
         base = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"
         config_dir = base / "macprovider"
         return cls(config_dir, config_dir / "config.yaml", config_dir / "autotune.sqlite")
+
+    @property
+    def workload_file(self) -> Path:
+        """The request-shape record `serve` keeps and `autotune --workload recorded` replays."""
+        from macprovider.workload import WORKLOAD_FILE_NAME
+
+        return self.config_dir / WORKLOAD_FILE_NAME
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,35 @@ def test_memory_estimate_within_ten_percent_with_and_without_kv_bits(tmp_path, e
     assert "memory_peak:" in result.stdout
 
 
+def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tmp_path, e2e_models):
+    from macprovider.workload import RequestShape, shapes_jsonl
+
+    shapes = tmp_path / "shapes.jsonl"  # an agent's long prompts sharing a prefix, two at a time, then a short one
+    shapes.write_text(shapes_jsonl([RequestShape(150, 120, 8, 1), RequestShape(160, 120, 8, 2),
+                                    RequestShape(150, 120, 8, 2), RequestShape(30, 0, 4, 1)]))
+    result = autotune_cli(tmp_path, "--candidate-models", "e2e/small", "--kv-bits-axis", "unset",
+                          "--max-batch-axis", "1,2", "--workload", str(shapes), "--objective", "latency", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    workload = report["inputs"]["workload"]
+    assert (workload["kind"], workload["source"], workload["replayed"]) == ("file", str(shapes), 4)
+    assert report["inputs"]["objective"] == "latency"
+    stage2 = [t for t in report["trials"] if t["stage"] == 2]
+    assert len(stage2) == 2 and all(t["fits"] for t in stage2)
+    # three replayed requests start with the document the warm-up left in the prefix cache
+    assert all(t["cached_prompt_tokens"] >= 3 * 100 for t in stage2)
+    first, second = stage2
+    ttft_gain = (first["ttft_p95_ms"] - second["ttft_p95_ms"]) / first["ttft_p95_ms"]
+    tie = abs(ttft_gain) <= 0.02  # --tps-tie-epsilon: a TTFT tie goes to the higher throughput
+    expected = (second if second["tps_median"] > first["tps_median"] else first) if tie else (
+        second if ttft_gain > 0 else first)
+    rec = report["recommendation"]
+    assert rec["knobs"] == expected["knobs"] and rec["ttft_p95_ms"] == expected["ttft_p95_ms"]
+    assert "on the file workload the winner reused" in rec["why"]
+    assert f"workload:          file (4 of 4 shapes from {shapes}" in result.stdout
+    assert_memory_estimates_within(tmp_path, expect=3)
+
+
 def test_operator_order_is_honoured(tmp_path, e2e_models):
     result = autotune_cli(tmp_path, "--candidate-models", "e2e/small,e2e/big", "--kv-bits-axis", "8",
                           "--max-batch-axis", "1", "-v")

@@ -79,7 +79,7 @@ def test_json_report_has_every_key_with_yaml_knob_names():
     rec = r["recommendation"]
     assert set(rec) >= {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates", "serve_command"}
     assert set(rec) - {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates",
-                       "serve_command"} == {"memory_estimate_bytes", "peak_memory_bytes"}  # additions (issue 15)
+                       "serve_command"} == {"memory_estimate_bytes", "peak_memory_bytes", "why"}  # additions (issue 15)
     assert rec["knobs"] == {"kv_bits": 8, "max_concurrency_override": 2, "max_context_override": 4096}
     assert rec["serve_command"] == (
         "macprovider serve --model mlx-community/Qwen2.5-14B-Instruct-4bit --kv-bits 8 --max-batch 2 --max-context 4096"
@@ -128,3 +128,38 @@ def test_no_recommendation_block_lists_ranked_reasons():
     assert "NO RECOMMENDATION" in text.splitlines()[0] and len(text.splitlines()[0]) == 72
     assert "  rank 2 s/1B: ttft\n  rank 1 b/32B: memory estimate\n" in text
     assert "--target-context" in text and "--candidate-models" in text
+
+
+def test_default_objective_and_workload_keep_the_pinned_hash_and_others_change_it():
+    """Issue 15: the objective and the workload join the hash domain only when not the defaults."""
+    default_inputs = {**INPUTS, "objective": "throughput", "workload": {"kind": "synthetic"}}
+    assert report(inputs=default_inputs)["recipe_hash"] == PINNED_HASH
+    latency = report(inputs={**default_inputs, "objective": "latency"})
+    balanced = report(inputs={**default_inputs, "objective": "balanced"})
+    recorded = {"kind": "recorded", "source": "/w.jsonl", "shapes": 3, "replayed": 3, "digest": "sha256:ab"}
+    replay = report(inputs={**default_inputs, "workload": recorded})
+    other = report(inputs={**default_inputs, "workload": {**recorded, "digest": "sha256:cd"}})
+    hashes = {PINNED_HASH, latency["recipe_hash"], balanced["recipe_hash"], replay["recipe_hash"], other["recipe_hash"]}
+    assert len(hashes) == 5
+    for r in (latency, balanced, replay, other):
+        assert verify_recipe_hash(r)
+    domain = recipe_domain(binary_version="0.1.0", candidate_models=CANDIDATES, chip="Apple M2 Pro", ram_gb=32,
+                           rec=REC, objective="latency", workload=recorded)
+    assert domain["objective"] == "latency" and domain["workload"] == {"kind": "recorded", "digest": "sha256:ab"}
+    # same inputs, other measurements: same hash
+    assert report(inputs={**default_inputs, "objective": "latency"},
+                  rec=Recommendation(CANDIDATES[0], 2000, 8, 2, 4096, 1.0, 99999.0, 1))["recipe_hash"] == latency["recipe_hash"]
+
+
+def test_terminal_block_names_a_non_default_objective_workload_and_why():
+    rec = Recommendation(CANDIDATES[0], 2000, 8, 1, 4096, 10.0, 812.4, 3, 400 * 1024**2, 420 * 1024**2,
+                         why="objective latency: kv_bits=8 max_batch=1 max_context=4096 gave ttft p95 812 ms")
+    recorded = {"kind": "recorded", "source": "/cfg/workload.jsonl", "shapes": 40, "replayed": 16,
+                "max_concurrency": 4, "digest": "sha256:ab"}
+    text = render_terminal(report(rec=rec, inputs={**INPUTS, "objective": "latency", "workload": recorded}))
+    assert "objective:         latency\n" in text
+    assert "workload:          recorded (16 of 40 shapes from /cfg/workload.jsonl, concurrency up to 4)\n" in text
+    assert "why:               objective latency: kv_bits=8 max_batch=1" in text
+    assert "  memory_peak:       420 MiB (estimate 400 MiB, -4.8%)\n" in text
+    default = render_terminal(report(inputs={**INPUTS, "objective": "throughput", "workload": {"kind": "synthetic"}}))
+    assert "objective:" not in default and "why:" not in default

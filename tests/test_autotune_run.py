@@ -220,6 +220,9 @@ def test_unreadable_database_is_config_error(tmp_path):
         (["--max-model-size", "huge"], "--max-model-size 'huge'"),
         (["--memory-budget-gb", "-2"], "--memory-budget-gb"),
         (["--restart-foreground"], "--restart-foreground"),
+        (["--objective", "fastest"], "--objective 'fastest': must be throughput, latency or balanced"),
+        (["--workload", "recorded"], "--workload 'recorded': no request shapes recorded yet"),
+        (["--workload", "/nonexistent/shapes.jsonl"], "--workload '/nonexistent/shapes.jsonl'"),
     ],
 )
 def test_bad_flags_exit_2_before_touching_the_database(tmp_path, args, needle):
@@ -245,3 +248,42 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
 def test_size_filters_are_ignored_with_a_warning_when_candidates_are_given(tmp_path):
     result = CliRunner().invoke(app, ["autotune", "--dry-run", "--candidate-models", "org/a", "--max-model-size", "8B"])
     assert result.exit_code == 0 and "ignored" in result.output and "1. org/a" in result.output
+
+
+def test_a_bad_workload_file_names_its_line(tmp_path):
+    shapes = tmp_path / "shapes.jsonl"
+    shapes.write_text('{"prompt_tokens": 10}\n{"prompt_tokens": -1}\n')
+    result = CliRunner().invoke(app, ["autotune", "--db-path", str(tmp_path / "n.sqlite"), "--workload", str(shapes)])
+    assert result.exit_code == 2 and "line 2: prompt_tokens must be an integer >= 1" in result.output
+    assert not (tmp_path / "n.sqlite").exists()
+
+
+def test_objective_and_recorded_workload_reach_the_run_row_the_report_and_the_plan(tmp_path):
+    from macprovider.config import Paths
+    from macprovider.workload import RequestShape, shapes_jsonl
+
+    record = Paths.from_env().workload_file
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(shapes_jsonl([RequestShape(120, 80, 16, 2), RequestShape(40, 0, None, 1)]))
+    plan = CliRunner().invoke(app, ["autotune", "--dry-run", "--objective", "latency", "--workload", "recorded"])
+    assert "objective:          latency" in plan.output
+    assert f"workload:           recorded (2 shapes from {record})" in plan.output
+    slow_batch = {Knobs(None, 2, 100): feasible(tps=10.35, ttft=200.0), Knobs(8, 2, 100): feasible(tps=10.4, ttft=210.0)}
+    outcome, out, _, db = go(tmp_path, Script({"org/big-7B": feasible()}, slow_batch),
+                             objective="latency", workload="recorded", json=True)
+    assert outcome.exit_reason == "ok"
+    report = outcome.report
+    assert report["inputs"]["objective"] == "latency"
+    workload = report["inputs"]["workload"]
+    assert (workload["kind"], workload["shapes"], workload["max_concurrency"]) == ("recorded", 2, 2)
+    assert workload["cached_fraction"] == round(80 / 160, 4) and workload["digest"].startswith("sha256:")
+    assert report["recommendation"]["knobs"]["max_concurrency_override"] == 1  # throughput would take batch 2
+    assert report["recommendation"]["why"].startswith("objective latency: kv_bits=unset max_batch=1")
+    assert verify_recipe_hash(report)
+    run_row = db.execute("SELECT objective, workload FROM tune_runs").fetchone()
+    assert run_row["objective"] == "latency" and json.loads(run_row["workload"])["kind"] == "recorded"
+    assert "why:               objective latency" in out
+    default, *_ = go(tmp_path / "d", Script({"org/big-7B": feasible()}, slow_batch))
+    assert default.report["recommendation"]["knobs"]["max_concurrency_override"] == 2
+    assert default.report["inputs"]["objective"] == "throughput"
+    assert default.report["inputs"]["workload"] == {"kind": "synthetic"}

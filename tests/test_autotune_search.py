@@ -13,8 +13,11 @@ from macprovider.autotune.search import (
     Interrupted,
     Knobs,
     Trial,
+    balanced_score,
+    explain_choice,
     infeasible_smallest_first,
     is_new_best,
+    keep_best_rule,
     median,
     p95,
     stage1,
@@ -183,3 +186,40 @@ def test_stage2_no_feasible_cell():
     cells = stage2_cells([None], [1, 2], [100])
     probe = FakeProbe({c: trial(fits=False, tps=None) for c in cells})
     assert stage2("m", cells, probe, Recorder(), 0.02).best is None
+
+
+# Issue 15's run: max-batch 2 kept for +3.5 % tokens/s while TTFT p95 doubled (10.3 s -> 20.7 s).
+BATCH1 = trial(tps=10.0, ttft=10300.0, knobs=Knobs(None, 1, 160), row_id=1)
+BATCH2 = trial(tps=10.35, ttft=20700.0, knobs=Knobs(None, 2, 160), row_id=2)
+
+
+@pytest.mark.parametrize("objective, winner", [("throughput", BATCH2), ("latency", BATCH1), ("balanced", BATCH1)])
+def test_objectives_on_the_issue_15_run(objective, winner):
+    probe = FakeProbe({BATCH1.knobs: BATCH1, BATCH2.knobs: BATCH2})
+    result = stage2("m", [BATCH1.knobs, BATCH2.knobs], probe, lambda t: t, 0.02, objective)
+    assert result.best == winner
+    why = explain_choice(result.best, result.trials, objective)
+    assert why.startswith(f"objective {objective}: kv_bits=unset max_batch={winner.knobs.max_batch}")
+    assert "next best" in why
+
+
+@pytest.mark.parametrize("new, best, expected", [
+    (trial(tps=5, ttft=900), trial(tps=9, ttft=1000), True),  # 10 % lower TTFT beats more tokens/s
+    (trial(tps=9, ttft=1010), trial(tps=5, ttft=1000), True),  # within ε: higher throughput breaks the tie
+    (trial(tps=4, ttft=1010), trial(tps=5, ttft=1000), False),
+    (trial(tps=9, ttft=1100), trial(tps=5, ttft=1000), False),
+    (trial(tps=9, ttft=None), None, False),  # no TTFT: never best
+    (trial(tps=1, ttft=5), None, True),
+])
+def test_latency_keep_best_rule(new, best, expected):
+    assert keep_best_rule("latency")(new, best, 0.02) is expected
+
+
+def test_balanced_is_tokens_per_second_per_second_of_ttft():
+    assert balanced_score(trial(tps=10.0, ttft=2000.0)) == 5.0
+    assert balanced_score(trial(tps=None, ttft=2000.0)) is None
+    rule = keep_best_rule("balanced")
+    assert rule(trial(tps=20.0, ttft=3000.0), trial(tps=10.0, ttft=2000.0), 0.02)  # 6.67 > 5
+    assert not rule(trial(tps=20.0, ttft=4100.0), trial(tps=10.0, ttft=2000.0), 0.02)  # 4.88 < 5
+    assert rule(trial(tps=20.0, ttft=3990.0), trial(tps=10.0, ttft=2000.0), 0.02) is False  # tie: lower TTFT keeps
+    assert keep_best_rule("throughput") is is_new_best

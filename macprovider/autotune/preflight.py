@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from macprovider.autotune.search import OBJECTIVES
 from macprovider.errors import ConfigError
 
 # SPEC.md §5.2, largest first: (id, parameters in billions).
@@ -52,6 +53,15 @@ class AutotuneInputs:
     memory_budget_bytes: int | None
     verbose: bool
     warnings: tuple[str, ...] = ()
+    objective: str = "throughput"
+    workload: str = "synthetic"  # synthetic | recorded | a path to a JSON/JSONL file of request shapes
+    workload_shapes: tuple[Any, ...] = ()  # the shapes of `recorded` / FILE (macprovider.workload.RequestShape)
+    workload_source: str | None = None  # the file they came from
+
+    @property
+    def workload_kind(self) -> str:
+        """`synthetic`, `recorded` or `file`."""
+        return self.workload if self.workload in ("synthetic", "recorded") else "file"
 
     def plan_text(self) -> str:
         """The `--dry-run` plan: inputs, candidate order and axes."""
@@ -68,6 +78,9 @@ class AutotuneInputs:
             f"    max_context: {','.join(map(str, self.max_context_axis))}",
             f"    cells:       {len(self.kv_bits_axis) * len(self.max_batch_axis) * len(self.max_context_axis)}",
             f"  replicates:         stage1 {self.stage1_replicates}, stage2 {self.stage2_replicates}",
+            f"  objective:          {self.objective}",
+            f"  workload:           {self.workload_kind}"
+            + (f" ({len(self.workload_shapes)} shapes from {self.workload_source})" if self.workload_source else ""),
             f"  gate_ttft_ms:       {self.gate_ttft_ms:g}",
             f"  tps_tie_epsilon:    {self.tps_tie_epsilon:g}",
             f"  max_duration:       {self.max_duration_s:g} s",
@@ -210,6 +223,10 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     if db_path.exists() and db_path.is_dir():
         raise ConfigError(f"invalid --db-path {str(db_path)!r}: is a directory")
     config_path, _ = config_path_for(raw.get("config"), env)
+    objective = str(get("objective", "throughput")).strip().lower()
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"invalid --objective {raw.get('objective')!r}: must be throughput, latency or balanced")
+    workload, shapes, source = _workload(str(get("workload", "synthetic")).strip(), env)
     return AutotuneInputs(
         target_context=target,
         candidate_models=tuple(candidates),
@@ -234,4 +251,39 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         memory_budget_bytes=budget,
         verbose=bool(raw.get("verbose")),
         warnings=tuple(warnings),
+        objective=objective,
+        workload=workload,
+        workload_shapes=tuple(shapes),
+        workload_source=source,
     )
+
+
+def _workload(value: str, env: Mapping[str, str]) -> tuple[str, list[Any], str | None]:
+    """`--workload`: synthetic | recorded (serve's record in the config directory) | FILE (JSON/JSONL of
+    request shapes). Returns (value, shapes, source file). ConfigError when the record is missing or empty,
+    or the file is unreadable or invalid (the message names the line)."""
+    from macprovider.config import Paths
+    from macprovider.workload import WorkloadError, load_shapes
+
+    if value.lower() == "synthetic":
+        return "synthetic", [], None
+    if value == "":
+        raise ConfigError("invalid --workload '': must be synthetic, recorded or a file of request shapes")
+    if value.lower() == "recorded":
+        path = Paths.from_env(env).workload_file
+        if not path.is_file():
+            raise ConfigError(
+                f"invalid --workload 'recorded': no request shapes recorded yet ({path} does not exist; "
+                "`macprovider serve` records them unless record_workload is false)"
+            )
+        try:
+            return "recorded", load_shapes(path), str(path)
+        except WorkloadError as exc:
+            raise ConfigError(f"invalid --workload 'recorded': {exc}") from None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"invalid --workload {value!r}: must be synthetic, recorded or an existing file of request shapes")
+    try:
+        return str(path), load_shapes(path), str(path)
+    except WorkloadError as exc:
+        raise ConfigError(f"invalid --workload {value!r}: {exc}") from None

@@ -81,11 +81,16 @@ class Workload:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def messages(self, seed: int) -> tuple[list[dict[str, str]], int]:
-        """A prompt with its own filler (seeded), as close to `target_tokens` as possible without exceeding
-        it (the shortest prompt when even the template alone is longer). Returns (messages, tokens)."""
+    def messages(
+        self, seed: int, target: int | None = None, prefix: str = ""
+    ) -> tuple[list[dict[str, str]], int]:
+        """A prompt with its own filler (seeded), as close to `target` tokens (default `target_tokens`) as
+        possible without exceeding it (the shortest prompt when even the template alone is longer).
+        `prefix` (text) starts the message, so prompts sharing it share a token prefix. Returns (messages,
+        tokens)."""
+        target = self.target_tokens if target is None else target
         rng = random.Random(seed)
-        head = f"Request {seed}. Read these notes, then write one short sentence about them.\n"
+        head = prefix + f"Request {seed}. Read these notes, then write one short sentence about them.\n"
 
         def build(n_words: int) -> list[dict[str, str]]:
             words = [_WORDS[rng_index] for rng_index in indices[:n_words]]
@@ -96,18 +101,48 @@ class Workload:
         while True:
             while len(indices) < hi:
                 indices.append(rng.randrange(len(_WORDS)))
-            if self.count(build(hi)) > self.target_tokens or hi > 4 * self.target_tokens:
+            if self.count(build(hi)) > target or hi > 4 * target:
                 break
             hi *= 2
         lo = 0
         while lo < hi:  # largest n with count(build(n)) <= target
             mid = (lo + hi + 1) // 2
-            if self.count(build(mid)) <= self.target_tokens:
+            if self.count(build(mid)) <= target:
                 lo = mid
             else:
                 hi = mid - 1
         chosen = build(lo)
         return chosen, self.count(chosen)
+
+    # -- the workload interface the probe runs (ReplayWorkload in autotune/replay.py has the same) ------
+    def describe(self) -> dict[str, Any]:
+        """The report's `workload` object: `{"kind": "synthetic"}`."""
+        return {"kind": self.name}
+
+    def requests_per_round(self, max_batch: int) -> int:
+        """Measured requests in one replicate: max_batch concurrent streams."""
+        return max_batch
+
+    def warmup(self, seed: int) -> "ProbeRequest":
+        """The discarded warm-up request."""
+        return ProbeRequest(self.messages(seed)[0], MAX_TOKENS, 1)
+
+    def round(self, replicate: int, max_batch: int, seed: int) -> list["ProbeRequest"]:
+        """One replicate: max_batch prompts of their own filler, all sent at once."""
+        return [
+            ProbeRequest(self.messages(seed + 1 + replicate * max_batch + i)[0], MAX_TOKENS, max_batch)
+            for i in range(max_batch)
+        ]
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """One request of a workload: chat messages, max_tokens, and the concurrency it arrives under (it is
+    sent once fewer than `concurrency` of its round's requests are in flight)."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int
+    concurrency: int
 
 
 @dataclass
@@ -122,6 +157,7 @@ class StreamResult:
     generated_tokens: int | None = None
     generation_ms: float | None = None
     end_s: float | None = None
+    cached_tokens: int | None = None
 
 
 async def stream_once(
@@ -180,6 +216,7 @@ async def stream_once(
                         result.prompt_tokens = usage.get("prompt_tokens")
                         result.generated_tokens = usage.get("macprovider_generated_completion_tokens")
                         result.generation_ms = usage.get("macprovider_generation_ms")
+                        result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     except TimeoutError:
         if deadline is not None and deadline.expired:
             raise DeadlineReached("--max-duration ran out during a probe request") from None
@@ -221,6 +258,7 @@ class Measurement:
     prompt_tokens: int | None = None
     replicates: int = 0
     peak_memory_bytes: int | None = None
+    cached_tokens: int = 0  # prompt tokens the server reused from its prefix cache, over the measured rounds
 
     @property
     def tps_median(self) -> float | None:
@@ -263,25 +301,51 @@ def _note_stream(m: Measurement, s: StreamResult, markers: Sequence[str]) -> Non
         m.prompt_tokens = s.prompt_tokens
 
 
+async def _run_round(client: Any, base_url: str, model: str, requests: Sequence[ProbeRequest], **kwargs: Any) -> list[StreamResult]:
+    """Send `requests` in order, each once fewer than its `concurrency` requests are in flight."""
+    in_flight = 0
+    changed = asyncio.Condition()
+
+    async def one(request: ProbeRequest) -> StreamResult:
+        nonlocal in_flight
+        try:
+            return await stream_once(client, base_url, model, request.messages, max_tokens=request.max_tokens, **kwargs)
+        finally:
+            async with changed:
+                in_flight -= 1
+                changed.notify_all()
+
+    tasks = []
+    for request in requests:
+        async with changed:
+            await changed.wait_for(lambda: in_flight < max(1, request.concurrency))
+            in_flight += 1
+        tasks.append(asyncio.create_task(one(request)))
+    return list(await asyncio.gather(*tasks))
+
+
 async def _measure(
     base_url: str, model: str, workload: Workload, *, max_batch: int, replicates: int, gate_ttft_ms: float,
-    deadline: Deadline | None, max_tokens: int, seed: int,
+    deadline: Deadline | None, seed: int,
 ) -> Measurement:
     import httpx
 
     m = Measurement()
     first_timeout = gate_ttft_ms / 1000.0 + 5.0
-    limits = httpx.Limits(max_connections=max_batch + 2, max_keepalive_connections=max_batch + 2)
+    rounds = [workload.round(replicate, max_batch, seed) for replicate in range(replicates)]
+    connections = max([max_batch] + [r.concurrency for requests in rounds for r in requests]) + 2
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits, trust_env=False) as client:
-        kwargs = dict(max_tokens=max_tokens, first_token_timeout_s=first_timeout, deadline=deadline)
-        warm_messages, _ = workload.messages(seed)
-        warm = await stream_once(client, base_url, model, warm_messages, **kwargs)
+        kwargs = dict(first_token_timeout_s=first_timeout, deadline=deadline)
+        warm_request = workload.warmup(seed)
+        warm = await stream_once(
+            client, base_url, model, warm_request.messages, max_tokens=warm_request.max_tokens, **kwargs
+        )
         if not warm.ok:
             m.errors.append(f"warm-up: {warm.error}")
             return m
-        for replicate in range(replicates):
-            prompts = [workload.messages(seed + 1 + replicate * max_batch + i)[0] for i in range(max_batch)]
-            streams = await asyncio.gather(*(stream_once(client, base_url, model, p, **kwargs) for p in prompts))
+        for requests in rounds:
+            streams = await _run_round(client, base_url, model, requests, **kwargs)
             m.replicates += 1
             for s in streams:
                 _note_stream(m, s, workload.leak_markers)
@@ -289,6 +353,7 @@ async def _measure(
                 tps = aggregate_throughput(streams)
                 if tps is not None:
                     m.throughputs.append(tps)
+            m.cached_tokens += sum(s.cached_tokens or 0 for s in streams)
         try:
             health = (await client.get(f"{base_url}/v1/health", timeout=5.0)).json()
             peak = (health.get("engine") or {}).get("peak_memory_bytes")
@@ -307,16 +372,16 @@ def measure(
     replicates: int,
     gate_ttft_ms: float,
     deadline: Deadline | None = None,
-    max_tokens: int = MAX_TOKENS,
     seed: int = 0,
 ) -> Measurement:
-    """Run the warm-up and `replicates` measured rounds of `max_batch` concurrent streams.
+    """Run the workload's warm-up and `replicates` measured rounds (`workload.round`: for the synthetic
+    probe `max_batch` concurrent streams, for a replay the recorded shapes at their concurrency).
 
     Raises DeadlineReached when the run budget ends mid-trial (partial figures are lost with it).
     """
     return asyncio.run(
         _measure(
             base_url, model, workload, max_batch=max_batch, replicates=replicates, gate_ttft_ms=gate_ttft_ms,
-            deadline=deadline, max_tokens=max_tokens, seed=seed,
+            deadline=deadline, seed=seed,
         )
     )

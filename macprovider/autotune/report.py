@@ -3,10 +3,15 @@
 Pure functions: they take what the run decided and return dicts / text; the runner prints them.
 
 Recipe hash contract: `"sha256:" + sha256(JCS(domain)).hexdigest()` where JCS is RFC 8785 canonical JSON
-(`rfc8785.dumps`) and `domain` is exactly
+(`rfc8785.dumps`) and `domain` is
 `{binary_version, candidate_models, chip, knobs{kv_bits, max_concurrency_override, max_context_override},
-model, ram_gb, target_context}`. It depends on the machine, the version, the inputs and the
-recommendation — never on measurements. `verify_recipe_hash` recomputes it from a JSON report.
+model, ram_gb, target_context}` plus, since issue 15, `objective` when it is not `throughput` and
+`workload: {kind, digest}` when it is not `synthetic` (digest: replay.shapes_digest of the replayed shapes).
+Adding the new inputs only when they differ from the defaults keeps every hash of a default run — all
+hashes made before they existed, and the pinned vectors — unchanged, while a latency run, or a run on a
+recorded workload, can never share a hash with the default run that picked the same knobs. It depends on
+the machine, the version, the inputs and the recommendation — never on measurements.
+`verify_recipe_hash` recomputes it from a JSON report.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Recommendation:
     replicates: int
     memory_estimate_bytes: int | None = None
     peak_memory_bytes: int | None = None
+    why: str | None = None  # search.explain_choice (+ the workload's prefix reuse)
 
     @classmethod
     def from_trial(cls, trial: Trial, target_context: int) -> "Recommendation":
@@ -71,10 +77,11 @@ class Recommendation:
 
 
 def recipe_domain(
-    *, binary_version: str, candidate_models: Sequence[str], chip: str, ram_gb: int, rec: Recommendation
+    *, binary_version: str, candidate_models: Sequence[str], chip: str, ram_gb: int, rec: Recommendation,
+    objective: str = "throughput", workload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The exact object the recipe hash covers (SPEC.md §5.9)."""
-    return {
+    """The exact object the recipe hash covers (SPEC.md §5.9, module docstring for the additions)."""
+    domain: dict[str, Any] = {
         "binary_version": binary_version,
         "candidate_models": list(candidate_models),
         "chip": chip,
@@ -83,6 +90,11 @@ def recipe_domain(
         "ram_gb": int(ram_gb),
         "target_context": rec.target_context,
     }
+    if objective != "throughput":
+        domain["objective"] = objective
+    if workload is not None and workload.get("kind", "synthetic") != "synthetic":
+        domain["workload"] = {"kind": workload["kind"], "digest": workload.get("digest")}
+    return domain
 
 
 def recipe_hash(domain: dict[str, Any]) -> str:
@@ -95,15 +107,16 @@ def verify_recipe_hash(report: dict[str, Any]) -> bool:
     rec = report.get("recommendation")
     if rec is None:
         return report.get("recipe_hash") is None
-    domain = {
-        "binary_version": report["machine"]["binary_version"],
-        "candidate_models": list(report["inputs"]["candidate_models"]),
-        "chip": report["machine"]["chip"],
-        "knobs": rec["knobs"],
-        "model": rec["model"],
-        "ram_gb": report["machine"]["ram_gb"],
-        "target_context": rec["target_context"],
-    }
+    domain = recipe_domain(
+        binary_version=report["machine"]["binary_version"],
+        candidate_models=report["inputs"]["candidate_models"],
+        chip=report["machine"]["chip"],
+        ram_gb=report["machine"]["ram_gb"],
+        rec=Recommendation(rec["model"], rec["target_context"], rec["knobs"]["kv_bits"],
+                           rec["knobs"]["max_concurrency_override"], rec["knobs"]["max_context_override"], 0, 0, 0),
+        objective=report["inputs"].get("objective", "throughput"),
+        workload=report["inputs"].get("workload"),
+    )
     return recipe_hash(domain) == report.get("recipe_hash")
 
 
@@ -142,6 +155,7 @@ def build_report(
             "serve_command": recommendation.serve_command,
             "memory_estimate_bytes": recommendation.memory_estimate_bytes,
             "peak_memory_bytes": recommendation.peak_memory_bytes,
+            "why": recommendation.why,
         }
         hash_value = recipe_hash(
             recipe_domain(
@@ -150,6 +164,8 @@ def build_report(
                 chip=machine["chip"],
                 ram_gb=machine["ram_gb"],
                 rec=recommendation,
+                objective=inputs.get("objective", "throughput"),
+                workload=inputs.get("workload"),
             )
         )
     return {
@@ -173,7 +189,7 @@ def build_report(
 
 def trial_summary(trial: Trial) -> dict[str, Any]:
     """One trial for the JSON report: stage, model, knobs (YAML key names), fits, kept, notes, tps_median,
-    ttft_p95_ms, and the memory estimate (with its terms) beside the measured peak (autotune.memory)."""
+    ttft_p95_ms, cached_prompt_tokens (prefix-cache reuse the provider reported), and the memory estimate (with its terms) beside the measured peak (autotune.memory)."""
     from macprovider.autotune.memory import relative_error
 
     return {
@@ -189,6 +205,7 @@ def trial_summary(trial: Trial) -> dict[str, Any]:
         "notes": trial.notes,
         "tps_median": trial.throughput_tps,
         "ttft_p95_ms": trial.ttft_p95_ms,
+        "cached_prompt_tokens": trial.cached_prompt_tokens,
         "memory_estimate_bytes": trial.memory_estimate_bytes,
         "memory_estimate_terms": dict(trial.memory_terms) if trial.memory_terms else None,
         "peak_memory_bytes": trial.peak_memory_bytes,
@@ -211,6 +228,27 @@ def _memory_line(rec: dict[str, Any]) -> list[str]:
         return []
     mib = 1024**2
     return [f"  memory_peak:       {peak / mib:.0f} MiB (estimate {est / mib:.0f} MiB, {(est - peak) / peak:+.1%})"]
+
+
+def _choice_lines(report: dict[str, Any]) -> list[str]:
+    """`objective:` / `workload:` / `why:` lines, only when the objective or the workload is not the default
+    (a default run prints SPEC.md §5.9's block unchanged)."""
+    inputs, rec = report["inputs"], report["recommendation"]
+    objective = inputs.get("objective", "throughput")
+    workload = inputs.get("workload") or {"kind": "synthetic"}
+    if objective == "throughput" and workload.get("kind", "synthetic") == "synthetic":
+        return []
+    lines = [f"objective:         {objective}"]
+    if workload.get("kind") != "synthetic":
+        lines.append(
+            f"workload:          {workload['kind']} ({workload.get('replayed')} of {workload.get('shapes')} shapes"
+            f" from {workload.get('source')}, concurrency up to {workload.get('max_concurrency')})"
+        )
+    else:
+        lines.append("workload:          synthetic")
+    if rec.get("why"):
+        lines.append(f"why:               {rec['why']}")
+    return [""] + lines
 
 
 def render_terminal(report: dict[str, Any]) -> str:
@@ -246,6 +284,7 @@ def render_terminal(report: dict[str, Any]) -> str:
         f"  ttft_p95:          {round(rec['ttft_p95_ms'])} ms",
         f"  replicates:        {rec['replicates']}",
         *_memory_line(rec),
+        *_choice_lines(report),
         "",
         "alternates (smaller candidates from input list, not probed):",
     ]

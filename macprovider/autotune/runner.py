@@ -24,8 +24,10 @@ from macprovider.autotune.probe import MAX_TOKENS
 from macprovider.autotune.provider import Deadline
 from macprovider.autotune.trial import Progress, RealEvaluator
 from macprovider.autotune.report import SPEC_VERSION, Recommendation, build_report, render_terminal
+from macprovider.autotune.replay import workload_summary
 from macprovider.autotune.search import (
     BudgetExhausted,
+    explain_choice,
     IntegrityAbort,
     Interrupted,
     Knobs,
@@ -112,6 +114,8 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         "stage2_replicates": inputs.stage2_replicates,
         "gate_ttft_ms": int(inputs.gate_ttft_ms) if float(inputs.gate_ttft_ms).is_integer() else inputs.gate_ttft_ms,
         "tps_tie_epsilon": inputs.tps_tie_epsilon,
+        "objective": inputs.objective,
+        "workload": workload_summary(inputs.workload_kind, inputs.workload_source, inputs.workload_shapes),
     }
     run_id = str(uuid.uuid4())
     started = utc_now()
@@ -124,6 +128,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
             "target_context": inputs.target_context, "candidate_models_json": json.dumps(list(inputs.candidate_models)),
             "stage1_replicates": inputs.stage1_replicates, "stage2_replicates": inputs.stage2_replicates,
             "gate_ttft_ms": int(round(inputs.gate_ttft_ms)), "tps_tie_epsilon": inputs.tps_tie_epsilon,
+            "objective": inputs.objective, "workload": json.dumps(inputs_obj["workload"], sort_keys=True),
         }
     )
     store.retain(inputs.retain_runs)
@@ -185,12 +190,15 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
                     )
                 else:
                     alternates = list(inputs.candidate_models[s1.rank:])
-                    s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon)
+                    s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon, inputs.objective)
                     partial = s2.partial
                     if s2.best is not None:
                         store.mark_kept(run_id, s2.best.row_id)
                         kept_row = s2.best.row_id
-                        rec = Recommendation.from_trial(s2.best, inputs.target_context)
+                        rec = replace(
+                            Recommendation.from_trial(s2.best, inputs.target_context),
+                            why=explain(s2.best, s2.trials, inputs),
+                        )
                     elif partial and s1.trial is not None:
                         rec = Recommendation.from_trial(s1.trial, inputs.target_context)  # Stage 1 knobs
                     if partial:
@@ -270,6 +278,17 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     if apply_failed and code == 0:
         code = 1
     return RunOutcome(code, exit_reason, report)
+
+
+def explain(best: Trial, trials: list[Trial], inputs: AutotuneInputs) -> str:
+    """Why the winner won (search.explain_choice), and for a replayed workload how much prefix it reused."""
+    why = explain_choice(best, trials, inputs.objective)
+    if inputs.workload_kind != "synthetic":
+        why += (
+            f"; on the {inputs.workload_kind} workload the winner reused {best.cached_prompt_tokens or 0} prompt"
+            f" tokens from the prefix cache"
+        )
+    return why
 
 
 def _in_main_thread() -> bool:

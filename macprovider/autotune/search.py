@@ -36,6 +36,7 @@ class Trial:
     weights_bytes: model weight bytes when known (orders the infeasible list, smallest first).
     memory_estimate_bytes / peak_memory_bytes: the estimate and the measured peak (MLX peak + runtime
     baseline, autotune.memory); mlx_peak_memory_bytes the MLX part alone; memory_terms the estimate's terms.
+    cached_prompt_tokens: prompt tokens the provider reused from its prefix cache over the measured rounds.
     """
 
     stage: int
@@ -53,6 +54,7 @@ class Trial:
     memory_estimate_bytes: int | None = None
     peak_memory_bytes: int | None = None
     mlx_peak_memory_bytes: int | None = None
+    cached_prompt_tokens: int | None = None
     memory_terms: dict[str, int] | None = field(default=None, repr=False, compare=False)
     weights_bytes: int | None = None
     failure_class: FailureClass = "none"
@@ -128,6 +130,92 @@ def is_new_best(new: Trial, best: Trial | None, epsilon: float) -> bool:
     return False
 
 
+OBJECTIVES = ("throughput", "latency", "balanced")
+
+
+def is_new_best_latency(new: Trial, best: Trial | None, epsilon: float) -> bool:
+    """`--objective latency`: the lowest TTFT p95 wins, throughput breaks ties (the mirror of §5.8's rule).
+
+    No TTFT → never best; no incumbent (or one without TTFT) → best; relative improvement
+    (best − new)/best > ε → best; |change| ≤ ε → best iff its throughput is higher; otherwise the incumbent.
+    """
+    if new.ttft_p95_ms is None or not math.isfinite(new.ttft_p95_ms):
+        return False
+    if best is None or best.ttft_p95_ms is None:
+        return True
+    if best.ttft_p95_ms <= 0:
+        return False
+    gain = (best.ttft_p95_ms - new.ttft_p95_ms) / best.ttft_p95_ms
+    if gain > epsilon:
+        return True
+    if abs(gain) <= epsilon:
+        return (new.throughput_tps or 0.0) > (best.throughput_tps or 0.0)
+    return False
+
+
+def balanced_score(trial: Trial) -> float | None:
+    """`--objective balanced`: decode tokens/s divided by TTFT p95 in seconds (None when either is missing).
+
+    Equal weight on relative changes: a cell that doubles TTFT p95 must also double throughput to tie (the
+    issue-15 case, +3.5 % tokens/s for 2× TTFT, loses). Higher is better.
+    """
+    if not trial.throughput_tps or not trial.ttft_p95_ms or trial.ttft_p95_ms <= 0:
+        return None
+    return trial.throughput_tps / (trial.ttft_p95_ms / 1000.0)
+
+
+def is_new_best_balanced(new: Trial, best: Trial | None, epsilon: float) -> bool:
+    """Keep-best on `balanced_score` with §5.8's relative tie band; a tie goes to the lower TTFT p95."""
+    score = balanced_score(new)
+    if score is None or not math.isfinite(score):
+        return False
+    incumbent = balanced_score(best) if best is not None else None
+    if incumbent is None:
+        return True
+    gain = (score - incumbent) / incumbent
+    if gain > epsilon:
+        return True
+    if abs(gain) <= epsilon:
+        return new.ttft_p95_ms < best.ttft_p95_ms  # type: ignore[operator, union-attr]
+    return False
+
+
+def keep_best_rule(objective: str) -> Callable[[Trial, Trial | None, float], bool]:
+    """The Stage 2 keep-best rule of an objective: throughput (§5.8, the default), latency or balanced."""
+    rules = {"throughput": is_new_best, "latency": is_new_best_latency, "balanced": is_new_best_balanced}
+    return rules[objective]
+
+
+def objective_key(objective: str) -> Callable[[Trial], float]:
+    """Sort key, best first, of an objective's figure: −tokens/s, TTFT p95, or −balanced_score."""
+    if objective == "latency":
+        return lambda t: t.ttft_p95_ms if t.ttft_p95_ms is not None else math.inf
+    if objective == "balanced":
+        return lambda t: -(balanced_score(t) or 0.0)
+    return lambda t: -(t.throughput_tps or 0.0)
+
+
+def explain_choice(best: Trial, trials: Sequence[Trial], objective: str) -> str:
+    """One line saying why `best` won among the feasible Stage 2 `trials`, against the runner-up."""
+
+    def knobs(t: Trial) -> str:
+        kv = "unset" if t.knobs.kv_bits is None else t.knobs.kv_bits
+        return f"kv_bits={kv} max_batch={t.knobs.max_batch} max_context={t.knobs.max_context}"
+
+    def figure(t: Trial) -> str:
+        if objective == "latency":
+            return f"ttft p95 {t.ttft_p95_ms:.0f} ms ({t.throughput_tps or 0:.1f} tok/s)"
+        if objective == "balanced":
+            return f"{balanced_score(t) or 0:.2f} tok/s per s of ttft p95 ({t.throughput_tps or 0:.1f} tok/s, {t.ttft_p95_ms or 0:.0f} ms)"
+        return f"{t.throughput_tps or 0:.1f} tok/s (ttft p95 {t.ttft_p95_ms or 0:.0f} ms)"
+
+    others = sorted((t for t in trials if t.fits and t.row_id != best.row_id), key=objective_key(objective))
+    line = f"objective {objective}: {knobs(best)} gave {figure(best)}"
+    if others:
+        line += f"; next best {knobs(others[0])} gave {figure(others[0])}"
+    return line
+
+
 @dataclass(frozen=True)
 class Infeasible:
     """A Stage 1 candidate that was not feasible: its 1-based input rank and the reason."""
@@ -193,14 +281,17 @@ class Stage2Result:
 
 
 def stage2(
-    model: str, cells: Sequence[Knobs], evaluate: Evaluate, record: Record, epsilon: float
+    model: str, cells: Sequence[Knobs], evaluate: Evaluate, record: Record, epsilon: float,
+    objective: str = "throughput",
 ) -> Stage2Result:
-    """Evaluate every cell in order and keep the best feasible one (`is_new_best`).
+    """Evaluate every cell in order and keep the best feasible one by the objective's rule
+    (`keep_best_rule`: `is_new_best` for throughput).
 
     The returned trials are recorded with kept = 0; the caller marks the winner (exactly one row).
     BudgetExhausted is absorbed: the result is the best so far with `partial = True`. Interrupted and
     other TrialAborted propagate after the trial in flight is recorded.
     """
+    better = keep_best_rule(objective)
     best: Trial | None = None
     trials: list[Trial] = []
     for knobs in cells:
@@ -215,7 +306,7 @@ def stage2(
             raise
         trial = record(replace(trial, kept=False))
         trials.append(trial)
-        if trial.fits and is_new_best(trial, best, epsilon):
+        if trial.fits and better(trial, best, epsilon):
             best = trial
     return Stage2Result(best, trials)
 

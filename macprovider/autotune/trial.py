@@ -72,6 +72,20 @@ class Progress:
             )
 
 
+def make_workload(model_dir: Path, inputs: AutotuneInputs) -> Any:
+    """The probe workload of `--workload`: the synthetic prompt (probe.Workload) or a replay of the recorded
+    / file shapes (replay.ReplayWorkload). ValueError when the model's tokenizer cannot be loaded."""
+    from macprovider.autotune import probe
+
+    if inputs.workload_kind == "synthetic":
+        return probe.Workload(model_dir, inputs.target_context)
+    from macprovider.autotune.replay import ReplayWorkload
+
+    return ReplayWorkload(
+        model_dir, inputs.target_context, inputs.workload_shapes, inputs.workload_kind, inputs.workload_source or ""
+    )
+
+
 class RealEvaluator:
     """Trial = pre-warm → memory pre-check → `macprovider serve` child → probe (SPEC.md §5.4–§5.6)."""
 
@@ -119,7 +133,7 @@ class RealEvaluator:
         self._paths[model] = path
 
         try:
-            workload = self._workloads.get(model) or probe.Workload(path, inputs.target_context)
+            workload = self._workloads.get(model) or make_workload(path, inputs)
         except ValueError as exc:
             return replace(base, notes=f"cannot build the probe prompt: {exc}", failure_class="infeasible")
         self._workloads[model] = workload
@@ -170,7 +184,7 @@ class RealEvaluator:
         except KeyboardInterrupt:
             raise Interrupted(replace(base, notes="interrupted")) from None
 
-        fits, reason = probe.judge(m, inputs.gate_ttft_ms, replicates * knobs.max_batch)
+        fits, reason = probe.judge(m, inputs.gate_ttft_ms, replicates * workload.requests_per_round(knobs.max_batch))
         if died is not None:
             fits, reason = False, f"provider exited with code {died} during the probe: {tail}"
         elif m.errors and tail:
@@ -184,6 +198,7 @@ class RealEvaluator:
             throughput_tps=m.tps_median,
             ttft_p95_ms=m.ttft_p95_ms,
             n_err=len(m.errors),
+            cached_prompt_tokens=m.cached_tokens,
             replicates_n=m.replicates,
             mlx_peak_memory_bytes=m.peak_memory_bytes,
             peak_memory_bytes=None if m.peak_memory_bytes is None else m.peak_memory_bytes + self.baseline(),

@@ -39,6 +39,8 @@ def autotune(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without touching anything."),
     memory_budget_gb: str | None = typer.Option(None, "--memory-budget-gb", help="Memory the pre-check may plan for, GiB [default: detected]."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Per-trial lines on stderr."),
+    objective: str | None = typer.Option(None, "--objective", help="Stage 2 keeps the cell with the best: throughput (tokens/s, ties to lower TTFT), latency (TTFT p95, ties to higher tokens/s) or balanced (tokens/s per second of TTFT p95) [default: throughput]."),
+    workload: str | None = typer.Option(None, "--workload", help="What each trial sends: synthetic (one prompt at ~80 percent of the target context), recorded (the request shapes serve recorded) or a JSON/JSONL file of shapes [default: synthetic]."),
 ) -> None:
     """Find the biggest model this machine can serve at the target context, then tune its knobs."""
     from macprovider.autotune.preflight import parse_inputs
@@ -52,7 +54,7 @@ def autotune(
         "max_duration": max_duration, "drain": drain, "restart_foreground": restart_foreground,
         "drain_grace": drain_grace, "port": port, "db_path": db_path, "retain_runs": retain_runs,
         "json": json_output, "apply": apply, "config": config, "dry_run": dry_run,
-        "memory_budget_gb": memory_budget_gb, "verbose": verbose,
+        "memory_budget_gb": memory_budget_gb, "verbose": verbose, "objective": objective, "workload": workload,
     }
     try:
         inputs = parse_inputs(raw)

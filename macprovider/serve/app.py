@@ -226,6 +226,17 @@ class EventStream(Response):
 
 
 # ---------------------------------------------------------------------------------------------- the app
+def workload_recorder(settings: Settings) -> Any:
+    """The request-shape recorder (serve/workload.py) writing to the config directory, or None when
+    `record_workload` is off."""
+    if not settings.record_workload:
+        return None
+    from macprovider.config import Paths
+    from macprovider.serve.workload import WorkloadRecorder
+
+    return WorkloadRecorder(Paths.from_env().workload_file)
+
+
 def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, *, started_at: float | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine` (SPEC.md §3.2). Pure: no sockets, no threads started.
 
@@ -239,6 +250,8 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
     process = psutil.Process()
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="macprovider")
     app.state.macprovider = state
+    recorder = workload_recorder(settings)
+    app.state.workload_recorder = recorder
 
     # -- errors: every one is the OpenAI envelope
     @app.exception_handler(ApiError)
@@ -368,6 +381,9 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
 
                 generation = dataclasses.replace(generation, grammar=grammar)
             handle = engine.submit(generation)
+            if recorder is not None:
+                handle = recorder.track(handle, endpoint="chat" if chat else "completions", prompt_tokens=len(tokens),
+                                        max_tokens=body.wanted_tokens, concurrency=state.in_flight + 1)
         except ApiError as exc:
             state.errors_total += 1
             return _error_response(exc)
