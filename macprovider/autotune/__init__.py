@@ -6,7 +6,8 @@ Layout (DESIGN.md "Autotune: pure search, real measurement"):
     prewarm.py    download + integrity check of cached files       memory.py   memory pre-check
     conflict.py   running-provider detection, drain, restore       store.py    SQLite (migrations, retention)
     report.py     terminal block, JSON, recipe hash                apply.py    atomic config edit
-    runner.py     one run end to end
+    runner.py     one run end to end                               trial.py    one real trial, progress display
+    replay.py     --workload recorded|FILE: replay request shapes (macprovider.workload) with prefix reuse
 Nothing here imports MLX at module level: candidates are measured as child processes over HTTP.
 """
 

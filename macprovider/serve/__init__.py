@@ -5,6 +5,7 @@ Layout (DESIGN.md "Shape: one subpackage per family"):
     runtime.py         ServeRuntime / run_server: uvicorn lifecycle, background load, watchdog, drain
     openai_schemas.py  OpenAI request models, response/chunk builders, the error envelope
     preflight.py       plan_serve: every check before a model loads -> engine.protocol.ServePlan
+    workload.py        the content-free request-shape record (macprovider.workload) autotune replays
 Imports: `runtime` -> `app` -> `openai_schemas`, never the reverse. The engine is reached through
 `engine.protocol` (plus the MLX-free request helpers `engine.tool_calls` and `engine.constrained`); nothing
 here imports MLX or the engine itself (`commands/serve.py` builds it), so the HTTP tests run on a fake engine.
