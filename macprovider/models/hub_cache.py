@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -428,3 +430,54 @@ def format_size(num_bytes: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     return f"{value:.1f} TB"  # pragma: no cover
+
+
+def _is_lfs(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".gguf", ".npz"))
+
+
+def install_in_hub_cache(source: Path, repo_id: str, cache_dir: Path | None = None, *, exclusive: bool = False) -> Path:
+    """Copy a model directory into the Hub cache as `repo_id`; returns the snapshot directory.
+
+    LFS-like files (safetensors) go to blobs named by their sha256, others by their git blob sha1, as the
+    Hub names them, so `macprovider models verify` can check them. Idempotent for identical content.
+
+    `exclusive=True` (imports): the repo must not be in the cache yet (ModelError otherwise); the files are
+    moved out of `source` (which should sit on the cache's filesystem) into a hidden temporary repo directory
+    in `cache_dir`, which is renamed into place last, so an interrupted install leaves no partial repo.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    files = sorted(p for p in Path(source).iterdir() if p.is_file())
+    digests = {path.name: blob_hash(path, "sha256" if _is_lfs(path.name) else "git-sha1") for path in files}
+    revision = hashlib.sha1(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    exists = ModelError(f"model {repo_id} is already in the cache; choose another id or remove it with `macprovider models rm {repo_id}`")
+    if exclusive and repo_dir.exists():
+        raise exists
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=".macprovider-install-", dir=cache_dir)) / repo_dir.name if exclusive else repo_dir
+    try:
+        snapshot = build / "snapshots" / revision
+        (build / "blobs").mkdir(parents=True, exist_ok=True)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            blob = build / "blobs" / digests[path.name]
+            if exclusive:
+                shutil.move(path, blob)
+            elif not blob.exists():
+                shutil.copyfile(path, blob)
+            link = snapshot / path.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(os.path.relpath(blob, snapshot))
+        (build / "refs").mkdir(exist_ok=True)
+        (build / "refs" / "main").write_text(revision)
+        if exclusive:
+            try:
+                os.rename(build, repo_dir)
+            except OSError:
+                raise exists from None
+    finally:
+        if exclusive:
+            shutil.rmtree(build.parent, ignore_errors=True)
+    return repo_dir / "snapshots" / revision

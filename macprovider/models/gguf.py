@@ -1,0 +1,498 @@
+"""GGUF files → MLX models in the Hugging Face Hub cache (`macprovider models import`, SPEC.md §4).
+
+`import_gguf(path, repo_id, dtype=...)` reads a llama.cpp GGUF file and installs an mlx-lm model directory
+(config.json, model.safetensors, tokenizer files, generation_config.json) in the Hub cache layout, so
+`serve`, `autotune` and `models list|verify|rm` treat it like a pulled model.
+
+Reading. The `gguf` package (llama.cpp's own gguf-py) reads the metadata and the raw tensor blocks. GGML's
+Q4_0 / Q4_1 / Q8_0 blocks (32 weights, a float16 scale `d`, Q4_1 also a float16 minimum `m`) are MLX's affine
+quantization with group size 32 already, so they are repacked, not dequantized — as MLX's own GGUF reader
+(mlx/io/gguf_quants.cpp, behind `mx.load`) repacks them: `scales` = d, `biases` = −8·d (Q4_0), m (Q4_1),
+−128·d (Q8_0, whose int8 q is stored as q + 128), the 4-bit nibbles reordered from GGML's (low nibbles =
+weights 0–15, high = 16–31) to MLX's sequential packing. (`mx.load` itself is not used: it refuses a whole
+file as soon as one tensor has a type its reader cannot convert, e.g. Q5_0.) Those tensors stay quantized
+with their bits; where layers differ (SmolLM2's embedding is Q8_0, its linears Q4_1) the config's
+`quantization` names the odd ones. F32 / F16 / BF16 tensors are kept (cast to the model's float dtype).
+Every other GGML type — the K-quants Q2_K…Q6_K of the usual `Q4_K_M` files, Q5_0/Q5_1, IQ* — is dequantized
+to float32 by `gguf.quants.dequantize` (llama.cpp's reference code) and re-quantized with `mx.quantize`
+(affine, group size 32) to the largest MLX width not above the type's bits per weight (Q4_K 4.5 → 4,
+Q5_K → 5, Q6_K 6.56 → 6), or kept as floats with `dtype` float16 / bfloat16 / float32 (which dequantizes
+every tensor, Q4_0… included).
+
+Rotary embeddings. llama.cpp's converter (convert_hf_to_gguf.py, `LlamaModel.permute`) reorders the rows of
+each head of `attn_q` / `attn_k` of llama-family models so its interleaved ("normal", GPT-J style) RoPE
+computes what Hugging Face's half-split RoPE computes. We un-permute those rows (the inverse reshape), so the
+result is an ordinary Hugging Face llama and mlx-lm's default RoPE (`rope_traditional: false`) is right.
+Rows are output features, and quantization groups run along input features, so un-permuting the packed
+weight, scales and biases rows is exact. qwen2 / qwen3 files are not permuted (llama.cpp runs NEOX RoPE).
+
+Tokenizer. Rebuilt from `tokenizer.ggml.*` with `tokenizers`, through transformers' GGUF tokenizer converter
+(`convert_gguf_tokenizer`: byte-level BPE for `gpt2` vocabularies, SentencePiece-style BPE for `llama`, the
+split regex of `tokenizer.ggml.pre`; plus `smollm`: single digits, as llama.cpp's llama-vocab.cpp splits).
+BOS / EOS / padding / unknown tokens, `add_bos_token` and the chat template come from the metadata.
+
+Errors (`GGUFImportError`, a ModelError: one line, exit 1): not a GGUF file, a truncated file, an
+architecture other than llama / qwen2 / qwen3, a tensor this importer does not know, an id that exists.
+Nothing is half-written: files are built in a temporary directory and the repo moves into the cache last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from macprovider.errors import ModelError
+
+GGUF_MAGIC = b"GGUF"
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+MLX_BITS = (2, 3, 4, 5, 6, 8)  # widths mx.quantize supports in affine mode
+REQUANTIZE_GROUP_SIZE = 32
+
+# llama.cpp tensor names (gguf-py/gguf/constants.py, TENSOR_NAMES) → Hugging Face module paths.
+_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+class GGUFImportError(ModelError):
+    """A GGUF file that cannot be imported; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What `import_gguf` installed: the id, the snapshot path, and facts for `--json` output."""
+
+    repo_id: str
+    snapshot: Path
+    architecture: str
+    dtype: str
+    quantization: dict | None
+    tensor_types: dict[str, int]
+    size_bytes: int
+
+
+def _scalar(value: Any) -> Any:
+    """A metadata value as a Python value (mx.load returns numbers as 0-d mx.array, lists as 1-d)."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def check_gguf_file(path: Path) -> None:
+    """Raise GGUFImportError unless `path` is a readable file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except FileNotFoundError:
+        raise GGUFImportError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise GGUFImportError(f"{path}: is a directory, expected a .gguf file") from None
+    except OSError as exc:
+        raise GGUFImportError(f"{path}: cannot read it ({exc.strerror})") from None
+    if magic != GGUF_MAGIC:
+        raise GGUFImportError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
+
+
+def read_gguf(path: Path):
+    """(metadata {key: value}, tensors {name: gguf ReaderTensor}) of a GGUF file, read with the `gguf`
+    package. Raises GGUFImportError for a file that is not GGUF, truncated or corrupt."""
+    from gguf import GGUFReader
+
+    check_gguf_file(path)
+    try:
+        reader = GGUFReader(str(path))
+        metadata = {key: field.contents() for key, field in reader.fields.items()}
+    except (ValueError, IndexError, OSError) as exc:
+        raise GGUFImportError(f"{path}: cannot read it as GGUF, the file is truncated or corrupt ({exc})") from None
+    return metadata, {tensor.name: tensor for tensor in reader.tensors}
+
+
+def mlx_affine_from_ggml(blocks, type_name: str):
+    """MLX affine arrays (packed uint32 weight, float16 scales, float16 biases; group size 32) holding exactly
+    the values of GGML Q4_0 / Q4_1 / Q8_0 rows `blocks` (uint8, rows × bytes, ggml-common.h block_q4_0 /
+    block_q4_1 / block_q8_0 layouts), as mlx/io/gguf_quants.cpp maps them. Returns None for another type."""
+    import mlx.core as mx
+    import numpy as np
+
+    header = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}.get(type_name)
+    if header is None:
+        return None
+    rows = blocks.shape[0]
+    block_bytes = header + (32 if type_name == "Q8_0" else 16)
+    blocks = np.ascontiguousarray(blocks).reshape(rows, -1, block_bytes)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    quants = blocks[..., header:]
+    if type_name == "Q8_0":
+        values = (quants.view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # rows × groups × 32
+        biases = d * np.float16(-128)
+    else:
+        nibbles = np.concatenate([quants & 0x0F, quants >> 4], axis=-1)  # GGML order: low nibbles first
+        values = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)  # MLX: sequential
+        biases = d * np.float16(-8) if type_name == "Q4_0" else blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    packed = np.ascontiguousarray(values.reshape(rows, -1)).view(np.uint32)
+    return mx.array(packed), mx.array(d), mx.array(biases)
+
+
+def model_config(metadata: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    """The mlx-lm `config.json` of a llama / qwen2 / qwen3 GGUF from its `<arch>.*` metadata keys
+    (names as in llama.cpp's gguf-py/gguf/constants.py `Keys.LLM` / `Keys.Attention` / `Keys.Rope`).
+
+    Raises GGUFImportError for another architecture or a missing required key."""
+    arch = metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFImportError(
+            f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
+
+    def key(name: str, default: Any = KeyError) -> Any:
+        value = metadata.get(f"{arch}.{name}")
+        if value is None:
+            if default is KeyError:
+                raise GGUFImportError(f"the file has no {arch}.{name} metadata")
+            return default
+        return _scalar(value)
+
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    heads = key("attention.head_count")
+    hidden = key("embedding_length")
+    config: dict[str, Any] = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": key("block_count"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "head_dim": key("attention.key_length", hidden // heads),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+        "vocab_size": len(tokens) if tokens is not None else key("vocab_size"),
+        "max_position_embeddings": key("context_length", 4096),
+        "rope_theta": key("rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    scaling = key("rope.scaling.type", None)
+    if scaling == "linear":
+        config["rope_scaling"] = {"type": "linear", "factor": key("rope.scaling.factor")}
+    elif scaling == "yarn":
+        config["rope_scaling"] = {
+            "type": "yarn",
+            "factor": key("rope.scaling.factor"),
+            "original_max_position_embeddings": key("rope.scaling.original_context_length"),
+        }
+    elif scaling not in (None, "none"):
+        raise GGUFImportError(f"rope scaling {scaling!r} is not supported")
+    if arch == "qwen2":
+        config["architectures"] = ["Qwen2ForCausalLM"]
+    elif arch == "qwen3":
+        config["architectures"] = ["Qwen3ForCausalLM"]
+    else:
+        config["architectures"] = ["LlamaForCausalLM"]
+    return config
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight` (suffix kept: weight, bias, and
+    MLX's scales / biases). Raises GGUFImportError for a tensor the importer does not know."""
+    base, _, suffix = gguf_name.rpartition(".")
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if match and match.group(2) in _LAYER_TENSORS:
+        return f"model.layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}.{suffix}"
+    if base in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[base]}.{suffix}"
+    raise GGUFImportError(f"tensor {gguf_name!r} is not supported by the importer (llama / qwen2 / qwen3 tensors only)")
+
+
+def unpermute_rows(array, heads: int):
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py `LlamaModel.permute`:
+    `w.reshape(heads, 2, rows // heads // 2, ...).swapaxes(1, 2)`) on axis 0 of `array` (rows × ...)."""
+    shape = array.shape
+    return array.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def requantize_bits(type_name: str) -> int:
+    """Largest MLX affine width not above the GGML type's bits per weight (gguf.GGML_QUANT_SIZES)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    bits_per_weight = type_size * 8 / block_size
+    return max([b for b in MLX_BITS if b <= bits_per_weight] or [MLX_BITS[0]])
+
+
+def convert_weights(
+    tensors: Mapping[str, Any],
+    config: dict[str, Any],
+    dtype: str,
+    on_tensor: Callable[[str], None] | None = None,
+) -> tuple[dict, dict | None, str]:
+    """MLX weights named as mlx-lm expects, the config's `quantization` (None when unquantized) and the float
+    dtype used, from the gguf package's tensors by name (`tensor_type`, raw `data`). `dtype`: see DTYPES.
+    `on_tensor(name)` is called after each GGUF tensor."""
+    import mlx.core as mx
+    import numpy as np
+    from gguf import dequantize
+
+    if dtype == "auto":
+        float_name = "bfloat16" if any(t.tensor_type.name == "BF16" for t in tensors.values()) else "float16"
+    else:
+        float_name = dtype
+    float_dtype = getattr(mx, float_name)
+    permuted = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    weights: dict[str, Any] = {}
+    layer_quant: dict[str, tuple[int, int]] = {}  # module path → (group_size, bits)
+    for name, tensor in tensors.items():
+        hf_name = hf_tensor_name(name)
+        module, _, suffix = hf_name.rpartition(".")
+        type_name = tensor.tensor_type.name
+        in_features = int(tensor.shape[0])  # GGML lists the fastest-moving dimension first
+        affine = mlx_affine_from_ggml(np.asarray(tensor.data), type_name) if dtype == "auto" else None
+        if affine is not None:
+            packed, scales, biases = affine
+            parts = {"weight": packed, "scales": scales, "biases": biases}
+            layer_quant[module] = (in_features // scales.shape[-1], packed.shape[-1] * 32 // in_features)
+        else:
+            shape = tuple(int(n) for n in reversed(tensor.shape))
+            if type_name in ("F32", "F16"):
+                values = np.asarray(tensor.data)
+            else:
+                try:
+                    values = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+                except NotImplementedError:
+                    raise GGUFImportError(f"tensor {name!r} has type {type_name}, which the gguf package cannot dequantize") from None
+            dense = mx.array(values).reshape(shape)
+            requantize = dtype == "auto" and type_name not in _FLOAT_TYPES
+            if requantize and dense.ndim == 2 and in_features % REQUANTIZE_GROUP_SIZE == 0:
+                bits = requantize_bits(type_name)
+                packed, scales, biases = mx.quantize(dense.astype(float_dtype), group_size=REQUANTIZE_GROUP_SIZE, bits=bits)
+                parts = {"weight": packed, "scales": scales, "biases": biases}
+                layer_quant[module] = (REQUANTIZE_GROUP_SIZE, bits)
+            else:
+                parts = {suffix: dense.astype(float_dtype)}  # suffix: weight, or a linear's bias (qwen2 q/k/v)
+        gguf_module = name.rpartition(".")[0].rpartition(".")[2]
+        heads = permuted.get(gguf_module) if config["model_type"] == "llama" else None
+        for part, value in parts.items():
+            weights[f"{module}.{part}"] = unpermute_rows(value, heads) if heads else value
+        mx.eval(list(parts.values()))
+        if on_tensor is not None:
+            on_tensor(name)
+    return weights, _quantization_config(layer_quant), float_name
+
+
+def _quantization_config(layer_quant: dict[str, tuple[int, int]]) -> dict | None:
+    """mlx-lm's `quantization`: the most common (group_size, bits) at the top, other layers by path."""
+    if not layer_quant:
+        return None
+    (group_size, bits), _ = Counter(layer_quant.values()).most_common(1)[0]
+    quantization: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for module, (g, b) in sorted(layer_quant.items()):
+        if (g, b) != (group_size, bits):
+            quantization[module] = {"group_size": g, "bits": b, "mode": "affine"}
+    return quantization
+
+
+def build_tokenizer(metadata: Mapping[str, Any]):
+    """A transformers fast tokenizer (`tokenizers` backend) rebuilt from `tokenizer.ggml.*`, with its special
+    tokens, `add_bos_token` and chat template. Raises GGUFImportError for a vocabulary type it cannot build."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" line
+    from tokenizers import pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    arch = metadata["general.architecture"]
+    fields = {
+        name: _scalar(metadata[f"tokenizer.{key}"])
+        for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+        if f"tokenizer.{key}" in metadata
+    }
+    if "tokens" not in fields:
+        raise GGUFImportError("the file has no tokenizer.ggml.tokens: no vocabulary to rebuild the tokenizer from")
+    try:
+        backend, _ = convert_gguf_tokenizer(arch, fields)
+    except ValueError as exc:
+        raise GGUFImportError(str(exc)) from None
+    if fields.get("pre_tokenizer_type") == "smollm":  # llama-vocab.cpp LLAMA_VOCAB_PRE_TYPE_SMOLLM: \p{N} first
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    tokens = fields["tokens"]
+
+    def token(key: str) -> str | None:
+        index = fields.get(key)
+        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+
+    bos = token("bos_token_id")
+    add_bos = _scalar(metadata.get("tokenizer.ggml.add_bos_token", fields.get("tokenizer_type") == "llama"))
+    if add_bos and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, fields["bos_token_id"])]
+        )
+    else:
+        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=token("eos_token_id"),
+        unk_token=token("unk_token_id"),
+        pad_token=token("pad_token_id"),
+        chat_template=metadata.get("tokenizer.chat_template"),
+        add_bos_token=bool(add_bos),
+        clean_up_tokenization_spaces=False,
+        model_max_length=_scalar(metadata.get(f"{arch}.context_length", 4096)),
+    )
+
+
+def eos_token_ids(metadata: Mapping[str, Any]) -> list[int]:
+    """End-of-generation ids: `tokenizer.ggml.eos_token_id`, then `eot_token_id` / `eom_token_id` if set."""
+    ids = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if value is not None and _scalar(value) not in ids:
+            ids.append(_scalar(value))
+    return ids
+
+
+def write_model_files(
+    gguf_path: Path, directory: Path, dtype: str = "auto", on_tensor: Callable[[str], None] | None = None,
+    tensor_count: Callable[[int], None] | None = None,
+) -> tuple[dict, dict]:
+    """Convert `gguf_path` into an mlx-lm model directory `directory` (which must exist). Returns
+    (config, facts) where facts has `architecture`, `dtype`, `quantization`, `tensor_types`.
+    `tensor_count(n)` is called once with the number of tensors, `on_tensor(name)` after each."""
+    import mlx.core as mx
+
+    if dtype not in DTYPES:
+        raise GGUFImportError(f"invalid --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    metadata, tensors = read_gguf(gguf_path)
+    if tensor_count is not None:
+        tensor_count(len(tensors))
+    config = model_config(metadata, set(tensors))
+    for name in tensors:
+        hf_tensor_name(name)  # unknown tensors fail before any conversion work
+    tokenizer = build_tokenizer(metadata)
+    weights, quantization, float_name = convert_weights(tensors, config, dtype, on_tensor)
+    eos_ids = eos_token_ids(metadata)
+    config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    if "tokenizer.ggml.bos_token_id" in metadata:
+        config["bos_token_id"] = _scalar(metadata["tokenizer.ggml.bos_token_id"])
+    config["torch_dtype"] = float_name
+    if quantization is not None:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization
+    config["gguf_source"] = {
+        "file": gguf_path.name,
+        "name": metadata.get("general.name"),
+        "file_type": _scalar(metadata.get("general.file_type")),
+    }
+    mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_ids}, indent=2))
+    tokenizer.save_pretrained(str(directory))
+    facts = {
+        "architecture": config["model_type"],
+        "dtype": float_name,
+        "quantization": quantization,
+        "tensor_types": dict(Counter(t.tensor_type.name for t in tensors.values())),
+    }
+    return config, facts
+
+
+def import_gguf(
+    gguf_path: Path,
+    repo_id: str,
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+    tensor_count: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Import a GGUF file into the Hub cache as `repo_id` (org/name). Raises GGUFImportError (bad file,
+    unsupported architecture / tensor, the id already in the cache) with nothing left behind."""
+    from macprovider.models.hub_cache import install_in_hub_cache
+    from macprovider.models.ids import hub_cache_dir
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    if repo_dir.exists():
+        raise GGUFImportError(
+            f"model {repo_id} is already in the cache; choose another --id or remove it with `macprovider models rm {repo_id}`"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".macprovider-import-", dir=cache_dir))
+    try:
+        _, facts = write_model_files(Path(gguf_path), staging, dtype, on_tensor, tensor_count)
+        snapshot = install_in_hub_cache(staging, repo_id, cache_dir, exclusive=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size = sum(p.stat().st_size for p in (repo_dir / "blobs").iterdir())
+    return ImportResult(repo_id=repo_id, snapshot=snapshot, size_bytes=size, **facts)
+
+
+def default_repo_id(gguf_path: Path) -> str:
+    """`gguf/<file stem>` with characters outside [A-Za-z0-9._-] replaced by '-'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(gguf_path).stem).strip(".-") or "model"
+    return f"gguf/{name}"
+
+
+OLLAMA_MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
+
+
+def ollama_models_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Ollama's model store: `OLLAMA_MODELS`, else `~/.ollama/models`."""
+    env = os.environ if env is None else env
+    if env.get("OLLAMA_MODELS"):
+        return Path(env["OLLAMA_MODELS"]).expanduser()
+    return Path(env.get("HOME") or Path.home()) / ".ollama" / "models"
+
+
+def ollama_gguf_path(reference: str, env: Mapping[str, str] | None = None) -> Path:
+    """The GGUF blob of an Ollama model `NAME[:TAG]` (TAG defaults to `latest`; NAME may be `namespace/name`
+    or `host/namespace/name`), found through `manifests/<host>/<namespace>/<name>/<tag>` (an OCI-style JSON
+    manifest) and its layer of media type `application/vnd.ollama.image.model` → `blobs/sha256-<hex>`.
+    Raises GGUFImportError naming what is missing."""
+    root = ollama_models_dir(env)
+    name, _, tag = reference.partition(":")
+    tag = tag or "latest"
+    parts = [p for p in name.split("/") if p]
+    if not parts or len(parts) > 3 or any(not re.fullmatch(r"[A-Za-z0-9._-]+", p) or p in (".", "..") for p in parts + [tag]):
+        raise GGUFImportError(f"invalid Ollama model {reference!r}: expected NAME[:TAG], e.g. llama3.2:1b")
+    if len(parts) == 1:
+        parts = ["library", *parts]
+    if len(parts) == 2:
+        parts = ["registry.ollama.ai", *parts]
+    manifest_path = root.joinpath("manifests", *parts, tag)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise GGUFImportError(f"Ollama model {name}:{tag} not found (no manifest {manifest_path}); `ollama list` shows what is there") from None
+    except (OSError, ValueError) as exc:
+        raise GGUFImportError(f"cannot read the Ollama manifest {manifest_path}: {exc}") from None
+    layers = manifest.get("layers") if isinstance(manifest, dict) else None
+    digests = [layer.get("digest", "") for layer in layers or [] if isinstance(layer, dict) and layer.get("mediaType") == OLLAMA_MODEL_MEDIA_TYPE]
+    if not digests or not re.fullmatch(r"sha256:[0-9a-f]{64}", digests[0]):
+        raise GGUFImportError(f"the Ollama manifest {manifest_path} has no model layer ({OLLAMA_MODEL_MEDIA_TYPE})")
+    blob = root / "blobs" / digests[0].replace(":", "-")
+    if not blob.is_file():
+        raise GGUFImportError(f"the Ollama blob {blob} named by {manifest_path} is missing")
+    return blob
+
+
+def ollama_repo_id(reference: str) -> str:
+    """`ollama/<name>-<tag>` for an Ollama reference (namespace dropped, invalid characters → '-')."""
+    name, _, tag = reference.partition(":")
+    stem = f"{name.rsplit('/', 1)[-1]}-{tag or 'latest'}"
+    return "ollama/" + (re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-") or "model")

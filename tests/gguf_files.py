@@ -1,0 +1,98 @@
+"""Write small GGUF files the way llama.cpp's converter does (convert_hf_to_gguf.py), for importer tests.
+
+`write_llama_gguf(model_dir, path, types)` turns a tiny mlx-lm llama directory (macprovider.models.demo's
+`build_model_files`) into a GGUF: llama.cpp tensor names, q/k rows permuted for interleaved RoPE
+(`LlamaModel.permute`), tensors quantized with the `gguf` package (llama.cpp's reference Python code), and the
+byte-level BPE vocabulary, merges, token types, special ids and chat template as `tokenizer.ggml.*` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+HF_TO_GGUF = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    module, _, suffix = hf_name.rpartition(".")
+    if module.startswith("model.layers."):
+        index, _, rest = module.removeprefix("model.layers.").partition(".")
+        return f"blk.{index}.{HF_TO_GGUF[rest]}.{suffix}"
+    return f"{HF_TO_GGUF[module]}.{suffix}"
+
+
+def permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def write_llama_gguf(model_dir: Path, path: Path, types: dict[str, str] | None = None, default_type: str = "F32") -> Path:
+    """Write `model_dir` (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) as a GGUF.
+    `types` maps GGUF module names (e.g. "token_embd", "ffn_down", "output") to a GGML type name; 2-D tensors not named
+    get `default_type`, 1-D tensors (norms) stay F32."""
+    import gguf
+    import mlx.core as mx
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny test llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    vocab = tokenizer["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {t["content"] for t in tokenizer["added_tokens"] if t.get("special")}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in specials else 1 for t in tokens])
+    merges = tokenizer["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(vocab[tokenizer_config["eos_token"]])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer_config["chat_template"])
+    types = types or {}
+    weights = mx.load(str(model_dir / "model.safetensors"))
+    for hf_name in sorted(weights):
+        name = gguf_name(hf_name)
+        array = np.array(weights[hf_name].astype(mx.float32))
+        if ".attn_q." in name:
+            array = permute(array, config["num_attention_heads"])
+        elif ".attn_k." in name:
+            array = permute(array, config["num_key_value_heads"])
+        module = name.rpartition(".")[0].rpartition(".")[2]  # blk.0.ffn_down.weight → ffn_down
+        kind = "F32" if array.ndim == 1 else types.get(module, default_type)
+        qtype = gguf.GGMLQuantizationType[kind]
+        if kind == "F32":
+            writer.add_tensor(name, array)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,199 @@
+"""`macprovider models import` (SPEC.md §4) on small GGUF files written like llama.cpp's converter writes them
+(tests/gguf_files.py): exact round trip of float tensors (q/k un-permuted), quantized tensors kept with
+per-layer bits, the tokenizer rebuilt from metadata, bad input, and Ollama's manifest tree."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from macprovider.models import gguf as importer
+from macprovider.models.demo import TinyModelSpec, build_model_files
+from tests.gguf_files import write_llama_gguf
+
+PROMPT_IDS = [5, 17, 42, 99, 7, 300, 12, 64]
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory) -> Path:
+    return build_model_files(tmp_path_factory.mktemp("gguf-src"), TinyModelSpec(seed=3))
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tiny_source, tmp_path_factory) -> Path:
+    return write_llama_gguf(tiny_source, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf")
+
+
+@pytest.fixture(scope="module")
+def quant_gguf(tiny_source, tmp_path_factory) -> Path:
+    """Q8_0 embedding, Q5_0 (not an MLX type: re-quantized) down projections, Q4_0 elsewhere."""
+    return write_llama_gguf(
+        tiny_source, tmp_path_factory.mktemp("gguf") / "tiny-q4.gguf",
+        types={"token_embd": "Q8_0", "ffn_down": "Q5_0", "output": "Q4_1"}, default_type="Q4_0",
+    )
+
+
+def logits(model_dir: Path):
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    model, tokenizer = load(str(model_dir))
+    return model(mx.array([PROMPT_IDS]))[0].astype(mx.float32), tokenizer
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from macprovider.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_float_gguf_imports_exactly(f32_gguf, tiny_source, hf_home):
+    """An F32 GGUF with llama.cpp's q/k permutation imports to the same logits as the source model."""
+    import mlx.core as mx
+
+    result = importer.import_gguf(f32_gguf, "gguf-test/tiny-f32", dtype="float32", cache_dir=hf_home / "hub")
+    assert result.quantization is None and result.dtype == "float32" and result.architecture == "llama"
+    imported, tokenizer = logits(result.snapshot)
+    reference, reference_tokenizer = logits(tiny_source)
+    assert mx.abs(imported - reference).max().item() < 1e-4
+    text = "Hello! What is the capital of France? def main(): return 1000"
+    assert tokenizer.encode(text) == reference_tokenizer.encode(text)
+    messages = [{"role": "user", "content": "Hello"}]
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == reference_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True
+    )
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_without_unpermuting_the_logits_differ(tiny_source, f32_gguf):
+    """The un-permutation matters: a model whose q/k rows keep llama.cpp's order computes other logits."""
+    import mlx.core as mx
+
+    arrays = mx.load(str(f32_gguf))
+    config = json.loads((tiny_source / "config.json").read_text())
+    q = arrays["blk.0.attn_q.weight"]
+    assert not mx.array_equal(q, importer.unpermute_rows(q, config["num_attention_heads"]))
+    reference = mx.load(str(tiny_source / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    assert mx.array_equal(importer.unpermute_rows(q, config["num_attention_heads"]), reference)
+
+
+def test_quantized_gguf_keeps_quantization_per_layer(quant_gguf, hf_home):
+    """Q4_0/Q4_1/Q8_0 stay quantized as they are (bits per layer in the config); Q5_0 is re-quantized to 5 bits;
+    the logits equal those of the same file dequantized to float32, within float16 rounding."""
+    import mlx.core as mx
+
+    quantized = importer.import_gguf(quant_gguf, "gguf-test/tiny-q4", cache_dir=hf_home / "hub")
+    dense = importer.import_gguf(quant_gguf, "gguf-test/tiny-q4-f32", dtype="float32", cache_dir=hf_home / "hub")
+    q = quantized.quantization
+    assert (q["bits"], q["group_size"]) == (4, 32)
+    assert q["model.embed_tokens"]["bits"] == 8
+    assert all(q[f"model.layers.{i}.mlp.down_proj"]["bits"] == 5 for i in range(2))
+    assert "lm_head" not in q  # Q4_1: 4 bits like the rest
+    assert quantized.tensor_types == {"F32": 5, "Q8_0": 1, "Q4_0": 12, "Q5_0": 2, "Q4_1": 1}
+    config = json.loads((quantized.snapshot / "config.json").read_text())
+    assert config["quantization"] == q and config["torch_dtype"] == "float16"
+    quantized_logits, _ = logits(quantized.snapshot)
+    dense_logits, _ = logits(dense.snapshot)
+    print("max |logit difference| auto vs float32:", mx.abs(quantized_logits - dense_logits).max().item())
+    assert mx.abs(quantized_logits - dense_logits).max().item() < 0.05
+
+
+def test_cli_import_json_list_verify_and_existing_id(f32_gguf, hf_home):
+    result = run_cli("models", "import", str(f32_gguf), "--id", "gguf-test/cli", "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["id"] == "gguf-test/cli" and payload["architecture"] == "llama"
+    assert payload["tensor_types"] == {"F32": 21}
+    assert run_cli("models", "verify", "gguf-test/cli").exit_code == 0
+    listed = json.loads(run_cli("models", "list", "--json").stdout)
+    assert "gguf-test/cli" in [m["id"] for m in listed["models"]]
+    again = run_cli("models", "import", str(f32_gguf), "--id", "gguf-test/cli")
+    assert again.exit_code == 1 and "already in the cache" in again.stderr and "Traceback" not in again.stderr
+
+
+def _cache_entries(hub: Path) -> set[str]:
+    return {p.name for p in hub.iterdir()} if hub.exists() else set()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not-gguf", "not a GGUF file"),
+        ("truncated", "truncated or corrupt"),
+        ("missing", "no such file"),
+        ("architecture", "architecture 'gpt2' is not supported"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(case, message, f32_gguf, tmp_path, monkeypatch):
+    import gguf
+
+    path = tmp_path / f"{case}.gguf"
+    if case == "not-gguf":
+        path.write_text("hello, not a model\n")
+    elif case == "truncated":
+        path.write_bytes(f32_gguf.read_bytes()[: f32_gguf.stat().st_size * 2 // 3])
+    elif case == "architecture":
+        writer = gguf.GGUFWriter(str(path), "gpt2")
+        writer.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 32), dtype="float32"))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    hub = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    before = _cache_entries(hub)
+    result = run_cli("models", "import", str(path), "--id", "gguf-test/bad")
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _cache_entries(hub) == before  # no repo, no temporary directory left behind
+
+
+def test_from_ollama_finds_the_blob_through_the_manifest(f32_gguf, tmp_path, monkeypatch):
+    store = tmp_path / "ollama"
+    digest = hashlib.sha256(f32_gguf.read_bytes()).hexdigest()
+    (store / "blobs").mkdir(parents=True)
+    os.link(f32_gguf, store / "blobs" / f"sha256-{digest}")
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "q4"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 3},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 1},
+    ]}))
+    env = {"OLLAMA_MODELS": str(store)}
+    assert importer.ollama_gguf_path("tiny:q4", env) == store / "blobs" / f"sha256-{digest}"
+    assert importer.ollama_repo_id("tiny:q4") == "ollama/tiny-q4"
+    with pytest.raises(importer.GGUFImportError, match="not found"):
+        importer.ollama_gguf_path("tiny", env)  # :latest has no manifest
+    with pytest.raises(importer.GGUFImportError, match="invalid Ollama model"):
+        importer.ollama_gguf_path("../../etc:passwd", env)
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    result = run_cli("models", "import", "--from-ollama", "tiny:q4", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["id"] == "ollama/tiny-q4"
+
+
+def test_repacked_blocks_equal_mlx_own_gguf_reader(tiny_source, tmp_path):
+    """Q4_0 / Q4_1 / Q8_0 blocks repack to exactly the arrays MLX's own GGUF reader (`mx.load`) produces."""
+    import mlx.core as mx
+    import numpy as np
+
+    path = write_llama_gguf(tiny_source, tmp_path / "mixed.gguf", types={"token_embd": "Q8_0", "output": "Q4_1"}, default_type="Q4_0")
+    reference = mx.load(str(path))
+    _, tensors = importer.read_gguf(path)
+    checked = 0
+    for name, tensor in tensors.items():
+        affine = importer.mlx_affine_from_ggml(np.asarray(tensor.data), tensor.tensor_type.name)
+        if affine is None:
+            continue
+        base = name.removesuffix(".weight")
+        for ours, theirs in zip(affine, (reference[name], reference[f"{base}.scales"], reference[f"{base}.biases"])):
+            assert ours.dtype == theirs.dtype and mx.array_equal(ours, theirs), name
+        checked += 1
+    assert checked == 16
