@@ -49,6 +49,7 @@ class Settings(BaseModel):
     drain_timeout_s: float = 30.0
     cors_allowed_origins: tuple[str, ...] = ()
     record_workload: bool = True  # keep the content-free request-shape record (macprovider.workload)
+    weights_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
 
     @property
     def queue_depth(self) -> int:
@@ -140,6 +141,18 @@ def _log_level(raw: Any) -> str:
     return value
 
 
+# How `serve` holds the weights (macprovider/engine/weights.py): auto = float32 on MLX's CPU backend when it
+# fits, else as stored; native = as stored; or every layer dequantized / cast to the named dtype.
+WEIGHTS_DTYPES = ("auto", "native", "float32", "float16", "bfloat16")
+
+
+def _weights_dtype(raw: Any) -> str:
+    value = str(raw).strip().lower()
+    if value not in WEIGHTS_DTYPES:
+        raise ValueError(f"must be one of {', '.join(WEIGHTS_DTYPES)}")
+    return value
+
+
 def _origins(raw: Any) -> tuple[str, ...]:
     if isinstance(raw, str):
         items = [part.strip() for part in raw.split(",")]
@@ -168,6 +181,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("drain_timeout_s", "MACPROVIDER_DRAIN_TIMEOUT_S", _float_min(0), "--drain-timeout"),
     SettingSpec("cors_allowed_origins", "MACPROVIDER_CORS_ALLOWED_ORIGINS", _origins),
     SettingSpec("record_workload", "MACPROVIDER_RECORD_WORKLOAD", _bool),
+    SettingSpec("weights_dtype", "MACPROVIDER_WEIGHTS_DTYPE", _weights_dtype, "--weights-dtype"),
 )
 SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
 

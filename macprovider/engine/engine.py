@@ -53,6 +53,7 @@ class Engine:
         self.max_context = plan.max_context
         self.max_batch = settings.max_concurrency_override
         self.kv_bits = settings.kv_bits
+        self.weights_dtype = settings.weights_dtype  # the setting; after load(), what was applied
         self.queue_depth = settings.queue_depth
         self.prompt_cache_bytes = settings.prompt_cache_bytes
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -87,7 +88,10 @@ class Engine:
         self._self_test()
         with self._lock:
             self._state = "ready"
-        log.info("engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s", self.model_id, self.max_batch, self.max_context, self.kv_bits)
+        log.info(
+            "engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s weights=%s",
+            self.model_id, self.max_batch, self.max_context, self.kv_bits, self.weights_dtype,
+        )
 
     def _self_test(self) -> None:
         prompt = self.encode_text("Hello")
@@ -294,6 +298,9 @@ class Engine:
 
         mx.set_cache_limit(MLX_CACHE_LIMIT_BYTES)
         model, tokenizer = load(str(self.model_path))
+        from macprovider.engine.weights import apply_weights_dtype
+
+        self.weights_dtype = apply_weights_dtype(model, self.weights_dtype)
         group_size = 64
         if self.kv_bits is not None:
             layer = model.layers[0] if hasattr(model, "layers") else None
