@@ -79,6 +79,8 @@ class ReplayWorkload(Workload):
         rng = random.Random(_DOCUMENT_SEED)
         self._document = [_WORDS[rng.randrange(len(_WORDS))] for _ in range(2 * target_context + 16)]
         self._prefixes: dict[int, str] = {}
+        # Tokens of a prompt holding only the probe's own head line: the room a shared prefix must leave.
+        self._head_tokens = self.messages(0, 0)[1]
 
     def describe(self) -> dict[str, Any]:
         """The report's `workload` object (`workload_summary`)."""
@@ -122,6 +124,7 @@ class ReplayWorkload(Workload):
         """Every replayed shape, in order, at its recorded concurrency."""
         requests = []
         for i, (shape, (prompt, cached, out)) in enumerate(zip(self.shapes, self.fits)):
-            messages, _ = self.messages(seed + 1 + replicate * len(self.shapes) + i, prompt, self.prefix(cached))
+            room = max(0, min(cached, prompt - self._head_tokens))
+            messages, _ = self.messages(seed + 1 + replicate * len(self.shapes) + i, prompt, self.prefix(room))
             requests.append(ProbeRequest(messages, out, shape.concurrency))
         return requests
