@@ -24,6 +24,7 @@ def test_served_requests_leave_their_shapes_and_no_content(isolated_env):
                 response.read()
         server.runtime.app.state.workload_recorder.flush(timeout=10)
     path = Paths.from_env().workload_file
+    assert path.stat().st_mode & 0o777 == 0o600
     text = path.read_text()
     assert "secret" not in text and "Hello" not in text
     shapes = load_shapes(path)

@@ -5,7 +5,7 @@ it appends one `macprovider.workload.RequestShape` (token counts, the cached pre
 max_tokens and the concurrency at arrival — never text) to `path`. Writes happen on one background thread
 (a single-worker executor, so lines keep their order) and never on the event loop. The file holds at most
 RECORD_LIMIT shapes: when it reaches twice that, the newest RECORD_LIMIT are rewritten to a temp file and
-renamed over it. A failing disk never fails a request: the recorder logs once and stops writing.
+renamed over it. The file is created mode 0600 (usage patterns are the owner's business). A failing disk never fails a request: the recorder logs once and stops writing.
 `record_workload: false` (MACPROVIDER_RECORD_WORKLOAD=0) turns it off: `track` returns the handle as is.
 """
 
@@ -90,7 +90,8 @@ class WorkloadRecorder:
             if self._lines is None:
                 self._lines = _count_lines(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as handle:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # the owner's only
+            with os.fdopen(fd, "a", encoding="utf-8") as handle:
                 handle.write(shapes_jsonl([shape]))
             self._lines += 1
             if self._lines >= 2 * self.limit:
