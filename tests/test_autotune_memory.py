@@ -149,6 +149,13 @@ def test_estimate_terms_add_up(model_src):
     capped = memory.estimate(model_src, config, max_context=300, max_batch=2, kv_bits=8, budget=memory.GIB,
                              cached_tokens=10**6, prompt_cache_bytes=1234)
     assert capped.prompt_cache == 1234
+    # a workload that never fills the context or the batch: only what it uses
+    light = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
+                            sequence_tokens=300, prompt_tokens=200, live_sequences=2)
+    assert light.kv == kv_bytes(shape, 2 * 512, None) and light.prefill == shape.prefill_bytes(200, 2)
+    worst = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
+                            sequence_tokens=9000, prompt_tokens=9000, live_sequences=9)
+    assert worst.kv == kv_bytes(shape, 4 * 2048, None) and worst.prefill == shape.prefill_bytes(2000, 4)
     assert replace_budget(est).note().startswith("memory estimate ") and "baseline 0.10" in replace_budget(est).note()
 
 

@@ -10,8 +10,10 @@ child's RSS high-water mark runs a few tens of MiB above this: its tokenizer and
 estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
   weights      exact bytes from the safetensors headers (sum of every tensor's `data_offsets` span — packed
                quantized weights, scales and biases included), or the index's `metadata.total_size`.
-  kv_live      max_batch sequences × allocated tokens × KV bytes per token. Allocated tokens = max_context
-               rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
+  kv_live      live sequences × allocated tokens × KV bytes per token. Live sequences = max_batch, or fewer
+               when the workload never has that many requests in flight; a sequence's tokens = max_context,
+               or the workload's longest prompt + max_tokens when that is less (a KV cache only grows as far
+               as its sequence does). Allocated tokens = those tokens rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
                BatchQuantizedKVCache grow by the same step). KV bytes per token = 2 (K and V) × layers ×
                kv_heads (GQA: `num_key_value_heads`) × head_dim × bytes per element, where bytes per element
                is the activation dtype size at full precision, and with kv-bits b it is b/8 + 2 × dtype
@@ -29,7 +31,8 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                (SwiGLU gate, up and their product, mlx_lm/models/llama.py MLP) + 4 × hidden_size (residual,
                normed input, attention output, o_proj)) + 4 B × heads × chunk (the float32 attention scores
                MLX's CPU `scaled_dot_product_attention` materialises; Metal's fused kernel does not, so there
-               the term is an upper bound). chunk = min(PREFILL_STEP_SIZE, max_context).
+               the term is an upper bound). chunk = min(PREFILL_STEP_SIZE, max_context, the workload's longest
+               prompt); prompts prefilled together = the live sequences.
   baseline     the runtime's own footprint: the RSS of a bare child that imports what `macprovider serve`
                imports (MLX, mlx-lm, the HTTP server) and allocates nothing, measured once per machine and
                runtime (`runtime_baseline_bytes`, cached in the config directory).
@@ -245,23 +248,30 @@ def estimate(
     baseline: int = 0,
     cached_tokens: int = 0,
     prompt_cache_bytes: int | None = None,
+    sequence_tokens: int | None = None,
+    prompt_tokens: int | None = None,
+    live_sequences: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of serving the model with these knobs (module docstring, term by term).
 
     baseline: the runtime baseline in bytes (`runtime_baseline_bytes`). cached_tokens: the tokens the
     workload's finished requests leave in the prompt cache (newest PROMPT_CACHE_ENTRIES requests);
     prompt_cache_bytes: the serving child's `prompt_cache_bytes` (default: `Settings` default).
+    sequence_tokens / prompt_tokens / live_sequences: the workload's longest sequence (prompt + max_tokens),
+    longest prompt, and most requests in flight; None = the knobs' worst case (max_context, max_context,
+    max_batch). Each is capped by its knob.
     Raises SafetensorsError/OSError/ValueError/KeyError when the files cannot be read.
     """
     from macprovider.config import Settings
 
     shape = ModelShape.from_config(config)
+    live = min(max_batch, live_sequences or max_batch)
     cap = Settings().prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
     return MemoryEstimate(
         weights=weights_bytes(model_dir),
-        kv=kv_bytes(shape, max_batch * allocated_tokens(max_context), kv_bits),
+        kv=kv_bytes(shape, live * allocated_tokens(min(max_context, sequence_tokens or max_context)), kv_bits),
         prompt_cache=min(cap, kv_bytes(shape, cached_tokens, kv_bits)),
-        prefill=shape.prefill_bytes(min(PREFILL_STEP_SIZE, max_context), max_batch),
+        prefill=shape.prefill_bytes(min(PREFILL_STEP_SIZE, max_context, prompt_tokens or max_context), live),
         baseline=baseline,
         budget=budget,
     )

@@ -123,6 +123,11 @@ class Workload:
         """Measured requests in one replicate: max_batch concurrent streams."""
         return max_batch
 
+    def memory_shape(self) -> dict[str, int | None]:
+        """What the memory estimate needs of the workload (memory.estimate): the probe fills the context
+        (None = the knobs' worst case: max_context tokens, max_batch sequences)."""
+        return {"sequence_tokens": None, "prompt_tokens": None, "live_sequences": None}
+
     def warmup(self, seed: int) -> "ProbeRequest":
         """The discarded warm-up request."""
         return ProbeRequest(self.messages(seed)[0], MAX_TOKENS, 1)

@@ -104,6 +104,16 @@ class ReplayWorkload(Workload):
     def requests_per_round(self, max_batch: int) -> int:
         return len(self.shapes)
 
+    def memory_shape(self) -> dict[str, int | None]:
+        """The longest replayed sequence (prompt + max_tokens), the longest prompt (the warm-up's included) and
+        the most requests in flight, for memory.estimate."""
+        longest_prompt = max(max(prompt for prompt, _, _ in self.fits), max(cached for _, cached, _ in self.fits) + 1)
+        return {
+            "sequence_tokens": max(prompt + out for prompt, _, out in self.fits),
+            "prompt_tokens": longest_prompt,
+            "live_sequences": max(shape.concurrency for shape in self.shapes),
+        }
+
     def cached_tokens(self, max_context: int, max_batch: int, replicates: int) -> int:
         """Tokens the warm-up and the newest PROMPT_CACHE_ENTRIES replayed requests leave in the prefix cache."""
         from macprovider.autotune.memory import PROMPT_CACHE_ENTRIES

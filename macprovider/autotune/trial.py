@@ -145,6 +145,7 @@ class RealEvaluator:
                 path, read_model_config(path), max_context=knobs.max_context, max_batch=knobs.max_batch,
                 kv_bits=knobs.kv_bits, budget=self.budget(), baseline=self.baseline(),
                 cached_tokens=workload.cached_tokens(knobs.max_context, knobs.max_batch, replicates),
+                **workload.memory_shape(),
             )
         except (ValueError, KeyError, OSError, TypeError):
             estimate = None  # cannot estimate: measure instead of guessing
