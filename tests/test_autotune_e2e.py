@@ -161,8 +161,8 @@ def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tm
     from macprovider.workload import RequestShape, shapes_jsonl
 
     shapes = tmp_path / "shapes.jsonl"  # an agent's long prompts sharing a prefix, two at a time, then a short one
-    shapes.write_text(shapes_jsonl([RequestShape(150, 120, 8, 1), RequestShape(160, 120, 8, 2),
-                                    RequestShape(150, 120, 8, 2), RequestShape(30, 0, 4, 1)]))
+    shapes.write_text(shapes_jsonl([RequestShape(200, 120, 8, 1), RequestShape(210, 120, 8, 2),
+                                    RequestShape(200, 120, 8, 2), RequestShape(30, 0, 4, 1)]))
     result = autotune_cli(tmp_path, "--candidate-models", "e2e/small", "--kv-bits-axis", "unset",
                           "--max-batch-axis", "1,2", "--workload", str(shapes), "--objective", "latency", "--json")
     assert result.returncode == 0, result.stderr
