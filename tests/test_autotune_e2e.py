@@ -183,6 +183,7 @@ def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tm
     assert rec["knobs"] == expected["knobs"] and rec["ttft_p95_ms"] == expected["ttft_p95_ms"]
     assert "on the file workload the winner reused" in rec["why"]
     assert f"workload:          file (4 of 4 shapes from {shapes}" in result.stdout
+    assert not list(tmp_path.glob("**/workload.jsonl"))  # candidates never record the probe as the operator's
     assert_memory_estimates_within(tmp_path, expect=3)
 
 

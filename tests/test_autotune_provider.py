@@ -161,3 +161,11 @@ def test_judge_rejects_empty_output_and_zero_throughput():
     m = Measurement(throughputs=[5.0], ttfts_ms=[10.0], empty_outputs=1)
     assert judge(m, 100, 1)[0] is False
     assert judge(Measurement(throughputs=[0.0], ttfts_ms=[10.0]), 100, 1)[0] is False
+
+
+def test_candidates_get_only_the_trial_knobs_and_never_record_their_traffic():
+    from macprovider.autotune.provider import child_env
+
+    env = child_env({"MACPROVIDER_KV_BITS": "8", "MACPROVIDER_RECORD_WORKLOAD": "1", "PATH": "/bin"})
+    assert env["MACPROVIDER_RECORD_WORKLOAD"] == "0" and "MACPROVIDER_KV_BITS" not in env
+    assert env["HF_HUB_OFFLINE"] == "1" and env["PATH"] == "/bin"

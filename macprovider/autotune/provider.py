@@ -105,9 +105,11 @@ def serve_argv(
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a candidate: ours without MACPROVIDER_* (the trial's flags are the only knobs),
-    offline for the Hub."""
+    offline for the Hub, and not recording its traffic (the probe's requests are not the operator's
+    workload: `record_workload` off)."""
     base = dict(os.environ if base is None else base)
     env = {k: v for k, v in base.items() if not k.startswith("MACPROVIDER_")}
+    env["MACPROVIDER_RECORD_WORKLOAD"] = "0"
     # Pre-warm already put the files in the cache: a candidate never opens a network connection (§5.3).
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     return env
