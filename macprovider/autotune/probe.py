@@ -124,9 +124,9 @@ class Workload:
         return max_batch
 
     def memory_shape(self) -> dict[str, int | None]:
-        """What the memory estimate needs of the workload (memory.estimate): the probe fills the context
-        (None = the knobs' worst case: max_context tokens, max_batch sequences)."""
-        return {"sequence_tokens": None, "prompt_tokens": None, "live_sequences": None}
+        """What the memory estimate needs of the workload (memory.estimate): prompts of `target_tokens`
+        (~80 % of the target context) plus MAX_TOKENS generated, max_batch of them at once."""
+        return {"sequence_tokens": self.target_tokens + MAX_TOKENS, "prompt_tokens": self.target_tokens, "live_sequences": None}
 
     def warmup(self, seed: int) -> "ProbeRequest":
         """The discarded warm-up request."""
