@@ -50,6 +50,8 @@ class Settings(BaseModel):
     cors_allowed_origins: tuple[str, ...] = ()
     record_workload: bool = True  # keep the content-free request-shape record (macprovider.workload)
     weights_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
+    parallel: Literal["pipeline", "tensor"] | None = None
+    rank_timeout_s: float = 60.0
 
     @property
     def queue_depth(self) -> int:
@@ -153,6 +155,13 @@ def _weights_dtype(raw: Any) -> str:
     return value
 
 
+def _parallel(raw: Any) -> str:
+    value = str(raw).strip().lower()
+    if value not in ("pipeline", "tensor"):
+        raise ValueError("must be pipeline or tensor (or unset for one process)")
+    return value
+
+
 def _origins(raw: Any) -> tuple[str, ...]:
     if isinstance(raw, str):
         items = [part.strip() for part in raw.split(",")]
@@ -182,6 +191,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("cors_allowed_origins", "MACPROVIDER_CORS_ALLOWED_ORIGINS", _origins),
     SettingSpec("record_workload", "MACPROVIDER_RECORD_WORKLOAD", _bool),
     SettingSpec("weights_dtype", "MACPROVIDER_WEIGHTS_DTYPE", _weights_dtype, "--weights-dtype"),
+    SettingSpec("parallel", "MACPROVIDER_PARALLEL", _optional(_parallel), "--parallel"),
+    SettingSpec("rank_timeout_s", "MACPROVIDER_RANK_TIMEOUT_S", _float_min(1)),
 )
 SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
 

@@ -23,6 +23,7 @@ def serve(
         None, "--weights-dtype",
         help="auto (float32 on MLX's CPU backend when it fits in half the free memory, else as stored), native, float32, float16, bfloat16 [default: auto].",
     ),
+    parallel: str | None = typer.Option(None, "--parallel", help="Under mlx.launch: split the model over the ranks by pipeline or tensor [default: unset, one process]."),
     config: str | None = typer.Option(None, "--config", help="Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
@@ -40,16 +41,33 @@ def serve(
         "api_key_file": api_key_file,
         "drain_timeout_s": drain_timeout,
         "weights_dtype": weights_dtype,
+        "parallel": parallel,
     }
     with user_errors():
         resolved = cfg.resolve(cli_values, cli_config=config)
         for warning in resolved.warnings:
             print(warning, file=sys.stderr)
         plan = plan_serve(resolved)
+        lockstep = None
+        if plan.settings.parallel:
+            from macprovider.engine.distributed import start_group
+            from macprovider.models.ids import read_model_config
+
+            lockstep = start_group(plan.settings.parallel, read_model_config(plan.model_path), plan.model_id, plan.settings.rank_timeout_s)
     from macprovider.engine.engine import Engine
     from macprovider.serve import run_server
 
-    code = run_server(plan, Engine(plan))
+    engine = Engine(plan, lockstep)
+    if lockstep is not None and lockstep.rank != 0:
+        from macprovider.engine.distributed import run_follower
+        from macprovider.serve.runtime import configure_logging
+
+        configure_logging(plan.settings.log_level)
+        code = run_follower(engine)
+    else:
+        code = run_server(plan, engine)
+        if lockstep is not None and code == 0 and not lockstep.failure():
+            engine.close()  # the generation thread tells the followers to stop
     # MLX's C++ runtime aborts in static destructors ("terminate called without an active exception")
     # when the interpreter finalizes with the generation thread's streams alive. Everything is drained
     # and flushed at this point, so leave without running them: the exit status stays truthful.

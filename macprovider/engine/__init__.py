@@ -8,6 +8,8 @@ Layout:
     weights.py      weights_dtype: dequantize / cast the loaded weights (float32 on MLX's CPU backend)
     tool_calls.py   tool validation, the forced-call grammar, the streamed markup splitter (no MLX)
     constrained.py  response_format -> llguidance grammar (no MLX); GrammarProcessor (logits processor)
+    distributed.py  several machines on mx.distributed: split checks, pipeline stages / tensor shard, the
+                    per-step control exchange that keeps ranks in lockstep, the follower loop
 Imports: `engine` -> `models` and the shared core (`config`, `errors`) only. Importers: `commands` (builds
 the Engine); `serve` may import only `protocol`, `tool_calls` and `constrained`. Nothing imports MLX at
 module level, so importing this package stays cheap.

@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any
 
+from macprovider.engine.distributed import Lockstep, LockstepBatch, SamplerSpec, follow
 from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, ServePlan, TokenLogprob
 from macprovider.errors import ApiError, ModelError
 from macprovider.engine.sequence import OutputText, SequenceHandle, SequenceState
@@ -46,8 +47,10 @@ MLX_CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 class Engine:
     """Implements `engine.protocol.EngineProtocol` on MLX. Construct cheaply, then `load()` (blocking)."""
 
-    def __init__(self, plan: ServePlan):
+    def __init__(self, plan: ServePlan, lockstep: Lockstep | None = None):
+        """`lockstep`: this rank's place in a distributed group (`engine.distributed`), None for one process."""
         settings = plan.settings
+        self.lockstep = lockstep
         self.model_id = plan.model_id
         self.model_path = plan.model_path
         self.max_context = plan.max_context
@@ -55,7 +58,8 @@ class Engine:
         self.kv_bits = settings.kv_bits
         self.weights_dtype = settings.weights_dtype  # the setting; after load(), what was applied
         self.queue_depth = settings.queue_depth
-        self.prompt_cache_bytes = settings.prompt_cache_bytes
+        # Prefix reuse is per rank and byte-bounded: ranks holding different layers would evict differently.
+        self.prompt_cache_bytes = settings.prompt_cache_bytes if lockstep is None else 0
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
@@ -111,7 +115,16 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    def follow(self) -> int:
+        """A follower rank (distributed, rank > 0): load this rank's share on the calling thread, then step
+        in lockstep with rank 0 until it says stop. Returns the exit code; raises as `follow` does."""
+        assert self.lockstep is not None and self.lockstep.rank != 0
+        self._load_on_thread()
+        return follow(self, self.lockstep)
+
     def is_alive(self) -> bool:
+        if self.lockstep is not None and self.lockstep.failure():
+            return False
         if self._thread is None:
             return True  # not started yet: loading
         return self._thread.is_alive() or self._stopping
@@ -235,21 +248,31 @@ class Engine:
                 prompt_cache_bytes=counters.get("prompt_cache_bytes", 0),
                 active_memory_bytes=counters.get("active_memory", 0),
                 cache_memory_bytes=counters.get("cache_memory", 0),
+                extra={"distributed": self.lockstep.describe()} if self.lockstep is not None else {},
             )
 
     # ------------------------------------------------------------------ sampling
     def _sampler(self, request: GenerationRequest):
-        from mlx_lm.sample_utils import make_sampler
+        return self._sampler_for(SamplerSpec(request.temperature, request.top_p, request.seed))
 
-        if request.temperature == 0:
-            return self._greedy
-        if request.seed is not None:
-            return _seeded_sampler(request.temperature, request.top_p, request.seed)
-        key = (request.temperature, request.top_p)
+    def _sampler_for(self, spec: SamplerSpec):
+        """Greedy (one shared sampler), seeded (a fresh one per request) or shared by (temperature, top_p):
+        the same structure on every rank of a group, whose token ids are rank 0's (`wrap_sampler`)."""
+        from mlx_lm.sample_utils import greedy_sampler, make_sampler
+
+        wrap = self.lockstep.wrap_sampler if self.lockstep is not None else lambda _, sampler: sampler
+        if spec.temperature == 0:
+            key = (0.0, 1.0)
+            build = lambda: wrap(SamplerSpec(), greedy_sampler)  # noqa: E731
+        elif spec.seed is not None:
+            return wrap(spec, _seeded_sampler(spec.temperature, spec.top_p, spec.seed))
+        else:
+            key = (spec.temperature, spec.top_p)
+            build = lambda: wrap(spec, make_sampler(temp=spec.temperature, top_p=spec.top_p))  # noqa: E731
         with self._lock:
             sampler = self._samplers.get(key)
             if sampler is None:
-                sampler = self._samplers[key] = make_sampler(temp=request.temperature, top_p=request.top_p)
+                sampler = self._samplers[key] = build()
         return sampler
 
     def _grammar_processors(self, request: GenerationRequest) -> list[Any]:
@@ -281,6 +304,8 @@ class Engine:
         self._loaded.set()
         try:
             self._loop()
+            if self.lockstep is not None:
+                self.lockstep.stop()
         except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
             log.exception("generation thread died: %s", _describe(exc))
             with self._lock:
@@ -292,15 +317,20 @@ class Engine:
         from mlx_lm import load
         from mlx_lm.generate import BatchGenerator, make_stop_sequences
         from mlx_lm.models.cache import LRUPromptCache
-        from mlx_lm.sample_utils import greedy_sampler
-
         from macprovider.engine.kvcache import kv_group_size, make_cache_factory
 
         mx.set_cache_limit(MLX_CACHE_LIMIT_BYTES)
-        model, tokenizer = load(str(self.model_path))
         from macprovider.engine.weights import apply_weights_dtype
 
-        self.weights_dtype = apply_weights_dtype(model, self.weights_dtype)
+        if self.lockstep is None:
+            model, tokenizer = load(str(self.model_path))
+            self.weights_dtype = apply_weights_dtype(model, self.weights_dtype)
+        else:
+            from macprovider.engine.distributed import load_sharded
+            from macprovider.hardware import memory_budget_bytes, mlx_recommended_working_set_bytes
+
+            budget = memory_budget_bytes(mlx_recommended_working_set_bytes())
+            model, tokenizer = load_sharded(self.model_path, self.lockstep, budget, lambda m: apply_weights_dtype(m, self.weights_dtype))
         group_size = 64
         if self.kv_bits is not None:
             layer = model.layers[0] if hasattr(model, "layers") else None
@@ -313,7 +343,6 @@ class Engine:
         if getattr(tokenizer, "has_tool_calling", False):  # tool-call markup must reach the server's splitter
             markup = set(tokenizer.tool_call_start_tokens or ()) | set(tokenizer.tool_call_end_tokens or ())
             self._hidden_ids = self._hidden_ids - (markup - frozenset(end_ids))
-        self._greedy = greedy_sampler
         self._samplers: dict[tuple[float, float], Any] = {}
         self._token_texts: dict[int, str] = {}  # token id -> decoded text, for logprobs (generation thread)
         from macprovider.engine.constrained import TokenizerCache
@@ -330,6 +359,8 @@ class Engine:
             prefill_batch_size=self.max_batch,
             stream=mx.default_stream(mx.default_device()),
         )
+        if self.lockstep is not None and self.lockstep.rank == 0:
+            self._batch = LockstepBatch(self._batch, self.lockstep)
         self._mx = mx
         self.tokenizer = tokenizer
 
@@ -348,6 +379,8 @@ class Engine:
                         self._active[response.uid].decode_started_at = now
                 for response in generation_responses:
                     self._on_token(response, now)
+            elif self.lockstep is not None:
+                self.lockstep.heartbeat()
             self._publish_gauges()
 
     def _drain_inbox(self, block: bool) -> bool:

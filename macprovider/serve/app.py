@@ -302,7 +302,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
                 "kv_bits": engine.kv_bits,
             },
             "engine": stats.engine_json(),
-        }
+        } | ({"distributed": stats.extra["distributed"]} if "distributed" in stats.extra else {})
 
     async def health() -> Response:
         body = health_body()
