@@ -46,13 +46,14 @@ MLX is imported inside functions only: importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from macprovider.errors import ConfigError, ModelError
 
@@ -241,21 +242,28 @@ class Lockstep:
         self.control_seconds = 0.0
 
     # -- collectives
-    def _all_sum(self, values: Any) -> Any:
-        import mlx.core as mx
-
+    @contextlib.contextmanager
+    def watched(self) -> Iterator[None]:
+        """Run a step that waits on other ranks: past `rank_timeout_s`, `failure()` reports the group broken;
+        an exception (a peer's socket closed) marks it broken at once."""
         with self._lock:
             self._since = time.monotonic()
         try:
-            out = mx.distributed.all_sum(values, group=self.group, stream=mx.cpu)
-            mx.eval(out)
-            return out
+            yield
         except Exception as exc:
             self.fail(f"lost a peer rank: {exc}")
             raise
         finally:
             with self._lock:
                 self._since = None
+
+    def _all_sum(self, values: Any) -> Any:
+        import mlx.core as mx
+
+        with self.watched():
+            out = mx.distributed.all_sum(values, group=self.group, stream=mx.cpu)
+            mx.eval(out)
+            return out
 
     def all_gather_floats(self, value: float) -> list[float]:
         """Every rank's `value`, by rank (a fixed-size all_sum of one slot per rank)."""
@@ -368,7 +376,8 @@ class LockstepBatch:
 
     def next(self) -> Any:
         self._lockstep.exchange(ACTION_STEP)
-        return self._batch.next()
+        with self._lockstep.watched():  # the step's graph holds collectives too (activations, token ids)
+            return self._batch.next()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._batch, name)
@@ -401,7 +410,8 @@ def follow(engine: Any, lockstep: Lockstep) -> int:
         if action == ACTION_STOP:
             return 0
         if action == ACTION_STEP:
-            batch.next()
+            with lockstep.watched():
+                batch.next()
 
 
 # ---------------------------------------------------------------------------------------------- loading

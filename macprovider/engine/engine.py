@@ -308,6 +308,8 @@ class Engine:
                 self.lockstep.stop()
         except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
             log.exception("generation thread died: %s", _describe(exc))
+            if self.lockstep is not None:
+                self.lockstep.fail(f"lost a peer rank: {_describe(exc)}")
             with self._lock:
                 self._state = "unavailable"
             self._fail_everything(f"the generation engine failed: {_describe(exc)}")
