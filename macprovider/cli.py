@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from macprovider import __version__
-from macprovider.commands import autotune, config, models, serve, service
+from macprovider.commands import autotune, cluster, config, models, serve, service
 
 app = typer.Typer(
     name="macprovider",
@@ -41,6 +41,7 @@ app.command("autotune")(autotune.autotune)
 app.add_typer(config.app, name="config")
 app.add_typer(models.app, name="models")
 app.add_typer(service.app, name="service")
+app.add_typer(cluster.app, name="cluster")
 
 
 def main() -> None:

@@ -565,12 +565,18 @@ def start_group(parallel: str, config: Mapping[str, Any], model_id: str, rank_ti
 
 
 def run_follower(engine: Any) -> int:
-    """`serve` on a rank > 0: no HTTP; load and follow rank 0 (`Engine.follow`). Exits the process with
+    """`serve` on a rank > 0: no HTTP; load and follow rank 0 (`Engine.follow`); SIGINT/SIGTERM are ignored
+    (rank 0 decides when the group stops). Exits the process with
     status 1 when a collective stays open past `rank_timeout_s` (rank 0 stalled) — a watchdog thread,
     since the stuck collective cannot be interrupted. Returns 0 after rank 0's STOP, 1 on any error."""
     import os
+    import signal
 
     lockstep: Lockstep = engine.lockstep
+    # A follower lives and dies with rank 0: a terminal's Ctrl-C or a supervisor's SIGTERM to the whole
+    # group drains rank 0, whose STOP (or closed sockets) ends this rank — never a half-stepped batch.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
     def watchdog() -> None:
         while True:

@@ -1,0 +1,305 @@
+"""`macprovider cluster ...`: several Macs serving one model (SPEC.md §7b).
+
+    cluster check HOSTFILE [--model M] [--json]   each host reachable, same macprovider/mlx versions, the
+                                                 model cached, its memory budget; which split fits; a table
+    cluster print HOSTFILE --model M [--parallel P] [-- SERVE ARGS]   the `mlx.launch` command line
+    cluster serve HOSTFILE --model M [--parallel P] [-- SERVE ARGS]   run it; exit non-zero when a rank failed
+    cluster probe [--model M]                    (run on each host by `check`) this host's facts as JSON
+
+HOSTFILE is mlx's own format (`mlx.distributed_config` writes it; parsed with mlx's `Hostfile`). Hosts are
+reached the way `mlx.launch` reaches them: `ssh HOST` (BatchMode, a connect timeout), except the literal
+`127.0.0.1`, which runs locally. The remote interpreter is this one's path unless `--python` names another.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from macprovider.commands.common import fail, user_errors
+from macprovider.errors import ConfigError
+
+app = typer.Typer(help="Serve one model across several machines (mlx.launch + mx.distributed).", no_args_is_help=True)
+
+LOCAL_HOST = "127.0.0.1"  # what mlx.launch runs without ssh
+PROBE_TIMEOUT_S = 60
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
+Runner = Callable[[list[str], float], "subprocess.CompletedProcess[str]"]
+
+
+def _run(argv: list[str], timeout: float) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def read_hosts(hostfile: str) -> Any:
+    """mlx's `Hostfile` for `hostfile`; ConfigError naming the file when it is missing or malformed."""
+    from mlx._distributed_utils.common import Hostfile
+
+    try:
+        hosts = Hostfile.from_file(hostfile)
+    except ValueError as exc:
+        raise ConfigError(f"invalid hostfile {hostfile}: {exc}") from None
+    if not hosts.hosts:
+        raise ConfigError(f"invalid hostfile {hostfile}: no hosts")
+    return hosts
+
+
+# ---------------------------------------------------------------------------------------------- probe
+def probe_facts(model: str | None) -> dict[str, Any]:
+    """This host's facts for `cluster check`: versions, the model's presence and shape, the memory budget."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from macprovider import __version__
+    from macprovider.hardware import memory_budget_bytes, mlx_recommended_working_set_bytes
+
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    facts: dict[str, Any] = {
+        "hostname": platform.node(),
+        "macprovider": __version__,
+        "mlx": package("mlx"),
+        "mlx_lm": package("mlx-lm"),
+        "memory_budget_bytes": memory_budget_bytes(mlx_recommended_working_set_bytes()),
+        "model": model,
+        "model_cached": None,
+        "model_error": None,
+        "model_config": None,
+    }
+    if model:
+        from macprovider.errors import MacproviderError
+        from macprovider.models.ids import ensure_local, read_model_config
+
+        try:
+            config = read_model_config(ensure_local(model))
+            keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+            facts["model_config"] = {k: config.get(k, (config.get("text_config") or {}).get(k)) for k in keys}
+            facts["model_cached"] = True
+        except MacproviderError as exc:
+            facts["model_cached"], facts["model_error"] = False, str(exc)
+    return facts
+
+
+@app.command("probe", hidden=True)
+def probe(model: Optional[str] = typer.Option(None, "--model", help="Model id to look for in this host's cache.")) -> None:
+    """Print this host's facts as one JSON line (what `cluster check` runs on every host)."""
+    typer.echo(json.dumps(probe_facts(model)))
+
+
+# ---------------------------------------------------------------------------------------------- check
+@dataclass
+class HostReport:
+    rank: int
+    host: str
+    facts: dict[str, Any] | None
+    problems: list[str]
+
+
+def probe_argv(host: str, python: str, model: str | None) -> list[str]:
+    command = [python, "-m", "macprovider", "cluster", "probe"] + (["--model", model] if model else [])
+    if host == LOCAL_HOST:
+        return command
+    return ["ssh", *SSH_OPTIONS, host, shlex.join(command)]
+
+
+def check_hosts(hosts: list[str], model: str | None, python: str, runner: Runner = _run) -> list[HostReport]:
+    """Probe every host (in rank order); each report lists its problems (empty when the host is fine).
+    Versions are compared with rank 0's."""
+    reports = []
+    for rank, host in enumerate(hosts):
+        try:
+            done = runner(probe_argv(host, python, model), PROBE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reports.append(HostReport(rank, host, None, [f"unreachable: {exc.__class__.__name__}"]))
+            continue
+        facts = _last_json_line(done.stdout) if done.returncode == 0 else None
+        if facts is None:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            reason = detail[-1] if detail else f"exit status {done.returncode}"
+            reports.append(HostReport(rank, host, None, [f"unreachable or no macprovider: {reason}"[:200]]))
+            continue
+        problems = []
+        if model and not facts.get("model_cached"):
+            problems.append(f"model {model} not cached")
+        reports.append(HostReport(rank, host, facts, problems))
+    reference = next((r.facts for r in reports if r.facts), None)
+    for report in reports:
+        if report.facts and reference and report.facts is not reference:
+            for key in ("macprovider", "mlx", "mlx_lm"):
+                if report.facts.get(key) != reference.get(key):
+                    report.problems.append(f"{key} {report.facts.get(key)} differs from rank 0's {reference.get(key)}")
+    return reports
+
+
+def split_plans(reports: list[HostReport]) -> dict[str, Any]:
+    """Which `--parallel` modes fit the model on these hosts, and the pipeline's layers per rank (sized by
+    the hosts' memory budgets). Needs every host probed and the model's shape from one of them."""
+    from macprovider.engine.distributed import PARALLEL_MODES, _split_problem, split_layers
+
+    config = next((r.facts["model_config"] for r in reports if r.facts and r.facts.get("model_config")), None)
+    if config is None or any(r.facts is None for r in reports):
+        return {}
+    size = len(reports)
+    plans: dict[str, Any] = {mode: {"fits": _split_problem(config, size, mode) is None, "reason": _split_problem(config, size, mode)} for mode in PARALLEL_MODES}
+    if plans["pipeline"]["fits"]:
+        budgets = [r.facts["memory_budget_bytes"] for r in reports]  # type: ignore[index]
+        by_stage = split_layers(config["num_hidden_layers"], budgets[::-1])  # stage s runs on rank N−1−s
+        plans["pipeline"]["layers_per_rank"] = by_stage[::-1]
+    return plans
+
+
+def _last_json_line(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _gib(value: Any) -> str:
+    return f"{value / 2**30:.1f} GiB" if isinstance(value, (int, float)) else "-"
+
+
+@app.command("check")
+def check(
+    hostfile: str = typer.Argument(..., help="mlx hostfile (JSON; `mlx.distributed_config` writes one)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model id every host must have cached."),
+    python: str = typer.Option(sys.executable, "--python", help="Interpreter with macprovider on the hosts."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: {hosts[…], plans{…}, ok}."),
+) -> None:
+    """Check every host of HOSTFILE: reachable, same versions, model cached, memory budget. Exit 1 on a problem."""
+    with user_errors():
+        hosts = [h.ssh_hostname for h in read_hosts(hostfile).hosts]
+    reports = check_hosts(hosts, model, python)
+    plans = split_plans(reports) if model else {}
+    ok = not any(r.problems for r in reports) and (not model or any(p.get("fits") for p in plans.values()))
+    if as_json:
+        payload = {"hosts": [r.__dict__ for r in reports], "plans": plans, "ok": ok}
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        layers = plans.get("pipeline", {}).get("layers_per_rank") or [None] * len(reports)
+        rows = [("RANK", "HOST", "MACPROVIDER", "MLX", "MODEL", "BUDGET", "LAYERS", "PROBLEMS")]
+        for report, count in zip(reports, layers):
+            facts = report.facts or {}
+            cached = {True: "cached", False: "missing", None: "-"}[facts.get("model_cached")]
+            rows.append((str(report.rank), report.host, facts.get("macprovider") or "-", facts.get("mlx") or "-", cached,
+                         _gib(facts.get("memory_budget_bytes")), str(count) if count else "-", "; ".join(report.problems) or "ok"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        for mode, plan in plans.items():
+            typer.echo(f"--parallel {mode}: " + ("fits" if plan["fits"] else f"does not fit ({plan['reason']})"))
+    if not ok:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- launch
+def launch_argv(hostfile: str, model: str, parallel: str, serve_args: list[str], python: str, backend: str | None) -> list[str]:
+    """The `mlx.launch` command that starts `macprovider serve --parallel` on every host of `hostfile`."""
+    launcher = str(Path(sys.executable).parent / "mlx.launch")
+    backend_args = ["--backend", backend] if backend else []
+    return [launcher, "--hostfile", hostfile, *backend_args, "--", python, "-m", "macprovider", "serve",
+            "--model", model, "--parallel", parallel, *serve_args]
+
+
+def _launch_options(hostfile: str, parallel: str) -> str | None:
+    from macprovider.engine.distributed import PARALLEL_MODES
+
+    if parallel not in PARALLEL_MODES:
+        raise ConfigError(f"invalid parallel {parallel!r} (from cli): must be pipeline or tensor")
+    hosts = read_hosts(hostfile)
+    return hosts.backend or "ring"
+
+
+SERVE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("print", context_settings=SERVE_CONTEXT)
+def print_cmd(
+    ctx: typer.Context,
+    hostfile: str = typer.Argument(..., help="mlx hostfile (JSON)."),
+    model: str = typer.Option(..., "--model", help="Model id (cached on every host)."),
+    parallel: str = typer.Option("pipeline", "--parallel", help="pipeline or tensor."),
+    python: str = typer.Option(sys.executable, "--python", help="Interpreter with macprovider on the hosts."),
+) -> None:
+    """Print the mlx.launch command that serves MODEL on every host of HOSTFILE (extra args go to serve)."""
+    with user_errors():
+        backend = _launch_options(hostfile, parallel)
+    typer.echo(shlex.join(launch_argv(hostfile, model, parallel, list(ctx.args), python, backend)))
+
+
+@app.command("serve", context_settings=SERVE_CONTEXT)
+def serve_cmd(
+    ctx: typer.Context,
+    hostfile: str = typer.Argument(..., help="mlx hostfile (JSON)."),
+    model: str = typer.Option(..., "--model", help="Model id (cached on every host)."),
+    parallel: str = typer.Option("pipeline", "--parallel", help="pipeline or tensor."),
+    python: str = typer.Option(sys.executable, "--python", help="Interpreter with macprovider on the hosts."),
+) -> None:
+    """Run the mlx.launch command; exit 1 when any rank failed (mlx.launch itself exits 0 even then)."""
+    with user_errors():
+        backend = _launch_options(hostfile, parallel)
+    raise typer.Exit(run_launch(launch_argv(hostfile, model, parallel, list(ctx.args), python, backend)))
+
+
+def run_launch(argv: list[str]) -> int:
+    """Run `mlx.launch` in its own session, relaying its output. SIGTERM/SIGINT go to rank 0 when it runs on
+    this machine (it drains, then stops every rank), else to the launcher. Returns 1 when a rank reported
+    failure (`Node with rank N exited with code C` / `was killed`) or the launcher failed, else 0."""
+    import signal
+
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+    except OSError as exc:
+        raise fail(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+    def forward(number: int, _frame: Any) -> None:
+        target = local_rank0_pid(process.pid) or process.pid
+        try:
+            import os
+
+            os.kill(target, number)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    failed = False
+    assert process.stderr is not None
+    for line in process.stderr:
+        sys.stderr.write(line)
+        if "Node with rank" in line and ("exited with code" in line or "was killed" in line):
+            failed = True
+    code = process.wait()
+    return 1 if failed or code != 0 else 0
+
+
+def local_rank0_pid(launcher_pid: int) -> int | None:
+    """The pid of the launcher's descendant running with MLX_RANK=0 on this machine, if any."""
+    import psutil
+
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return None
+    for child in children:
+        try:
+            if child.environ().get("MLX_RANK") == "0" and "macprovider" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
