@@ -251,7 +251,9 @@ def test_three_ranks_then_sigterm_drains_and_stops_every_rank(start):
 
 
 def test_killed_rank_fails_requests_and_the_group_exits_nonzero(start):
-    group = start(2, "--parallel", "pipeline")
+    # A dead peer usually raises at once ("connection to a peer was lost"); when MLX's ring leaves the
+    # step waiting instead, the rank timeout catches it — keep that short here.
+    group = start(2, "--parallel", "pipeline", env={"MACPROVIDER_RANK_TIMEOUT_S": "5"})
     errors: list[str] = []
     started = threading.Event()
 
@@ -266,7 +268,7 @@ def test_killed_rank_fails_requests_and_the_group_exits_nonzero(start):
     assert started.wait(60)
     group.processes[1].kill()
     runner.join(60)
-    assert errors and "peer was lost" in errors[0], errors  # the stream's error event says why
+    assert errors and ("peer was lost" in errors[0] or "did not answer" in errors[0]), errors  # the error event says why
     assert group.wait_exit(30, ranks=1) == [1], group.text()
     assert "exiting with status 1" in group.text()
 
@@ -274,7 +276,7 @@ def test_killed_rank_fails_requests_and_the_group_exits_nonzero(start):
 def test_stalled_rank_turns_health_503_naming_it_and_exits(start):
     group = start(2, "--parallel", "pipeline", env={"MACPROVIDER_RANK_TIMEOUT_S": "3"})
     started = threading.Event()
-    # A stream stuck in the stalled step holds rank 0 in its death grace (2 s), so 503 stays observable.
+    # A stream in flight when the rank stalls: its step never returns, the engine fails it from outside.
     threading.Thread(target=lambda: _ignore_errors(_stream, group, "Write a short poem about the sea.", 400, started), daemon=True).start()
     assert started.wait(60)
     os.kill(group.processes[1].pid, signal.SIGSTOP)

@@ -64,6 +64,7 @@ CONTROL_INTS = 256  # one control message: 1 KiB of int32
 HEADER_INTS = 2  # [payload length, action]
 PAYLOAD_INTS = CONTROL_INTS - HEADER_INTS
 IDLE_HEARTBEAT_S = 0.5  # the engine's idle inbox wait: an idle group exchanges one message this often
+FAILURE_ANNOUNCE_S = 2.0  # rank 0 answers 503 (health names the failure) this long before it exits
 
 # Actions (header[1]) and ops (payload stream).
 ACTION_MORE, ACTION_STEP, ACTION_IDLE, ACTION_STOP = 0, 1, 2, 3
@@ -237,6 +238,7 @@ class Lockstep:
         self._ops: list[int] = []
         self._since: float | None = None  # when the collective in progress started
         self._error: str | None = None
+        self._failed_at = 0.0
         self._lock = threading.Lock()
         self.messages_sent = 0
         self.control_seconds = 0.0
@@ -330,14 +332,20 @@ class Lockstep:
     def fail(self, reason: str) -> None:
         with self._lock:
             if self._error is None:
-                self._error = reason
+                self._error, self._failed_at = reason, time.monotonic()
 
     def failure(self) -> str | None:
         """Why the group is broken (a peer lost, or a collective past `rank_timeout_s`), else None."""
         with self._lock:
             if self._error is None and self._since is not None and time.monotonic() - self._since > self.rank_timeout_s:
                 self._error = f"a rank did not answer within {self.rank_timeout_s:g} s (stalled or unreachable)"
+                self._failed_at = time.monotonic()
             return self._error
+
+    def failed_for(self) -> float:
+        """Seconds since the group broke (0 while it is fine)."""
+        with self._lock:
+            return time.monotonic() - self._failed_at if self._error is not None else 0.0
 
     def describe(self) -> dict[str, Any]:
         """The `distributed` object of /v1/health."""

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from macprovider.engine.distributed import Lockstep, LockstepBatch, SamplerSpec, follow
+from macprovider.engine.distributed import FAILURE_ANNOUNCE_S, Lockstep, LockstepBatch, SamplerSpec, follow
 from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, ServePlan, TokenLogprob
 from macprovider.errors import ApiError, ModelError
 from macprovider.engine.sequence import OutputText, SequenceHandle, SequenceState
@@ -70,6 +70,7 @@ class Engine:
         self._draining = False
         self._stopping = False
         self._admitted = 0  # submitted and not finished (waiting + active)
+        self._group_failure_reported = False
         # Generation-thread state.
         self._pending: collections.deque[SequenceState] = collections.deque()
         self._active: dict[int, SequenceState] = {}
@@ -123,11 +124,28 @@ class Engine:
         return follow(self, self.lockstep)
 
     def is_alive(self) -> bool:
-        if self.lockstep is not None and self.lockstep.failure():
-            return False
+        if self.lockstep is not None and self._group_failed():
+            # Health says 503 and why (stats) for a moment before the server exits non-zero.
+            return self.lockstep.failed_for() < FAILURE_ANNOUNCE_S
         if self._thread is None:
             return True  # not started yet: loading
         return self._thread.is_alive() or self._stopping
+
+    def _group_failed(self) -> bool:
+        """Whether the distributed group broke. The first time, every queued and running sequence gets its
+        error chunk from here: a stalled collective holds the generation thread, which cannot send them."""
+        reason = self.lockstep.failure() if self.lockstep is not None else None
+        if reason is None:
+            return False
+        with self._lock:
+            first, self._group_failure_reported = not self._group_failure_reported, True
+        if first:
+            log.error("distributed group failed: %s", reason)
+            try:
+                self._fail_everything(f"a rank of the distributed group failed: {reason}")
+            except RuntimeError:  # the generation thread changed the batch meanwhile: it is alive and reports
+                pass
+        return True
 
     # ------------------------------------------------------------------ protocol: text
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -234,22 +252,24 @@ class Engine:
                 state = "busy"
             if self._thread is not None and not self._thread.is_alive() and not self._stopping and self._loaded.is_set():
                 state = "unavailable"
-            return EngineStats(
-                state=state,
-                active_sequences=counters.get("active", 0),
-                peak_active_sequences=counters.get("peak_active", 0),
-                queued_sequences=counters.get("queued", 0),
-                kv_cache_bytes=counters.get("kv_bytes", 0),
-                peak_kv_cache_bytes=counters.get("peak_kv_bytes", 0),
-                peak_memory_bytes=counters.get("peak_memory", 0),
-                prompt_tokens_total=counters.get("prompt_tokens", 0),
-                cached_prompt_tokens_total=counters.get("cached_prompt_tokens", 0),
-                generated_tokens_total=counters.get("generated_tokens", 0),
-                prompt_cache_bytes=counters.get("prompt_cache_bytes", 0),
-                active_memory_bytes=counters.get("active_memory", 0),
-                cache_memory_bytes=counters.get("cache_memory", 0),
-                extra={"distributed": self.lockstep.describe()} if self.lockstep is not None else {},
-            )
+        if self.lockstep is not None and self._group_failed():
+            state = "unavailable"
+        return EngineStats(
+            state=state,
+            active_sequences=counters.get("active", 0),
+            peak_active_sequences=counters.get("peak_active", 0),
+            queued_sequences=counters.get("queued", 0),
+            kv_cache_bytes=counters.get("kv_bytes", 0),
+            peak_kv_cache_bytes=counters.get("peak_kv_bytes", 0),
+            peak_memory_bytes=counters.get("peak_memory", 0),
+            prompt_tokens_total=counters.get("prompt_tokens", 0),
+            cached_prompt_tokens_total=counters.get("cached_prompt_tokens", 0),
+            generated_tokens_total=counters.get("generated_tokens", 0),
+            prompt_cache_bytes=counters.get("prompt_cache_bytes", 0),
+            active_memory_bytes=counters.get("active_memory", 0),
+            cache_memory_bytes=counters.get("cache_memory", 0),
+            extra={"distributed": self.lockstep.describe()} if self.lockstep is not None else {},
+        )
 
     # ------------------------------------------------------------------ sampling
     def _sampler(self, request: GenerationRequest):
@@ -309,6 +329,8 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
             log.exception("generation thread died: %s", _describe(exc))
             if self.lockstep is not None:
+                with self._lock:
+                    self._group_failure_reported = True  # this thread fails the sequences itself, below
                 self.lockstep.fail(f"lost a peer rank: {_describe(exc)}")
             with self._lock:
                 self._state = "unavailable"
