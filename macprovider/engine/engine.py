@@ -353,8 +353,12 @@ class Engine:
             from macprovider.engine.distributed import load_sharded
             from macprovider.hardware import memory_budget_bytes, mlx_recommended_working_set_bytes
 
+            def cast(module: Any) -> str:
+                self.weights_dtype = apply_weights_dtype(module, self.weights_dtype)
+                return self.weights_dtype
+
             budget = memory_budget_bytes(mlx_recommended_working_set_bytes())
-            model, tokenizer = load_sharded(self.model_path, self.lockstep, budget, lambda m: apply_weights_dtype(m, self.weights_dtype))
+            model, tokenizer = load_sharded(self.model_path, self.lockstep, budget, cast)
         group_size = 64
         if self.kv_bits is not None:
             layer = model.layers[0] if hasattr(model, "layers") else None
