@@ -24,7 +24,7 @@ import httpx
 
 from macprovider.config import Settings
 
-from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, Usage
+from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, TokenLogprob, Usage
 from macprovider.errors import ApiError
 from macprovider.serve.runtime import ServeRuntime
 
@@ -32,7 +32,9 @@ from macprovider.serve.runtime import ServeRuntime
 @dataclass
 class Script:
     """What every sequence produces: `chunks` of text (empty strings allowed), then `finish_reason`
-    (`error` sends `error` text instead of usage)."""
+    (`error` sends `error` text instead of usage; `stop_sequence` names the stop string a `stop` finish
+    matched). One chunk is one token: with logprobs asked for, each carries a `TokenLogprob` of logprob
+    −0.5 whose `token_bytes` come from `token_bytes` (else the text's UTF-8), and alternatives at −1, −2, …"""
 
     chunks: tuple[str, ...] = ("Hello", ",", "", " world")
     finish_reason: str = "stop"
@@ -40,6 +42,22 @@ class Script:
     cached_tokens: int = 2
     generation_ms: float = 12.5
     hold_after: int | None = None
+    stop_sequence: str | None = None
+    token_bytes: dict[str, bytes] = field(default_factory=dict)
+
+    def logprob(self, text: str, top: int) -> TokenLogprob:
+        own = self.token_bytes.get(text, text.encode("utf-8"))
+        alternatives = tuple((f"alt{i}", -1.0 - i, f"alt{i}".encode()) for i in range(top))
+        return TokenLogprob(text, -0.5, alternatives, own)
+
+
+def parse_json_tool_call(text: str, tools: Any = None) -> dict[str, Any]:
+    """mlx-lm's `json_tools.parse_tool_call` (`<tool_call>` JSON markup), without importing mlx-lm."""
+    return json.loads(text.strip())
+
+
+parse_json_tool_call.__module__ = "fake.json_tools"  # serve forces calls only for json_tools-style markup
+JSON_TOOL_MARKUP = ("<tool_call>", "</tool_call>", parse_json_tool_call)
 
 
 class FakeHandle:
@@ -88,7 +106,8 @@ class FakeHandle:
                 finish = "length"
                 break
             sent += 1
-            yield GenerationChunk(text=text)
+            top = self.request.top_logprobs
+            yield GenerationChunk(text=text, logprobs=() if top is None else (script.logprob(text, top),))
             await asyncio.sleep(0)
         else:
             if script.hold_after is not None and script.hold_after >= len(script.chunks):
@@ -107,7 +126,7 @@ class FakeHandle:
                 generation_ms=script.generation_ms,
                 generated_tokens=sent + 1,
             )
-            yield GenerationChunk(finish_reason=finish, usage=usage)
+            yield GenerationChunk(finish_reason=finish, usage=usage, stop_sequence=script.stop_sequence if finish == "stop" else None)
 
 
 @dataclass
@@ -129,6 +148,7 @@ class FakeEngine:
     submitted: list[GenerationRequest] = field(default_factory=list)
     handles: list[FakeHandle] = field(default_factory=list)
     encoded: list[Any] = field(default_factory=list)
+    encoded_tools: list[Any] = field(default_factory=list)
     encode_threads: set[int] = field(default_factory=set)
     submit_threads: set[int] = field(default_factory=set)
     cancel_all_reasons: list[str] = field(default_factory=list)
@@ -138,8 +158,7 @@ class FakeEngine:
         self._cond = threading.Condition()
         self._active: list[FakeHandle] = []
 
-    # -- protocol
-    tool_markup = None  # no tool-call support
+    tool_markup: Any = None  # None = no tool-call support; JSON_TOOL_MARKUP = Hermes-style `<tool_call>` JSON
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: Any = None) -> list[int]:
         self.encode_threads.add(threading.get_ident())
@@ -147,6 +166,7 @@ class FakeEngine:
         if self.encode_error is not None:
             raise self.encode_error
         count = sum(1 + len(message["content"].split()) for message in messages)
+        self.encoded_tools.append(tools)
         return list(range(count))
 
     def encode_text(self, prompt: str) -> list[int]:

@@ -121,7 +121,9 @@ def test_chat_non_stream_and_stream_agree_under_greedy(server):
     assert extra["macprovider_generated_completion_tokens"] >= full.usage.completion_tokens
     assert extra["macprovider_generation_ms"] >= 0
 
-    stream = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=24, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -84,7 +84,8 @@ def test_chat_non_stream_with_the_openai_client(served):
 
 
 def test_chat_stream_exact_event_order(served):
-    response = httpx.post(served.base + "/v1/chat/completions", json=chat_body(served.engine, stream=True))
+    body = chat_body(served.engine, stream=True, stream_options={"include_usage": True})
+    response = httpx.post(served.base + "/v1/chat/completions", json=body)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response.text)
     assert events[-1] == "[DONE]"
@@ -101,13 +102,23 @@ def test_chat_stream_exact_event_order(served):
     assert len(chunks) == 6
 
 
-def test_chat_stream_with_the_openai_client_always_ends_with_usage(served):
+@pytest.mark.parametrize("options", [None, {"include_usage": False}, {}])
+def test_chat_stream_has_no_usage_chunk_unless_asked(served, options):
+    """OpenAI's canonical loop `chunk.choices[0].delta.content` must not hit an empty `choices`."""
+    extra = {} if options is None else {"stream_options": options}
+    stream = _client(served).chat.completions.create(model=served.engine.model_id, messages=[{"role": "user", "content": "hi"}], stream=True, **extra)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert text == "Hello, world"
+
+
+def test_chat_stream_with_include_usage_ends_with_usage(served):
     stream = _client(served).chat.completions.create(
-        model=served.engine.model_id, messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": False}
+        model=served.engine.model_id, messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True}
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello, world"
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 2 + 4
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_text_completion_stream_and_non_stream(served):
@@ -118,7 +129,10 @@ def test_text_completion_stream_and_non_stream(served):
     assert result.usage.prompt_tokens == 4
     assert served.engine.encoded[-1] == "once upon a time"
 
-    response = httpx.post(served.base + "/v1/completions", json={"model": served.engine.model_id, "prompt": "a b", "stream": True})
+    texts = [chunk.choices[0].text for chunk in client.completions.create(model=served.engine.model_id, prompt="a b", stream=True)]
+    assert texts == ["Hello", ",", " world", ""]  # no usage chunk: the canonical loop works
+    body = {"model": served.engine.model_id, "prompt": "a b", "stream": True, "stream_options": {"include_usage": True}}
+    response = httpx.post(served.base + "/v1/completions", json=body)
     events = sse_events(response.text)
     assert events[-1] == "[DONE]"
     texts = [e["choices"][0]["text"] for e in events[:-2]]

@@ -23,7 +23,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones():
     engine = FakeEngine(script=Script(hold_after=1))
     with serving(engine, drain_timeout_s=30) as server, server.http() as http:
-        with http.stream("POST", "/v1/chat/completions", json=chat_body(engine, stream=True)) as stream:
+        with http.stream("POST", "/v1/chat/completions", json=chat_body(engine, stream=True, stream_options={"include_usage": True})) as stream:
             assert engine.wait_active(1)
             server.runtime.request_shutdown("test")
             health = httpx.get(server.base + "/v1/health")
@@ -42,7 +42,7 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones():
 def test_drain_timeout_cancels_the_rest_with_a_final_error_event():
     engine = FakeEngine(script=Script(hold_after=1))
     with serving(engine, drain_timeout_s=0.2) as server, server.http() as http:
-        with http.stream("POST", "/v1/chat/completions", json=chat_body(engine, stream=True)) as stream:
+        with http.stream("POST", "/v1/chat/completions", json=chat_body(engine, stream=True, stream_options={"include_usage": True})) as stream:
             assert engine.wait_active(1)
             server.runtime.request_shutdown("test")
             events = sse_events(stream.read().decode())

@@ -164,6 +164,7 @@ class SamplerSpec:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0  # rank 0's only: not encoded (followers' samplers never decide a token, rank 0's ids win)
 
     def encode(self) -> list[int]:
         seed = self.seed or 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import re
 import threading
 import time
 from typing import Any
@@ -33,6 +34,7 @@ from macprovider.errors import ApiError, ModelError
 from macprovider.engine.sequence import OutputText, SequenceHandle, SequenceState
 
 log = logging.getLogger("macprovider.engine.engine")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback piece
 
 # Text of end-of-turn tokens of common chat formats; any of them in the vocabulary ends generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>", "<|return|>")
@@ -273,7 +275,7 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling
     def _sampler(self, request: GenerationRequest):
-        return self._sampler_for(SamplerSpec(request.temperature, request.top_p, request.seed))
+        return self._sampler_for(SamplerSpec(request.temperature, request.top_p, request.seed, request.top_k))
 
     def _sampler_for(self, spec: SamplerSpec):
         """Greedy (one shared sampler), seeded (a fresh one per request) or shared by (temperature, top_p):
@@ -282,13 +284,13 @@ class Engine:
 
         wrap = self.lockstep.wrap_sampler if self.lockstep is not None else lambda _, sampler: sampler
         if spec.temperature == 0:
-            key = (0.0, 1.0)
+            key = (0.0, 1.0, 0)
             build = lambda: wrap(SamplerSpec(), greedy_sampler)  # noqa: E731
         elif spec.seed is not None:
-            return wrap(spec, _seeded_sampler(spec.temperature, spec.top_p, spec.seed))
+            return wrap(spec, _seeded_sampler(spec.temperature, spec.top_p, spec.seed, spec.top_k))
         else:
-            key = (spec.temperature, spec.top_p)
-            build = lambda: wrap(spec, make_sampler(temp=spec.temperature, top_p=spec.top_p))  # noqa: E731
+            key = (spec.temperature, spec.top_p, spec.top_k)
+            build = lambda: wrap(spec, make_sampler(temp=spec.temperature, top_p=spec.top_p, top_k=spec.top_k))  # noqa: E731
         with self._lock:
             sampler = self._samplers.get(key)
             if sampler is None:
@@ -371,8 +373,9 @@ class Engine:
         if getattr(tokenizer, "has_tool_calling", False):  # tool-call markup must reach the server's splitter
             markup = set(tokenizer.tool_call_start_tokens or ()) | set(tokenizer.tool_call_end_tokens or ())
             self._hidden_ids = self._hidden_ids - (markup - frozenset(end_ids))
-        self._samplers: dict[tuple[float, float], Any] = {}
+        self._samplers: dict[tuple[float, float, int], Any] = {}
         self._token_texts: dict[int, str] = {}  # token id -> decoded text, for logprobs (generation thread)
+        self._token_pieces: dict[int, bytes] = {}  # token id -> its own bytes, for logprob `bytes`
         from macprovider.engine.constrained import TokenizerCache
 
         hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
@@ -511,6 +514,14 @@ class Engine:
             text = self._token_texts[token] = self.tokenizer.decode([token])
         return text
 
+    def _token_bytes(self, token: int) -> bytes:
+        pieces = self._token_pieces.get(token)
+        if pieces is None:
+            hf_tokenizer = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+            piece = hf_tokenizer.convert_ids_to_tokens(token)
+            pieces = self._token_pieces[token] = token_bytes(piece if isinstance(piece, str) else "", self._token_text(token))
+        return pieces
+
     def _token_logprob(self, token: int, logprobs: Any, top: int) -> TokenLogprob:
         """The sampled token's log-probability and the `top` best alternatives, from BatchGenerator's
         per-token log-softmax vector (shape (vocab,), natural log, after logits processors)."""
@@ -524,8 +535,8 @@ class Engine:
             values = row[ids]
             order = mx.argsort(-values)
             ids_list, values_list = ids[order].tolist(), values[order].tolist()
-            alternatives = tuple((self._token_text(i), float(v)) for i, v in zip(ids_list, values_list))
-        return TokenLogprob(self._token_text(token), float(row[token].item()), alternatives)
+            alternatives = tuple((self._token_text(i), float(v), self._token_bytes(i)) for i, v in zip(ids_list, values_list))
+        return TokenLogprob(self._token_text(token), float(row[token].item()), alternatives, self._token_bytes(token))
 
     def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None) -> None:
         """End a sequence: leave the batch (saving its KV for prefix reuse), send the final chunk."""
@@ -548,7 +559,8 @@ class Engine:
         sequence.handle.finished = True
         with self._lock:
             self._admitted -= 1
-        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error))
+        stop_sequence = sequence.output.stop_sequence if reason == "stop" else None
+        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error, stop_sequence=stop_sequence))
 
     def _fail_everything(self, message: str) -> None:
         for sequence in list(self._pending) + list(self._active.values()):
@@ -581,15 +593,17 @@ class Engine:
             counters["cache_memory"] = cache_memory
 
 
-def _seeded_sampler(temperature: float, top_p: float, seed: int):
+def _seeded_sampler(temperature: float, top_p: float, seed: int, top_k: int = 0):
     """A sampler with its own PRNG key, so a seeded request stays reproducible inside a shared batch."""
     import mlx.core as mx
-    from mlx_lm.sample_utils import apply_top_p
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
     state = {"key": mx.random.key(seed)}
 
     def sample(logprobs):
         state["key"], subkey = mx.random.split(state["key"])
+        if 0 < top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, top_k)
         if 0 < top_p < 1:
             logprobs = apply_top_p(logprobs, top_p)
         return mx.random.categorical(logprobs * (1.0 / temperature), key=subkey)
@@ -624,3 +638,25 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{exc.__class__.__name__}: {text}"[:300] if text else exc.__class__.__name__
 
+
+
+def token_bytes(piece: str, text: str) -> bytes:
+    """A token's own bytes, for OpenAI logprob `bytes` (SPEC.md §3.6).
+
+    piece: the vocabulary entry (`convert_ids_to_tokens`); text: the token decoded alone. When the text is
+    whole (no U+FFFD) its UTF-8 is the answer. A token holding part of a multi-byte character decodes to
+    U+FFFD, so its bytes come from the piece: a SentencePiece byte-fallback piece `<0xF0>` is that byte; a
+    byte-level BPE piece (GPT-2's byte-to-unicode alphabet, mlx-lm `tokenizer_utils._byte_decoder`) maps
+    character by character to bytes. Anything else falls back to the text's UTF-8.
+    """
+    if "\ufffd" not in text or not piece:
+        return text.encode("utf-8")
+    match = _BYTE_TOKEN.fullmatch(piece)
+    if match:
+        return bytes([int(match.group(1), 16)])
+    from mlx_lm.tokenizer_utils import _byte_decoder
+
+    decoder = _byte_decoder()
+    if all(char in decoder for char in piece):
+        return bytes(decoder[char] for char in piece)
+    return text.encode("utf-8")

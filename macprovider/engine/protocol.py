@@ -31,7 +31,8 @@ class GenerationRequest:
 
     prompt_tokens: the full prompt, token ids (1-D).
     max_tokens: completion tokens wanted; None = the remaining capacity (max_context − prompt tokens).
-    temperature: 0 = greedy; top_p in (0, 1]; penalties in [−2, 2] (OpenAI semantics).
+    temperature: 0 = greedy; top_p in (0, 1]; top_k: sample among the k most likely tokens (0 = all,
+        Anthropic's `top_k`); penalties in [−2, 2] (OpenAI semantics).
     stop: up to 4 strings; generation ends before them and they are not returned.
     seed: per-request sampling seed, or None.
     top_logprobs: None = no log-probabilities; 0–20 = each generated token's log-probability plus that many
@@ -43,6 +44,7 @@ class GenerationRequest:
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: Sequence[str] = ()
@@ -54,11 +56,23 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class TokenLogprob:
     """One generated token with its natural-log probability under the model's distribution (before
-    temperature/top-p), and the `top` most likely tokens at that step as (token text, logprob), best first."""
+    temperature/top-p), and the `top` most likely tokens at that step as (token text, logprob, token bytes),
+    best first.
+
+    `token_bytes` are the token's own bytes (OpenAI logprob `bytes`): for a token holding part of a
+    multi-byte UTF-8 character they differ from `token.encode()` (the text then shows U+FFFD).
+    None = `token.encode("utf-8")`.
+    """
 
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    top: tuple[tuple[str, float, bytes], ...] = ()
+    token_bytes: bytes | None = None
+
+    @property
+    def raw_bytes(self) -> bytes:
+        """The token's own bytes (`token_bytes`, else the UTF-8 of `token`)."""
+        return self.token.encode("utf-8") if self.token_bytes is None else self.token_bytes
 
 
 @dataclass(frozen=True)
@@ -97,13 +111,16 @@ class GenerationChunk:
     """A piece of output. `text` may be empty. The last chunk of a sequence has `finish_reason` and
     `usage` set; `finish_reason == "error"` carries `error` (a message safe to show a client).
     `logprobs`: the tokens generated since the previous chunk, when the request asked for log-probabilities
-    (their text may lag `text` by the tokens held back for stop strings)."""
+    (their text may lag `text` by the tokens held back for stop strings).
+    `stop_sequence`: on a final `stop` chunk, the request stop string that ended generation (None when the
+    model's end-of-turn token did; the Anthropic API reports it as `stop_sequence`)."""
 
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    stop_sequence: str | None = None
 
 
 class GenerationHandle(Protocol):

@@ -34,16 +34,22 @@ class OutputText:
     def __init__(self, detokenizer: Any, hidden_token_ids: frozenset[int], stop: Sequence[str]):
         self._detokenizer = detokenizer
         self._hidden = hidden_token_ids
+        self._stop = tuple(stop)
         self._machine = TextStateMachine({"normal": [(word, None) for word in stop]}) if stop else None
         self._state = self._machine.make_state("normal") if self._machine else None
+        self._seen = ""  # text fed to the stop matcher, to name the stop string that matched
         self.stopped = False
+        self.stop_sequence: str | None = None  # the stop string that ended the sequence
 
     def _filter(self, text: str) -> str:
         if self._machine is None or not text:
             return text
+        self._seen += text
         self._state, emitted, state_name = TextStateMachine.step(self._state, text)
         if state_name is None:
             self.stopped = True
+            matched = self._seen[: len(self._seen) - len(self._state[3])]  # the state's 4th item: text after the match
+            self.stop_sequence = next((word for word in self._stop if matched.endswith(word)), None)
         return emitted
 
     def add(self, token: int) -> str:

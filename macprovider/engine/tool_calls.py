@@ -18,6 +18,8 @@ from typing import Any, Callable
 from macprovider.errors import ApiError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI function-name rule
+_PARTIAL_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')  # a complete "name": "..." member
+_PARTIAL_ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -146,9 +148,25 @@ class ToolCallSplitter:
             return content, calls
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """Flush: the held text, or the unterminated call — parsed if it can be, else (a call cut off by
+        `max_tokens`) returned partial, as OpenAI does: its name and the arguments text so far."""
         rest, self._buffer = self._buffer, ""
         if self._in_call:
             self._in_call = False
-            call = self._call(rest)
+            call = self._call(rest) or self._partial_call(rest)
             return "", [call] if call is not None else []
         return rest, []
+
+    def _partial_call(self, body: str) -> dict[str, Any] | None:
+        """A call cut off mid-JSON (`{"name": "f", "arguments": {"city": "Pa`): name and arguments so far;
+        None when not even the name is complete."""
+        name = _PARTIAL_NAME.search(body)
+        if name is None:
+            return None
+        arguments = _PARTIAL_ARGUMENTS.search(body, name.end())
+        self.calls += 1
+        return {
+            "id": f"call_{secrets.token_hex(12)}",
+            "type": "function",
+            "function": {"name": json.loads(f'"{name.group(1)}"'), "arguments": body[arguments.end():] if arguments else ""},
+        }

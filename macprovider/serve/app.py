@@ -17,20 +17,20 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import psutil
 from fastapi import FastAPI, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from macprovider.serve import core, openai_api
 from macprovider.serve import openai_schemas as schemas
 from macprovider.config import Settings, is_loopback
-from macprovider.engine.protocol import EngineProtocol, GenerationChunk
+from macprovider.engine.protocol import EngineProtocol
 from macprovider.errors import ApiError
 
 log = logging.getLogger("macprovider.serve.app")
@@ -124,7 +124,8 @@ def host_name(host: str) -> str:
 
 
 class RequestGuard:
-    """401 `invalid_api_key` (constant-time compare; health and metrics are open) and 413
+    """401 `invalid_api_key` (constant-time compare of `Authorization: Bearer` or, as Anthropic clients send
+    it, `x-api-key`; health and metrics are open) and 413
     `request_too_large` from Content-Length, before the body is read."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
@@ -143,11 +144,13 @@ class RequestGuard:
     def check(self, path: str, headers: Headers) -> ApiError | None:
         if self.key is not None and path not in OPEN_PATHS:
             scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), self.key):
+            bearer = token.strip() if scheme.lower() == "bearer" else ""
+            offered = (bearer or headers.get("x-api-key", "")).encode("utf-8")  # x-api-key: Anthropic clients
+            if not hmac.compare_digest(offered, self.key):
                 return ApiError(
                     401,
                     "invalid_api_key",
-                    "missing or invalid API key: send it as `Authorization: Bearer <key>`",
+                    "missing or invalid API key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         length = headers.get("content-length")
@@ -159,70 +162,6 @@ class RequestGuard:
                 headers={"Connection": "close"},
             )
         return None
-
-
-# ---------------------------------------------------------------------------------------------- streaming
-class _ClientGone(Exception):
-    """The client closed the connection before the response was complete."""
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _until_disconnect(receive: Receive, work: Awaitable[Any]) -> Any:
-    """Await `work` while listening for `http.disconnect`; raise _ClientGone if the client leaves first.
-    The body must already have been read, so `receive` only reports the disconnect."""
-    task = asyncio.ensure_future(work)
-    listener = asyncio.ensure_future(_wait_disconnect(receive))
-    try:
-        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        listener.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-    if task in done:
-        return task.result()
-    raise _ClientGone
-
-
-class EventStream(Response):
-    """ASGI `text/event-stream` response that listens for disconnect concurrently (whatever the ASGI spec
-    version), closes its event generator however it ends (so the generator's `finally` cancels the
-    sequence), then calls `on_close(error)`."""
-
-    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[bool], None]):  # noqa: D107
-        super().__init__(status_code=200, media_type="text/event-stream")
-        self.events = events
-        self.on_close = on_close
-        self.error = False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def pump() -> None:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-accel-buffering", b"no"),
-                    ],
-                }
-            )
-            async for data in self.events:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        try:
-            await _until_disconnect(receive, pump())
-        except (_ClientGone, OSError):
-            pass
-        finally:
-            await self.events.aclose()  # type: ignore[attr-defined]
-            self.on_close(self.error)
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -322,11 +261,19 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             message = "the model is still loading" if current == "loading" else "the engine is unavailable"
             raise ApiError(503, "model_not_loaded", message, headers={"Retry-After": "1"})
 
+    def model_entry() -> dict[str, Any]:
+        return {"id": engine.model_id, "object": "model", "created": int(state.started_at), "owned_by": "macprovider"}
+
     @app.get("/v1/models")
     async def models() -> Response:
         require_loaded()
-        entry = {"id": engine.model_id, "object": "model", "created": int(state.started_at), "owned_by": "macprovider"}
-        return JSONResponse({"object": "list", "data": [entry]})
+        return JSONResponse({"object": "list", "data": [model_entry()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        require_loaded()
+        openai_api.check_model(model_id, engine.model_id)
+        return JSONResponse(model_entry())
 
     # -- completions
     async def read_body(request: Request) -> bytes:
@@ -341,82 +288,60 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             parts.append(part)
         return b"".join(parts)
 
-    async def complete(request: Request, chat: bool) -> Response:
+    async def generate(request: Request, prepare: Callable[[dict[str, Any]], Any], error_response: Callable[[ApiError], Response]) -> Response:
+        """Serve one generation for any API surface: admission checks, `prepare(body) -> (Turn, surface)`
+        (the surface's own parsing), `core.start`, then the surface's stream (`surface.events`) or body
+        (`surface.respond`). Errors before generation go through `error_response` (the surface's envelope)."""
         state.requests_total += 1
         try:
             if state.draining or status() == "draining":
                 raise ApiError(503, "draining", "the server is shutting down", headers={"Retry-After": "5"})
             require_loaded()
             data = schemas.parse_json_body(await read_body(request))
-            body = schemas.parse_chat(data) if chat else schemas.parse_completion(data)
-            if body.model != engine.model_id:
-                raise ApiError(404, "model_not_found", f"the model {body.model!r} is not served here; this server serves {engine.model_id!r}", param="model")
-            param = "messages" if chat else "prompt"
-            tools, choice = body.tool_spec if chat else ([], "none")
-            splitter, grammar = None, None
-            if tools:
-                markup = getattr(engine, "tool_markup", None)
-                if markup is None:
-                    raise ApiError(400, "invalid_request", "this model's chat template does not support tools", param="tools")
-                from macprovider.engine.tool_calls import ToolCallSplitter, tool_call_grammar
-
-                splitter = ToolCallSplitter(markup[0], markup[1], markup[2], tools)
-                if choice not in ("auto", "none"):
-                    if not getattr(markup[2], "__module__", "").endswith("json_tools"):
-                        raise ApiError(400, "invalid_request", "a forced tool_choice needs a model with JSON tool-call markup (mlx-lm json_tools)", param="tool_choice")
-                    grammar = tool_call_grammar(tools, choice, markup[0] + "\n", "\n" + markup[1])
-            if chat:
-                tokens = await run_in_threadpool(engine.encode_chat, schemas.normalize_messages(body), tools or None)
-            else:
-                tokens = await run_in_threadpool(engine.encode_text, body.prompt)
-            if not tokens:
-                raise ApiError(400, "invalid_request", f"the {param} is empty", param=param)
-            if len(tokens) > engine.max_context:
-                raise schemas.context_length_error(len(tokens), engine.max_context, param)
-            if state.draining:
-                raise ApiError(503, "draining", "the server is shutting down", headers={"Retry-After": "5"})
-            generation = body.generation_request(list(tokens), body.wanted_tokens)
-            if grammar is not None:
-                import dataclasses
-
-                generation = dataclasses.replace(generation, grammar=grammar)
-            handle = engine.submit(generation)
-            if recorder is not None:
-                handle = recorder.track(handle, endpoint="chat" if chat else "completions", prompt_tokens=len(tokens),
-                                        max_tokens=body.wanted_tokens, concurrency=state.in_flight + 1)
+            turn, surface = await prepare(data)
+            # the content-free shape record autotune replays (the chat-shaped APIs count as chat)
+            endpoint = "chat" if turn.messages is not None else "completions"
+            track = None if recorder is None else lambda handle, prompt_tokens: recorder.track(
+                handle, endpoint=endpoint, prompt_tokens=prompt_tokens, max_tokens=turn.request.max_tokens, concurrency=state.in_flight + 1
+            )
+            generation = await core.start(engine, turn, lambda: state.draining, track)
         except ApiError as exc:
             state.errors_total += 1
-            return _error_response(exc)
+            return error_response(exc)
         except Exception as exc:  # noqa: BLE001 - the client gets the envelope, the log gets the details
             state.errors_total += 1
             log.error("internal error before generation: %s", exc.__class__.__name__, exc_info=exc)
-            return _error_response(ApiError(500, "internal_error", "internal server error"))
+            return error_response(ApiError(500, "internal_error", "internal server error"))
         state.begin()
-        relay = _Relay(handle, engine.model_id, chat, lambda: state.draining, splitter)
-        if body.streaming:
-            stream = EventStream(relay.events(), on_close=state.end)
-            relay.on_error = lambda: setattr(stream, "error", True)
-            return stream
+        if surface.streaming:
+
+            def closed() -> None:
+                generation.close()
+                state.end(generation.error is not None or not generation.finished)
+
+            return core.EventStream(surface.events(generation), on_close=closed)
         error = True
         try:
-            response = await _until_disconnect(request.receive, relay.collect())
+            response = await core.until_disconnect(request.receive, surface.respond(generation))
             error = response.status_code >= 400
             return response
-        except _ClientGone:  # nobody will read this; the sequence is cancelled below
+        except core.ClientGone:  # nobody will read this; the sequence is cancelled below
             error = False
             return Response(status_code=499)
         finally:
-            if not relay.finished:
-                handle.cancel()
+            generation.close()
             state.end(error)
+
+    async def _sync(prepare: Callable[..., Any], data: dict[str, Any]) -> Any:
+        return prepare(data, engine.model_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await complete(request, chat=True)
+        return await generate(request, lambda data: _sync(openai_api.prepare_chat, data), openai_api.OpenAISurface.error_response)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await complete(request, chat=False)
+        return await generate(request, lambda data: _sync(openai_api.prepare_completion, data), openai_api.OpenAISurface.error_response)
 
     # -- middleware, innermost first
     app.add_middleware(RequestGuard, api_key=api_key, max_body=settings.max_request_body_bytes)
@@ -426,120 +351,3 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allowed_origins), allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(HostOriginGuard, settings=settings)
     return app
-
-
-class _Relay:
-    """Turns a generation handle's chunks into OpenAI chat or text-completion objects (SPEC.md §3.3)."""
-
-    def __init__(self, handle: Any, model: str, chat: bool, draining: Callable[[], bool], splitter: Any = None):
-        self.handle = handle
-        self.splitter = splitter  # tools.ToolCallSplitter when the request has tools
-        self.tool_calls = 0
-        self.model = model
-        self.chat = chat
-        self.draining = draining
-        self.id = schemas.new_id("chatcmpl" if chat else "cmpl")
-        self.created = int(time.time())
-        self.finished = False
-        self.text_offset = 0  # characters of token text already reported (completion `text_offset`)
-        self.on_error: Callable[[], None] = lambda: None
-
-    def _failure(self, chunk: GenerationChunk | None) -> ApiError:
-        if self.draining():
-            return ApiError(503, "draining", (chunk and chunk.error) or "the server is shutting down")
-        if chunk is not None and chunk.finish_reason == "cancelled":
-            return ApiError(503, "cancelled", chunk.error or "the request was cancelled")
-        return ApiError(500, "internal_error", (chunk and chunk.error) or "generation ended without a result")
-
-    def _logprobs(self, entries: Any) -> dict[str, Any] | None:
-        if not entries:
-            return None
-        if self.chat:
-            return schemas.chat_logprobs(entries)
-        result = schemas.completion_logprobs(entries, self.text_offset)
-        self.text_offset += sum(len(e.token) for e in entries)
-        return result
-
-    def _chunk(self, text: str = "", finish: str | None = None, usage: Any = None, role: bool = False, logprobs: Any = ()) -> bytes:
-        lp = self._logprobs(logprobs)
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text or lp else {})
-            return schemas.sse(schemas.chat_chunk(self.id, self.created, self.model, delta, finish, usage, lp))
-        return schemas.sse(schemas.completion_chunk(self.id, self.created, self.model, text, finish, usage, lp))
-
-    def _tool_chunks(self, calls: list[dict[str, Any]]) -> list[bytes]:
-        """Per call two OpenAI deltas: {index, id, type, function.name, arguments ""}, then the arguments."""
-        out = []
-        for call in calls:
-            index = self.tool_calls
-            self.tool_calls += 1
-            head = {"index": index, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
-            args = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
-            for part in (head, args):
-                out.append(schemas.sse(schemas.chat_chunk(self.id, self.created, self.model, {"tool_calls": [part]})))
-        return out
-
-    def _finish_reason(self, reason: str) -> str:
-        return "tool_calls" if reason == "stop" and self.splitter is not None and self.splitter.calls else reason
-
-    async def events(self) -> AsyncIterator[bytes]:
-        """SSE bytes: role chunk (chat), content chunks, finish chunk, usage chunk, `[DONE]`; or an error event
-        then `[DONE]`. Cancels the sequence if closed before the engine finished it."""
-        try:
-            if self.chat:
-                yield self._chunk(role=True)
-            final = None
-            async for chunk in self.handle:
-                if chunk.finish_reason is not None:
-                    final = chunk
-                    self.finished = True
-                if chunk.text or chunk.logprobs:
-                    text, calls = self.splitter.feed(chunk.text) if self.splitter else (chunk.text, [])
-                    if text or chunk.logprobs:
-                        yield self._chunk(text, logprobs=chunk.logprobs)
-                    for event in self._tool_chunks(calls):
-                        yield event
-                if final is not None:
-                    break
-            self.finished = True
-            if final is None or final.finish_reason in ("error", "cancelled") or final.usage is None:
-                self.on_error()
-                yield schemas.sse(self._failure(final).envelope())
-            else:
-                if self.splitter is not None:
-                    text, calls = self.splitter.finish()
-                    if text:
-                        yield self._chunk(text)
-                    for event in self._tool_chunks(calls):
-                        yield event
-                yield self._chunk(finish=self._finish_reason(final.finish_reason))
-                yield self._chunk(usage=final.usage)
-            yield schemas.sse("[DONE]")
-        finally:
-            if not self.finished:
-                self.handle.cancel()
-
-    async def collect(self) -> Response:
-        """The non-streaming response, or the error envelope if the engine failed the sequence."""
-        parts: list[str] = []
-        entries: list[Any] = []
-        final = None
-        async for chunk in self.handle:
-            parts.append(chunk.text)
-            entries.extend(chunk.logprobs)
-            if chunk.finish_reason is not None:
-                final = chunk
-                break
-        self.finished = True
-        if final is None or final.finish_reason in ("error", "cancelled") or final.usage is None:
-            return _error_response(self._failure(final))
-        text = "".join(parts)
-        if self.splitter is not None:
-            text, calls = self.splitter.feed(text)
-            rest, more = self.splitter.finish()
-            text, calls = text + rest, calls + more
-            return JSONResponse(
-                schemas.chat_response(self.id, self.created, self.model, text, self._finish_reason(final.finish_reason), final.usage, self._logprobs(entries), calls)
-            )
-        build = schemas.chat_response if self.chat else schemas.completion_response
-        return JSONResponse(build(self.id, self.created, self.model, text, final.finish_reason, final.usage, self._logprobs(entries)))

@@ -7,7 +7,7 @@ with 400 naming the parameter, never silently dropped (`unsupported_features`).
 
     parse_json_body(bytes) -> dict             400 invalid_json / invalid_request (not an object)
     parse_chat(dict) -> ChatCompletionRequest  400 invalid_request, `param` = dotted path (`messages.0.role`)
-    normalize_messages(request) -> [{"role", "content"}]   text parts joined, ready for the chat template
+    normalize_messages(request) -> [{"role", "content"}]   text parts joined, developer -> system, ready for the chat template
     chat_response / chat_chunk / completion_response / completion_chunk -> dicts for JSON / SSE
     chat_logprobs / completion_logprobs -> OpenAI `logprobs` objects from `TokenLogprob`s
 """
@@ -31,7 +31,7 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1000
 MAX_MESSAGES = 100_000
 
-Role = Literal["system", "user", "assistant", "tool"]
+Role = Literal["developer", "system", "user", "assistant", "tool"]  # developer: OpenAI's current name for system
 
 
 class _Strict(BaseModel):
@@ -290,10 +290,12 @@ def parse_completion(data: dict[str, Any]) -> CompletionRequest:
 
 def normalize_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Messages for the chat template: `{"role", "content"}` with text parts joined (null content → ""),
-    plus `tool_calls` (arguments decoded to objects, as chat templates expect), `tool_call_id`, `name`."""
+    `developer` as `system` (chat templates know only system), plus `tool_calls` (arguments decoded to
+    objects, as chat templates expect), `tool_call_id`, `name`."""
     out: list[dict[str, Any]] = []
     for message in request.messages:
-        item: dict[str, Any] = {"role": message.role, "content": message.content or ""}
+        role = "system" if message.role == "developer" else message.role
+        item: dict[str, Any] = {"role": role, "content": message.content or ""}
         if message.tool_calls:
             calls = []
             for call in message.tool_calls:
@@ -339,14 +341,15 @@ def new_id(prefix: str) -> str:
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
-    """OpenAI chat `choices[].logprobs`: `{"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": null}`."""
+    """OpenAI chat `choices[].logprobs`: `{"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": null}`;
+    `bytes` are the token's own bytes (`TokenLogprob.raw_bytes`), also for part of a multi-byte character."""
 
-    def one(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    def one(token: str, logprob: float, raw: bytes) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(raw)}
 
     return {
         "content": [
-            {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+            {**one(e.token, e.logprob, e.raw_bytes), "top_logprobs": [one(*alternative) for alternative in e.top]} for e in entries
         ],
         "refusal": None,
     }
@@ -360,7 +363,7 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
 
     def top_dict(top: Sequence[tuple[str, float]]) -> dict[str, float]:
         merged: dict[str, float] = {}
-        for token, logprob in top:
+        for token, logprob, _ in top:
             merged.setdefault(token, logprob)
         return merged
 
@@ -377,8 +380,9 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
 
 
 def chat_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Non-streaming `chat.completion` object (`content` null when the answer is only tool calls)."""
-    message: dict[str, Any] = {"role": "assistant", "content": text}
+    """Non-streaming `chat.completion` object (`content` null when the answer is only tool calls;
+    `refusal: null` as OpenAI's schema requires)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
         message["content"] = text or None
