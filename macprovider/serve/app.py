@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from macprovider.serve import core, openai_api
+from macprovider.serve import core, openai_api, responses_api
 from macprovider.serve import openai_schemas as schemas
 from macprovider.config import Settings, is_loopback
 from macprovider.engine.protocol import EngineProtocol
@@ -200,7 +200,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            error = ApiError(404, "path_not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/health")
+            error = ApiError(404, "path_not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/health")
         elif exc.status_code == 405:
             error = ApiError(405, "method_not_allowed", f"method {request.method} is not allowed on this route", headers=dict(exc.headers or {}))
         else:
@@ -298,7 +298,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
                 raise ApiError(503, "draining", "the server is shutting down", headers={"Retry-After": "5"})
             require_loaded()
             data = schemas.parse_json_body(await read_body(request))
-            turn, surface = await prepare(data)
+            turn, surface = prepare(data)
             # the content-free shape record autotune replays (the chat-shaped APIs count as chat)
             endpoint = "chat" if turn.messages is not None else "completions"
             track = None if recorder is None else lambda handle, prompt_tokens: recorder.track(
@@ -332,16 +332,32 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             generation.close()
             state.end(error)
 
-    async def _sync(prepare: Callable[..., Any], data: dict[str, Any]) -> Any:
-        return prepare(data, engine.model_id)
+    openai_error = openai_api.OpenAISurface.error_response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate(request, lambda data: _sync(openai_api.prepare_chat, data), openai_api.OpenAISurface.error_response)
+        return await generate(request, lambda data: openai_api.prepare_chat(data, engine.model_id), openai_error)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate(request, lambda data: _sync(openai_api.prepare_completion, data), openai_api.OpenAISurface.error_response)
+        return await generate(request, lambda data: openai_api.prepare_completion(data, engine.model_id), openai_error)
+
+    # -- the Responses API; stored responses live in this app's bounded in-memory store
+    store = responses_api.ResponseStore()
+    app.state.responses = store
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await generate(request, lambda data: responses_api.prepare(data, engine.model_id, store), openai_error)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> Response:
+        return JSONResponse(store.get(response_id)[0])
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Response:
+        store.delete(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     # -- middleware, innermost first
     app.add_middleware(RequestGuard, api_key=api_key, max_body=settings.max_request_body_bytes)

@@ -34,13 +34,13 @@ MAX_MESSAGES = 100_000
 Role = Literal["developer", "system", "user", "assistant", "tool"]  # developer: OpenAI's current name for system
 
 
-class _Strict(BaseModel):
+class StrictRequest(BaseModel):
     """Strict types, unknown fields ignored."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictRequest):
     """One chat message: `content` is a string or a list of OpenAI text parts (null only for assistant)."""
 
     role: Role
@@ -85,11 +85,11 @@ TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictRequest):
     include_usage: bool | None = None
 
 
-class _Sampling(_Strict):
+class _Sampling(StrictRequest):
     """Fields shared by chat and text completions."""
 
     model: str
@@ -264,7 +264,9 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def _validate(model: type[_Sampling], data: dict[str, Any]) -> Any:
+def validate_body(model: type[StrictRequest], data: dict[str, Any]) -> Any:
+    """`model.model_validate(data)`; the first pydantic error becomes ApiError 400 `invalid_request` whose
+    `param` is the dotted path of the bad field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -276,14 +278,14 @@ def _validate(model: type[_Sampling], data: dict[str, Any]) -> Any:
 
 def parse_chat(data: dict[str, Any]) -> ChatCompletionRequest:
     """Validate a chat completion body. Raises ApiError 400 (`invalid_request`, `param` set)."""
-    request = _validate(ChatCompletionRequest, data)
+    request = validate_body(ChatCompletionRequest, data)
     request.check_supported()
     return request
 
 
 def parse_completion(data: dict[str, Any]) -> CompletionRequest:
     """Validate a text completion body. Raises ApiError 400 (`invalid_request`, `param` set)."""
-    request = _validate(CompletionRequest, data)
+    request = validate_body(CompletionRequest, data)
     request.check_supported()
     return request
 
