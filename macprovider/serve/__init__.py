@@ -1,14 +1,20 @@
-"""`macprovider serve`, the HTTP side (SPEC.md §3): OpenAI routes over an engine that is handed in.
+"""`macprovider serve`, the HTTP side (SPEC.md §3): OpenAI (chat, completions, Responses) and Anthropic
+(Messages) routes over an engine that is handed in.
 
 Layout (DESIGN.md "Shape: one subpackage per family"):
     app.py             create_app: middleware (Host/Origin, CORS, key, body cap), health, models, routes
     core.py            the one request/stream core: Turn -> start -> Generation deltas; EventStream
     openai_api.py      /v1/chat/completions, /v1/completions: request -> Turn, deltas -> OpenAI chunks/bodies
     openai_schemas.py  OpenAI request models, response/chunk builders, the error envelope
+    responses_api.py   /v1/responses (+ GET/DELETE by id): request -> Turn, typed events; the bounded store
+    responses_schemas.py  Responses API request model, input items -> messages, Response/item builders
+    anthropic_api.py   /v1/messages, /v1/messages/count_tokens: request -> Turn, Anthropic stream events
+    anthropic_schemas.py  Messages API request model, blocks -> messages, Message/blocks, error envelope
     runtime.py         ServeRuntime / run_server: uvicorn lifecycle, background load, watchdog, drain
     preflight.py       plan_serve: every check before a model loads -> engine.protocol.ServePlan
     workload.py        the content-free request-shape record (macprovider.workload) autotune replays
-Imports: `runtime` -> `app` -> the API modules -> `core` -> `openai_schemas`, never the reverse. The
+Imports: `runtime` -> `app` -> the `*_api` modules -> `core` and their `*_schemas`, never the reverse
+(`responses_*`/`anthropic_*` reuse `openai_api.check_model` and `openai_schemas`' request base). The
 engine is reached through
 `engine.protocol` (plus the MLX-free request helpers `engine.tool_calls` and `engine.constrained`); nothing
 here imports MLX or the engine itself (`commands/serve.py` builds it), so the HTTP tests run on a fake engine.

@@ -22,12 +22,13 @@ from urllib.parse import urlsplit
 
 import psutil
 from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from macprovider.serve import core, openai_api, responses_api
+from macprovider.serve import anthropic_api, core, openai_api, responses_api
 from macprovider.serve import openai_schemas as schemas
 from macprovider.config import Settings, is_loopback
 from macprovider.engine.protocol import EngineProtocol
@@ -39,6 +40,7 @@ OPEN_PATHS = frozenset({"/v1/health", "/health", "/metrics"})
 LOOPBACK_HOST_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 LOOPBACK_ORIGIN_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 ADMITTING = ("ready", "busy")
+ANTHROPIC_PATHS = "/v1/messages"
 
 
 class ServerState:
@@ -72,7 +74,10 @@ class ServerState:
 
 
 # ---------------------------------------------------------------------------------------------- middleware
-def _error_response(exc: ApiError) -> JSONResponse:
+def _error_response(exc: ApiError, path: str = "") -> Response:
+    """The error in the envelope of the API the path belongs to: Anthropic's under /v1/messages, else OpenAI's."""
+    if path.startswith(ANTHROPIC_PATHS):
+        return anthropic_api.error_response(exc)
     return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
 
@@ -89,7 +94,7 @@ class HostOriginGuard:
         if scope["type"] == "http":
             error = self.check(Headers(scope=scope))
             if error is not None:
-                await _error_response(error)(scope, receive, send)
+                await _error_response(error, scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -137,7 +142,7 @@ class RequestGuard:
         if scope["type"] == "http":
             error = self.check(scope["path"], Headers(scope=scope))
             if error is not None:
-                await _error_response(error)(scope, receive, send)
+                await _error_response(error, scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -194,8 +199,8 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
 
     # -- errors: every one is the OpenAI envelope
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> Response:
-        return _error_response(exc)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return _error_response(exc, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -205,12 +210,12 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             error = ApiError(405, "method_not_allowed", f"method {request.method} is not allowed on this route", headers=dict(exc.headers or {}))
         else:
             error = ApiError(exc.status_code, "invalid_request", "the request could not be served", headers=dict(exc.headers or {}))
-        return _error_response(error)
+        return _error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.error("internal error: %s", exc.__class__.__name__, exc_info=exc)
-        return _error_response(ApiError(500, "internal_error", "internal server error"))
+        return _error_response(ApiError(500, "internal_error", "internal server error"), request.url.path)
 
     # -- health and metrics
     def status() -> str:
@@ -358,6 +363,21 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
     async def delete_response(response_id: str) -> Response:
         store.delete(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    # -- the Anthropic Messages API
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await generate(request, lambda data: anthropic_api.prepare(data, engine.model_id), anthropic_api.error_response)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> Response:
+        try:
+            require_loaded()
+            messages, tools = anthropic_api.count_turn(schemas.parse_json_body(await read_body(request)), engine.model_id)
+            tokens = await run_in_threadpool(engine.encode_chat, messages, tools or None)
+        except ApiError as exc:
+            return anthropic_api.error_response(exc)
+        return JSONResponse({"input_tokens": len(tokens)})
 
     # -- middleware, innermost first
     app.add_middleware(RequestGuard, api_key=api_key, max_body=settings.max_request_body_bytes)

@@ -1,0 +1,207 @@
+"""`/v1/messages` and `/v1/messages/count_tokens` (Anthropic Messages API) over the fake engine on real
+sockets, through the official `anthropic` SDK in strict response validation: text, streaming events, a
+forced tool_use round trip, stop_reason mapping, `x-api-key`, and Anthropic's error envelope for hostile
+input."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx
+import pytest
+
+from fake_engine import JSON_TOOL_MARKUP, FakeEngine, Script, serving
+
+MODEL = "fake-org/fake-model"
+WEATHER = {"name": "get_weather", "description": "Weather in a city", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+CALL = ("<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', "</tool_call>")
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def client_for(server, key: str = "unused") -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.base, api_key=key, max_retries=0, timeout=10, _strict_response_validation=True)
+
+
+def sse_typed(text: str) -> list[dict]:
+    events = []
+    for block in text.strip("\n").split("\n\n"):
+        head, data = block.split("\n", 1)
+        payload = json.loads(data[len("data: "):])
+        assert head == f"event: {payload['type']}"
+        events.append(payload)
+    return events
+
+
+def assert_anthropic_error(response: httpx.Response, status: int, kind: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["type"] == "error" and set(body) == {"type", "error"}
+    assert set(body["error"]) == {"type", "message"} and body["error"]["type"] == kind
+    assert "Traceback" not in response.text and ".py" not in response.text
+    return body["error"]
+
+
+@pytest.fixture
+def served():
+    with serving() as server:
+        yield server
+
+
+def test_text_message_with_the_sdk(served):
+    message = client_for(served).messages.create(
+        model=MODEL, max_tokens=50, system=[{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hi there"}]}],
+        extra_body={"temperature": 0.5, "top_p": 0.9, "top_k": 40},  # this SDK version dropped the sampling keywords
+    )
+    assert message.id.startswith("msg_") and message.role == "assistant" and message.model == MODEL
+    assert [block.type for block in message.content] == ["text"] and message.content[0].text == "Hello, world"
+    assert message.stop_reason == "end_turn" and message.stop_sequence is None
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == 6 and message.usage.output_tokens == 4
+    assert served.engine.encoded[-1] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    request = served.engine.submitted[-1]
+    assert (request.max_tokens, request.temperature, request.top_p, request.top_k) == (50, 0.5, 0.9, 40)
+
+
+def test_stream_events_in_order(served):
+    response = httpx.post(served.base + "/v1/messages", json={"model": MODEL, "max_tokens": 20, "messages": ASK, "stream": True})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_typed(response.text)
+    assert [e["type"] for e in events] == [
+        "message_start", "ping", "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop",
+    ]
+    assert events[0]["message"]["content"] == [] and events[0]["message"]["stop_reason"] is None
+    assert "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta") == "Hello, world"
+    assert events[-2]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None} and events[-2]["usage"]["output_tokens"] == 4
+
+    with client_for(served).messages.stream(model=MODEL, max_tokens=20, messages=ASK) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Hello, world" and final.content[0].text == "Hello, world" and final.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize(
+    "script, extra, reason, sequence",
+    [
+        (Script(finish_reason="length"), {}, "max_tokens", None),
+        (Script(), {"max_tokens": 2}, "max_tokens", None),
+        (Script(stop_sequence="END"), {"stop_sequences": ["END", "STOP"]}, "stop_sequence", "END"),
+    ],
+)
+def test_stop_reason_mapping(script, extra, reason, sequence):
+    with serving(FakeEngine(script=script)) as server:
+        body = {"model": MODEL, "max_tokens": 20, "messages": ASK, **extra}
+        message = client_for(server).messages.create(**body)
+        assert (message.stop_reason, message.stop_sequence) == (reason, sequence)
+        if "stop_sequences" in extra:
+            assert server.engine.submitted[-1].stop == ("END", "STOP")
+        with client_for(server).messages.stream(**body) as stream:
+            final = stream.get_final_message()
+        assert (final.stop_reason, final.stop_sequence) == (reason, sequence)
+
+
+def test_forced_tool_use_round_trip():
+    with serving(FakeEngine(script=Script(chunks=CALL), tool_markup=JSON_TOOL_MARKUP)) as server:
+        client = client_for(server)
+        first = client.messages.create(model=MODEL, max_tokens=100, messages=ASK, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"})
+        assert first.stop_reason == "tool_use"
+        [use] = first.content
+        assert use.type == "tool_use" and use.name == "get_weather" and use.input == {"city": "Paris"} and use.id.startswith("toolu_")
+        assert server.engine.submitted[-1].grammar is not None  # forced by constrained decoding
+        assert server.engine.encoded_tools[-1] == [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["input_schema"], "description": "Weather in a city"}}]
+
+        with client.messages.stream(model=MODEL, max_tokens=100, messages=ASK, tools=[WEATHER], tool_choice={"type": "any"}) as stream:
+            streamed = stream.get_final_message()
+        assert streamed.stop_reason == "tool_use" and streamed.content[0].input == {"city": "Paris"}
+
+        server.engine.script = Script(chunks=("It is sunny.",))
+        history = ASK + [
+            {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, {"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": [{"type": "text", "text": "sunny"}]}, {"type": "text", "text": "Thanks"}]},
+        ]
+        second = client.messages.create(model=MODEL, max_tokens=100, messages=history, tools=[WEATHER])
+        assert second.content[0].text == "It is sunny." and second.stop_reason == "end_turn"
+        assert server.engine.encoded[-1] == [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": use.id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "tool_call_id": use.id, "content": "sunny"},
+            {"role": "user", "content": "Thanks"},
+        ]
+
+
+def test_tool_use_stream_events():
+    with serving(FakeEngine(script=Script(chunks=("Checking. ",) + CALL), tool_markup=JSON_TOOL_MARKUP)) as server:
+        body = {"model": MODEL, "max_tokens": 100, "messages": ASK, "tools": [WEATHER], "stream": True}
+        events = sse_typed(httpx.post(server.base + "/v1/messages", json=body).text)
+        kinds = [e["type"] for e in events]
+        assert kinds[2:] == ["content_block_start", "content_block_delta", "content_block_stop", "content_block_start", "content_block_delta",
+                             "content_block_stop", "message_delta", "message_stop"]
+        assert events[5]["index"] == 1 and events[5]["content_block"]["type"] == "tool_use" and events[5]["content_block"]["input"] == {}
+        assert events[6]["delta"]["type"] == "input_json_delta" and json.loads(events[6]["delta"]["partial_json"]) == {"city": "Paris"}
+        assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_count_tokens(served):
+    counted = client_for(served).messages.count_tokens(model=MODEL, system="be brief", messages=ASK)
+    assert counted.input_tokens == 3 + 4
+    assert served.engine.submitted == []  # counting generates nothing
+    bad = httpx.post(served.base + "/v1/messages/count_tokens", json={"model": MODEL, "messages": []})
+    assert_anthropic_error(bad, 400, "invalid_request_error")
+
+
+def test_key_as_x_api_key_or_bearer():
+    with serving(api_key="sekret") as server:
+        assert client_for(server, key="sekret").messages.create(model=MODEL, max_tokens=5, messages=ASK).content[0].text == "Hello, world"
+        with pytest.raises(anthropic.AuthenticationError):
+            client_for(server, key="wrong").messages.create(model=MODEL, max_tokens=5, messages=ASK)
+        bearer = httpx.post(server.base + "/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": ASK}, headers={"authorization": "Bearer sekret"})
+        assert bearer.status_code == 200
+        missing = httpx.post(server.base + "/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": ASK})
+        assert_anthropic_error(missing, 401, "authentication_error")
+        assert httpx.get(server.base + "/v1/models", headers={"x-api-key": "sekret"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL, "messages": ASK}, "max_tokens"),
+        ({"model": MODEL, "max_tokens": 0, "messages": ASK}, "max_tokens"),
+        ({"model": MODEL, "max_tokens": 5, "messages": []}, "messages"),
+        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content.0.type"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "temperature": 1.5}, "temperature"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools.0.type"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{"name": "bad name!", "input_schema": {}}]}, "tools.0.name"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "system": 3}, "system"),
+    ],
+)
+def test_bad_requests_get_anthropics_envelope(served, body, param):
+    error = assert_anthropic_error(httpx.post(served.base + "/v1/messages", json=body), 400, "invalid_request_error")
+    assert param in error["message"]
+
+
+def test_hostile_input_gets_anthropics_envelope(served):
+    headers = {"content-type": "application/json"}
+    assert_anthropic_error(httpx.post(served.base + "/v1/messages", content=b"{", headers=headers), 400, "invalid_request_error")
+    assert_anthropic_error(httpx.post(served.base + "/v1/messages", content=b"x", headers={"content-type": "text/plain"}), 415, "invalid_request_error")
+    assert_anthropic_error(httpx.post(served.base + "/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": ASK}), 404, "not_found_error")
+    assert_anthropic_error(httpx.get(served.base + "/v1/messages"), 405, "invalid_request_error")
+    assert_anthropic_error(httpx.post(served.base + "/v1/messages/nowhere", json={}), 404, "not_found_error")
+    huge = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "word " * 100}]}
+    assert_anthropic_error(httpx.post(served.base + "/v1/messages", json=huge), 413, "request_too_large")
+    assert_anthropic_error(httpx.post(served.base + "/v1/messages", json=ASK, headers={"host": "evil.example"}), 403, "permission_error")
+    with pytest.raises(anthropic.NotFoundError):
+        client_for(served).messages.create(model="claude-x", max_tokens=5, messages=ASK)
+
+
+def test_engine_error_mid_stream_is_an_error_event():
+    with serving(FakeEngine(script=Script(error="boom"))) as server:
+        events = sse_typed(httpx.post(server.base + "/v1/messages", json={"model": MODEL, "max_tokens": 9, "messages": ASK, "stream": True}).text)
+        assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "boom"}}
+        with pytest.raises(anthropic.APIStatusError):
+            client_for(server).messages.create(model=MODEL, max_tokens=9, messages=ASK)
