@@ -69,3 +69,33 @@ def test_anthropic_forced_tool_use_round_trip(server):
                                 tool_choice={"type": "any"}, extra_body={"temperature": 0}) as stream:
         streamed = stream.get_final_message()
     assert streamed.stop_reason == "tool_use" and set(streamed.content[-1].input) == {"city"}
+
+
+def test_openai_agents_sdk_on_its_default_responses_model(server):
+    """The Agents SDK's default model speaks the Responses API (streamed): a forced call runs the Python
+    tool, whose output ends the run (`stop_on_first_tool`: random weights would not stop on their own, and
+    the SDK treats a `max_output_tokens` cut as a failure)."""
+    import agents
+    import openai
+
+    openai_client, model = server
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        calls.append(city)
+        return "sunny, 18 C"
+
+    agents.set_tracing_disabled(True)
+    agent = agents.Agent(
+        name="forecaster", instructions="Answer with the weather.", tools=[get_weather], model=model,
+        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=200), tool_use_behavior="stop_on_first_tool",
+    )
+    client = openai.AsyncOpenAI(base_url=str(openai_client.base_url), api_key="unused", max_retries=0, timeout=60)
+    run_config = agents.RunConfig(model_provider=agents.OpenAIProvider(openai_client=client, use_responses=True))
+    result = agents.Runner.run_sync(agent, "What is the weather in Paris?", run_config=run_config, max_turns=4)
+    assert len(calls) == 1 and isinstance(calls[0], str)
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"]
+    assert result.final_output == "sunny, 18 C"
