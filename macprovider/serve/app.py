@@ -322,7 +322,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
 
             def closed() -> None:
                 generation.close()
-                state.end(generation.error is not None or not generation.finished)
+                state.end(generation.error is not None)  # a client that left is not an error
 
             return core.EventStream(surface.events(generation), on_close=closed)
         error = True
