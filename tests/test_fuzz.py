@@ -4,7 +4,8 @@ engine. Any 5xx, any error answer that is not JSON in the OpenAI error envelope,
 
 serve publishes no OpenAPI document (openapi_url=None keeps the public surface to the OpenAI routes), so the
 document is built here from `create_app(...).openapi()`, with each completion route's `requestBody` taken
-from its pydantic request model (the handlers parse the body themselves, so FastAPI cannot see it).
+from its pydantic request model (the handlers parse the body themselves, so FastAPI cannot see it). Errors
+are checked against each API's own envelope: OpenAI's, and Anthropic's under /v1/messages.
 Examples per operation: `FUZZ_EXAMPLES` (default 40: ~30 s for the whole file on 2 cores).
 """
 
@@ -22,9 +23,17 @@ from schemathesis import GenerationMode
 from fake_engine import FakeEngine, serving
 from macprovider.config import Settings
 from macprovider.serve.app import create_app
+from macprovider.serve.anthropic_schemas import MessagesRequest
 from macprovider.serve.openai_schemas import ChatCompletionRequest, CompletionRequest
+from macprovider.serve.responses_schemas import ResponsesRequest
 
-REQUEST_MODELS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+REQUEST_MODELS = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
+    "/v1/messages": MessagesRequest,
+    "/v1/messages/count_tokens": MessagesRequest,
+}
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 
 
@@ -41,9 +50,17 @@ def openapi_document() -> dict:
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         body["properties"]["model"] = {"type": "string", "enum": [engine.model_id]}
-        body["properties"]["n"] = {"type": "integer", "enum": [1]}
-        if "prompt" in body["properties"]:
+        if "n" in body["properties"]:
+            body["properties"]["n"] = {"type": "integer", "enum": [1]}
+        if path == "/v1/completions":
             body["properties"]["prompt"] = {"type": "string"}
+        if path == "/v1/responses":
+            body["properties"]["input"] = {"type": "string"}
+            body["required"] = ["model", "input"]
+        if path.startswith("/v1/messages"):
+            body["properties"]["messages"] = {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"], "properties": {
+                "role": {"type": "string", "enum": ["user", "assistant"]}, "content": {"type": "string"}}}}
+            body["required"] = ["model", "messages", "max_tokens"]
         components[model.__name__] = body
         message = components.get("ChatMessage")
         if message is not None:
@@ -86,6 +103,10 @@ def test_no_5xx_and_every_error_is_the_json_envelope(case, server):
     if response.status_code >= 400:
         content_type = (response.headers.get("content-type") or [""])[0]  # schemathesis: name -> [values]
         assert content_type.startswith("application/json"), response.text[:200]
-        error = json.loads(response.text)["error"]
+        body = json.loads(response.text)
+        error = body["error"]
         assert isinstance(error["message"], str) and error["message"]
-        assert isinstance(error["type"], str) and isinstance(error["code"], str)
+        if case.path.startswith("/v1/messages"):  # Anthropic's envelope: {"type": "error", "error": {"type", "message"}}
+            assert body["type"] == "error" and isinstance(error["type"], str) and set(error) == {"type", "message"}
+        else:
+            assert isinstance(error["type"], str) and isinstance(error["code"], str)
