@@ -224,3 +224,63 @@ def test_forced_tool_call_round_trip_on_real_weights(real_tools_server):
     answer = client.chat.completions.create(model=model, messages=history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=MAX_TOKENS, temperature=0)
     text = answer.choices[0].message.content
     assert text and "<tool_call>" not in text
+
+
+# ---------------------------------------------------------------------------------------------- the other APIs
+def anthropic_client(server):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_responses_api_on_real_weights(real_server):
+    """`responses.create` answers the demo question; the stream carries the same text; a continuation by
+    `previous_response_id` sees the first turn (its prompt grows by it)."""
+    client = real_server.client()
+    first = client.responses.create(model=real_server.model, input="What is the capital of France?", max_output_tokens=MAX_TOKENS, temperature=0)
+    assert "Paris" in first.output_text
+    events = list(client.responses.create(model=real_server.model, input="What is the capital of France?", max_output_tokens=MAX_TOKENS,
+                                          temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == first.output_text
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    second = client.responses.create(model=real_server.model, previous_response_id=first.id, input="And of Italy?", max_output_tokens=MAX_TOKENS, temperature=0)
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+
+
+def test_anthropic_messages_on_real_weights(real_server):
+    client = anthropic_client(real_server)
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    message = client.messages.create(model=real_server.model, max_tokens=MAX_TOKENS, messages=ask, extra_body={"temperature": 0})
+    assert "Paris" in message.content[0].text and message.stop_reason in ("end_turn", "max_tokens")
+    with client.messages.stream(model=real_server.model, max_tokens=MAX_TOKENS, messages=ask, extra_body={"temperature": 0}) as stream:
+        streamed = "".join(stream.text_stream)
+    assert streamed == message.content[0].text
+
+
+def test_responses_and_anthropic_tool_round_trips_on_real_weights(real_tools_server):
+    from tests.test_agents_tools import ASK, WEATHER
+
+    server = real_tools_server
+    client = server.client()
+    tool = {"type": "function", **WEATHER["function"]}
+    first = client.responses.create(model=server.model, input=ASK[0]["content"], tools=[tool], tool_choice={"type": "function", "name": "get_weather"},
+                                    max_output_tokens=48, temperature=0)
+    [call] = first.output
+    assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
+    answer = client.responses.create(model=server.model, previous_response_id=first.id, tools=[tool], tool_choice="none", temperature=0,
+                                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temp_c": 18, "sky": "sunny"})}],
+                                     max_output_tokens=MAX_TOKENS)
+    assert answer.output_text and "<tool_call>" not in answer.output_text
+
+    anthropic_tool = {"name": "get_weather", "description": WEATHER["function"]["description"], "input_schema": WEATHER["function"]["parameters"]}
+    messages = anthropic_client(server)
+    use_message = messages.messages.create(model=server.model, max_tokens=48, messages=ASK, tools=[anthropic_tool],
+                                           tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    assert use_message.stop_reason == "tool_use"
+    [use] = use_message.content
+    assert use.type == "tool_use" and use.input == {"city": "Paris"}
+    history = ASK + [{"role": "assistant", "content": [use.model_dump()]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": json.dumps({"temp_c": 18, "sky": "sunny"})}]}]
+    reply = messages.messages.create(model=server.model, max_tokens=MAX_TOKENS, messages=history, tools=[anthropic_tool],
+                                     tool_choice={"type": "none"}, extra_body={"temperature": 0})
+    assert reply.content[0].type == "text" and reply.content[0].text and "<tool_call>" not in reply.content[0].text
