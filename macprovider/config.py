@@ -146,6 +146,21 @@ def _log_level(raw: Any) -> str:
 # How `serve` holds the weights (macprovider/engine/weights.py): auto = float32 on MLX's CPU backend when it
 # fits, else as stored; native = as stored; or every layer dequantized / cast to the named dtype.
 WEIGHTS_DTYPES = ("auto", "native", "float32", "float16", "bfloat16")
+AUTO_BUDGET_FRACTION = 0.5
+
+
+def choose_weights_dtype(setting: str, on_cpu: bool, float32_bytes: int, available_bytes: int) -> str | None:
+    """The dtype `serve` casts the weights to (None: leave them as they are) for `setting` (WEIGHTS_DTYPES).
+
+    `auto` is float32 on the CPU backend when `float32_bytes` ≤ AUTO_BUDGET_FRACTION × `available_bytes`
+    (engine/weights.py applies it; autotune's memory estimate predicts it)."""
+    if setting == "native":
+        return None
+    if setting != "auto":
+        return setting
+    if on_cpu and float32_bytes <= AUTO_BUDGET_FRACTION * available_bytes:
+        return "float32"
+    return None
 
 
 def _weights_dtype(raw: Any) -> str:

@@ -212,3 +212,33 @@ def test_runtime_baseline_falls_back_without_caching_when_the_child_fails(tmp_pa
 def test_bare_runtime_child_reports_a_plausible_footprint():
     value = memory.measure_runtime_baseline()
     assert 20 * memory.MIB < value < 2 * memory.GIB
+
+
+def test_served_weights_follow_the_weights_dtype_serve_will_apply(tmp_path):
+    """A 4-bit checkpoint (group 32): 8 packed words per row hold 64 weights; on MLX's CPU backend `auto`
+    serves float32, so the stored weights, the float32 copy and the largest float16 tensor are counted."""
+    stored = write_safetensors(tmp_path / "model.safetensors", {
+        "layers.0.mlp.weight": ("U32", [16, 8]), "layers.0.mlp.scales": ("F16", [16, 2]),
+        "layers.0.mlp.biases": ("F16", [16, 2]), "norm.weight": ("F16", [64]),
+    })
+    config = {"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 64, "torch_dtype": "float16",
+              "quantization": {"group_size": 32, "bits": 4}}
+    assert memory.parameter_counts(tmp_path, config) == (16 * 64 + 64, 16 * 64)
+    params = 16 * 64 + 64
+    on_cpu = memory.served_weights_bytes(tmp_path, config, on_cpu=True, available_bytes=memory.GIB)
+    assert on_cpu == stored + params * 4 + 16 * 64 * 2
+    assert memory.served_weights_bytes(tmp_path, config, on_cpu=False, available_bytes=memory.GIB) == stored
+    assert memory.served_weights_bytes(tmp_path, config, on_cpu=True, available_bytes=params * 4) == stored  # too big
+    eight_bit = {**config, "quantization": {"group_size": 32, "bits": 4, "layers.0.mlp": {"group_size": 32, "bits": 8}}}
+    assert memory.parameter_counts(tmp_path, eight_bit)[0] == 16 * 32 + 64
+    plain = {**config, "torch_dtype": "float32"}
+    plain.pop("quantization")
+    write_safetensors(tmp_path / "model.safetensors", {"w": ("F32", [8, 8])})
+    assert memory.served_weights_bytes(tmp_path, plain, on_cpu=True, available_bytes=memory.GIB) == 8 * 8 * 4
+
+
+def test_serve_and_the_estimate_share_one_weights_dtype_rule():
+    from macprovider import config
+    from macprovider.engine import weights
+
+    assert weights.choose_weights_dtype is config.choose_weights_dtype

@@ -9,7 +9,14 @@ child's RSS high-water mark runs a few tens of MiB above this: its tokenizer and
 
 estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
   weights      exact bytes from the safetensors headers (sum of every tensor's `data_offsets` span — packed
-               quantized weights, scales and biases included), or the index's `metadata.total_size`.
+               quantized weights, scales and biases included), or the index's `metadata.total_size` — the
+               weights as stored. When `serve` will cast them (`weights_dtype: auto` on MLX's CPU backend:
+               float32 if that copy fits half the available memory, config.choose_weights_dtype, applied by
+               engine/weights.py), add the cast copy (parameters × target dtype size; parameters counted from
+               the headers, a quantized weight's packed words × 32 / bits) and the largest tensor dequantized in
+               the stored dtype: while `cast_weights` evaluates, the stored and the cast weights are both alive.
+               Candidates run with the default `weights_dtype` (auto); the CPU backend is every platform but
+               Apple silicon macOS, unless the `mlx-cuda` backend is installed.
   kv_live      live sequences × allocated tokens × KV bytes per token. Live sequences = max_batch, or fewer
                when the workload never has that many requests in flight; a sequence's tokens = max_context,
                or the workload's longest prompt + max_tokens when that is less (a KV cache only grows as far
@@ -149,6 +156,63 @@ def weights_bytes(model_dir: Path) -> int:
         raise
 
 
+def parameter_counts(model_dir: Path, config: dict[str, Any]) -> tuple[int, int]:
+    """(parameters, parameters of the largest tensor) from the safetensors headers. A quantized weight
+    (`X.weight` with `X.scales`) holds packed uint32 words of `bits` bits each (config `quantization`, per-path
+    overrides); its `scales` / `biases` are quantization data, not parameters."""
+    quantization = config.get("quantization") or config.get("quantization_config") or {}
+    total = largest = 0
+    for path in weight_files(model_dir):
+        header, _ = read_safetensors_header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            base, _, leaf = name.rpartition(".")
+            if leaf in ("scales", "biases") and f"{base}.weight" in header and f"{base}.scales" in header:
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            if leaf == "weight" and f"{base}.scales" in header:
+                layer = quantization.get(base) if isinstance(quantization.get(base), dict) else {}
+                count = count * 32 // int(layer.get("bits") or quantization.get("bits") or 4)
+            total += count
+            largest = max(largest, count)
+    return total, largest
+
+
+def mlx_on_cpu() -> bool:
+    """Whether MLX runs on its CPU backend here, without importing MLX: everywhere but Apple silicon macOS
+    (Metal), unless the `mlx-cuda` backend is installed."""
+    import platform
+    from importlib import metadata
+
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return False
+    try:
+        metadata.version("mlx-cuda")
+        return False
+    except metadata.PackageNotFoundError:
+        return True
+
+
+def served_weights_bytes(
+    model_dir: Path, config: dict[str, Any], *, on_cpu: bool, available_bytes: int, setting: str = "auto"
+) -> int:
+    """The weights term: as stored, plus the cast copy and the largest dequantized tensor when `serve` casts
+    them (module docstring). Raises SafetensorsError/OSError like `weights_bytes`."""
+    from macprovider.config import choose_weights_dtype
+
+    stored = weights_bytes(model_dir)
+    params, largest = parameter_counts(model_dir, config)
+    target = choose_weights_dtype(setting, on_cpu, params * 4, available_bytes)
+    shape_dtype = ModelShape.from_config(config).dtype_bytes
+    quantized = bool(config.get("quantization") or config.get("quantization_config"))
+    if target is None or (not quantized and DTYPE_BYTES[target] == shape_dtype):
+        return stored  # nothing to cast (MLX's astype to the same dtype is the array itself)
+    return stored + params * DTYPE_BYTES[target] + largest * shape_dtype
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the memory model needs from config.json: layers, attention heads, KV heads, head dimension,
@@ -251,6 +315,8 @@ def estimate(
     sequence_tokens: int | None = None,
     prompt_tokens: int | None = None,
     live_sequences: int | None = None,
+    on_cpu: bool | None = None,
+    available_bytes: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of serving the model with these knobs (module docstring, term by term).
 
@@ -259,16 +325,23 @@ def estimate(
     prompt_cache_bytes: the serving child's `prompt_cache_bytes` (default: `Settings` default).
     sequence_tokens / prompt_tokens / live_sequences: the workload's longest sequence (prompt + max_tokens),
     longest prompt, and most requests in flight; None = the knobs' worst case (max_context, max_context,
-    max_batch). Each is capped by its knob.
+    max_batch). Each is capped by its knob. on_cpu / available_bytes: MLX's backend and the memory available
+    to the child, for the weights' served dtype (default: `mlx_on_cpu()`, psutil's available memory).
     Raises SafetensorsError/OSError/ValueError/KeyError when the files cannot be read.
     """
     from macprovider.config import Settings
 
     shape = ModelShape.from_config(config)
     live = min(max_batch, live_sequences or max_batch)
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
     cap = Settings().prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
     return MemoryEstimate(
-        weights=weights_bytes(model_dir),
+        weights=served_weights_bytes(
+            model_dir, config, on_cpu=mlx_on_cpu() if on_cpu is None else on_cpu, available_bytes=available_bytes
+        ),
         kv=kv_bytes(shape, live * allocated_tokens(min(max_context, sequence_tokens or max_context)), kv_bits),
         prompt_cache=min(cap, kv_bytes(shape, cached_tokens, kv_bits)),
         prefill=shape.prefill_bytes(min(PREFILL_STEP_SIZE, max_context, prompt_tokens or max_context), live),

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from macprovider.config import WEIGHTS_DTYPES  # noqa: F401  (the setting's values)
-AUTO_BUDGET_FRACTION = 0.5
+# The setting's values and the `auto` rule live in config (autotune's memory estimate predicts the same choice).
+from macprovider.config import AUTO_BUDGET_FRACTION, WEIGHTS_DTYPES, choose_weights_dtype  # noqa: F401
 
 
 def parameter_count(model: Any) -> int:
@@ -38,19 +38,6 @@ def parameter_count(model: Any) -> int:
         if name.rpartition(".")[0] not in quantized:
             count += value.size
     return count
-
-
-def choose_weights_dtype(setting: str, on_cpu: bool, float32_bytes: int, available_bytes: int) -> str | None:
-    """The dtype to cast the weights to (None: leave them as they are) for `setting` (WEIGHTS_DTYPES).
-
-    `auto` is float32 on the CPU backend when `float32_bytes` ≤ AUTO_BUDGET_FRACTION × `available_bytes`."""
-    if setting == "native":
-        return None
-    if setting != "auto":
-        return setting
-    if on_cpu and float32_bytes <= AUTO_BUDGET_FRACTION * available_bytes:
-        return "float32"
-    return None
 
 
 def cast_weights(model: Any, dtype: str) -> None:
