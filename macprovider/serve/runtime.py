@@ -19,12 +19,24 @@ from macprovider.serve.app import ServerState, create_app
 log = logging.getLogger("macprovider.serve.app")
 
 CANCEL_GRACE_S = 5.0  # after cancel_all, how long streams get to send their final error event
+# Connection limits (issue 14; README "Connections"). uvicorn's h11 protocol closes a connection idle
+# *between* requests after timeout_keep_alive, but waits forever for the head of a request, so one byte a
+# second (slowloris) or a connection that never speaks holds a socket for good: REQUEST_HEAD_TIMEOUT_S bounds
+# the time from connect / the end of the previous response to a complete request head.
+KEEP_ALIVE_TIMEOUT_S = 5  # uvicorn's default; httpx / the OpenAI SDK expire idle pooled connections after 5 s
+REQUEST_HEAD_TIMEOUT_S = 10.0  # nginx's client_header_timeout is 60 s; a local client sends its head at once
+MAX_REQUEST_HEAD_BYTES = 64 * 1024  # h11's default is 16 KiB; a head above it is answered 400
+# Beyond this many open connections (or running requests) uvicorn answers 503 at once; the engine's own
+# queue (max_queue_depth, 429) is the limit that normally applies. The process also raises its soft open-file
+# limit toward the hard one (macOS starts shells at 256), so the limit can be reached at all.
+CONNECTION_LIMIT = 1024
 DEATH_GRACE_S = 2.0  # after the generation thread died, how long in-flight requests get to see their error
 WATCHDOG_INTERVAL_S = 0.25
 
 
-class _Uvicorn:  # namespace for the lazily defined uvicorn.Server subclass
+class _Uvicorn:  # namespace for the lazily defined uvicorn.Server and H11Protocol subclasses
     cls: Any = None
+    protocol: Any = None
 
 
 def _uvicorn_server_class() -> Any:
@@ -72,8 +84,60 @@ def _uvicorn_server_class() -> Any:
             if self.started:
                 await self.runtime.on_started(self)
 
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        """uvicorn's h11 protocol plus a deadline for a complete request head (REQUEST_HEAD_TIMEOUT_S), armed
+        when the connection opens and again when each response completes."""
+
+        _head_deadline: Any = None
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_deadline()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            self._cancel_head_deadline()
+            if not self.transport.is_closing():
+                self._head_deadline = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out, self.cycle)
+
+        def _cancel_head_deadline(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_timed_out(self, cycle_when_armed: Any) -> None:
+            # A new head makes a new cycle; the same cycle with its response complete means none came.
+            waiting = self.cycle is cycle_when_armed and (self.cycle is None or self.cycle.response_complete)
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
     _Uvicorn.cls = Server
+    _Uvicorn.protocol = Protocol
     return Server
+
+
+def raise_open_file_limit(wanted: int = 4 * CONNECTION_LIMIT) -> int:
+    """Raise the soft RLIMIT_NOFILE toward `wanted` (never above the hard limit); the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 class ServeRuntime:
@@ -102,8 +166,10 @@ class ServeRuntime:
         self.loaded = False
         self.exit_code = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        server_class = _uvicorn_server_class()
         config = uvicorn.Config(
             self.app,
+            http=_Uvicorn.protocol,
             host=settings.host,
             port=settings.port,
             log_config=None,
@@ -111,9 +177,11 @@ class ServeRuntime:
             lifespan="off",
             server_header=False,
             timeout_graceful_shutdown=int(CANCEL_GRACE_S),
-            timeout_keep_alive=5,
+            timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S,
+            limit_concurrency=CONNECTION_LIMIT,
+            h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
         )
-        self.server = _uvicorn_server_class()(config)
+        self.server = server_class(config)
         self.server.runtime = self
 
     # -- entry
@@ -242,6 +310,7 @@ def run_server(plan: ServePlan, engine: EngineProtocol) -> int:
     package never imports MLX. Returns the process exit code (0 after a drain, 1 on load failure / engine
     death / bind failure)."""
     configure_logging(plan.settings.log_level)
+    raise_open_file_limit()
     runtime = ServeRuntime(engine, plan.settings, plan.api_key)
     # The engine's generation thread is a daemon and is left to the interpreter's exit: joining it first
     # (Engine.close) makes MLX abort the process at exit ("terminate called without an active exception").
