@@ -33,6 +33,9 @@ PIP_CACHE_DIR = os.environ.get("PIP_CACHE_DIR") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pip"
 )
 _scrub_shell_environment()
+# Import now, in the clean environment, what reads it at import: a first import inside a test would freeze
+# that test's HF_HUB_OFFLINE=1 (set below) into huggingface_hub.constants for every later test.
+import huggingface_hub.constants  # noqa: E402,F401
 
 from pathlib import Path  # noqa: E402
 

@@ -108,10 +108,15 @@ def _backup(path: Path, data: bytes, now: float) -> Path:
             counter += 1
             continue
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view):]
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            candidate.unlink(missing_ok=True)  # never leave a half-written backup (a full disk)
+            raise
+        os.close(fd)
         return candidate
 
 

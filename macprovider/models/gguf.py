@@ -38,6 +38,7 @@ Nothing is half-written: files are built in a temporary directory and the repo m
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -432,14 +433,39 @@ def import_gguf(
             f"model {repo_id} is already in the cache; choose another --id or remove it with `macprovider models rm {repo_id}`"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".macprovider-import-", dir=cache_dir))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".macprovider-import-", dir=cache_dir))
+    except OSError as exc:
+        raise _write_failure(exc, repo_id, cache_dir) from None
     try:
         _, facts = write_model_files(Path(gguf_path), staging, dtype, on_tensor, tensor_count)
         snapshot = install_in_hub_cache(staging, repo_id, cache_dir, exclusive=True)
+    except (OSError, RuntimeError) as exc:  # MLX reports a failed write as RuntimeError("[write] ...")
+        if isinstance(exc, RuntimeError) and not str(exc).startswith("[write]"):
+            raise
+        shutil.rmtree(repo_dir, ignore_errors=True)  # a half-installed repo is worse than none
+        raise _write_failure(exc, repo_id, cache_dir) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     size = sum(p.stat().st_size for p in (repo_dir / "blobs").iterdir())
     return ImportResult(repo_id=repo_id, snapshot=snapshot, size_bytes=size, **facts)
+
+
+def _write_failure(exc: BaseException, repo_id: str, cache_dir: Path) -> GGUFImportError:
+    """One line for a write that failed while importing: disk full (ENOSPC, or MLX's failed write with
+    under 1 MiB free) says how much is free and what to do; anything else names the error."""
+    try:
+        free = shutil.disk_usage(cache_dir).free
+    except OSError:
+        free = None
+    full = getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < 1 << 20)
+    if full:
+        return GGUFImportError(
+            f"no space left on device while importing {repo_id} into {cache_dir} ({free or 0} bytes free); "
+            "nothing was kept: free space (`macprovider models rm ID`) and import again"
+        )
+    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    return GGUFImportError(f"cannot write {repo_id} into {cache_dir}: {reason}; nothing was kept")
 
 
 def default_repo_id(gguf_path: Path) -> str:

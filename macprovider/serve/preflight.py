@@ -13,8 +13,9 @@ from typing import Mapping
 
 from macprovider.config import ResolvedConfig, Settings, is_loopback, load_api_key
 from macprovider.engine.protocol import ServePlan
-from macprovider.errors import ConfigError
+from macprovider.errors import ConfigError, ModelError
 from macprovider.models.ids import ensure_local, max_position_embeddings, read_model_config, validate_model_id
+from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files
 
 
 def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -> ServePlan:
@@ -31,6 +32,7 @@ def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -
             "set MACPROVIDER_API_KEY or api_key_file, or bind 127.0.0.1"
         )
     model_path = ensure_local(model_id)
+    check_weight_files(model_id, model_path)
     max_context = settings.max_context_override
     source = resolved.sources["max_context_override"]
     model_limit = max_position_embeddings(read_model_config(model_path))
@@ -48,3 +50,19 @@ def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -
     assert max_context is not None
     settings = settings.model_copy(update={"max_context_override": max_context})
     return ServePlan(settings, model_id, model_path, api_key, max_context, source)
+
+
+def check_weight_files(model_id: str, model_path: Path) -> None:
+    """Refuse weights cut short or damaged after download before loading anything: each safetensors file's
+    header must parse and every tensor must lie inside the file (a few small reads per file). Raises
+    ModelError naming the file and how to fix it."""
+    for path in weight_files(model_path):
+        try:
+            read_safetensors_header(path)
+        except SafetensorsError as exc:
+            raise ModelError(
+                f"model {model_id}: weights file {path.name} is damaged ({exc}); re-download it: "
+                f"`macprovider models rm {model_id}` then `macprovider models pull {model_id}`"
+            ) from None
+        except OSError as exc:
+            raise ModelError(f"model {model_id}: cannot read weights file {path.name}: {exc.strerror or exc}") from None
