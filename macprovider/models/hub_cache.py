@@ -235,6 +235,8 @@ def pull_model(
 
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     where = endpoint or "https://huggingface.co"
+    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    fresh = not repo_dir.exists()  # a first pull that fails on a full disk keeps nothing
     retry = f"run `macprovider models pull {repo_id}` again (it resumes)"
     try:
         path = Path(
@@ -291,9 +293,12 @@ def pull_model(
         raise PullError(f"download of {repo_id} interrupted; {retry}", transient=True) from None
     except OSError as exc:
         if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _cause_chain(exc)):
+            if fresh:  # a snapshot with some files and no weights would look cached; the space is wanted back
+                shutil.rmtree(repo_dir, ignore_errors=True)
             raise PullError(
-                f"disk full while downloading {repo_id} into {cache_dir}: free space (`macprovider models rm ID`), "
-                f"then {retry}",
+                f"disk full while downloading {repo_id} into {cache_dir}"
+                + (" (nothing was kept)" if fresh else "")
+                + f": free space (`macprovider models rm ID`), then {retry}",
                 transient=True,
             ) from None
         if _is_connection_failure(exc):

@@ -56,7 +56,13 @@ def check_weight_files(model_id: str, model_path: Path) -> None:
     """Refuse weights cut short or damaged after download before loading anything: each safetensors file's
     header must parse and every tensor must lie inside the file (a few small reads per file). Raises
     ModelError naming the file and how to fix it."""
-    for path in weight_files(model_path):
+    files = weight_files(model_path)
+    if not files:
+        raise ModelError(
+            f"model {model_id} has no safetensors weights in the cache (an interrupted download?); re-download it: "
+            f"`macprovider models rm {model_id}` then `macprovider models pull {model_id}`"
+        )
+    for path in files:
         try:
             read_safetensors_header(path)
         except SafetensorsError as exc:
