@@ -216,13 +216,15 @@ def launch_argv(hostfile: str, model: str, parallel: str, serve_args: list[str],
             "--model", model, "--parallel", parallel, *serve_args]
 
 
-def _launch_options(hostfile: str, parallel: str) -> str | None:
+def _checked_launch_argv(ctx: typer.Context, hostfile: str, model: str, parallel: str, python: str) -> list[str]:
+    """`launch_argv` after checking `parallel` and reading the hostfile (its backend, else ring); extra
+    arguments go to serve. Raises ConfigError naming the bad setting."""
     from macprovider.engine.distributed import PARALLEL_MODES
 
     if parallel not in PARALLEL_MODES:
         raise ConfigError(f"invalid parallel {parallel!r} (from cli): must be pipeline or tensor")
-    hosts = read_hosts(hostfile)
-    return hosts.backend or "ring"
+    backend = read_hosts(hostfile).backend or "ring"
+    return launch_argv(hostfile, model, parallel, list(ctx.args), python, backend)
 
 
 SERVE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -238,8 +240,8 @@ def print_cmd(
 ) -> None:
     """Print the mlx.launch command that serves MODEL on every host of HOSTFILE (extra args go to serve)."""
     with user_errors():
-        backend = _launch_options(hostfile, parallel)
-    typer.echo(shlex.join(launch_argv(hostfile, model, parallel, list(ctx.args), python, backend)))
+        argv = _checked_launch_argv(ctx, hostfile, model, parallel, python)
+    typer.echo(shlex.join(argv))
 
 
 @app.command("serve", context_settings=SERVE_CONTEXT)
@@ -252,8 +254,8 @@ def serve_cmd(
 ) -> None:
     """Run the mlx.launch command; exit 1 when any rank failed (mlx.launch itself exits 0 even then)."""
     with user_errors():
-        backend = _launch_options(hostfile, parallel)
-    raise typer.Exit(run_launch(launch_argv(hostfile, model, parallel, list(ctx.args), python, backend)))
+        argv = _checked_launch_argv(ctx, hostfile, model, parallel, python)
+    raise typer.Exit(run_launch(argv))
 
 
 def run_launch(argv: list[str]) -> int:
