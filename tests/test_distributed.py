@@ -313,3 +313,28 @@ def test_impossible_split_is_refused_before_loading(tiny_model, hf_home, tmp_pat
         assert "loading" not in group.text()
     finally:
         group.kill()
+
+
+def test_real_model_pipeline_under_mlx_launch_answers_like_one_process(real_model, hf_home, tmp_path_factory):
+    """Issue 13's "done when": `mlx.launch -n 2 --backend ring -- macprovider serve --model <real demo model>
+    --parallel pipeline` gives the openai client the same greedy text as one process (SmolLM2-135M-Instruct:
+    30 layers, 15 a rank; 16 tokens)."""
+    args = ("--max-context", "512")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def greedy(group: Group) -> str:
+        reply = group.client().chat.completions.create(model=real_model, messages=messages, max_tokens=16, temperature=0)
+        return reply.choices[0].message.content
+
+    groups = [Group(real_model, hf_home, tmp_path_factory.mktemp("one"), 1, *args)]
+    try:
+        groups[0].wait_ready(300)
+        expected = greedy(groups[0])
+        groups[0].kill()
+        groups.append(Group(real_model, hf_home, tmp_path_factory.mktemp("two"), 2, "--parallel", "pipeline", *args, launcher=True))
+        groups[1].wait_ready(300)
+        assert groups[1].health().json()["distributed"]["layers_per_stage"] == [15, 15]
+        assert expected and greedy(groups[1]) == expected
+    finally:
+        for group in groups:
+            group.kill()
