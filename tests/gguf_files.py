@@ -3,12 +3,14 @@
 `write_llama_gguf(model_dir, path, types)` turns a tiny mlx-lm llama directory (macprovider.models.demo's
 `build_model_files`) into a GGUF: llama.cpp tensor names, q/k rows permuted for interleaved RoPE
 (`LlamaModel.permute`), tensors quantized with the `gguf` package (llama.cpp's reference Python code), and the
-byte-level BPE vocabulary, merges, token types, special ids and chat template as `tokenizer.ggml.*` metadata.
+byte-level BPE vocabulary, merges, token types, special ids and chat template as `tokenizer.ggml.*` metadata,
+and a Llama 3 `rope_scaling` as the `rope_freqs.weight` tensor (`LlamaModel.generate_extra_tensors`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +44,40 @@ def permute(weights: np.ndarray, heads: int) -> np.ndarray:
     return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def write_llama_gguf(model_dir: Path, path: Path, types: dict[str, str] | None = None, default_type: str = "F32") -> Path:
+def llama3_rope_freqs(config: dict) -> np.ndarray:
+    """`rope_freqs.weight` as convert_hf_to_gguf.py `LlamaModel.generate_extra_tensors` computes it for a
+    config with `rope_scaling.rope_type == "llama3"` (float32 frequencies, the original context read from the
+    config's top level with default 8192, as the converter does)."""
+    scaling = config["rope_scaling"]
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (np.float32(config.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    factor = scaling.get("factor", 8.0)
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    old_context_len = config.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs.astype(np.float32):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(rope_factors, dtype=np.float32)
+
+
+def write_llama_gguf(
+    model_dir: Path, path: Path, types: dict[str, str] | None = None, default_type: str = "F32",
+    rope_freqs: np.ndarray | None = None,
+) -> Path:
     """Write `model_dir` (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) as a GGUF.
     `types` maps GGUF module names (e.g. "token_embd", "ffn_down", "output") to a GGML type name; 2-D tensors not named
-    get `default_type`, 1-D tensors (norms) stay F32."""
+    get `default_type`, 1-D tensors (norms) stay F32. `rope_freqs` replaces the `rope_freqs.weight` tensor the
+    config's llama3 `rope_scaling` would give (to write a file no converter writes)."""
     import gguf
     import mlx.core as mx
 
@@ -62,6 +94,7 @@ def write_llama_gguf(model_dir: Path, path: Path, types: dict[str, str] | None =
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     vocab = tokenizer["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
     specials = {t["content"] for t in tokenizer["added_tokens"] if t.get("special")}
@@ -75,6 +108,10 @@ def write_llama_gguf(model_dir: Path, path: Path, types: dict[str, str] | None =
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_add_bos_token(False)
     writer.add_chat_template(tokenizer_config["chat_template"])
+    if rope_freqs is None and (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        rope_freqs = llama3_rope_freqs(config)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
     types = types or {}
     weights = mx.load(str(model_dir / "model.safetensors"))
     for hf_name in sorted(weights):

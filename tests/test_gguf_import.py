@@ -13,7 +13,7 @@ import pytest
 
 from macprovider.models import gguf as importer
 from macprovider.models.demo import TinyModelSpec, build_model_files
-from tests.gguf_files import write_llama_gguf
+from tests.gguf_files import llama3_rope_freqs, write_llama_gguf
 
 PROMPT_IDS = [5, 17, 42, 99, 7, 300, 12, 64]
 
@@ -197,3 +197,70 @@ def test_repacked_blocks_equal_mlx_own_gguf_reader(tiny_source, tmp_path):
             assert ours.dtype == theirs.dtype and mx.array_equal(ours, theirs), name
         checked += 1
     assert checked == 16
+
+
+LLAMA_3_2_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+UNPUBLISHED_ROPE = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 0.5, "high_freq_factor": 8.0,
+                    "original_max_position_embeddings": 8192}
+
+
+def _with_rope_scaling(source: Path, destination: Path, rope_scaling: dict | None) -> Path:
+    """A copy of the tiny model directory whose config has Llama 3's rope_theta and `rope_scaling`."""
+    import shutil
+
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    config.update(rope_theta=500000.0, max_position_embeddings=131072)
+    if rope_scaling is None:
+        config.pop("rope_scaling", None)
+    else:
+        config["rope_scaling"] = rope_scaling
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+@pytest.mark.parametrize("rope_scaling", [LLAMA_3_2_ROPE, UNPUBLISHED_ROPE], ids=["llama-3.2", "solved"])
+def test_llama3_rope_freqs_become_rope_scaling(rope_scaling, tiny_source, tmp_path, hf_home):
+    """A Llama 3.x GGUF carries its RoPE scaling only as llama.cpp's `rope_freqs.weight` tensor: the import
+    recovers the `rope_scaling` (Meta's published set, or solved from the tensor) and the model computes the
+    logits of an mlx-lm model built from the same weights with that rope_scaling, over 300 positions — where
+    the same weights without the scaling compute other logits."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.utils import load
+
+    source = _with_rope_scaling(tiny_source, tmp_path / "src", rope_scaling)
+    path = write_llama_gguf(source, tmp_path / "llama3.gguf")
+    _, tensors = importer.read_gguf(path)
+    assert "rope_freqs.weight" in tensors
+    result = importer.import_gguf(path, f"gguf-test/llama3-rope-{rope_scaling['factor']:g}", dtype="float32", cache_dir=hf_home / "hub")
+    config = json.loads((result.snapshot / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "llama3"
+    assert config["rope_scaling"] == pytest.approx(rope_scaling)
+    assert config["head_dim"] == 64 and config["rope_theta"] == 500000.0
+    assert np.allclose(importer.llama3_rope_factors(config["rope_scaling"], 64, 500000.0), llama3_rope_freqs(json.loads((source / "config.json").read_text())), rtol=1e-6)
+
+    prompt = mx.array([[(7 * i + 3) % 500 for i in range(300)]])
+    ours = load(str(result.snapshot))[0](prompt)[0].astype(mx.float32)
+    reference = load(str(source))[0](prompt)[0].astype(mx.float32)
+    unscaled = load(str(_with_rope_scaling(tiny_source, tmp_path / "plain", None)))[0](prompt)[0].astype(mx.float32)
+    assert mx.abs(ours - reference).max().item() < 1e-4
+    assert mx.abs(unscaled - reference).max().item() > 1e-2
+
+
+def test_rope_freqs_that_no_llama3_scaling_fits_are_refused(tiny_source, tmp_path, monkeypatch):
+    """A `rope_freqs` tensor no llama3 parameters regenerate: one line naming it, exit 1, nothing in the cache."""
+    import numpy as np
+
+    source = _with_rope_scaling(tiny_source, tmp_path / "src", LLAMA_3_2_ROPE)
+    factors = llama3_rope_freqs(json.loads((source / "config.json").read_text()))
+    path = write_llama_gguf(source, tmp_path / "odd.gguf", rope_freqs=factors[::-1].copy())  # low → high reversed
+    hub = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = run_cli("models", "import", str(path), "--id", "gguf-test/odd-rope")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "rope_freqs.weight" in result.stderr and "matches no Llama 3 RoPE scaling" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _cache_entries(hub) == set()
+    assert importer.llama3_rope_scaling(np.ones(32), 64, 500000.0) is None  # all ones: no scaling at all

@@ -26,13 +26,23 @@ result is an ordinary Hugging Face llama and mlx-lm's default RoPE (`rope_tradit
 Rows are output features, and quantization groups run along input features, so un-permuting the packed
 weight, scales and biases rows is exact. qwen2 / qwen3 files are not permuted (llama.cpp runs NEOX RoPE).
 
+Llama 3.1 / 3.2 RoPE scaling. Hugging Face's `rope_scaling: {"rope_type": "llama3", factor, low_freq_factor,
+high_freq_factor, original_max_position_embeddings}` is not GGUF metadata: llama.cpp's converter
+(convert_hf_to_gguf.py, `LlamaModel.generate_extra_tensors`) writes it as the tensor `rope_freqs.weight`, one
+float32 divisor per rotary frequency (1 for short wavelengths, `factor` for long ones, a smooth blend between),
+and llama.cpp divides each frequency by it. We recover the `rope_scaling` dict mlx-lm's `Llama3RoPE` takes
+(`llama3_rope_scaling`): Meta's published parameter sets first, else solved from the tensor (the blend is linear in
+1 / wavelength), and keep it only if it regenerates the stored tensor within 1e-5 (relative); a tensor no llama3
+parameters reproduce is refused.
+
 Tokenizer. Rebuilt from `tokenizer.ggml.*` with `tokenizers`, through transformers' GGUF tokenizer converter
 (`convert_gguf_tokenizer`: byte-level BPE for `gpt2` vocabularies, SentencePiece-style BPE for `llama`, the
 split regex of `tokenizer.ggml.pre`; plus `smollm`: single digits, as llama.cpp's llama-vocab.cpp splits).
 BOS / EOS / padding / unknown tokens, `add_bos_token` and the chat template come from the metadata.
 
 Errors (`GGUFImportError`, a ModelError: one line, exit 1): not a GGUF file, a truncated file, an
-architecture other than llama / qwen2 / qwen3, a tensor this importer does not know, an id that exists.
+architecture other than llama / qwen2 / qwen3, a tensor this importer does not know, RoPE that mlx-lm cannot
+run the same way (partial rotary dimensions, a `rope_freqs` tensor that is not llama3 scaling), an id that exists.
 Nothing is half-written: files are built in a temporary directory and the repo moves into the cache last.
 """
 
@@ -73,6 +83,15 @@ _LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 _FLOAT_TYPES = ("F32", "F16", "BF16")
+ROPE_FREQS_TENSOR = "rope_freqs.weight"  # gguf-py constants.py MODEL_TENSOR.ROPE_FREQS
+# Meta's llama3 `rope_scaling` (config.json of Llama 3.1 and of Llama 3.2 1B / 3B); the converter reads the
+# original context from the config's top level, where Llama 3.x has none, so it always uses its default 8192.
+LLAMA3_ROPE_PRESETS = (
+    {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
+LLAMA3_ROPE_CONVERTER_CONTEXT = 8192
+ROPE_FREQS_RTOL = 1e-5
 
 
 class GGUFImportError(ModelError):
@@ -152,11 +171,77 @@ def mlx_affine_from_ggml(blocks, type_name: str):
     return mx.array(packed), mx.array(d), mx.array(biases)
 
 
-def model_config(metadata: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
-    """The mlx-lm `config.json` of a llama / qwen2 / qwen3 GGUF from its `<arch>.*` metadata keys
-    (names as in llama.cpp's gguf-py/gguf/constants.py `Keys.LLM` / `Keys.Attention` / `Keys.Rope`).
+def llama3_rope_factors(scaling: Mapping[str, float], head_dim: int, base: float):
+    """The per-frequency divisors (float64 array of head_dim / 2) that Llama 3 RoPE scaling `scaling` applies
+    to the inverse frequencies base^(-2i / head_dim): 1 where the wavelength 2π / freq is below
+    original_max_position_embeddings / high_freq_factor, `factor` above original / low_freq_factor, and
+    1 / ((1 - s) / factor + s), s = (original / wavelength - low) / (high - low), between — as llama.cpp's
+    convert_hf_to_gguf.py `LlamaModel.generate_extra_tensors` writes `rope_freqs` (mlx-lm's `Llama3RoPE`
+    multiplies the periods by the same numbers)."""
+    import numpy as np
 
-    Raises GGUFImportError for another architecture or a missing required key."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * np.pi * base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelength < context / high, 1.0, np.where(wavelength > context / low, factor, blended))
+
+
+def llama3_rope_scaling(rope_freqs, head_dim: int, base: float, original_context: int | None = None) -> dict | None:
+    """The mlx-lm `rope_scaling` {"rope_type": "llama3", ...} whose factors (`llama3_rope_factors`) regenerate
+    llama.cpp's `rope_freqs` tensor (head_dim / 2 floats) within ROPE_FREQS_RTOL; None for a tensor of ones.
+
+    Tried in order: LLAMA3_ROPE_PRESETS (Llama 3.1 / 3.2), then parameters solved from the tensor: `factor` is
+    its largest value, and in the blended band 1 / ((1 / r - 1 / factor) / (1 - 1 / factor)) = s is linear in
+    1 / wavelength, so a least-squares line through those entries gives low / high_freq_factor for the original
+    context `original_context` (the file's rope.scaling.original_context_length, else the converter's 8192;
+    only the ratios context / low and context / high matter). Raises GGUFImportError when nothing fits."""
+    import numpy as np
+
+    stored = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)
+    if stored.shape != (head_dim // 2,):
+        raise GGUFImportError(f"{ROPE_FREQS_TENSOR} has {stored.size} values, expected head_dim / 2 = {head_dim // 2}")
+    if np.allclose(stored, 1.0, rtol=0, atol=ROPE_FREQS_RTOL):
+        return None
+    candidates = [dict(preset) for preset in LLAMA3_ROPE_PRESETS]
+    factor = float(stored.max())
+    context = original_context or LLAMA3_ROPE_CONVERTER_CONTEXT
+    blended = (stored > 1 + ROPE_FREQS_RTOL) & (stored < factor * (1 - ROPE_FREQS_RTOL))
+    if factor > 1 and blended.sum() >= 2:
+        wavelength = 2 * np.pi * base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        smooth = (1 / stored[blended] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(context / wavelength[blended], smooth, 1)  # s = (x - low) / (high - low)
+        if slope > 0:
+            low = -intercept / slope
+            candidates.append({
+                "factor": factor, "low_freq_factor": float(low), "high_freq_factor": float(low + 1 / slope),
+                "original_max_position_embeddings": context,
+            })
+    for candidate in candidates:
+        for rounded in (True, False):  # tidy numbers (7 significant digits) when they fit as well
+            params = {k: float(f"{v:.7g}") if rounded else v for k, v in candidate.items()}
+            params["original_max_position_embeddings"] = int(candidate["original_max_position_embeddings"])
+            if params["low_freq_factor"] <= 0 or params["high_freq_factor"] <= params["low_freq_factor"]:
+                continue
+            if np.allclose(llama3_rope_factors(params, head_dim, base), stored, rtol=ROPE_FREQS_RTOL, atol=0):
+                return {"rope_type": "llama3", **params}
+    raise GGUFImportError(
+        f"{ROPE_FREQS_TENSOR} (per-frequency RoPE factors) matches no Llama 3 RoPE scaling "
+        "(rope_type llama3: factor, low/high_freq_factor, original context); mlx-lm cannot run this RoPE"
+    )
+
+
+def model_config(metadata: Mapping[str, Any], tensor_names: set[str], rope_freqs=None) -> dict[str, Any]:
+    """The mlx-lm `config.json` of a llama / qwen2 / qwen3 GGUF from its `<arch>.*` metadata keys
+    (names as in llama.cpp's gguf-py/gguf/constants.py `Keys.LLM` / `Keys.Attention` / `Keys.Rope`), and
+    the `rope_scaling` that `rope_freqs` (the `rope_freqs.weight` tensor's values, if the file has one) encodes.
+    head_dim: attention.key_length, else rope.dimension_count (llama.cpp's llama converter writes only that),
+    else embedding_length / head_count.
+
+    Raises GGUFImportError for another architecture, a missing required key, partial rotary dimensions
+    (rope.dimension_count other than head_dim: mlx-lm's llama / qwen rotate whole heads) or a RoPE scaling
+    mlx-lm does not run the same way."""
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFImportError(
@@ -181,15 +266,32 @@ def model_config(metadata: Mapping[str, Any], tensor_names: set[str]) -> dict[st
         "intermediate_size": key("feed_forward_length"),
         "num_attention_heads": heads,
         "num_key_value_heads": key("attention.head_count_kv", heads),
-        "head_dim": key("attention.key_length", hidden // heads),
+        "head_dim": key("attention.key_length", key("rope.dimension_count", hidden // heads)),
         "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
         "vocab_size": len(tokens) if tokens is not None else key("vocab_size"),
         "max_position_embeddings": key("context_length", 4096),
         "rope_theta": key("rope.freq_base", 10000.0),
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
+    rope_dims = key("rope.dimension_count", config["head_dim"])
+    if rope_dims != config["head_dim"]:
+        raise GGUFImportError(
+            f"{arch}.rope.dimension_count is {rope_dims} but head_dim is {config['head_dim']}: partial rotary "
+            "embeddings are not supported for this architecture"
+        )
+    if arch == "llama":  # llama.cpp's converter keeps HF's q/k/v/o and MLP biases (Llama variants with biases)
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
     scaling = key("rope.scaling.type", None)
-    if scaling == "linear":
+    if rope_freqs is not None:
+        if scaling not in (None, "none"):
+            raise GGUFImportError(f"{ROPE_FREQS_TENSOR} together with rope scaling {scaling!r} is not supported")
+        llama3 = llama3_rope_scaling(
+            rope_freqs, config["head_dim"], config["rope_theta"], key("rope.scaling.original_context_length", None)
+        )
+        if llama3 is not None:
+            config["rope_scaling"] = llama3
+    elif scaling == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": key("rope.scaling.factor")}
     elif scaling == "yarn":
         config["rope_scaling"] = {
@@ -247,7 +349,6 @@ def convert_weights(
     `on_tensor(name)` is called after each GGUF tensor."""
     import mlx.core as mx
     import numpy as np
-    from gguf import dequantize
 
     if dtype == "auto":
         float_name = "bfloat16" if any(t.tensor_type.name == "BF16" for t in tensors.values()) else "float16"
@@ -268,15 +369,7 @@ def convert_weights(
             parts = {"weight": packed, "scales": scales, "biases": biases}
             layer_quant[module] = (in_features // scales.shape[-1], packed.shape[-1] * 32 // in_features)
         else:
-            shape = tuple(int(n) for n in reversed(tensor.shape))
-            if type_name in ("F32", "F16"):
-                values = np.asarray(tensor.data)
-            else:
-                try:
-                    values = dequantize(np.asarray(tensor.data), tensor.tensor_type)
-                except NotImplementedError:
-                    raise GGUFImportError(f"tensor {name!r} has type {type_name}, which the gguf package cannot dequantize") from None
-            dense = mx.array(values).reshape(shape)
+            dense = mx.array(_dense_values(tensor))
             requantize = dtype == "auto" and type_name not in _FLOAT_TYPES
             if requantize and dense.ndim == 2 and in_features % REQUANTIZE_GROUP_SIZE == 0:
                 bits = requantize_bits(type_name)
@@ -293,6 +386,23 @@ def convert_weights(
         if on_tensor is not None:
             on_tensor(name)
     return weights, _quantization_config(layer_quant), float_name
+
+
+def _dense_values(tensor):
+    """A gguf ReaderTensor's values as a numpy array in Hugging Face (row-major) shape: F32 / F16 as stored,
+    any other type dequantized by `gguf.quants.dequantize`. Raises GGUFImportError for a type it cannot read."""
+    import numpy as np
+    from gguf import dequantize
+
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    if tensor.tensor_type.name in ("F32", "F16"):
+        return np.asarray(tensor.data).reshape(shape)
+    try:
+        return dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape)
+    except NotImplementedError:
+        raise GGUFImportError(
+            f"tensor {tensor.name!r} has type {tensor.tensor_type.name}, which the gguf package cannot dequantize"
+        ) from None
 
 
 def _quantization_config(layer_quant: dict[str, tuple[int, int]]) -> dict | None:
@@ -380,13 +490,17 @@ def write_model_files(
     if dtype not in DTYPES:
         raise GGUFImportError(f"invalid --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     metadata, tensors = read_gguf(gguf_path)
+    weight_tensors = {name: t for name, t in tensors.items() if name != ROPE_FREQS_TENSOR}
     if tensor_count is not None:
-        tensor_count(len(tensors))
-    config = model_config(metadata, set(tensors))
-    for name in tensors:
+        tensor_count(len(weight_tensors))
+    rope_freqs = tensors.get(ROPE_FREQS_TENSOR)
+    if rope_freqs is not None:
+        rope_freqs = _dense_values(rope_freqs)
+    config = model_config(metadata, set(tensors), rope_freqs)
+    for name in weight_tensors:
         hf_tensor_name(name)  # unknown tensors fail before any conversion work
     tokenizer = build_tokenizer(metadata)
-    weights, quantization, float_name = convert_weights(tensors, config, dtype, on_tensor)
+    weights, quantization, float_name = convert_weights(weight_tensors, config, dtype, on_tensor)
     eos_ids = eos_token_ids(metadata)
     config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     if "tokenizer.ggml.bos_token_id" in metadata:
