@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import http.client
 import json
 import os
 import signal
@@ -166,60 +168,70 @@ def test_error_envelopes(server):
     assert "Traceback" not in raw.text
 
 
-def _decoding_together(server: ServeProcess, count: int) -> int:
-    """Open `count` greedy streams that each run for hundreds of tokens, read each to its first content
-    chunk (so every one is decoding), and return health's `active_sequences` while all are still open."""
-    body = {"model": server.model, "messages": MESSAGES, "max_tokens": 450, "temperature": 0, "stream": True}
-    with httpx.Client(base_url=server.base, timeout=60) as http:
-        streams = [http.stream("POST", "/v1/chat/completions", json=body) for _ in range(count)]
-        responses = [s.__enter__() for s in streams]
-        try:
-            readers = [response.iter_lines() for response in responses]  # kept: a collected reader closes its stream
-            for lines in readers:
-                next(line for line in lines if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line)
-            return server.health()["engine"]["active_sequences"]
-        finally:
-            for stream in streams:
-                stream.__exit__(None, None, None)
+def _streams_sent_at_once(server: ServeProcess, count: int, max_tokens: int = 450) -> list[tuple[int, dict, bytes]]:
+    """Send `count` identical greedy streaming chat requests so the server finds all of them waiting at once:
+    the server is SIGSTOPped, each complete request is written into its own connection's kernel buffer
+    (connect() completes from the listen backlog without the process), then SIGCONT. Opening the streams one by
+    one raced under load — the first could finish its tokens before the last was even sent. Each response is
+    read to its end on its own thread; returns (status, headers, body) per request, in sending order."""
+    body = json.dumps({"model": server.model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    connections: list[socket.socket] = []
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        for _ in range(count):
+            connections.append(socket.create_connection(("127.0.0.1", server.port), timeout=120))
+            connections[-1].sendall(request)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+    def read(connection: socket.socket) -> tuple[int, dict, bytes]:
+        with connection:
+            response = http.client.HTTPResponse(connection)
+            response.begin()
+            return response.status, {name.lower(): value for name, value in response.getheaders()}, response.read()
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(read, connections))
 
 
-def test_max_batch_decodes_streams_together(server, serial_server):
-    # The engine's own count while four streams are open and decoding (client receive times raced under load).
-    assert _decoding_together(server, 4) == 4
-    assert server.health()["engine"]["peak_active_sequences"] == 4
+def _finish_reasons(sse_body: bytes) -> list[str]:
+    events = [json.loads(line[6:]) for line in sse_body.decode().splitlines() if line.startswith("data: {")]
+    return [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")]
+
+
+def test_max_batch_decodes_streams_together(serve_factory, serial_server):
+    # The engine's own high-water mark on a fresh server (client receive times raced under load).
+    batched = serve_factory("--max-batch", "4", "--max-context", "512")
+    results = _streams_sent_at_once(batched, 4)
+    assert [status for status, _, _ in results] == [200] * 4
+    assert all(_finish_reasons(body) in (["stop"], ["length"]) for _, _, body in results)
+    assert batched.health()["engine"]["peak_active_sequences"] == 4
     # With --max-batch 1 the second waits for the first: the engine never decodes two at once.
-    assert _decoding_together(serial_server, 2) == 1
+    results = _streams_sent_at_once(serial_server, 2)
+    assert [status for status, _, _ in results] == [200] * 2
     assert serial_server.health()["engine"]["peak_active_sequences"] == 1
 
 
 def test_queue_full_answers_429_with_retry_after_then_drains(serial_server):
-    body = {"model": serial_server.model, "messages": MESSAGES, "max_tokens": 450, "temperature": 0, "stream": True}
-    with httpx.Client(base_url=serial_server.base, timeout=60) as http:
-        streams = [http.stream("POST", "/v1/chat/completions", json=body) for _ in range(3)]
-        responses = [s.__enter__() for s in streams]  # 1 decoding + 2 queued (MACPROVIDER_MAX_QUEUE_DEPTH=2)
-        try:
-            deadline = time.monotonic() + 10
-            while serial_server.health()["requests_in_flight"] < 3 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            refused = httpx.post(serial_server.base + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
-            # The full queue drains: every admitted stream runs to its end, in order.
-            finishes = []
-            for response in responses:
-                events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
-                finishes.append(next(c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")))
-        finally:
-            for stream in streams:
-                stream.__exit__(None, None, None)
-    assert refused.status_code == 429
-    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-    assert int(refused.headers["Retry-After"]) >= 1
-    assert all(r.status_code == 200 for r in responses)
-    assert all(f in ("stop", "length") for f in finishes), finishes
+    # One batch slot + two queue places (MACPROVIDER_MAX_QUEUE_DEPTH=2): of four requests arriving together, three
+    # are admitted and run to their end, the one found with the queue full is refused.
+    results = _streams_sent_at_once(serial_server, 4)
+    assert sorted(status for status, _, _ in results) == [200, 200, 200, 429]
+    for status, headers, body in results:
+        if status == 429:
+            assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+            assert int(headers["retry-after"]) >= 1
+        else:  # the full queue drains: every admitted stream runs to its end
+            assert _finish_reasons(body) in (["stop"], ["length"]), body[-300:]
     deadline = time.monotonic() + 10  # a response's bookkeeping ends just after its last byte is sent
     while (health := serial_server.health())["requests_in_flight"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert (health["requests_in_flight"], health["requests_queued"], health["engine"]["active_sequences"]) == (0, 0, 0)
-    again = httpx.post(serial_server.base + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30)
+    again = httpx.post(serial_server.base + "/v1/chat/completions", json={"model": serial_server.model, "messages": MESSAGES, "max_tokens": 4}, timeout=30)
     assert again.status_code == 200
 
 
@@ -265,7 +277,8 @@ def test_kv_bits_shrink_health_kv_bytes_and_keep_batching(serve_factory, kv_bits
         peaks.append(max(before, target.health()["engine"]["peak_kv_cache_bytes"]))
     assert quantized.health()["capacity"]["kv_bits"] == int(kv_bits)
     assert peaks[1] <= limit * peaks[0]
-    assert _decoding_together(quantized, 3) == 3  # batching stays on under kv-bits
+    assert [status for status, _, _ in _streams_sent_at_once(quantized, 3)] == [200] * 3
+    assert quantized.health()["engine"]["peak_active_sequences"] == 3  # batching stays on under kv-bits
 
 
 def test_sigterm_drains_and_exits_zero(serve_factory):
