@@ -30,6 +30,7 @@ from macprovider.autotune.preflight import parse_inputs
 from macprovider.autotune.provider import port_is_listening
 from macprovider.autotune.runner import Deps, run
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+from macprovider.processes import die_with_parent
 
 # Generous wall-clock caps: with every core busy (scripts/test_loaded) a six-trial run takes minutes (issue 14).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -254,7 +255,7 @@ def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
     port = free_port()
     argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
             "--target-context", "256", "--candidate-models", "e2e/small", "--port", str(port), "--drain-grace", "5"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
     try:
         deadline = time.monotonic() + 90
         # The first trial's candidate listens: a trial is in flight. Freeze it (SIGSTOP) so the trial cannot

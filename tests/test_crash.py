@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from macprovider.processes import die_with_parent
 from macprovider.service import spec as service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -71,7 +72,7 @@ class FakeManager:
         self.starts += 1
         log = open(self.log_dir / f"serve-{self.starts}.log", "wb")
         self.process = subprocess.Popen(list(self.spec.program_arguments), env=self.env, cwd=self.spec.working_directory,
-                                        stdout=log, stderr=log, start_new_session=True)
+                                        stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent())
         log.close()
 
     def log(self) -> str:

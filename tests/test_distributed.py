@@ -20,9 +20,11 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
+from macprovider.processes import die_with_parent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -83,7 +85,7 @@ class Group:
     def _spawn(self, argv: list[str], env: dict[str, str], name: str) -> None:
         log = self.home / f"{name}.log"
         with open(log, "wb") as stderr:
-            self.processes.append(subprocess.Popen(argv, env=env, stdout=stderr, stderr=stderr, start_new_session=True))
+            self.processes.append(subprocess.Popen(argv, env=env, stdout=stderr, stderr=stderr, start_new_session=True, preexec_fn=die_with_parent()))
         self.logs.append(log)
 
     def text(self) -> str:
@@ -179,7 +181,7 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_pipeline_under_mlx_launch_answers_like_one_process(start):
+def test_pipeline_under_mlx_launch_answers_like_one_process_and_stops_with_its_launcher(start):
     one = start(1, "--max-batch", "3")
     expected_greedy = _chat(one)
     expected_long = _stream(one, "Write a short poem about the sea.", 60)
@@ -218,6 +220,18 @@ def test_pipeline_under_mlx_launch_answers_like_one_process(start):
     stream.close()
     _wait_for(lambda: group.health().json()["engine"]["active_sequences"] == 0, 30, "the cancelled slot to free")
     assert _chat(group) == expected_greedy
+
+    # mlx.launch killed with -9 (a supervisor's hard stop): no rank is left behind holding the port — each
+    # asked for SIGTERM on its launcher's death, so rank 0 drains and stops the follower.
+    launcher = psutil.Process(group.processes[0].pid)
+    ranks = launcher.children()
+    assert len(ranks) == 2, [r.cmdline() for r in ranks]
+    launcher.kill()
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, [r.cmdline() for r in alive]
+    with socket.socket() as probe:  # nothing listens on the port: a new server binds it (as uvicorn does)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", group.port))
 
 
 def test_tensor_with_kv_bits_answers_like_one_process(start):

@@ -18,6 +18,8 @@ import httpx
 import openai
 import pytest
 
+from macprovider.processes import die_with_parent
+
 pytestmark = pytest.mark.e2e
 
 
@@ -40,7 +42,7 @@ class ServeProcess:
         argv = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(self.port), *extra]
         self.stderr_path = home / f"serve-{self.port}.log"
         self._stderr = open(self.stderr_path, "wb")
-        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True)
+        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True, preexec_fn=die_with_parent())
         self.base = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 120) -> None:

@@ -16,6 +16,7 @@ import httpx
 
 from fake_engine import FakeEngine, Script, chat_body, serving, sse_events
 from macprovider.errors import ModelError
+from macprovider.processes import die_with_parent
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -106,7 +107,7 @@ SERVER_SCRIPT = textwrap.dedent(
 class FakeServerProcess:
     def __init__(self, hold: int | None, drain: float):
         script = SERVER_SCRIPT.format(tests=TESTS_DIR, hold=hold, drain=drain)
-        self.process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
         line = self.process.stdout.readline()
         assert line.strip().isdigit(), self.process.stderr.read()
         self.base = f"http://127.0.0.1:{int(line)}"

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from macprovider.processes import die_with_parent
+
 READY_TIMEOUT_S = 120.0
 POLL_S = 0.1
 
@@ -170,7 +172,7 @@ class CandidateProvider:
                 stderr=err,
                 env=child_env(),
                 start_new_session=True,
-                preexec_fn=_die_with_parent_fn(),
+                preexec_fn=die_with_parent(),
             )
 
     def stderr_tail(self, lines: int = 8, limit: int = 800) -> str:
@@ -234,26 +236,6 @@ class CandidateProvider:
         self._tmpdir.cleanup()
         if interrupted is not None:
             raise interrupted
-
-
-def _die_with_parent_fn() -> Callable[[], None] | None:
-    """Linux: a preexec function making the child get SIGKILL when the tuner dies, even by `kill -9`
-    (prctl PR_SET_PDEATHSIG). prctl is resolved here, in the parent, so the forked child only makes one
-    C call (no import, no allocation-heavy work between fork and exec). None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    kill = int(signal.SIGKILL)
-
-    def preexec() -> None:
-        prctl(1, kill)  # 1 = PR_SET_PDEATHSIG
-
-    return preexec
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import struct
 import threading
 import time
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from macprovider.errors import ConfigError, ModelError
+from macprovider.processes import exit_with_parent
 
 log = logging.getLogger("macprovider.engine.distributed")
 
@@ -563,12 +565,15 @@ def _activation_dtype(layer: Any) -> Any:
 def start_group(parallel: str, config: Mapping[str, Any], model_id: str, rank_timeout_s: float) -> Lockstep | None:
     """Join the distributed group `mlx.launch` set up; None when this is a single process (world size 1).
 
-    Checks the split before anything loads (ConfigError, same on every rank)."""
+    Checks the split before anything loads (ConfigError, same on every rank). On Linux every rank also asks
+    for SIGTERM when its launcher (`mlx.launch`, or the ssh session it started) dies: rank 0 then drains and
+    stops the group instead of holding its port as an orphan (`processes.exit_with_parent`)."""
     import mlx.core as mx
 
     group = mx.distributed.init()
     if group.size() == 1:
         return None
+    exit_with_parent(signal.SIGTERM)
     check_split(config, group.size(), parallel, model_id)
     return Lockstep(group, parallel, rank_timeout_s)
 
