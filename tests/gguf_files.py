@@ -23,6 +23,8 @@ HF_TO_GGUF = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
@@ -84,8 +86,9 @@ def write_llama_gguf(
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny test llama")
+    arch = config["model_type"]  # llama, qwen2 or qwen3
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny test {arch}")
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -95,6 +98,9 @@ def write_llama_gguf(
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    if "head_dim" in config:  # TextModel.set_gguf_parameters
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
     vocab = tokenizer["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
     specials = {t["content"] for t in tokenizer["added_tokens"] if t.get("special")}
@@ -117,9 +123,10 @@ def write_llama_gguf(
     for hf_name in sorted(weights):
         name = gguf_name(hf_name)
         array = np.array(weights[hf_name].astype(mx.float32))
-        if ".attn_q." in name:
+        # llama only: qwen2 / qwen3 run NEOX RoPE in llama.cpp and are not permuted
+        if arch == "llama" and ".attn_q." in name:
             array = permute(array, config["num_attention_heads"])
-        elif ".attn_k." in name:
+        elif arch == "llama" and ".attn_k." in name:
             array = permute(array, config["num_key_value_heads"])
         module = name.rpartition(".")[0].rpartition(".")[2]  # blk.0.ffn_down.weight → ffn_down
         kind = "F32" if array.ndim == 1 else types.get(module, default_type)

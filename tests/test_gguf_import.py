@@ -264,3 +264,42 @@ def test_rope_freqs_that_no_llama3_scaling_fits_are_refused(tiny_source, tmp_pat
     assert len(result.stderr.strip().splitlines()) == 1
     assert _cache_entries(hub) == set()
     assert importer.llama3_rope_scaling(np.ones(32), 64, 500000.0) is None  # all ones: no scaling at all
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_imports_exactly(arch, tiny_source, tmp_path, hf_home):
+    """qwen2 (q/k/v biases, tied embeddings: no output.weight) and qwen3 (q_norm / k_norm, head_dim 32 ≠
+    hidden / heads, from attention.key_length) GGUFs, unpermuted as llama.cpp writes them, import to the
+    logits of the mlx-lm model they were written from."""
+    import importlib
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load
+
+    source = tmp_path / arch
+    shutil.copytree(tiny_source, source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(model_type=arch, architectures=[f"{arch.capitalize()}ForCausalLM"], tie_word_embeddings=True, rope_theta=1000000.0)
+    if arch == "qwen3":
+        config["head_dim"] = 32
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    mx.random.seed(5)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    weights = {k: (mx.random.normal(v.shape) * (0.3 if k.endswith(("q_proj.weight", "k_proj.weight")) else 0.05) + (1 if "norm" in k else 0)) for k, v in tree_flatten(model.parameters())}
+    assert any(k.endswith("q_proj.bias") for k in weights) == (arch == "qwen2")
+    assert any(k.endswith("self_attn.q_norm.weight") for k in weights) == (arch == "qwen3")
+    mx.save_safetensors(str(source / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (source / "config.json").write_text(json.dumps(config))
+
+    path = write_llama_gguf(source, tmp_path / f"{arch}.gguf")
+    result = importer.import_gguf(path, f"gguf-test/tiny-{arch}", dtype="float32", cache_dir=hf_home / "hub")
+    imported = json.loads((result.snapshot / "config.json").read_text())
+    assert imported["model_type"] == arch and imported["tie_word_embeddings"] is True
+    if arch == "qwen3":
+        assert imported["head_dim"] == 32
+    prompt = mx.array([PROMPT_IDS * 4])
+    ours = load(str(result.snapshot))[0](prompt)[0]
+    reference = load(str(source))[0](prompt)[0]
+    assert mx.abs(ours - reference).max().item() < 1e-4

@@ -279,6 +279,8 @@ def model_config(metadata: Mapping[str, Any], tensor_names: set[str], rope_freqs
             f"{arch}.rope.dimension_count is {rope_dims} but head_dim is {config['head_dim']}: partial rotary "
             "embeddings are not supported for this architecture"
         )
+    if arch == "qwen2" and config["head_dim"] != hidden // heads:  # mlx-lm's qwen2 derives it
+        raise GGUFImportError(f"qwen2 with head_dim {config['head_dim']} other than embedding_length / head_count is not supported")
     if arch == "llama":  # llama.cpp's converter keeps HF's q/k/v/o and MLP biases (Llama variants with biases)
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
