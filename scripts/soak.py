@@ -279,9 +279,24 @@ async def chat_load(server: Server, model: str, args, with_health: bool) -> dict
             "mlx_cache_bytes_max": watcher.max_cache if with_health else None}
 
 
+def print_soak(soak: dict, model: str, args) -> None:
+    """The soak phase's summary, printed as soon as it ends (a later phase failing loses nothing)."""
+    print(f"\n== soak: {args.clients} clients x {args.minutes:g} min on {model}, --max-batch {args.max_batch}")
+    print(f"requests {soak['requests']}  statuses {soak['statuses']}  disconnected mid-stream {soak['disconnected_mid_stream']}")
+    print(f"5xx {soak['server_errors_5xx']}  bad error bodies {len(soak['bad_error_bodies'])}  transport errors {soak['transport_errors']}  stuck sequences {soak['stuck_sequences']}")
+    print(f"/v1/health p50 {soak['health_p50_ms']:.1f} ms  p99 {soak['health_p99_ms']:.1f} ms ({soak['health_samples']} samples)")
+    print(f"RSS start {soak['rss_start_mib']:.0f} MiB  peak {soak['rss_peak_mib']:.0f}  end {soak['rss_end_mib']:.0f}; "
+          f"prompt cache max {soak['prompt_cache_bytes_max'] / 2**20:.1f} MiB (cap {args.prompt_cache_mib}); "
+          f"MLX active max {soak['mlx_active_bytes_max'] / 2**20:.0f} MiB, buffer cache max {soak['mlx_cache_bytes_max'] / 2**20:.0f} MiB", flush=True)
+
+
 def start(kind: str, model: str, args, env: dict[str, str]) -> Server:
     server = Server(kind, model, free_port(), args.max_batch, None, env)
-    server.wait_ready(model)
+    try:
+        server.wait_ready(model)
+    except BaseException:
+        server.stop()
+        raise
     return server
 
 
@@ -310,31 +325,28 @@ def main() -> int:
         report["model"] = model
         server = start("ours", model, args, env)
         try:
-            report["soak"] = asyncio.run(soak_phase(server, model, args))
-            report["queue"] = asyncio.run(queue_phase(server, model, args))
+            report["soak"] = soak = asyncio.run(soak_phase(server, model, args))
+            print_soak(soak, model, args)
+            report["queue"] = queue = asyncio.run(queue_phase(server, model, args))
+            print(f"queue: {queue['sent']} at once -> {queue['statuses']}, Retry-After on every 429: {queue['retry_after_on_429']}, drained: {queue['drained']}", flush=True)
         finally:
             server.stop()
         if args.peer_seconds > 0:
             report["memory"] = {}
             for kind in ("ours", "peer"):
-                server = start(kind, model, args, env)
                 try:
-                    report["memory"][kind] = asyncio.run(chat_load(server, model, args, with_health=kind == "ours"))
+                    server = start(kind, model, args, env)
+                except RuntimeError as error:  # the memory comparison is reported as missing, the soak stands
+                    report["memory"][kind] = {"error": str(error)}
+                    print(f"memory ({kind}): {error}", flush=True)
+                    continue
+                try:
+                    report["memory"][kind] = mem = asyncio.run(chat_load(server, model, args, with_health=kind == "ours"))
                 finally:
                     server.stop()
+                print(f"memory ({kind}, 8 chat clients x {args.peer_seconds:g} s, {mem['requests']} requests {mem['statuses']}): "
+                      f"RSS {mem['rss_start_mib']:.0f} -> peak {mem['rss_peak_mib']:.0f} -> end {mem['rss_end_mib']:.0f} MiB", flush=True)
 
-    soak, queue = report["soak"], report["queue"]
-    print(f"\n== soak: {args.clients} clients x {args.minutes:g} min on {model}, --max-batch {args.max_batch}")
-    print(f"requests {soak['requests']}  statuses {soak['statuses']}  disconnected mid-stream {soak['disconnected_mid_stream']}")
-    print(f"5xx {soak['server_errors_5xx']}  bad error bodies {len(soak['bad_error_bodies'])}  transport errors {soak['transport_errors']}  stuck sequences {soak['stuck_sequences']}")
-    print(f"/v1/health p50 {soak['health_p50_ms']:.1f} ms  p99 {soak['health_p99_ms']:.1f} ms ({soak['health_samples']} samples)")
-    print(f"RSS start {soak['rss_start_mib']:.0f} MiB  peak {soak['rss_peak_mib']:.0f}  end {soak['rss_end_mib']:.0f}; "
-          f"prompt cache max {soak['prompt_cache_bytes_max'] / 2**20:.1f} MiB (cap {args.prompt_cache_mib}); "
-          f"MLX active max {soak['mlx_active_bytes_max'] / 2**20:.0f} MiB, buffer cache max {soak['mlx_cache_bytes_max'] / 2**20:.0f} MiB")
-    print(f"queue: {queue['sent']} at once -> {queue['statuses']}, Retry-After on every 429: {queue['retry_after_on_429']}, drained: {queue['drained']}")
-    for kind, mem in report.get("memory", {}).items():
-        print(f"memory ({kind}, 8 chat clients x {args.peer_seconds:g} s, {mem['requests']} requests {mem['statuses']}): "
-              f"RSS {mem['rss_start_mib']:.0f} -> peak {mem['rss_peak_mib']:.0f} -> end {mem['rss_end_mib']:.0f} MiB")
     print("SOAK_JSON " + json.dumps(report))
     passed = (soak["server_errors_5xx"] == 0 and not soak["bad_error_bodies"] and soak["stuck_sequences"] == 0
               and soak["prompt_cache_bytes_max"] <= soak["prompt_cache_cap_bytes"] and queue["ok"])
