@@ -97,6 +97,30 @@ def real_model_dir(real_model, hf_home) -> Path:
     return next((hf_home / "hub" / ("models--" + real_model.replace("/", "--")) / "snapshots").iterdir())
 
 
+@pytest.fixture(scope="session")
+def real_tools_server(real_model, real_model_dir, hf_home, tmp_path_factory):
+    """`macprovider serve` on the real model with a Hermes-style tool template (tests/test_agents_tools.py
+    TEMPLATE: `<tool_call>` JSON markup that spells `tool_call.name`, so mlx-lm picks its `json_tools`
+    parser), shared by the real-model tier and the client-library tests (one server for the session)."""
+    import shutil
+
+    from macprovider.models.hub_cache import install_in_hub_cache
+    from tests.test_agents_tools import TEMPLATE
+    from tests.test_e2e_serve import ServeProcess
+
+    source = tmp_path_factory.mktemp("real-tools-src")
+    for path in real_model_dir.iterdir():
+        shutil.copyfile(path.resolve(), source / path.name)
+    (source / "chat_template.jinja").write_text(TEMPLATE)
+    install_in_hub_cache(source, real_model + "-tools", hf_home / "hub")
+    server = ServeProcess(real_model + "-tools", hf_home, tmp_path_factory.mktemp("real-tools-home"), "--max-context", "1024")
+    try:
+        server.wait_ready(timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch, hf_home):
     """Pin HOME/XDG_CONFIG_HOME/HF_HOME, scrub what an earlier test set (MACPROVIDER_*, HF_*, ...), force

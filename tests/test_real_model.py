@@ -182,28 +182,6 @@ def test_kv_bits_next_token_kl_divergence_is_bounded(oracle):
     assert divergence[8][0] < divergence[4][0] < 0.2 and divergence[4][1] < 1.0
 
 
-@pytest.fixture(scope="session")
-def real_tools_server(real_model, real_model_dir, hf_home, tmp_path_factory):
-    """The real model with a Hermes-style tool template (tests/test_agents_tools.py TEMPLATE: `<tool_call>`
-    JSON markup that spells `tool_call.name`, so mlx-lm picks its `json_tools` parser)."""
-    import shutil
-
-    from macprovider.models.hub_cache import install_in_hub_cache
-    from tests.test_agents_tools import TEMPLATE
-
-    source = tmp_path_factory.mktemp("real-tools-src")
-    for path in real_model_dir.iterdir():
-        shutil.copyfile(path.resolve(), source / path.name)
-    (source / "chat_template.jinja").write_text(TEMPLATE)
-    install_in_hub_cache(source, real_model + "-tools", hf_home / "hub")
-    server = ServeProcess(real_model + "-tools", hf_home, tmp_path_factory.mktemp("real-tools-home"), "--max-context", "1024")
-    try:
-        server.wait_ready(timeout=300)
-        yield server
-    finally:
-        server.stop()
-
-
 def test_forced_tool_call_round_trip_on_real_weights(real_tools_server):
     from tests.test_agents_tools import ASK, TIME, WEATHER
 

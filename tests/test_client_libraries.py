@@ -1,0 +1,213 @@
+"""The client libraries people point at an OpenAI-compatible server, used as their docs say, against
+`macprovider serve` on the real SmolLM2-135M-Instruct model (issue 12 "Done when"): langchain-openai,
+litellm, llm (Simon Willison's) and pydantic-ai. (The `openai` SDK, the Agents SDK and the `anthropic` SDK are
+tested in tests/test_real_model.py, test_responses_api.py, test_anthropic_api.py.)
+
+Per library: plain chat, streaming (the same greedy text as the plain answer), a tool-call round trip where the
+library can force the call (the 135M model does not call tools unforced), and structured output. One shared
+server (`real_tools_server`: the model with a Hermes-style tool template); 16-48 tokens a request.
+
+What a library cannot do against any OpenAI-compatible server is not tested: `llm` has no `tool_choice`, so its
+tool chain depends on the model choosing a tool, which this model does not do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from pydantic import BaseModel
+
+pytestmark = pytest.mark.e2e
+
+SHORT = 16  # tokens for an answer to the demo question ("The capital of France is Paris.")
+LONG = 48  # tokens for a tool call or a JSON object
+QUESTION = "What is the capital of France?"
+JSON_QUESTION = "What is the capital of France? Reply in JSON with the city and the country."
+WEATHER_QUESTION = "What is the weather in Paris?"
+WEATHER_REPORT = {"temp_c": 18, "sky": "sunny"}
+
+
+class Capital(BaseModel):
+    """The structured-output type every library is asked for."""
+
+    city: str
+    country: str
+
+
+def get_weather(city: str) -> str:
+    """Weather in a city"""
+    return json.dumps(WEATHER_REPORT)
+
+
+@pytest.fixture
+def server(real_tools_server):
+    return real_tools_server
+
+
+# ---------------------------------------------------------------------------------------------- langchain-openai
+def chat_openai(server, max_tokens: int):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(model=server.model, base_url=server.base + "/v1", api_key="unused", max_tokens=max_tokens, temperature=0,
+                      max_retries=0, timeout=120)
+
+
+def test_langchain_openai_invoke_stream_tools_and_structured_output(server):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    llm = chat_openai(server, SHORT)
+    answer = llm.invoke(QUESTION)
+    assert "Paris" in answer.content and answer.usage_metadata["output_tokens"] > 0
+    assert "".join(chunk.content for chunk in llm.stream(QUESTION)) == answer.content
+
+    weather = tool(get_weather)
+    forced = chat_openai(server, LONG).bind_tools([weather], tool_choice="get_weather", strict=True)
+    history = [HumanMessage(WEATHER_QUESTION)]
+    call_message = forced.invoke(history)
+    [call] = call_message.tool_calls
+    assert call["name"] == "get_weather" and call["args"] == {"city": "Paris"}
+    history += [call_message, ToolMessage(weather.invoke(call["args"]), tool_call_id=call["id"])]
+    final = llm.bind_tools([weather], tool_choice="none").invoke(history)
+    assert final.content and not final.tool_calls and "<tool_call>" not in final.content
+
+    capital = chat_openai(server, LONG).with_structured_output(Capital, method="json_schema").invoke(JSON_QUESTION)
+    assert isinstance(capital, Capital) and capital.city == "Paris"
+
+
+# ---------------------------------------------------------------------------------------------- litellm
+@pytest.fixture
+def litellm(monkeypatch):
+    # litellm fetches a model price map from GitHub when imported, retrying for seconds without a network.
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    return litellm
+
+
+def test_litellm_completion_stream_tools_and_response_format(server, litellm):
+    settings = dict(model="openai/" + server.model, api_base=server.base + "/v1", api_key="unused", temperature=0, num_retries=0, timeout=120)
+    ask = [{"role": "user", "content": QUESTION}]
+    answer = litellm.completion(messages=ask, max_tokens=SHORT, **settings)
+    text = answer.choices[0].message.content
+    assert "Paris" in text and answer.usage.completion_tokens > 0
+    streamed = asyncio.run(_litellm_stream_text(litellm, ask, settings))
+    assert streamed == text
+
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
+    ask_weather = [{"role": "user", "content": WEATHER_QUESTION}]
+    first = litellm.completion(messages=ask_weather, tools=[weather], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                               max_tokens=LONG, **settings)
+    assert first.choices[0].finish_reason == "tool_calls"
+    message = first.choices[0].message
+    [call] = message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    history = ask_weather + [message.model_dump(), {"role": "tool", "tool_call_id": call.id, "content": get_weather(**json.loads(call.function.arguments))}]
+    final = litellm.completion(messages=history, tools=[weather], tool_choice="none", max_tokens=SHORT, **settings)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+
+    structured = litellm.completion(messages=[{"role": "user", "content": JSON_QUESTION}], response_format=Capital, max_tokens=LONG, **settings)
+    assert Capital.model_validate_json(structured.choices[0].message.content).city == "Paris"
+
+
+async def _litellm_stream_text(litellm, messages, settings) -> str:
+    """`acompletion(stream=True)` deltas joined (the async client as an async app uses it)."""
+    parts = []
+    async for chunk in await litellm.acompletion(messages=messages, max_tokens=SHORT, stream=True, **settings):
+        parts.append(chunk.choices[0].delta.content or "")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- llm
+@pytest.fixture
+def llm_model(server, tmp_path, monkeypatch):
+    """`llm` configured as its docs say for an OpenAI-compatible local server: `extra-openai-models.yaml` in
+    the user directory (LLM_USER_PATH), one entry on chat completions, one on the Responses API."""
+    import yaml
+
+    entry = {"model_name": server.model, "api_base": server.base + "/v1", "supports_tools": True, "supports_schema": True}
+    models = [{"model_id": "macprovider-chat", **entry}, {"model_id": "macprovider-responses", "responses": True, **entry}]
+    (tmp_path / "extra-openai-models.yaml").write_text(yaml.safe_dump(models))
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
+    for key in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "LLM_OPENAI_SHOW_RESPONSES"):
+        monkeypatch.delenv(key, raising=False)
+    import llm
+
+    return llm.get_model
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}}, "required": ["city", "country"],
+          "additionalProperties": False}
+
+
+@pytest.mark.parametrize("model_id", ["macprovider-chat", "macprovider-responses"])
+def test_llm_prompt_stream_and_schema(llm_model, model_id):
+    model = llm_model(model_id)
+    answer = model.prompt(QUESTION, max_tokens=SHORT, temperature=0, stream=False)
+    text = answer.text()
+    assert "Paris" in text and answer.usage().output > 0
+    streamed = model.prompt(QUESTION, max_tokens=SHORT, temperature=0)
+    assert "".join(streamed) == text
+    capital = json.loads(model.prompt(JSON_QUESTION, schema=SCHEMA, max_tokens=LONG, temperature=0).text())
+    assert Capital.model_validate(capital).city == "Paris"
+
+
+# ---------------------------------------------------------------------------------------------- pydantic-ai
+def pydantic_ai_model(server):
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    return OpenAIChatModel(server.model, provider=OpenAIProvider(base_url=server.base + "/v1", api_key="unused"))
+
+
+def test_pydantic_ai_run_stream_and_output_types(server):
+    from pydantic_ai import Agent, ModelSettings, NativeOutput
+
+    model = pydantic_ai_model(server)
+    agent = Agent(model, model_settings=ModelSettings(max_tokens=SHORT, temperature=0))
+    result = agent.run_sync(QUESTION)
+    assert "Paris" in result.output and result.usage.output_tokens > 0
+
+    async def stream() -> str:
+        async with agent.run_stream(QUESTION) as run:
+            return "".join([delta async for delta in run.stream_text(delta=True)])
+
+    assert asyncio.run(stream()) == result.output
+
+    settings = ModelSettings(max_tokens=LONG, temperature=0)
+    by_tool = Agent(model, output_type=Capital, model_settings=settings).run_sync(JSON_QUESTION).output  # pydantic-ai's default: an output tool
+    native = Agent(model, output_type=NativeOutput(Capital), model_settings=settings).run_sync(JSON_QUESTION).output  # response_format json_schema
+    assert by_tool.city == native.city == "Paris"
+
+
+def test_pydantic_ai_tool_round_trip(server):
+    """The agent loop: step 1 forced to call `get_weather` (tool_choice per step, as pydantic-ai's docs show
+    with a capability), the tool runs, step 2 answers in text."""
+    from dataclasses import dataclass
+
+    from pydantic_ai import Agent, ModelSettings
+    from pydantic_ai.capabilities import AbstractCapability
+    from pydantic_ai.messages import ToolCallPart, ToolReturnPart
+
+    @dataclass
+    class WeatherFirst(AbstractCapability):
+        def get_model_settings(self):
+            return lambda ctx: ModelSettings(tool_choice=["get_weather"] if ctx.run_step == 1 else "none")
+
+    cities = []
+    agent = Agent(pydantic_ai_model(server), model_settings=ModelSettings(max_tokens=LONG, temperature=0), capabilities=[WeatherFirst()])
+
+    @agent.tool_plain
+    def get_weather(city: str) -> str:
+        """Weather in a city"""
+        cities.append(city)
+        return json.dumps(WEATHER_REPORT)
+
+    result = agent.run_sync(WEATHER_QUESTION)
+    assert cities == ["Paris"]
+    parts = [type(part) for message in result.all_messages() for part in message.parts]
+    assert ToolCallPart in parts and ToolReturnPart in parts
+    assert result.output and "<tool_call>" not in result.output
