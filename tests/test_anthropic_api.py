@@ -176,13 +176,130 @@ def test_key_as_x_api_key_or_bearer():
         ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools.0.type"),
         ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{"name": "bad name!", "input_schema": {}}]}, "tools.0.name"),
         ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
-        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "thinking": {"type": "deep"}}, "thinking.type"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}},
+         "context_management.edits.0.type"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "service_tier": "priority"}, "service_tier"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "output_config": {"effort": "extreme"}}, "output_config.effort"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "output_config": {"format": {"type": "regex", "schema": {}}}}, "output_config.format.type"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "output_format": {"type": "json_schema", "schema": {"type": "nonsense"}}}, "output_format.schema"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [WEATHER], "tool_choice": {"type": "any"},
+          "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "output_config.format"),
+        ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tool_choice": {"type": "auto", "disable_parallel_tool_use": "yes"}},
+         "tool_choice.disable_parallel_tool_use"),
+        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]}]}, "messages.0.content.0.content.0.type"),
         ({"model": MODEL, "max_tokens": 5, "messages": ASK, "system": 3}, "system"),
     ],
 )
 def test_bad_requests_get_anthropics_envelope(served, body, param):
     error = assert_anthropic_error(httpx.post(served.base + "/v1/messages", json=body), 400, "invalid_request_error")
     assert param in error["message"]
+
+
+def test_image_and_document_blocks_are_refused_as_text_only(served):
+    for kind in ("image", "document"):
+        body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": kind, "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}
+        error = assert_anthropic_error(httpx.post(served.base + "/v1/messages", json=body), 400, "invalid_request_error")
+        assert error["message"].startswith(f"messages.0.content.1.type: {kind} blocks are not supported") and "text-only" in error["message"]
+    assert served.engine.submitted == []
+
+
+# What Claude Code sends with ANTHROPIC_BASE_URL pointed at the server (its requests as LiteLLM / llama.cpp proxy
+# users report them): system blocks with cache_control, many tools (JSON Schema draft-07 `$schema`, cache_control
+# on the last), thinking, metadata.user_id, context_management clearing thinking, history with a signed thinking
+# block, `stream: true`.
+CLAUDE_CODE_TOOLS = [
+    {"name": name, "description": f"{name} tool", "input_schema": {
+        "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,
+        "properties": {"command": {"type": "string", "description": "what to run"}}, "required": ["command"]}}
+    for name in ("Bash", "Glob", "Grep", "Read", "Edit", "Write", "TodoWrite", "WebFetch", "mcp__ide__getDiagnostics")
+]
+CLAUDE_CODE_TOOLS[-1] = {**CLAUDE_CODE_TOOLS[-1], "cache_control": {"type": "ephemeral"}}
+
+
+def claude_code_request(**overrides) -> dict:
+    body = {
+        "model": MODEL,
+        "max_tokens": 32000,
+        "system": [
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": " Be concise.", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        ],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<system-reminder>cwd /tmp</system-reminder>"},
+                                         {"type": "text", "text": "list files", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "I should run ls.", "signature": "c2ln"},
+                                              {"type": "text", "text": "Sure."}]},
+            {"role": "user", "content": "go on"},
+        ],
+        "tools": CLAUDE_CODE_TOOLS,
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": False},
+        "thinking": {"type": "enabled", "budget_tokens": 31999},
+        "metadata": {"user_id": "user_5f2c_account_9b1e_session_0d47"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "temperature": 1,
+        "stream": True,
+    }
+    return {**body, **overrides}
+
+
+def test_a_claude_code_request_is_served():
+    with serving(FakeEngine(tool_markup=JSON_TOOL_MARKUP)) as server:
+        body = claude_code_request()
+        # this SDK version takes neither `temperature` nor `context_management` as keywords
+        extra = {key: body.pop(key) for key in ("context_management", "temperature")}
+        del body["stream"]
+        with client_for(server).messages.stream(**body, extra_body=extra) as stream:
+            final = stream.get_final_message()
+        assert [block.type for block in final.content] == ["text"] and final.content[0].text == "Hello, world"  # no thinking blocks
+        assert final.stop_reason == "end_turn"
+        assert server.engine.encoded[-1] == [
+            {"role": "system", "content": "You are Claude Code. Be concise."},
+            {"role": "user", "content": "<system-reminder>cwd /tmp</system-reminder>list files"},
+            {"role": "assistant", "content": "Sure."},  # the thinking block is dropped (clear_thinking keeps nothing to clear)
+            {"role": "user", "content": "go on"},
+        ]
+        assert [tool["function"]["name"] for tool in server.engine.encoded_tools[-1]] == [tool["name"] for tool in CLAUDE_CODE_TOOLS]
+        request = server.engine.submitted[-1]
+        assert request.max_tokens == 32000 and request.temperature == 1 and request.grammar is None
+        # the same body on the wire, plus the other fields Claude Code and the SDK may send
+        raw = claude_code_request(service_tier="standard_only", cache_control={"type": "ephemeral"}, thinking={"type": "adaptive"})
+        events = sse_typed(httpx.post(server.base + "/v1/messages", json=raw).text)
+        assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+        assert not any(e.get("content_block", {}).get("type") == "thinking" for e in events)
+
+
+def test_output_config_format_is_enforced():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}
+    with serving(FakeEngine(script=Script(chunks=('{"city":', '"Paris"}')))) as server:
+        client = client_for(server)
+        message = client.messages.create(model=MODEL, max_tokens=20, messages=ASK, output_config={"effort": "low", "format": {"type": "json_schema", "schema": schema}})
+        assert json.loads(message.content[0].text) == {"city": "Paris"}
+        grammar = server.engine.submitted[-1].grammar
+        assert grammar is not None and '"Paris"' not in grammar and "city" in grammar  # the schema, compiled
+        client.messages.create(model=MODEL, max_tokens=20, messages=ASK, extra_body={"output_format": {"type": "json_schema", "schema": schema}})
+        assert server.engine.submitted[-1].grammar == grammar  # the structured-outputs beta's top-level spelling
+        client.messages.create(model=MODEL, max_tokens=20, messages=ASK, output_config={"effort": "low"})
+        assert server.engine.submitted[-1].grammar is None
+
+
+def test_disable_parallel_tool_use_keeps_one_tool_use():
+    second = ("<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n', "</tool_call>")
+    with serving(FakeEngine(script=Script(chunks=CALL + second), tool_markup=JSON_TOOL_MARKUP)) as server:
+        client = client_for(server)
+        both = client.messages.create(model=MODEL, max_tokens=100, messages=ASK, tools=[WEATHER])
+        assert [block.input for block in both.content] == [{"city": "Paris"}, {"city": "Rome"}]
+        choice = {"type": "auto", "disable_parallel_tool_use": True}
+        one = client.messages.create(model=MODEL, max_tokens=100, messages=ASK, tools=[WEATHER], tool_choice=choice)
+        assert [block.input for block in one.content] == [{"city": "Paris"}] and one.stop_reason == "tool_use"
+        with client.messages.stream(model=MODEL, max_tokens=100, messages=ASK, tools=[WEATHER], tool_choice=choice) as stream:
+            streamed = stream.get_final_message()
+        assert [block.input for block in streamed.content] == [{"city": "Paris"}] and streamed.stop_reason == "tool_use"
 
 
 def test_hostile_input_gets_anthropics_envelope(served):

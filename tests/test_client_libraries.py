@@ -1,7 +1,7 @@
 """The client libraries people point at an OpenAI-compatible server, used as their docs say, against
 `macprovider serve` on the real SmolLM2-135M-Instruct model (issue 12 "Done when"): langchain-openai,
-litellm, llm (Simon Willison's) and pydantic-ai. (The `openai` SDK, the Agents SDK and the `anthropic` SDK are
-tested in tests/test_real_model.py, test_responses_api.py, test_anthropic_api.py.)
+litellm, llm (Simon Willison's), pydantic-ai, the Agents SDK, and a Claude Code-shaped request through the
+`anthropic` SDK. (The `openai` SDK and the `anthropic` SDK's own round trips are in tests/test_real_model.py.)
 
 Per library: plain chat, streaming (the same greedy text as the plain answer), a tool-call round trip where the
 library can force the call (the 135M model does not call tools unforced), and structured output. One shared
@@ -211,3 +211,53 @@ def test_pydantic_ai_tool_round_trip(server):
     parts = [type(part) for message in result.all_messages() for part in message.parts]
     assert ToolCallPart in parts and ToolReturnPart in parts
     assert result.output and "<tool_call>" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------- Claude Code
+def test_a_claude_code_request_and_output_config_on_real_weights(server):
+    """A request shaped like Claude Code's (tests/test_anthropic_api.py `claude_code_request`: cache_control,
+    thinking, metadata, context_management, a system-reminder, tools, `stream: true`) answers in text without
+    thinking blocks; `output_config.format` gives JSON valid against its schema (the `anthropic` SDK)."""
+    import anthropic
+
+    from tests.test_anthropic_api import CLAUDE_CODE_TOOLS, claude_code_request
+
+    client = anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0, timeout=120)
+    body = claude_code_request(model=server.model, max_tokens=SHORT, tools=CLAUDE_CODE_TOOLS[:3],
+                               messages=[{"role": "user", "content": [{"type": "text", "text": "<system-reminder>cwd /tmp</system-reminder>\n"},
+                                                                      {"type": "text", "text": QUESTION, "cache_control": {"type": "ephemeral"}}]}])
+    extra = {key: body.pop(key) for key in ("context_management", "temperature", "stream")}
+    with client.messages.stream(**body, extra_body={**extra, "temperature": 0}) as stream:
+        message = stream.get_final_message()
+    assert [block.type for block in message.content] == ["text"] and message.content[0].text.strip()
+    assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 0
+
+    answer = client.messages.create(model=server.model, max_tokens=LONG, messages=[{"role": "user", "content": JSON_QUESTION}],
+                                    output_config={"format": {"type": "json_schema", "schema": SCHEMA}}, extra_body={"temperature": 0})
+    assert Capital.model_validate_json(answer.content[0].text).city == "Paris"
+
+
+# ---------------------------------------------------------------------------------------------- openai-agents
+def test_openai_agents_tool_round_trip_on_real_weights(server):
+    """The Agents SDK on its default (Responses) model: `tool_choice="required"` makes the first turn call
+    `get_weather`; the SDK then resets tool_choice (its default `reset_tool_choice`) and the model answers."""
+    import agents
+    import openai
+
+    cities = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Weather in a city"""
+        cities.append(city)
+        return json.dumps(WEATHER_REPORT)
+
+    agents.set_tracing_disabled(True)
+    agent = agents.Agent(name="forecaster", tools=[get_weather], model=server.model,
+                         model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=LONG))
+    client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    run_config = agents.RunConfig(model_provider=agents.OpenAIProvider(openai_client=client, use_responses=True))
+    result = agents.Runner.run_sync(agent, WEATHER_QUESTION, run_config=run_config, max_turns=3)
+    assert cities == ["Paris"]
+    assert [item.type for item in result.new_items][:2] == ["tool_call_item", "tool_call_output_item"]
+    assert result.final_output and "<tool_call>" not in result.final_output

@@ -1,7 +1,9 @@
 """Anthropic Messages API shapes (SPEC.md §3.6; docs.anthropic.com "Messages" and "Streaming Messages").
 Pure: no sockets, no engine.
 
-    parse_request(dict, count_only) -> MessagesRequest   400 naming the parameter (`messages.0.content.1.type`)
+    parse_request(dict, count_only) -> MessagesRequest   400 naming the parameter (`messages.0.content.1.type`);
+                                                          accepts what Claude Code sends (see `MessagesRequest`)
+    output_grammar(request) -> grammar | None             `output_config.format` (structured output) enforced
     chat_messages(request) -> chat-template messages      system + text / tool_use / tool_result blocks
     chat_tools(request) -> (tools, choice)                custom tools (`input_schema`), tool_choice
                                                           auto / any / tool / none
@@ -23,13 +25,30 @@ from macprovider.engine.protocol import Usage
 from macprovider.errors import ApiError
 from macprovider.serve.openai_schemas import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, StrictRequest, TokenCount, validate_body
 
+# What a text-only model accepts and honours or ignores (docs.anthropic.com "Messages", "Extended thinking",
+# "Structured outputs", "Context editing"). Thinking of any kind is accepted and produces no thinking blocks.
+THINKING_TYPES = ("enabled", "adaptive", "disabled", "between_tools")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+SERVICE_TIERS = ("auto", "standard_only")
+# Context edits this provider can honour: clearing thinking blocks is what it always does (history thinking blocks
+# never reach the prompt). Clearing tool uses or compacting is not implemented: 400.
+CONTEXT_EDITS = ("clear_thinking_20251015",)
+
 # Anthropic's error `type` per HTTP status (docs.anthropic.com "Errors").
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
 
 
 class MessagesRequest(StrictRequest):
-    """POST /v1/messages body (`max_tokens` required) or, with `count_only`, /v1/messages/count_tokens."""
+    """POST /v1/messages body (`max_tokens` required) or, with `count_only`, /v1/messages/count_tokens.
+
+    Beyond the core fields it takes what Claude Code and the `anthropic` SDK send: `metadata` (user_id),
+    `cache_control` (top level and on system / tool / message blocks: prompt caching is automatic here),
+    `service_tier`, `thinking` (accepted; no thinking blocks are produced), `output_config` (`effort` ignored,
+    `format` enforced by constrained decoding like OpenAI's `response_format`; also the beta's top-level
+    `output_format`), `context_management` (clear_thinking edits), `tool_choice.disable_parallel_tool_use`
+    (at most one tool_use block). Checked by `parse_request`.
+    """
 
     model: str
     messages: Annotated[list[Any], Field(min_length=1, max_length=MAX_MESSAGES)]
@@ -45,6 +64,16 @@ class MessagesRequest(StrictRequest):
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
     mcp_servers: list[Any] | None = None
+    output_config: dict[str, Any] | None = None
+    output_format: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = None
+    service_tier: str | None = None
+    cache_control: dict[str, Any] | None = None
+
+    @property
+    def single_tool_use(self) -> bool:
+        """`tool_choice.disable_parallel_tool_use`: at most one tool_use block in the answer."""
+        return bool(self.tool_choice and self.tool_choice.get("disable_parallel_tool_use"))
 
     @field_validator("stop_sequences")
     @classmethod
@@ -66,11 +95,73 @@ def parse_request(data: dict[str, Any], count_only: bool = False) -> MessagesReq
     request = validate_body(MessagesRequest, data)
     if request.max_tokens is None and not count_only:
         raise _bad("max_tokens", "invalid max_tokens: this field is required")
-    if request.thinking and request.thinking.get("type") != "disabled":
-        raise _bad("thinking", "extended thinking is not supported by this provider")
+    if request.thinking is not None:
+        _check_thinking(request.thinking)
     if request.mcp_servers:
         raise _bad("mcp_servers", "MCP servers are not supported by this provider")
+    if request.service_tier is not None and request.service_tier not in SERVICE_TIERS:
+        raise _bad("service_tier", f"service_tier must be one of {', '.join(SERVICE_TIERS)}")
+    if request.tool_choice is not None and not isinstance(request.tool_choice.get("disable_parallel_tool_use", False), bool):
+        raise _bad("tool_choice.disable_parallel_tool_use", "disable_parallel_tool_use must be a boolean")
+    if request.context_management is not None:
+        _check_context_management(request.context_management)
+    if request.output_config is not None:
+        effort = request.output_config.get("effort")
+        if effort is not None and effort not in EFFORTS:
+            raise _bad("output_config.effort", f"effort must be one of {', '.join(EFFORTS)}")
     return request
+
+
+def _check_thinking(thinking: dict[str, Any]) -> None:
+    """`thinking` of a known type (accepted: this provider's models answer without thinking blocks)."""
+    kind = thinking.get("type")
+    if kind not in THINKING_TYPES:
+        raise _bad("thinking.type", f"thinking type must be one of {', '.join(THINKING_TYPES)}")
+    budget = thinking.get("budget_tokens")
+    if kind == "enabled" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+        raise _bad("thinking.budget_tokens", "thinking of type enabled needs an integer budget_tokens")
+
+
+def _check_context_management(value: dict[str, Any]) -> None:
+    edits = value.get("edits", [])
+    if not isinstance(edits, list):
+        raise _bad("context_management.edits", "edits must be a list")
+    for index, edit in enumerate(edits):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if kind not in CONTEXT_EDITS:
+            raise _bad(f"context_management.edits.{index}.type",
+                       f"context edit {kind!r} is not supported by this provider: only {', '.join(CONTEXT_EDITS)} (thinking blocks never reach the prompt here)")
+
+
+def output_grammar(request: MessagesRequest) -> str | None:
+    """The llguidance grammar of `output_config.format` (or the beta's top-level `output_format`):
+    `{"type": "json_schema", "schema": {...}}` → the answer is JSON valid against that schema, enforced as
+    OpenAI's `response_format` is (engine.constrained.grammar_for). None without a format. Raises ApiError
+    400 naming `output_config.format…` for another type, a bad schema, or a format with a forced tool_choice."""
+    from macprovider.engine.constrained import grammar_for
+
+    param, spec = "output_config.format", (request.output_config or {}).get("format")
+    if spec is None and request.output_format is not None:
+        param, spec = "output_format", request.output_format
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("type") != "json_schema":
+        raise _bad(f"{param}.type", 'the output format type must be "json_schema"')
+    if not isinstance(spec.get("schema"), dict):
+        raise _bad(f"{param}.schema", "the output format needs a JSON schema object")
+    if request.tool_choice is not None and request.tool_choice.get("type") in ("any", "tool"):
+        raise _bad(param, "an output format cannot be combined with a forced tool_choice")
+    try:
+        return grammar_for({"type": "json_schema", "json_schema": {"name": "output", "schema": spec["schema"]}})
+    except ApiError as exc:
+        raise _bad(f"{param}.schema", exc.message) from None
+
+
+def _unsupported_block(param: str, kind: Any, message: str) -> ApiError:
+    """400 naming the block: images and documents get their own reason (the model reads text only)."""
+    if kind in ("image", "document"):
+        return _bad(param, f"{kind} blocks are not supported: this provider serves a text-only model")
+    return _bad(param, message)
 
 
 def _block_text(content: Any, param: str) -> str:
@@ -83,7 +174,7 @@ def _block_text(content: Any, param: str) -> str:
     for index, block in enumerate(content):
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise _bad(f"{param}.{index}.type", f"block type {kind!r} is not supported here: only text blocks are")
+            raise _unsupported_block(f"{param}.{index}.type", kind, f"block type {kind!r} is not supported here: only text blocks are")
         texts.append(block["text"])
     return "".join(texts)
 
@@ -126,7 +217,7 @@ def chat_messages(request: MessagesRequest) -> list[dict[str, Any]]:
             elif kind in ("thinking", "redacted_thinking") and role == "assistant":
                 continue
             else:
-                raise _bad(f"{at}.type", f"content block type {kind!r} is not supported in a {role} message")
+                raise _unsupported_block(f"{at}.type", kind, f"content block type {kind!r} is not supported in a {role} message")
         out.extend(results)
         if texts or calls or not results:
             item: dict[str, Any] = {"role": role, "content": "".join(texts)}
