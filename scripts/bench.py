@@ -24,6 +24,10 @@ Without `--model`, tiny random-weight models are built locally (macprovider.mode
     python scripts/bench.py                       # tiny + small, full-precision KV
     python scripts/bench.py --kv-bits 8 --models small
     python scripts/bench.py --model mlx-community/Llama-3.2-1B-Instruct-4bit   # a cached real model
+    python scripts/bench.py --model macprovider-demo/smollm2-135m --compare-weights-dtype native   # float32 / Q4
+
+Readiness: each server must accept connections and answer one 1-token completion within `--ready-timeout`
+seconds (900 by default: mlx_lm.server on a Q4 model prefills ~8 tok/s on a loaded CPU).
 
 BLAS: on Linux the `mlx[cpu]` wheel bundles the reference (netlib) BLAS, whose sgemm makes a batch of B
 decode steps cost ~B times one step, so batching barely pays there, unlike on a Mac (Accelerate/Metal).
@@ -68,12 +72,17 @@ def p95(values: list[float]) -> float:
 class Server:
     """A server child process in its own process group; `stop()` kills the group."""
 
-    def __init__(self, kind: str, model: str, port: int, streams: int, kv_bits: int | None, env: dict[str, str]):
+    def __init__(
+        self, kind: str, model: str, port: int, streams: int, kv_bits: int | None, env: dict[str, str],
+        weights_dtype: str | None = None,
+    ):
         self.kind, self.port = kind, port
         if kind.startswith("ours"):
             argv = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(port), "--max-batch", str(streams), "--log-level", "warning"]
             if kv_bits:
                 argv += ["--kv-bits", str(kv_bits)]
+            if weights_dtype:
+                argv += ["--weights-dtype", weights_dtype]
         else:
             argv = [sys.executable, "-m", "mlx_lm", "server", "--model", model, "--port", str(port), "--decode-concurrency", str(streams), "--prompt-concurrency", str(streams), "--log-level", "WARNING"]
             if kv_bits:
@@ -81,25 +90,42 @@ class Server:
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=env, start_new_session=True)
 
-    def wait_ready(self, model: str, timeout: float = 180) -> None:
+    def wait_ready(self, model: str, timeout: float) -> None:
+        """Wait until the server accepts connections, then for one 1-token completion (retried while it answers
+        503, ours while loading; mlx_lm.server may load the model on its first request; a slow CPU answers it in
+        minutes), all within `timeout` seconds.
+        Raises RuntimeError with the server's log tail if it exits, or when the time is up."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"{self.kind} server exited: {self.log.read()[-2000:].decode(errors='replace')}")
+        while True:
+            self._check_alive()
             try:
-                # mlx_lm.server loads lazily: a real completion is the readiness check for both.
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.kind} server not listening after {timeout:.0f} s (--ready-timeout)") from None
+                time.sleep(0.25)  # polling the port of a starting child process
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        while True:  # ours listens while it loads and answers 503 model_not_loaded until then
+            try:
                 response = httpx.post(
-                    f"http://127.0.0.1:{self.port}/v1/chat/completions",
-                    json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
-                    timeout=30,
+                    f"http://127.0.0.1:{self.port}/v1/chat/completions", json=body,
+                    timeout=httpx.Timeout(max(1.0, deadline - time.monotonic()), connect=10),
                 )
-                if response.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.kind} server not ready after {timeout} s")
+            except httpx.HTTPError as exc:
+                self._check_alive()
+                raise RuntimeError(f"{self.kind} server: no first completion within {timeout:.0f} s (--ready-timeout): {exc!r}") from None
+            if response.status_code == 200:
+                return
+            if response.status_code != 503 or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind} server: first completion answered {response.status_code}: {response.text[:500]}")
+            self._check_alive()
+            time.sleep(0.5)  # polling a loading server
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            self.log.seek(0)
+            raise RuntimeError(f"{self.kind} server exited: {self.log.read()[-2000:].decode(errors='replace')}")
 
     def stop(self) -> None:
         try:
@@ -242,6 +268,12 @@ def main() -> int:
     parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache on both servers")
     parser.add_argument("--probe-prompts", type=int, default=4, help="kv-bits mode: concurrent prompts of the KV-bytes probe")
     parser.add_argument("--probe-prompt-tokens", type=int, default=600, help="kv-bits mode: tokens per probe prompt")
+    parser.add_argument("--ready-timeout", type=float, default=900, help="seconds a server may take to listen and answer its first 1-token completion")
+    parser.add_argument("--weights-dtype", help="ours: serve --weights-dtype (default: serve's own, auto)")
+    parser.add_argument(
+        "--compare-weights-dtype", metavar="DTYPE",
+        help="also run ours with serve --weights-dtype DTYPE (e.g. native: the checkpoint's quantized weights) and print ours / that",
+    )
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -249,6 +281,8 @@ def main() -> int:
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     kinds = ("ours", "peer", "ours_full") if args.kv_bits else ("ours", "peer")
+    if args.compare_weights_dtype:
+        kinds += ("ours_alt",)
     with tempfile.TemporaryDirectory(prefix="macprovider-bench-") as tmp:
         if args.model:
             models = {args.model: args.model}
@@ -261,6 +295,7 @@ def main() -> int:
             "prompt_words": args.prompt_words,
             "kv_bits": args.kv_bits,
             "dtype": None if args.model else args.dtype,
+            "weights_dtype": {"ours": args.weights_dtype or "auto (serve default)", "ours_alt": args.compare_weights_dtype},
             "environment": {"LD_PRELOAD": os.environ.get("LD_PRELOAD"), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "cpus": os.cpu_count()},
             "models": {},
         }
@@ -269,10 +304,12 @@ def main() -> int:
             for round_index in range(args.rounds):
                 for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
                     bits = None if kind == "ours_full" else args.kv_bits
-                    server = Server(kind, model_id, free_port(), args.streams, bits, env)
+                    dtype = args.compare_weights_dtype if kind == "ours_alt" else args.weights_dtype
+                    server = Server(kind, model_id, free_port(), args.streams, bits, env, dtype)
                     try:
-                        server.wait_ready(model_id)
+                        server.wait_ready(model_id, args.ready_timeout)
                         samples[kind].append(asyncio.run(measure(server, model_id, args.streams, args.prompt_words, args.max_tokens, round_index, args.single_repeats)))
+                        print(f"round {round_index} {kind}: {json.dumps(samples[kind][-1])}", flush=True)  # kept if the run is cut short
                     finally:
                         server.stop()
             summary = {}
@@ -289,6 +326,17 @@ def main() -> int:
             for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms"):
                 print(f"{key:<22}{summary['ours'][key]:>12.1f}{summary['peer'][key]:>16.1f}{ratios.get(key, float('nan')):>12.2f}")
             print(f"health p99 (ours, during {args.streams} streams): {summary['ours']['health_p99_ms']:.1f} ms; peak KV bytes (ours): {summary['ours']['peak_kv_cache_bytes']}")
+            if args.compare_weights_dtype:
+                alt = summary["ours_alt"]
+                entry["weights_dtype_ratio"] = {
+                    key: summary["ours"][key] / alt[key] for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms") if alt[key]
+                }
+                print(
+                    f"ours weights {args.weights_dtype or 'auto'} / ours weights {args.compare_weights_dtype}: single-stream decode "
+                    f"{entry['weights_dtype_ratio']['single_decode_tps']:.2f}x ({summary['ours']['single_decode_tps']:.1f} vs {alt['single_decode_tps']:.1f} tok/s), "
+                    f"aggregate {entry['weights_dtype_ratio']['aggregate_tps']:.2f}x ({summary['ours']['aggregate_tps']:.1f} vs {alt['aggregate_tps']:.1f} tok/s), "
+                    f"TTFT median {entry['weights_dtype_ratio']['ttft_median_ms']:.2f}x ({summary['ours']['ttft_median_ms']:.0f} vs {alt['ttft_median_ms']:.0f} ms)"
+                )
             if args.kv_bits:
                 full = summary["ours_full"]
                 entry["kv_bits_over_full"] = {
@@ -297,9 +345,9 @@ def main() -> int:
                 }
                 probes = {}
                 for kind, bits in (("ours", args.kv_bits), ("ours_full", None)):
-                    server = Server(kind, model_id, free_port(), args.probe_prompts, bits, env)
+                    server = Server(kind, model_id, free_port(), args.probe_prompts, bits, env, args.weights_dtype)
                     try:
-                        server.wait_ready(model_id)
+                        server.wait_ready(model_id, args.ready_timeout)
                         probes[kind] = asyncio.run(probe_kv_bytes(server, model_id, args.probe_prompts, args.probe_prompt_tokens))
                     finally:
                         server.stop()
