@@ -6,6 +6,7 @@ input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -169,7 +170,7 @@ def test_key_as_x_api_key_or_bearer():
         ({"model": MODEL, "messages": ASK}, "max_tokens"),
         ({"model": MODEL, "max_tokens": 0, "messages": ASK}, "max_tokens"),
         ({"model": MODEL, "max_tokens": 5, "messages": []}, "messages"),
-        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content.0.type"),
         ({"model": MODEL, "max_tokens": 5, "messages": ASK, "temperature": 1.5}, "temperature"),
         ({"model": MODEL, "max_tokens": 5, "messages": ASK, "stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
@@ -246,6 +247,44 @@ def claude_code_request(**overrides) -> dict:
         "stream": True,
     }
     return {**body, **overrides}
+
+
+# The first request Claude Code 2.1.332 (`claude -p "Say hello"`, npm @anthropic-ai/claude-code) sent to
+# ANTHROPIC_BASE_URL, captured on the wire: texts and descriptions shortened, metadata ids zeroed, input schemas
+# as sent. It carries adaptive thinking, a `system` message inside `messages`, a tool with `defer_loading`,
+# `output_config.effort`, a clear_thinking edit, and the path `/v1/messages?beta=true` with these headers.
+RECORDED_CLAUDE_CODE = Path(__file__).parent / "data" / "claude_code_2.1.332_request.json"
+RECORDED_CLAUDE_CODE_HEADERS = {
+    "anthropic-version": "2023-06-01",
+    "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
+                      "mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,effort-2025-11-24",
+    "x-api-key": "unused", "x-app": "cli", "user-agent": "claude-cli/2.1.332 (external, sdk-cli)",
+}
+
+
+def test_a_recorded_claude_code_request_is_served():
+    body = json.loads(RECORDED_CLAUDE_CODE.read_text()) | {"model": MODEL}
+    with serving(FakeEngine(tool_markup=JSON_TOOL_MARKUP, max_context=65536)) as server:
+        response = httpx.post(server.base + "/v1/messages?beta=true", json=body, headers=RECORDED_CLAUDE_CODE_HEADERS, timeout=30)
+        assert response.status_code == 200, response.text
+        events = sse_typed(response.text)
+        assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+        assert "thinking" not in {e.get("content_block", {}).get("type") for e in events}
+        encoded = server.engine.encoded[-1]
+        # The mid-conversation system message stays a system message at its position, after the user turn.
+        assert [m["role"] for m in encoded] == ["system", "user", "system"]
+        assert encoded[2]["content"].startswith("# Environment")
+        assert [t["function"]["name"] for t in server.engine.encoded_tools[-1]] == [t["name"] for t in body["tools"]]
+
+
+def test_a_system_message_inside_messages_takes_text_only(served):
+    body = {"model": MODEL, "max_tokens": 8, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "system", "content": [{"type": "image", "source": {}}]}]}
+    error = assert_anthropic_error(httpx.post(served.base + "/v1/messages", json=body), 400, "invalid_request_error")
+    assert "messages.1.content.0.type" in error["message"]
+    body["messages"][1] = {"role": "tool", "content": "x"}
+    error = assert_anthropic_error(httpx.post(served.base + "/v1/messages", json=body), 400, "invalid_request_error")
+    assert "messages.1.role" in error["message"]
 
 
 def test_a_claude_code_request_is_served():

@@ -180,7 +180,8 @@ def _block_text(content: Any, param: str) -> str:
 
 
 def chat_messages(request: MessagesRequest) -> list[dict[str, Any]]:
-    """`system` and `messages` as chat-template messages: text blocks joined; an assistant's `tool_use`
+    """`system` and `messages` as chat-template messages: text blocks joined; a `system` message inside
+    `messages` (text only) stays a system message at its position, applying from there on; an assistant's `tool_use`
     blocks become `tool_calls`; a user's `tool_result` blocks become tool messages (before its text).
     Thinking blocks from history are skipped (this provider never produces them). Raises ApiError 400
     naming `messages.N.content.M.type` for images, documents and other blocks."""
@@ -191,9 +192,12 @@ def chat_messages(request: MessagesRequest) -> list[dict[str, Any]]:
             out.append({"role": "system", "content": system})
     for index, message in enumerate(request.messages):
         where = f"messages.{index}"
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise _bad(f"{where}.role", 'role must be "user" or "assistant"')
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+            raise _bad(f"{where}.role", 'role must be "user", "assistant" or "system"')
         role, content = message["role"], message.get("content")
+        if role == "system":  # a system message at its own position (Claude Code sends its environment this way)
+            out.append({"role": "system", "content": _block_text(content, f"{where}.content")})
+            continue
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
