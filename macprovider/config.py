@@ -51,6 +51,7 @@ class Settings(BaseModel):
     record_workload: bool = True  # keep the content-free request-shape record (macprovider.workload)
     weights_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
     parallel: Literal["pipeline", "tensor"] | None = None
+    hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
     rank_timeout_s: float = 60.0
 
     @property
@@ -207,6 +208,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("record_workload", "MACPROVIDER_RECORD_WORKLOAD", _bool),
     SettingSpec("weights_dtype", "MACPROVIDER_WEIGHTS_DTYPE", _weights_dtype, "--weights-dtype"),
     SettingSpec("parallel", "MACPROVIDER_PARALLEL", _optional(_parallel), "--parallel"),
+    SettingSpec("hostfile", "MACPROVIDER_HOSTFILE", _optional(_text)),
     SettingSpec("rank_timeout_s", "MACPROVIDER_RANK_TIMEOUT_S", _float_min(1)),
 )
 SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from macprovider import config as cfg
+from macprovider import parallel
 from macprovider.engine import distributed as dist
 from macprovider.errors import ConfigError
 
@@ -13,44 +14,44 @@ LLAMA_30 = {"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads
 
 
 def test_split_layers_equal_budgets_give_mlx_lm_even_split():
-    assert dist.split_layers(30, [1, 1]) == [15, 15]
-    assert dist.split_layers(4, [1, 1, 1]) == [2, 1, 1]  # the low stages take the extra layers
-    assert dist.split_layers(3, [5, 5, 5]) == [1, 1, 1]
+    assert parallel.split_layers(30, [1, 1]) == [15, 15]
+    assert parallel.split_layers(4, [1, 1, 1]) == [2, 1, 1]  # the low stages take the extra layers
+    assert parallel.split_layers(3, [5, 5, 5]) == [1, 1, 1]
 
 
 def test_split_layers_follow_memory_budgets_with_one_layer_minimum():
-    assert dist.split_layers(32, [48, 16]) == [24, 8]
-    assert dist.split_layers(10, [100, 1]) == [9, 1]  # a tiny budget still gets a layer
-    counts = dist.split_layers(31, [24.0, 16.0, 8.0])
+    assert parallel.split_layers(32, [48, 16]) == [24, 8]
+    assert parallel.split_layers(10, [100, 1]) == [9, 1]  # a tiny budget still gets a layer
+    counts = parallel.split_layers(31, [24.0, 16.0, 8.0])
     assert sum(counts) == 31 and counts[0] > counts[1] > counts[2] >= 1
 
 
 @pytest.mark.parametrize("layers, budgets", [(2, [1, 1, 1]), (4, []), (4, [1, 0])])
 def test_split_layers_refuses_impossible_plans(layers, budgets):
     with pytest.raises(ValueError):
-        dist.split_layers(layers, budgets)
+        parallel.split_layers(layers, budgets)
 
 
 def test_check_split_refuses_tensor_on_nine_heads_and_names_pipeline():
     # SmolLM2-135M: 9 attention heads — the split mlx_lm.server dies on at the first request.
     with pytest.raises(ConfigError, match=r"9 attention heads are not divisible by 2; --parallel pipeline fits"):
-        dist.check_split(LLAMA_30, 2, "tensor", "SmolLM2")
-    dist.check_split(LLAMA_30, 2, "pipeline")
-    dist.check_split(LLAMA_30, 3, "tensor")  # 9 heads, 3 KV heads, 1536 wide: all divisible by 3
+        parallel.check_split(LLAMA_30, 2, "tensor", "SmolLM2")
+    parallel.check_split(LLAMA_30, 2, "pipeline")
+    parallel.check_split(LLAMA_30, 3, "tensor")  # 9 heads, 3 KV heads, 1536 wide: all divisible by 3
 
 
 def test_check_split_pipeline_needs_a_layer_per_rank():
     config = {**LLAMA_30, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 64}
     with pytest.raises(ConfigError, match=r"2 layers cannot give each of 4 ranks a layer; --parallel tensor fits"):
-        dist.check_split(config, 4, "pipeline")
+        parallel.check_split(config, 4, "pipeline")
     with pytest.raises(ConfigError, match="no parallel mode fits"):
-        dist.check_split({**config, "num_key_value_heads": 1}, 4, "pipeline")
+        parallel.check_split({**config, "num_key_value_heads": 1}, 4, "pipeline")
 
 
 def test_check_split_reads_nested_text_config():
     nested = {"model_type": "vlm", "text_config": {"num_hidden_layers": 1}}
     with pytest.raises(ConfigError, match="1 layers cannot give each of 2 ranks"):
-        dist.check_split(nested, 2, "pipeline")
+        parallel.check_split(nested, 2, "pipeline")
 
 
 def test_control_messages_are_fixed_size_and_carry_long_prompts():

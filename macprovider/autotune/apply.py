@@ -1,7 +1,8 @@
-"""`autotune --apply`: rewrite the four owned config keys, atomically, with a backup (SPEC.md §5.10).
+"""`autotune --apply`: rewrite the owned config keys, atomically, with a backup (SPEC.md §5.10).
 
 `render_config` is a pure line editor: it replaces the top-level lines of `model`, `kv_bits`,
-`max_context_override` and `max_concurrency_override` (removing `kv_bits` when it is unset), appends the
+`max_context_override`, `max_concurrency_override`, and (issue 13, `autotune --hostfile`) `parallel` and
+`hostfile` (removing `kv_bits` when it is unset, `parallel`/`hostfile` for a one-machine recipe), appends the
 missing ones, and leaves every other byte — keys, comments, blank lines, order, line endings — as it was.
 `apply_recommendation` writes it: refuse a symlink; back up the old file as
 `config.yaml.bak-<unix-ts>-<counter>` (lowest free counter from 0, O_CREAT|O_EXCL, mode 0600); write a
@@ -22,8 +23,8 @@ from typing import Any
 
 from macprovider.errors import ApplyError
 
-OWNED_KEYS = ("model", "kv_bits", "max_context_override", "max_concurrency_override")
-_KEY_LINE = re.compile(r"^(model|kv_bits|max_context_override|max_concurrency_override)[ \t]*:(?=\s|$)")
+OWNED_KEYS = ("model", "kv_bits", "max_context_override", "max_concurrency_override", "parallel", "hostfile")
+_KEY_LINE = re.compile(r"^(" + "|".join(OWNED_KEYS) + r")[ \t]*:(?=\s|$)")
 _PLAIN = re.compile(r"^[A-Za-z0-9_./~@+-]+$")
 _YAML_SPECIAL = re.compile(r"^(?:true|false|yes|no|on|off|null|~|[-+]?[0-9.]+(?:e[-+]?[0-9]+)?)$", re.IGNORECASE)
 
@@ -40,13 +41,19 @@ def yaml_scalar(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def owned_values(model: str, kv_bits: int | None, max_batch: int, max_context: int) -> dict[str, Any]:
-    """The owned keys and their new values (`kv_bits` None = remove the key)."""
+def owned_values(
+    model: str, kv_bits: int | None, max_batch: int, max_context: int, parallel: str | None = None,
+    hostfile: str | None = None,
+) -> dict[str, Any]:
+    """The owned keys and their new values (None = remove the key: `kv_bits` unset; `parallel` and
+    `hostfile` on a one-machine recipe, so `cluster serve` never starts a stale split)."""
     return {
         "model": model,
         "kv_bits": kv_bits,
         "max_context_override": max_context,
         "max_concurrency_override": max_batch,
+        "parallel": parallel,
+        "hostfile": hostfile,
     }
 
 
@@ -181,5 +188,7 @@ def summary_line(values: dict[str, Any], result: ApplyResult) -> str:
     return (
         f"applied: model={values['model']} kv_bits={kv} "
         f"max_concurrency_override={values['max_concurrency_override']} "
-        f"max_context_override={values['max_context_override']} {tail}"
+        f"max_context_override={values['max_context_override']} "
+        + (f"parallel={values['parallel']} hostfile={values['hostfile']} " if values.get("parallel") else "")
+        + tail
     )

@@ -53,7 +53,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 # The safetensors header reader lives with the models (serve's preflight checks weights with it too).
 from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files  # noqa: F401
@@ -378,3 +378,73 @@ def default_budget_bytes() -> int:
     from macprovider import hardware
 
     return hardware.memory_budget_bytes(hardware.mlx_recommended_working_set_bytes())
+
+
+# ---------------------------------------------------------------------------------------------- several hosts
+def rank_weight_fractions(model_dir: Path, parallel: str, layers_per_rank: Sequence[int]) -> list[float]:
+    """Each rank's share of the stored weight bytes (by rank; they sum to ≥ 1), from the safetensors headers.
+
+    pipeline: a tensor `….layers.<i>.…` belongs to the rank holding layer i (rank r holds stage N−1−r,
+    `macprovider.parallel.layers_per_rank`); the embedding to the first stage (rank N−1), and to rank 0 too
+    when the head is tied (no `lm_head` tensor); everything else (final norm, head) to rank 0 — the split
+    `engine.distributed.PipelineStage` makes. tensor: mlx-lm's `shard()` splits the decoder layers' linear
+    layers over the ranks and leaves embedding, norm and head whole on every rank.
+    Raises SafetensorsError/OSError when the headers cannot be read, ValueError on a layer outside the split.
+    """
+    import re
+
+    ranks = len(layers_per_rank)
+    owner: list[int] = []  # layer index → rank
+    for stage, count in enumerate(reversed(list(layers_per_rank))):
+        owner += [ranks - 1 - stage] * count
+    shares = [0] * ranks
+    total = 0
+    sizes: dict[str, int] = {}
+    for path in weight_files(model_dir):
+        header, _ = read_safetensors_header(path)
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                sizes[name] = int(end) - int(start)
+    tied = not any(".lm_head." in f".{name}" for name in sizes)
+    for name, size in sizes.items():
+        total += size
+        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if parallel == "tensor":
+            for rank in range(ranks):
+                shares[rank] += size / ranks if layer else size
+        elif layer:
+            index = int(layer.group(1))
+            if index >= len(owner):
+                raise ValueError(f"tensor {name}: layer {index} is outside a split of {len(owner)} layers")
+            shares[owner[index]] += size
+        elif "embed_tokens" in name:
+            shares[ranks - 1] += size
+            if tied and ranks > 1:
+                shares[0] += size
+        else:
+            shares[0] += size
+    if total == 0:
+        raise SafetensorsError("no safetensors weights")
+    return [share / total for share in shares]
+
+
+def rank_estimates(
+    whole: MemoryEstimate, weight_fractions: Sequence[float], layers_per_rank: Sequence[int] | None,
+    budgets: Sequence[int],
+) -> list[MemoryEstimate]:
+    """Each rank's share of `whole` (the one-process estimate of the model and knobs), against its host's
+    budget, by rank. weights × the rank's `rank_weight_fractions`; KV × its layers' share (pipeline:
+    layers_per_rank[r] / layers; tensor: 1 / ranks, the KV heads are split); prompt cache 0 (distributed
+    `serve` keeps none); prefill and baseline whole (every rank runs one prefill chunk through its layers,
+    and every rank is a full runtime). The group fits when every share fits."""
+    ranks = len(budgets)
+    total_layers = sum(layers_per_rank) if layers_per_rank else None
+    shares = []
+    for rank in range(ranks):
+        kv_fraction = layers_per_rank[rank] / total_layers if layers_per_rank and total_layers else 1 / ranks
+        shares.append(MemoryEstimate(
+            weights=int(whole.weights * weight_fractions[rank]), kv=int(whole.kv * kv_fraction), prompt_cache=0,
+            prefill=whole.prefill, baseline=whole.baseline, budget=int(budgets[rank]),
+        ))
+    return shares

@@ -27,6 +27,21 @@ CURATED: tuple[tuple[str, float], ...] = (
 
 
 @dataclass(frozen=True)
+class ClusterHosts:
+    """`--hostfile`: the mlx hostfile, its hosts by rank, each host's memory budget in bytes (what `cluster
+    check` reads from each host, or `--memory-budget-gb` for every host) and the hostfile's backend."""
+
+    hostfile: str
+    hosts: tuple[str, ...]
+    budgets: tuple[int, ...]
+    backend: str | None = None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The hosts by rank for reports: `[{rank, host, memory_budget_bytes}]`."""
+        return [{"rank": r, "host": h, "memory_budget_bytes": b} for r, (h, b) in enumerate(zip(self.hosts, self.budgets))]
+
+
+@dataclass(frozen=True)
 class AutotuneInputs:
     """Validated inputs of one autotune run (every flag of SPEC.md §5.1)."""
 
@@ -57,6 +72,8 @@ class AutotuneInputs:
     workload: str = "synthetic"  # synthetic | recorded | a path to a JSON/JSONL file of request shapes
     workload_shapes: tuple[Any, ...] = ()  # the shapes of `recorded` / FILE (macprovider.workload.RequestShape)
     workload_source: str | None = None  # the file they came from
+    cluster: ClusterHosts | None = None  # --hostfile, resolved by the command (hosts probed for budgets)
+    hostfile: str | None = None  # --hostfile as given
 
     @property
     def workload_kind(self) -> str:
@@ -84,7 +101,9 @@ class AutotuneInputs:
             f"  gate_ttft_ms:       {self.gate_ttft_ms:g}",
             f"  tps_tie_epsilon:    {self.tps_tie_epsilon:g}",
             f"  max_duration:       {self.max_duration_s:g} s",
-            f"  memory budget:      {budget}",
+            f"  memory budget:      {budget}" + (" per host" if self.hostfile and self.memory_budget_bytes else ""),
+            *([f"  hostfile:           {self.hostfile} (stage 1 pipeline; stage 2 adds parallel: pipeline, tensor)"]
+              if self.hostfile else []),
             f"  port:               {self.port}",
             f"  drain:              {'yes' if self.drain else 'no'}"
             f"{' (restart foreground)' if self.restart_foreground else ''}, grace {self.drain_grace_s:g} s",
@@ -227,6 +246,9 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     if objective not in OBJECTIVES:
         raise ConfigError(f"invalid --objective {raw.get('objective')!r}: must be throughput, latency or balanced")
     workload, shapes, source = _workload(str(get("workload", "synthetic")).strip(), env)
+    hostfile = raw.get("hostfile")
+    if hostfile is not None and not Path(str(hostfile)).expanduser().is_file():
+        raise ConfigError(f"invalid --hostfile {str(hostfile)!r}: no such file")
     return AutotuneInputs(
         target_context=target,
         candidate_models=tuple(candidates),
@@ -255,6 +277,7 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         workload=workload,
         workload_shapes=tuple(shapes),
         workload_source=source,
+        hostfile=None if hostfile is None else str(Path(str(hostfile)).expanduser()),
     )
 
 

@@ -73,11 +73,11 @@ def port_is_listening(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def wait_port_free(port: int, timeout: float) -> bool:
-    """Poll until nothing listens on 127.0.0.1:port, up to `timeout` seconds. Returns True when free."""
+def wait_port_free(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
+    """Poll until nothing listens on host:port, up to `timeout` seconds. Returns True when free."""
     end = time.monotonic() + timeout
     while True:
-        if not port_is_listening(port):
+        if not port_is_listening(port, host):
             return True
         if time.monotonic() >= end:
             return False
@@ -94,15 +94,20 @@ def serve_argv(
     config_path: Path,
     python: str = sys.executable,
 ) -> list[str]:
-    """The child's argv: `python -m macprovider serve --model M --port P --host 127.0.0.1 --max-batch N
-    --max-context C [--kv-bits B] --config <empty> --log-level warning`."""
-    argv = [
-        python, "-m", "macprovider", "serve", "--model", model, "--port", str(port), "--host", "127.0.0.1",
-        "--max-batch", str(max_batch), "--max-context", str(max_context),
-    ]
+    """The child's argv: `python -m macprovider serve --model M` + `serve_args`."""
+    args = serve_args(port, max_batch=max_batch, max_context=max_context, kv_bits=kv_bits, config_path=config_path)
+    return [python, "-m", "macprovider", "serve", "--model", model, *args]
+
+
+def serve_args(
+    port: int, *, max_batch: int, max_context: int, kv_bits: int | None, config_path: Path, host: str = "127.0.0.1"
+) -> list[str]:
+    """A candidate's serve flags after `--model M`: `--port P --host H --max-batch N --max-context C
+    [--kv-bits B] --config <empty> --log-level warning`."""
+    args = ["--port", str(port), "--host", host, "--max-batch", str(max_batch), "--max-context", str(max_context)]
     if kv_bits is not None:
-        argv += ["--kv-bits", str(kv_bits)]
-    return argv + ["--config", str(config_path), "--log-level", "warning"]
+        args += ["--kv-bits", str(kv_bits)]
+    return args + ["--config", str(config_path), "--log-level", "warning"]
 
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -120,7 +125,8 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
 class CandidateProvider:
     """One `macprovider serve` child on 127.0.0.1:`port` (see module docstring).
 
-    `argv` overrides the command (tests start fakes this way); otherwise `serve_argv` builds it.
+    `argv` overrides the command (tests start fakes, `autotune --hostfile` starts `mlx.launch` this way);
+    otherwise `serve_argv` builds it. `host`: where the HTTP server listens (rank 0's host with --hostfile).
     """
 
     def __init__(
@@ -135,9 +141,11 @@ class CandidateProvider:
         deadline: Deadline | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
         argv: Sequence[str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.model = model
         self.port = port
+        self.host = host
         self.drain_grace = drain_grace
         self.deadline = deadline
         self.ready_timeout = ready_timeout
@@ -150,10 +158,11 @@ class CandidateProvider:
         self.stderr_path = Path(self._tmpdir.name) / "stderr.log"
         self.proc: subprocess.Popen | None = None
         self.last_stderr_tail = ""
+        self.last_stderr_text = ""
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> "CandidateProvider":
         self.start()
@@ -183,6 +192,13 @@ class CandidateProvider:
             return ""
         tail = " | ".join(line.strip() for line in data.strip().splitlines()[-lines:] if line.strip())
         return tail[-limit:]
+
+    def stderr_text(self, limit: int = 65536) -> str:
+        """The child's stderr so far (its last `limit` bytes; after `stop()`, what it was then)."""
+        try:
+            return self.stderr_path.read_bytes()[-limit:].decode("utf-8", "replace")
+        except OSError:
+            return self.last_stderr_text[-limit:]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -231,8 +247,9 @@ class CandidateProvider:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-            wait_port_free(self.port, timeout=10.0)
+            wait_port_free(self.port, timeout=10.0, host=self.host)
             self.last_stderr_tail = self.stderr_tail()
+            self.last_stderr_text = self.stderr_text()
         self._tmpdir.cleanup()
         if interrupted is not None:
             raise interrupted

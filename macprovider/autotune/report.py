@@ -6,7 +6,9 @@ Recipe hash contract: `"sha256:" + sha256(JCS(domain)).hexdigest()` where JCS is
 (`rfc8785.dumps`) and `domain` is
 `{binary_version, candidate_models, chip, knobs{kv_bits, max_concurrency_override, max_context_override},
 model, ram_gb, target_context}` plus, since issue 15, `objective` when it is not `throughput` and
-`workload: {kind, digest}` when it is not `synthetic` (digest: replay.shapes_digest of the replayed shapes).
+`workload: {kind, digest}` when it is not `synthetic` (digest: replay.shapes_digest of the replayed shapes),
+and, since issue 13, with `--hostfile`: `knobs.parallel`, `hosts` (by rank) and `layers_per_rank` (null for
+tensor).
 Adding the new inputs only when they differ from the defaults keeps every hash of a default run — all
 hashes made before they existed, and the pinned vectors — unchanged, while a latency run, or a run on a
 recorded workload, can never share a hash with the default run that picked the same knobs. It depends on
@@ -43,10 +45,20 @@ class Recommendation:
     memory_estimate_bytes: int | None = None
     peak_memory_bytes: int | None = None
     why: str | None = None  # search.explain_choice (+ the workload's prefix reuse)
+    parallel: str | None = None  # with --hostfile: pipeline | tensor
+    hostfile: str | None = None
+    hosts: tuple[str, ...] = ()  # by rank
+    layers_per_rank: tuple[int, ...] | None = None  # pipeline: decoder layers each rank holds
 
     @classmethod
-    def from_trial(cls, trial: Trial, target_context: int) -> "Recommendation":
-        """Build from the Stage 2 winner trial."""
+    def from_trial(cls, trial: Trial, target_context: int, cluster: Any = None) -> "Recommendation":
+        """Build from the Stage 2 winner trial (`cluster`: the run's preflight.ClusterHosts, with --hostfile)."""
+        placement: dict[str, Any] = {}
+        if cluster is not None and trial.knobs.parallel:
+            placement = {
+                "parallel": trial.knobs.parallel, "hostfile": cluster.hostfile, "hosts": tuple(cluster.hosts),
+                "layers_per_rank": trial.layers_per_rank,
+            }
         return cls(
             trial.model,
             target_context,
@@ -58,22 +70,33 @@ class Recommendation:
             int(trial.replicates_n or 0),
             trial.memory_estimate_bytes,
             trial.peak_memory_bytes,
+            **placement,
         )
 
     @property
     def knobs(self) -> dict[str, Any]:
-        """Knob keys as YAML key names, so the object can be pasted into config.yaml."""
-        return {
+        """Knob keys as YAML key names, so the object can be pasted into config.yaml (`parallel` only with
+        --hostfile)."""
+        knobs: dict[str, Any] = {
             "kv_bits": self.kv_bits,
             "max_concurrency_override": self.max_batch,
             "max_context_override": self.max_context,
         }
+        if self.parallel:
+            knobs["parallel"] = self.parallel
+        return knobs
 
     @property
     def serve_command(self) -> str:
-        """`macprovider serve --model <id> [--kv-bits N] --max-batch N --max-context N`."""
+        """`macprovider serve --model <id> [--kv-bits N] --max-batch N --max-context N`; with --hostfile
+        `macprovider cluster serve HOSTFILE --model <id> --parallel P [--kv-bits N] --max-batch N --max-context N`."""
         kv = f" --kv-bits {self.kv_bits}" if self.kv_bits is not None else ""
-        return f"macprovider serve --model {self.model}{kv} --max-batch {self.max_batch} --max-context {self.max_context}"
+        knobs = f"{kv} --max-batch {self.max_batch} --max-context {self.max_context}"
+        if self.parallel:
+            import shlex
+
+            return f"macprovider cluster serve {shlex.quote(self.hostfile or 'HOSTFILE')} --model {self.model} --parallel {self.parallel}{knobs}"
+        return f"macprovider serve --model {self.model}{knobs}"
 
 
 def recipe_domain(
@@ -94,6 +117,9 @@ def recipe_domain(
         domain["objective"] = objective
     if workload is not None and workload.get("kind", "synthetic") != "synthetic":
         domain["workload"] = {"kind": workload["kind"], "digest": workload.get("digest")}
+    if rec.parallel:  # --hostfile (knobs carry `parallel` too)
+        domain["hosts"] = list(rec.hosts)
+        domain["layers_per_rank"] = None if rec.layers_per_rank is None else list(rec.layers_per_rank)
     return domain
 
 
@@ -113,7 +139,9 @@ def verify_recipe_hash(report: dict[str, Any]) -> bool:
         chip=report["machine"]["chip"],
         ram_gb=report["machine"]["ram_gb"],
         rec=Recommendation(rec["model"], rec["target_context"], rec["knobs"]["kv_bits"],
-                           rec["knobs"]["max_concurrency_override"], rec["knobs"]["max_context_override"], 0, 0, 0),
+                           rec["knobs"]["max_concurrency_override"], rec["knobs"]["max_context_override"], 0, 0, 0,
+                           parallel=rec["knobs"].get("parallel"), hosts=tuple(rec.get("hosts") or ()),
+                           layers_per_rank=None if rec.get("layers_per_rank") is None else tuple(rec["layers_per_rank"])),
         objective=report["inputs"].get("objective", "throughput"),
         workload=report["inputs"].get("workload"),
     )
@@ -157,6 +185,10 @@ def build_report(
             "peak_memory_bytes": recommendation.peak_memory_bytes,
             "why": recommendation.why,
         }
+        if recommendation.parallel:  # --hostfile only: where it runs and how it is split
+            rec_obj["hostfile"] = recommendation.hostfile
+            rec_obj["hosts"] = list(recommendation.hosts)
+            rec_obj["layers_per_rank"] = None if recommendation.layers_per_rank is None else list(recommendation.layers_per_rank)
         hash_value = recipe_hash(
             recipe_domain(
                 binary_version=machine["binary_version"],
@@ -199,6 +231,7 @@ def trial_summary(trial: Trial) -> dict[str, Any]:
             "kv_bits": trial.knobs.kv_bits,
             "max_concurrency_override": trial.knobs.max_batch,
             "max_context_override": trial.knobs.max_context,
+            **({"parallel": trial.knobs.parallel} if trial.knobs.parallel else {}),
         },
         "fits": trial.fits,
         "kept": trial.kept,
@@ -210,6 +243,8 @@ def trial_summary(trial: Trial) -> dict[str, Any]:
         "memory_estimate_terms": dict(trial.memory_terms) if trial.memory_terms else None,
         "peak_memory_bytes": trial.peak_memory_bytes,
         "memory_estimate_error": relative_error(trial.memory_estimate_bytes, trial.peak_memory_bytes),
+        **({"layers_per_rank": list(trial.layers_per_rank) if trial.layers_per_rank else None}
+           if trial.knobs.parallel else {}),
     }
 
 
@@ -251,6 +286,17 @@ def _choice_lines(report: dict[str, Any]) -> list[str]:
     return [""] + lines
 
 
+def _placement_lines(rec: dict[str, Any]) -> list[str]:
+    """With --hostfile: `  parallel:` and one `  rank N: HOST (L layers)` line per host."""
+    if not rec["knobs"].get("parallel"):
+        return []
+    layers = rec.get("layers_per_rank") or [None] * len(rec.get("hosts") or [])
+    lines = [f"  parallel:                   {rec['knobs']['parallel']}", f"hosts ({rec.get('hostfile')}):"]
+    for rank, (host, count) in enumerate(zip(rec.get("hosts") or [], layers)):
+        lines.append(f"  rank {rank}: {host}" + (f" ({count} layers)" if count is not None else " (tensor: every layer, 1/N of its width)"))
+    return lines
+
+
 def render_terminal(report: dict[str, Any]) -> str:
     """The terminal block of SPEC.md §5.9 (RECOMMENDATION, or NO RECOMMENDATION with the reasons)."""
     rec = report["recommendation"]
@@ -279,6 +325,7 @@ def render_terminal(report: dict[str, Any]) -> str:
         f"  kv_bits:                    {kv}",
         f"  max_concurrency_override:   {knobs['max_concurrency_override']}",
         f"  max_context_override:       {knobs['max_context_override']}",
+        *_placement_lines(rec),
         "measured:",
         f"  tps_median:        {rec['tps_median']:.1f} tokens/sec",
         f"  ttft_p95:          {round(rec['ttft_p95_ms'])} ms",

@@ -16,7 +16,7 @@ import signal
 import sys
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from macprovider.autotune import memory
 from macprovider.autotune.preflight import AutotuneInputs
@@ -38,6 +38,7 @@ from macprovider.autotune.search import (
     stage2_cells,
 )
 from macprovider.errors import ApplyError, ProviderConflict, StoreError
+from macprovider.parallel import PARALLEL_MODES, split_problem
 
 EXIT_CODES = {
     "ok": 0,
@@ -66,6 +67,7 @@ class Deps:
     detect_conflicts: Callable[[int, bool], Any] | None = None
     budget_bytes: Callable[[], int] = memory.default_budget_bytes
     evaluate: Callable[[str, Knobs, int], Trial] | None = None
+    parallel_modes: Callable[[str, int], Sequence[str]] | None = None  # default: possible_modes
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
 
@@ -117,6 +119,9 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         "objective": inputs.objective,
         "workload": workload_summary(inputs.workload_kind, inputs.workload_source, inputs.workload_shapes),
     }
+    if inputs.cluster is not None:  # only with --hostfile: a one-machine report keeps its keys
+        inputs_obj["hostfile"] = inputs.cluster.hostfile
+        inputs_obj["hosts"] = inputs.cluster.describe()
     run_id = str(uuid.uuid4())
     started = utc_now()
     deadline = Deadline(inputs.max_duration_s)
@@ -134,7 +139,12 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     store.retain(inputs.retain_runs)
 
     evaluate_inner = deps.evaluate or RealEvaluator(inputs, deadline, deps.budget_bytes)
-    cells = stage2_cells(inputs.kv_bits_axis, inputs.max_batch_axis, inputs.max_context_axis)
+    cluster = inputs.cluster
+    stage1_parallel = "pipeline" if cluster is not None else None  # the split sized by the hosts' budgets
+    cells = stage2_cells(
+        inputs.kv_bits_axis, inputs.max_batch_axis, inputs.max_context_axis,
+        PARALLEL_MODES if cluster is not None else (None,),
+    )
     progress = Progress(err, inputs.verbose, len(inputs.candidate_models) + len(cells))
 
     def evaluate(model: str, knobs: Knobs, stage: int) -> Trial:
@@ -180,7 +190,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
                 if found.any:
                     conflicts = found
                     conflicts.drain(inputs.drain_grace_s)
-                s1 = stage1(inputs.candidate_models, inputs.target_context, evaluate, record)
+                s1 = stage1(inputs.candidate_models, inputs.target_context, evaluate, record, stage1_parallel)
                 infeasible = infeasible_smallest_first(s1.infeasible)
                 if s1.chosen is None:
                     exit_reason = "no_feasible"
@@ -190,17 +200,20 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
                     )
                 else:
                     alternates = list(inputs.candidate_models[s1.rank:])
+                    if cluster is not None:  # Stage 2's parallel axis: the modes that can split the chosen model
+                        modes = (deps.parallel_modes or possible_modes)(s1.chosen, len(cluster.hosts))
+                        cells = [cell for cell in cells if cell.parallel in modes]
                     s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon, inputs.objective)
                     partial = s2.partial
                     if s2.best is not None:
                         store.mark_kept(run_id, s2.best.row_id)
                         kept_row = s2.best.row_id
                         rec = replace(
-                            Recommendation.from_trial(s2.best, inputs.target_context),
+                            Recommendation.from_trial(s2.best, inputs.target_context, cluster),
                             why=explain(s2.best, s2.trials, inputs),
                         )
                     elif partial and s1.trial is not None:
-                        rec = Recommendation.from_trial(s1.trial, inputs.target_context)  # Stage 1 knobs
+                        rec = Recommendation.from_trial(s1.trial, inputs.target_context, cluster)  # Stage 1 knobs
                     if partial:
                         exit_reason = "budget_exhausted_with_partial_recommendation"
                     elif rec is None:
@@ -231,12 +244,17 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         if inputs.apply and exit_reason == "ok" and rec is not None:
             from macprovider.autotune.apply import apply_recommendation, owned_values, summary_line
 
-            values = owned_values(rec.model, rec.kv_bits, rec.max_batch, rec.max_context)
+            values = owned_values(rec.model, rec.kv_bits, rec.max_batch, rec.max_context, rec.parallel, rec.hostfile)
             try:
                 result = apply_recommendation(inputs.config_path, values)
                 applied = True
                 apply_lines.append(summary_line(values, result))
-                if not inputs.drain:
+                if rec.parallel:
+                    apply_lines.append(
+                        f"start it on every host (hostfile, model, parallel and knobs come from {inputs.config_path}): "
+                        f"macprovider cluster serve --config {inputs.config_path}"
+                    )
+                elif not inputs.drain:
                     apply_lines.append(
                         f"restart the provider so the new recipe goes live: launchctl kickstart -k "
                         f"gui/{os.getuid()}/{conflict_mod.LAUNCHD_LABEL}   (or: macprovider service restart)"
@@ -278,6 +296,19 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     if apply_failed and code == 0:
         code = 1
     return RunOutcome(code, exit_reason, report)
+
+
+def possible_modes(model: str, world_size: int) -> list[str]:
+    """The parallel modes that can split `model` (its cached config.json) over `world_size` ranks
+    (`macprovider.parallel.split_problem`); every mode when the config cannot be read (the trial says why)."""
+    from macprovider.errors import MacproviderError
+    from macprovider.models.ids import ensure_local, read_model_config
+
+    try:
+        config = read_model_config(ensure_local(model))
+    except (MacproviderError, OSError, ValueError):
+        return list(PARALLEL_MODES)
+    return [mode for mode in PARALLEL_MODES if split_problem(config, world_size, mode) is None]
 
 
 def explain(best: Trial, trials: list[Trial], inputs: AutotuneInputs) -> str:

@@ -19,11 +19,13 @@ FailureClass = Literal["none", "infeasible", "transient", "integrity"]
 
 @dataclass(frozen=True)
 class Knobs:
-    """The three serving knobs of one trial: kv_bits (None = full precision), max_batch, max_context."""
+    """The serving knobs of one trial: kv_bits (None = full precision), max_batch, max_context, and with
+    `--hostfile` the parallel mode (pipeline | tensor; None = one process on this machine)."""
 
     kv_bits: int | None
     max_batch: int
     max_context: int
+    parallel: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Trial:
     memory_estimate_bytes / peak_memory_bytes: the estimate and the measured peak (MLX peak + runtime
     baseline, autotune.memory); mlx_peak_memory_bytes the MLX part alone; memory_terms the estimate's terms.
     cached_prompt_tokens: prompt tokens the provider reused from its prefix cache over the measured rounds.
+    layers_per_rank: with `--hostfile` and pipeline, the decoder layers each rank holds (by rank).
     """
 
     stage: int
@@ -61,6 +64,7 @@ class Trial:
     kept: bool = False
     row_id: int | None = None
     ttft_samples_ms: tuple[float, ...] = field(default=(), repr=False)
+    layers_per_rank: tuple[int, ...] | None = None
 
 
 class TrialAborted(Exception):
@@ -200,7 +204,8 @@ def explain_choice(best: Trial, trials: Sequence[Trial], objective: str) -> str:
 
     def knobs(t: Trial) -> str:
         kv = "unset" if t.knobs.kv_bits is None else t.knobs.kv_bits
-        return f"kv_bits={kv} max_batch={t.knobs.max_batch} max_context={t.knobs.max_context}"
+        mode = f" parallel={t.knobs.parallel}" if t.knobs.parallel else ""
+        return f"kv_bits={kv} max_batch={t.knobs.max_batch} max_context={t.knobs.max_context}{mode}"
 
     def figure(t: Trial) -> str:
         if objective == "latency":
@@ -238,16 +243,17 @@ class Stage1Result:
 
 
 def stage1(
-    candidates: Sequence[str], target_context: int, evaluate: Evaluate, record: Record
+    candidates: Sequence[str], target_context: int, evaluate: Evaluate, record: Record, parallel: str | None = None
 ) -> Stage1Result:
     """Walk `candidates` in the given order (never re-sorted); stop at the first feasible one.
 
-    Each candidate is evaluated with default knobs (kv_bits unset, max_batch 1, max_context = target).
+    Each candidate is evaluated with default knobs (kv_bits unset, max_batch 1, max_context = target, and
+    `parallel`: None on one machine, pipeline with `--hostfile` — the split sized by the hosts' budgets).
     Raises IntegrityAbort after recording an integrity failure; TrialAborted propagates after recording.
     """
     trials: list[Trial] = []
     infeasible: list[Infeasible] = []
-    knobs = Knobs(None, 1, target_context)
+    knobs = Knobs(None, 1, target_context, parallel)
     for rank, model in enumerate(candidates, start=1):
         try:
             trial = evaluate(model, knobs, 1)
@@ -265,10 +271,15 @@ def stage1(
 
 
 def stage2_cells(
-    kv_bits_axis: Sequence[int | None], max_batch_axis: Sequence[int], max_context_axis: Sequence[int]
+    kv_bits_axis: Sequence[int | None], max_batch_axis: Sequence[int], max_context_axis: Sequence[int],
+    parallel_axis: Sequence[str | None] = (None,),
 ) -> list[Knobs]:
-    """Cells kv_bits × max_batch × max_context, in that nesting order (kv_bits outermost)."""
-    return [Knobs(kv, batch, ctx) for kv in kv_bits_axis for batch in max_batch_axis for ctx in max_context_axis]
+    """Cells kv_bits × max_batch × max_context × parallel, in that nesting order (kv_bits outermost;
+    `parallel_axis` is (None,) on one machine, the modes that can split the model with `--hostfile`)."""
+    return [
+        Knobs(kv, batch, ctx, mode)
+        for kv in kv_bits_axis for batch in max_batch_axis for ctx in max_context_axis for mode in parallel_axis
+    ]
 
 
 @dataclass

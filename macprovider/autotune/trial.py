@@ -8,6 +8,7 @@ the `-v` per-trial lines.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,9 +16,11 @@ from typing import Any, Callable, TextIO
 
 from macprovider.autotune import memory
 from macprovider.autotune.memory import MIB
-from macprovider.autotune.preflight import AutotuneInputs
-from macprovider.autotune.provider import CandidateProvider, Deadline, DeadlineReached, ProviderExited, ProviderTimeout
+from macprovider.autotune.preflight import AutotuneInputs, ClusterHosts
+from macprovider.autotune.provider import CandidateProvider, Deadline, DeadlineReached, ProviderExited, ProviderTimeout, serve_args
 from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial
+from macprovider.errors import ConfigError
+from macprovider.parallel import check_split, launch_argv, layers_per_rank
 
 
 BASELINE_CACHE_NAME = "runtime-baseline.json"  # in the config directory, beside autotune.sqlite
@@ -49,7 +52,8 @@ class Progress:
         kv = "unset" if knobs.kv_bits is None else knobs.kv_bits
         self.progress.update(
             self.task,
-            description=f"stage {stage}: {model} kv_bits={kv} max_batch={knobs.max_batch} max_context={knobs.max_context}",
+            description=f"stage {stage}: {model} kv_bits={kv} max_batch={knobs.max_batch} max_context={knobs.max_context}"
+            + (f" parallel={knobs.parallel}" if knobs.parallel else ""),
         )
 
     def ended(self, trial: Trial) -> None:
@@ -67,9 +71,17 @@ class Progress:
                     f" ({error:+.1%})" if error is not None else "")
             self.console.print(
                 f"[stage {trial.stage}] {trial.model} kv_bits={kv} max_batch={trial.knobs.max_batch} "
-                f"max_context={trial.knobs.max_context}: {tps}, ttft p95 {ttft}{mem} -> {verdict}",
+                f"max_context={trial.knobs.max_context}{split_text(trial)}: {tps}, ttft p95 {ttft}{mem} -> {verdict}",
                 markup=False, highlight=False, soft_wrap=True,
             )
+
+
+def split_text(trial: Trial) -> str:
+    """` parallel=pipeline layers=15+15` for a --hostfile trial, "" otherwise."""
+    if not trial.knobs.parallel:
+        return ""
+    layers = f" layers={'+'.join(map(str, trial.layers_per_rank))}" if trial.layers_per_rank else ""
+    return f" parallel={trial.knobs.parallel}{layers}"
 
 
 def make_workload(model_dir: Path, inputs: AutotuneInputs) -> Any:
@@ -138,6 +150,15 @@ class RealEvaluator:
             return replace(base, notes=f"cannot build the probe prompt: {exc}", failure_class="infeasible")
         self._workloads[model] = workload
 
+        cluster = inputs.cluster if knobs.parallel else None
+        layers: list[int] | None = None
+        if cluster is not None:
+            try:
+                layers = self.split(path, knobs.parallel, cluster)  # type: ignore[arg-type]
+            except ConfigError as exc:
+                return replace(base, notes=str(exc), failure_class="infeasible")
+            base = replace(base, layers_per_rank=None if layers is None else tuple(layers))
+
         estimate = None
         replicates = inputs.stage1_replicates if stage == 1 else inputs.stage2_replicates
         try:
@@ -147,6 +168,17 @@ class RealEvaluator:
                 cached_tokens=workload.cached_tokens(knobs.max_context, knobs.max_batch, replicates),
                 **workload.memory_shape(),
             )
+            if cluster is not None:
+                shares = memory.rank_estimates(
+                    estimate, memory.rank_weight_fractions(path, knobs.parallel, layers or [0] * len(cluster.hosts)),  # type: ignore[arg-type]
+                    layers, cluster.budgets,
+                )
+                over = next((r for r, share in enumerate(shares) if not share.fits), None)
+                if over is not None:
+                    note = f"rank {over} ({cluster.hosts[over]}): {shares[over].note()}"
+                    return replace(base, notes=note, failure_class="infeasible", memory_estimate_bytes=shares[0].total,
+                                   weights_bytes=estimate.weights, memory_terms=shares[over].terms())
+                estimate = shares[0]  # rank 0's share: the rank whose peak the probe measures
         except (ValueError, KeyError, OSError, TypeError):
             estimate = None  # cannot estimate: measure instead of guessing
         est_fields: dict[str, Any] = {}
@@ -162,6 +194,7 @@ class RealEvaluator:
         provider = CandidateProvider(
             model, inputs.port, max_batch=knobs.max_batch, max_context=knobs.max_context, kv_bits=knobs.kv_bits,
             drain_grace=inputs.drain_grace_s, deadline=self.deadline,
+            **(self.launch(model, knobs, cluster) if cluster is not None else {}),
         )
         try:
             with provider:
@@ -171,11 +204,12 @@ class RealEvaluator:
                     gate_ttft_ms=inputs.gate_ttft_ms, deadline=self.deadline, seed=stage * 1000,
                 )
                 died = None if provider.alive() else provider.proc.returncode if provider.proc else None
-                tail = provider.stderr_tail(lines=3)
+                tail = failed_rank_line(provider.stderr_text()) or provider.stderr_tail(lines=3)
         except ProviderExited as exc:
             hint = " (killed by a signal: out of memory?)" if (exc.returncode or 0) < 0 else ""
             return replace(
-                base, notes=f"provider exited with code {exc.returncode} while loading{hint}: {exc.stderr_tail}",
+                base, notes=f"provider exited with code {exc.returncode} while loading{hint}: "
+                f"{failed_rank_line(provider.stderr_text()) or exc.stderr_tail}",
                 failure_class="infeasible",
             )
         except ProviderTimeout as exc:
@@ -204,3 +238,43 @@ class RealEvaluator:
             mlx_peak_memory_bytes=m.peak_memory_bytes,
             peak_memory_bytes=None if m.peak_memory_bytes is None else m.peak_memory_bytes + self.baseline(),
         )
+
+    def split(self, path: Path, parallel: str, cluster: ClusterHosts) -> list[int] | None:
+        """Layers per rank (pipeline, sized by the hosts' budgets) or None (tensor). Raises ConfigError with
+        `macprovider.parallel.check_split`'s refusal when the mode cannot split this model over the hosts."""
+        from macprovider.models.ids import read_model_config
+
+        config = read_model_config(path)
+        check_split(config, len(cluster.hosts), parallel, self_model_name(path))
+        if parallel != "pipeline":
+            return None
+        return layers_per_rank(memory.ModelShape.from_config(config).layers, cluster.budgets)
+
+    def launch(self, model: str, knobs: Knobs, cluster: ClusterHosts) -> dict[str, Any]:
+        """CandidateProvider arguments that run the candidate on every host: `mlx.launch` with the hostfile
+        (`macprovider.parallel.launch_argv`, what `cluster serve` runs), HTTP on rank 0's host. Every rank
+        reads `/dev/null` as its config (the trial's flags are the only knobs, on remote hosts too)."""
+        rank0 = cluster.hosts[0]
+        local = rank0 in ("127.0.0.1", "localhost")
+        args = serve_args(
+            self.inputs.port, max_batch=knobs.max_batch, max_context=knobs.max_context, kv_bits=knobs.kv_bits,
+            config_path=Path(os.devnull), host="127.0.0.1" if local else "0.0.0.0",
+        )
+        argv = launch_argv(cluster.hostfile, model, knobs.parallel or "pipeline", args, sys.executable, cluster.backend)
+        return {"argv": argv, "host": "127.0.0.1" if local else rank0}
+
+
+def self_model_name(path: Path) -> str:
+    """A model directory's name for messages (its Hub id when it is a snapshot in the Hub cache)."""
+    parts = Path(path).parts
+    for part in parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/")
+    return Path(path).name
+
+
+def failed_rank_line(text: str) -> str | None:
+    """mlx.launch's last `Node with rank N exited with code C` / `… was killed` line, or None: which rank
+    failed, for a trial's notes."""
+    lines = [line.strip() for line in text.splitlines() if "Node with rank" in line]
+    return lines[-1] if lines else None

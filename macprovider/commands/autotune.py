@@ -8,10 +8,15 @@ bad value exits 2 (`exit_reason = config_error`) with one line naming the flag a
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import typer
 
 from macprovider.commands.common import fail
+
+if TYPE_CHECKING:  # pragma: no cover
+    from macprovider.autotune.preflight import ClusterHosts
 
 
 def autotune(
@@ -40,6 +45,7 @@ def autotune(
     memory_budget_gb: str | None = typer.Option(None, "--memory-budget-gb", help="Memory the pre-check may plan for, GiB [default: detected]."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Per-trial lines on stderr."),
     objective: str | None = typer.Option(None, "--objective", help="Stage 2 keeps the cell with the best: throughput (tokens/s, ties to lower TTFT), latency (TTFT p95, ties to higher tokens/s) or balanced (tokens/s per second of TTFT p95) [default: throughput]."),
+    hostfile: str | None = typer.Option(None, "--hostfile", help="mlx hostfile (JSON, as for `cluster`): tune one model across its hosts under mlx.launch; each host's budget as `cluster check` reads it (--memory-budget-gb: the same for every host)."),
     workload: str | None = typer.Option(None, "--workload", help="What each trial sends: synthetic (one prompt at ~80 percent of the target context), recorded (the request shapes serve recorded) or a JSON/JSONL file of shapes [default: synthetic]."),
 ) -> None:
     """Find the biggest model this machine can serve at the target context, then tune its knobs."""
@@ -55,6 +61,7 @@ def autotune(
         "drain_grace": drain_grace, "port": port, "db_path": db_path, "retain_runs": retain_runs,
         "json": json_output, "apply": apply, "config": config, "dry_run": dry_run,
         "memory_budget_gb": memory_budget_gb, "verbose": verbose, "objective": objective, "workload": workload,
+        "hostfile": hostfile,
     }
     try:
         inputs = parse_inputs(raw)
@@ -65,7 +72,30 @@ def autotune(
             print(warning, file=sys.stderr)
         sys.stdout.write(inputs.plan_text())
         raise typer.Exit(0)
+    if inputs.hostfile:
+        try:
+            inputs = replace(inputs, cluster=resolve_hosts(inputs.hostfile, inputs.memory_budget_bytes))
+        except ConfigError as exc:
+            raise fail(f"autotune: {exc} (exit_reason: config_error)", 2) from None
     from macprovider.autotune import run
 
     outcome = run(inputs)
     raise typer.Exit(outcome.exit_code)
+
+
+def resolve_hosts(hostfile: str, budget_bytes: int | None) -> "ClusterHosts":
+    """The hosts of `hostfile` by rank with their memory budgets: probed the way `cluster check` probes them
+    (`budget_bytes` replaces every probed budget when given). Raises ConfigError naming the hostfile and the
+    first host with a problem (unreachable, other macprovider/mlx versions)."""
+    from macprovider.autotune.preflight import ClusterHosts
+    from macprovider.commands.cluster import check_hosts, read_hosts
+    from macprovider.errors import ConfigError
+
+    parsed = read_hosts(hostfile)
+    hosts = [h.ssh_hostname for h in parsed.hosts]
+    reports = check_hosts(hosts, None, sys.executable)
+    for report in reports:
+        if report.problems or report.facts is None:
+            raise ConfigError(f"invalid --hostfile {hostfile!r}: rank {report.rank} ({report.host}): {'; '.join(report.problems)}")
+    budgets = [int(budget_bytes or report.facts["memory_budget_bytes"]) for report in reports]  # type: ignore[index]
+    return ClusterHosts(hostfile, tuple(hosts), tuple(budgets), parsed.backend or "ring")

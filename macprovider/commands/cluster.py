@@ -2,8 +2,10 @@
 
     cluster check HOSTFILE [--model M] [--json]   each host reachable, same macprovider/mlx versions, the
                                                  model cached, its memory budget; which split fits; a table
-    cluster print HOSTFILE --model M [--parallel P] [-- SERVE ARGS]   the `mlx.launch` command line
-    cluster serve HOSTFILE --model M [--parallel P] [-- SERVE ARGS]   run it; exit non-zero when a rank failed
+    cluster print [HOSTFILE] [--model M] [--parallel P] [-- SERVE ARGS]   the `mlx.launch` command line
+    cluster serve [HOSTFILE] [--model M] [--parallel P] [-- SERVE ARGS]   run it; exit non-zero when a rank failed
+                                                 (what is not given comes from the config: what
+                                                 `autotune --hostfile --apply` wrote)
     cluster probe [--model M]                    (run on each host by `check`) this host's facts as JSON
 
 HOSTFILE is mlx's own format (`mlx.distributed_config` writes it; parsed with mlx's `Hostfile`). Hosts are
@@ -25,6 +27,7 @@ import typer
 
 from macprovider.commands.common import fail, user_errors
 from macprovider.errors import ConfigError
+from macprovider.parallel import PARALLEL_MODES, launch_argv, layers_per_rank, split_problem
 
 app = typer.Typer(help="Serve one model across several machines (mlx.launch + mx.distributed).", no_args_is_help=True)
 
@@ -145,17 +148,14 @@ def check_hosts(hosts: list[str], model: str | None, python: str, runner: Runner
 def split_plans(reports: list[HostReport]) -> dict[str, Any]:
     """Which `--parallel` modes fit the model on these hosts, and the pipeline's layers per rank (sized by
     the hosts' memory budgets). Needs every host probed and the model's shape from one of them."""
-    from macprovider.engine.distributed import PARALLEL_MODES, _split_problem, split_layers
-
     config = next((r.facts["model_config"] for r in reports if r.facts and r.facts.get("model_config")), None)
     if config is None or any(r.facts is None for r in reports):
         return {}
     size = len(reports)
-    plans: dict[str, Any] = {mode: {"fits": _split_problem(config, size, mode) is None, "reason": _split_problem(config, size, mode)} for mode in PARALLEL_MODES}
+    plans: dict[str, Any] = {mode: {"fits": split_problem(config, size, mode) is None, "reason": split_problem(config, size, mode)} for mode in PARALLEL_MODES}
     if plans["pipeline"]["fits"]:
         budgets = [r.facts["memory_budget_bytes"] for r in reports]  # type: ignore[index]
-        by_stage = split_layers(config["num_hidden_layers"], budgets[::-1])  # stage s runs on rank N−1−s
-        plans["pipeline"]["layers_per_rank"] = by_stage[::-1]
+        plans["pipeline"]["layers_per_rank"] = layers_per_rank(config["num_hidden_layers"], budgets)
     return plans
 
 
@@ -208,53 +208,75 @@ def check(
 
 
 # ---------------------------------------------------------------------------------------------- launch
-def launch_argv(hostfile: str, model: str, parallel: str, serve_args: list[str], python: str, backend: str | None) -> list[str]:
-    """The `mlx.launch` command that starts `macprovider serve --parallel` on every host of `hostfile`."""
-    launcher = str(Path(sys.executable).parent / "mlx.launch")
-    backend_args = ["--backend", backend] if backend else []
-    return [launcher, "--hostfile", hostfile, *backend_args, "--", python, "-m", "macprovider", "serve",
-            "--model", model, "--parallel", parallel, *serve_args]
-
-
-def _checked_launch_argv(ctx: typer.Context, hostfile: str, model: str, parallel: str, python: str) -> list[str]:
+def _checked_launch_argv(
+    ctx: typer.Context, hostfile: str | None, model: str | None, parallel: str | None, python: str, config: str | None
+) -> list[str]:
     """`launch_argv` after checking `parallel` and reading the hostfile (its backend, else ring); extra
-    arguments go to serve. Raises ConfigError naming the bad setting."""
-    from macprovider.engine.distributed import PARALLEL_MODES
+    arguments go to serve. What is not given comes from the config (`autotune --hostfile --apply` writes
+    `hostfile`, `model`, `parallel` and the knobs): with the model from the config, its `kv_bits`,
+    `max_context_override` and `max_concurrency_override` travel as serve flags too, so every host serves the
+    applied recipe whatever its own config says. Raises ConfigError naming the bad or missing setting."""
+    serve_args = list(ctx.args)
+    if hostfile is not None and hostfile.startswith("-"):  # no HOSTFILE: the first serve flag after `--` landed here
+        serve_args, hostfile = [hostfile, *serve_args], None
+    if hostfile is None or model is None or parallel is None:
+        from macprovider.config import resolve
 
+        resolved = resolve({}, cli_config=config)
+        settings = resolved.settings
+        if model is None and settings.model:
+            model = settings.model
+            recipe = []
+            if settings.kv_bits is not None:
+                recipe += ["--kv-bits", str(settings.kv_bits)]
+            if resolved.sources.get("max_context_override") not in ("default", "ram-tier"):
+                recipe += ["--max-context", str(settings.max_context_override)]
+            if resolved.sources.get("max_concurrency_override") != "default":
+                recipe += ["--max-batch", str(settings.max_concurrency_override)]
+            serve_args = recipe + serve_args  # flags given here come later and win
+        hostfile = hostfile or settings.hostfile
+        parallel = parallel or settings.parallel or "pipeline"
+    if hostfile is None:
+        raise ConfigError("no HOSTFILE: give one, or set hostfile in the config (autotune --hostfile --apply writes it)")
+    if model is None:
+        raise ConfigError("no model: give --model, or set model in the config")
     if parallel not in PARALLEL_MODES:
         raise ConfigError(f"invalid parallel {parallel!r} (from cli): must be pipeline or tensor")
     backend = read_hosts(hostfile).backend or "ring"
-    return launch_argv(hostfile, model, parallel, list(ctx.args), python, backend)
+    return launch_argv(hostfile, model, parallel, serve_args, python, backend)
 
 
 SERVE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+HOSTFILE_HELP = "mlx hostfile (JSON) [default: hostfile in the config]."
 
 
 @app.command("print", context_settings=SERVE_CONTEXT)
 def print_cmd(
     ctx: typer.Context,
-    hostfile: str = typer.Argument(..., help="mlx hostfile (JSON)."),
-    model: str = typer.Option(..., "--model", help="Model id (cached on every host)."),
-    parallel: str = typer.Option("pipeline", "--parallel", help="pipeline or tensor."),
+    hostfile: Optional[str] = typer.Argument(None, help=HOSTFILE_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help="Model id (cached on every host) [default: the config's model and knobs]."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="pipeline or tensor [default: the config's, else pipeline]."),
     python: str = typer.Option(sys.executable, "--python", help="Interpreter with macprovider on the hosts."),
+    config: Optional[str] = typer.Option(None, "--config", help="Config file the defaults come from."),
 ) -> None:
     """Print the mlx.launch command that serves MODEL on every host of HOSTFILE (extra args go to serve)."""
     with user_errors():
-        argv = _checked_launch_argv(ctx, hostfile, model, parallel, python)
+        argv = _checked_launch_argv(ctx, hostfile, model, parallel, python, config)
     typer.echo(shlex.join(argv))
 
 
 @app.command("serve", context_settings=SERVE_CONTEXT)
 def serve_cmd(
     ctx: typer.Context,
-    hostfile: str = typer.Argument(..., help="mlx hostfile (JSON)."),
-    model: str = typer.Option(..., "--model", help="Model id (cached on every host)."),
-    parallel: str = typer.Option("pipeline", "--parallel", help="pipeline or tensor."),
+    hostfile: Optional[str] = typer.Argument(None, help=HOSTFILE_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help="Model id (cached on every host) [default: the config's model and knobs]."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="pipeline or tensor [default: the config's, else pipeline]."),
     python: str = typer.Option(sys.executable, "--python", help="Interpreter with macprovider on the hosts."),
+    config: Optional[str] = typer.Option(None, "--config", help="Config file the defaults come from."),
 ) -> None:
     """Run the mlx.launch command; exit 1 when any rank failed (mlx.launch itself exits 0 even then)."""
     with user_errors():
-        argv = _checked_launch_argv(ctx, hostfile, model, parallel, python)
+        argv = _checked_launch_argv(ctx, hostfile, model, parallel, python, config)
     raise typer.Exit(run_launch(argv))
 
 

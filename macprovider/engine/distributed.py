@@ -16,7 +16,8 @@ Splits
               layers are called `layer(h, mask, cache=c)` (the llama family: llama, mistral, qwen2/3, …).
     tensor    mlx-lm's own `model.shard(group)` where the model has one; needs the attention heads, the
               KV heads and the MLP width divisible by the group size.
-`check_split` refuses an impossible split before any weight loads and names the mode that fits.
+`check_split` (macprovider.parallel, MLX-free) refuses an impossible split before any weight loads and
+names the mode that fits.
 
 Lockstep
     Before every `BatchGenerator.next()` (and every `IDLE_HEARTBEAT_S` while idle) rank 0 sends the
@@ -56,12 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from macprovider.errors import ConfigError, ModelError
+from macprovider.errors import ModelError
+from macprovider.parallel import check_split, split_layers
 from macprovider.processes import exit_with_parent
 
 log = logging.getLogger("macprovider.engine.distributed")
 
-PARALLEL_MODES = ("pipeline", "tensor")
 CONTROL_INTS = 256  # one control message: 1 KiB of int32
 HEADER_INTS = 2  # [payload length, action]
 PAYLOAD_INTS = CONTROL_INTS - HEADER_INTS
@@ -71,66 +72,6 @@ FAILURE_ANNOUNCE_S = 2.0  # rank 0 answers 503 (health names the failure) this l
 # Actions (header[1]) and ops (payload stream).
 ACTION_MORE, ACTION_STEP, ACTION_IDLE, ACTION_STOP = 0, 1, 2, 3
 OP_INSERT, OP_REMOVE = 1, 2
-
-
-# ---------------------------------------------------------------------------------------------- planning
-def check_split(config: Mapping[str, Any], world_size: int, parallel: str, model: str = "the model") -> None:
-    """Refuse a split that cannot work, before any weight loads (SPEC.md §7b).
-
-    `config` is the model's config.json. Pipeline needs ≥ 1 layer per rank; tensor needs the attention
-    heads, KV heads and MLP width divisible by `world_size`. Raises ConfigError naming the reason and the
-    mode that fits (or that none does).
-    """
-    if parallel not in PARALLEL_MODES:
-        raise ConfigError(f"invalid parallel {parallel!r}: must be one of {', '.join(PARALLEL_MODES)}")
-    problems = {mode: _split_problem(config, world_size, mode) for mode in PARALLEL_MODES}
-    problem = problems[parallel]
-    if problem is None:
-        return
-    fits = [mode for mode, reason in problems.items() if reason is None]
-    hint = f"--parallel {fits[0]} fits" if fits else "no parallel mode fits; use fewer ranks"
-    raise ConfigError(f"cannot split {model} over {world_size} ranks with --parallel {parallel}: {problem}; {hint}")
-
-
-def _split_problem(config: Mapping[str, Any], world_size: int, parallel: str) -> str | None:
-    text = config.get("text_config") or {}
-    get = lambda key: config.get(key, text.get(key))  # noqa: E731 - a two-level config lookup
-    if parallel == "pipeline":
-        layers = get("num_hidden_layers")
-        if not isinstance(layers, int):
-            return "config.json has no num_hidden_layers"
-        if layers < world_size:
-            return f"{layers} layers cannot give each of {world_size} ranks a layer"
-        return None
-    heads, kv_heads = get("num_attention_heads"), get("num_key_value_heads") or get("num_attention_heads")
-    width = get("intermediate_size")
-    for name, value in (("attention heads", heads), ("key/value heads", kv_heads), ("MLP width (intermediate_size)", width)):
-        if isinstance(value, int) and value % world_size:
-            return f"{value} {name} are not divisible by {world_size}"
-    return None
-
-
-def split_layers(n_layers: int, budgets: Sequence[float]) -> list[int]:
-    """Layers per pipeline stage (first stage first), proportional to each stage's memory budget.
-
-    Largest-remainder apportionment (Hamilton's method) of `n_layers` over `budgets` (any positive unit),
-    with at least one layer per stage; ties go to the earlier stage. Equal budgets give mlx-lm's even
-    split (`PipelineMixin.pipeline`: the low stages take the extra layers). Raises ValueError when there
-    are fewer layers than stages or a budget is not positive.
-    """
-    stages = len(budgets)
-    if stages == 0 or n_layers < stages:
-        raise ValueError(f"{n_layers} layers cannot fill {stages} stages")
-    if any(not b > 0 for b in budgets):
-        raise ValueError(f"memory budgets must be positive: {list(budgets)}")
-    spare = n_layers - stages  # one layer each first, the rest by budget
-    total = float(sum(budgets))
-    quotas = [spare * b / total for b in budgets]
-    counts = [1 + int(q) for q in quotas]
-    order = sorted(range(stages), key=lambda i: (-(quotas[i] - int(quotas[i])), i))
-    for i in order[: n_layers - sum(counts)]:
-        counts[i] += 1
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------- control
