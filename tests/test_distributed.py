@@ -234,6 +234,40 @@ def test_pipeline_under_mlx_launch_answers_like_one_process_and_stops_with_its_l
         probe.bind(("127.0.0.1", group.port))
 
 
+def _anthropic_text(group: Group, max_tokens: int, started: threading.Event | None = None, **sampling) -> str:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=group.base, api_key="unused", max_retries=0, timeout=120)
+    text = ""
+    # This SDK release takes the sampling fields only as extra body fields; the server reads them as before.
+    with client.messages.stream(model=SPLIT_MODEL_ID, max_tokens=max_tokens, messages=MESSAGES, extra_body=sampling) as stream:
+        for piece in stream.text_stream:
+            text += piece
+            if started is not None and text:
+                started.set()
+    return text
+
+
+def test_top_k_reaches_rank_0_and_mixed_top_k_batches_stay_in_lockstep(start):
+    # top_k=1 at temperature 1 is greedy, so it must equal one process's greedy text; the Anthropic API is
+    # where top_k comes in. A batch mixing top_k 1 and 0 at the same temperature samples each sequence alone
+    # on rank 0, so the followers must too (one all_sum per sampler call): top_k travels in the control message.
+    one = start(1)
+    expected = _anthropic_text(one, 24, temperature=0)
+    one.kill()
+    group = start(2, "--parallel", "pipeline", "--max-batch", "2")
+    assert _anthropic_text(group, 24, temperature=1.0, top_k=1) == expected
+    results: dict[str, str] = {}
+    started = threading.Event()
+    runner = threading.Thread(target=lambda: results.setdefault("open", _anthropic_text(group, 80, started, temperature=1.0)))
+    runner.start()
+    assert started.wait(60)
+    results["top_k"] = _anthropic_text(group, 24, temperature=1.0, top_k=1)
+    runner.join(120)
+    assert results["top_k"] == expected and "open" in results
+    assert group.health().json()["engine"]["peak_active_sequences"] == 2
+
+
 def test_tensor_with_kv_bits_answers_like_one_process(start):
     one = start(1, "--kv-bits", "8")
     expected = _chat(one, max_tokens=16)

@@ -56,7 +56,7 @@ def test_check_split_reads_nested_text_config():
 
 def test_control_messages_are_fixed_size_and_carry_long_prompts():
     prompt = list(range(1000, 1000 + 700))  # longer than one message's payload
-    ops = dist.InsertOp(7, 33, dist.SamplerSpec(0.7, 0.9, 2**64 - 1), prompt).encode() + dist.RemoveOp([3, 5]).encode()
+    ops = dist.InsertOp(7, 33, dist.SamplerSpec(0.7, 0.9, 2**64 - 1, 40), prompt).encode() + dist.RemoveOp([3, 5]).encode()
     messages = dist.encode_control(ops, dist.ACTION_STEP)
     assert len(messages) == -(-len(ops) // dist.PAYLOAD_INTS) >= 3
     assert all(len(m) == dist.CONTROL_INTS for m in messages)
@@ -65,7 +65,7 @@ def test_control_messages_are_fixed_size_and_carry_long_prompts():
     insert, remove = dist.decode_ops(stream)
     assert (insert.uid, insert.max_tokens, insert.prompt) == (7, 33, prompt)
     assert insert.sampler.seed == 2**64 - 1 and insert.sampler.top_p == pytest.approx(0.9)
-    assert insert.sampler.temperature == pytest.approx(0.7)
+    assert insert.sampler.temperature == pytest.approx(0.7) and insert.sampler.top_k == 40
     assert remove.uids == [3, 5]
     assert all(-(2**31) <= x < 2**31 for m in messages for x in m)  # every value fits the int32 message
 

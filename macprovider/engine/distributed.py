@@ -102,25 +102,31 @@ def _int32(value: int) -> int:
 @dataclass(frozen=True)
 class SamplerSpec:
     """What a follower needs to build the same sampler: temperature 0 is greedy; a seed means a fresh
-    per-request sampler; otherwise samplers are shared by (temperature, top_p)."""
+    per-request sampler; otherwise samplers are shared by (temperature, top_p, top_k).
+
+    Followers' samplers never decide a token (rank 0's ids win), but they must be shared exactly as rank 0's
+    are: mlx-lm's BatchGenerator samples a batch whose sequences share one sampler object in one call and
+    otherwise calls each sequence's sampler alone — one `all_sum` per call (`Lockstep.wrap_sampler`), so
+    every rank must make the same calls. Hence `top_k` travels too."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    top_k: int = 0  # rank 0's only: not encoded (followers' samplers never decide a token, rank 0's ids win)
+    top_k: int = 0
 
     def encode(self) -> list[int]:
         seed = self.seed or 0
-        return [float_bits(self.temperature), float_bits(self.top_p), int(self.seed is not None), _int32(seed >> 32), _int32(seed)]
+        return [float_bits(self.temperature), float_bits(self.top_p), int(self.seed is not None), _int32(seed >> 32),
+                _int32(seed), int(self.top_k)]
 
     @classmethod
     def decode(cls, ints: Sequence[int]) -> "SamplerSpec":
-        temperature, top_p, has_seed, high, low = ints
+        temperature, top_p, has_seed, high, low, top_k = ints
         seed = ((high & 0xFFFFFFFF) << 32) | (low & 0xFFFFFFFF) if has_seed else None
-        return cls(bits_float(temperature), bits_float(top_p), seed)
+        return cls(bits_float(temperature), bits_float(top_p), seed, top_k)
 
 
-SAMPLER_INTS = 5
+SAMPLER_INTS = 6
 
 
 @dataclass
