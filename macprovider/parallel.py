@@ -7,12 +7,14 @@
     split_layers        layers per pipeline stage, proportional to each stage's memory budget
     layers_per_rank     the same by rank (stage s runs on rank N−1−s: rank 0 holds the last stage, the head)
     launch_argv         the `mlx.launch` command that starts `macprovider serve --parallel` on every host
+    failed_rank_line    mlx.launch's line saying a rank failed (it exits 0 even then)
 
 Nothing here imports MLX or the engine: autotune (which may import neither) plans with it too.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -96,3 +98,16 @@ def launch_argv(hostfile: str, model: str, parallel: str, serve_args: Sequence[s
     backend_args = ["--backend", backend] if backend else []
     return [launcher, "--hostfile", hostfile, *backend_args, "--", python, "-m", "macprovider", "serve",
             "--model", model, "--parallel", parallel, *serve_args]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failed_rank_line(text: str) -> str | None:
+    """The last line of mlx.launch output saying a rank failed (`Node with rank N exited with code C` /
+    `Node with rank N was killed`), colour codes removed; None when no rank failed."""
+    found = None
+    for line in text.splitlines():
+        if "Node with rank" in line and ("exited with code" in line or "was killed" in line):
+            found = _ANSI.sub("", line).strip()
+    return found

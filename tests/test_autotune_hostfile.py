@@ -30,7 +30,7 @@ from macprovider.autotune.trial import RealEvaluator
 from macprovider.cli import app
 from macprovider.hardware import MachineFacts
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
-from macprovider.parallel import layers_per_rank
+from macprovider.parallel import failed_rank_line, layers_per_rank
 from tests.test_autotune_e2e import NO_FOREGROUND, _listening_serve_child, free_port
 from tests.test_autotune_report import CANDIDATES, PINNED_HASH, REC, report as base_report
 from tests.test_autotune_run import FakeConflicts, Script, feasible
@@ -107,6 +107,18 @@ def test_impossible_split_is_an_infeasible_trial_with_the_refusal(tmp_path, hf_h
     trial = evaluator("hostfile/onekv", Knobs(None, 1, 128, "tensor"), 2)
     assert not trial.fits
     assert "1 key/value heads are not divisible by 2; --parallel pipeline fits" in trial.notes
+
+
+def test_a_failed_rank_is_a_failed_trial_naming_it(tmp_path, split_dir, monkeypatch):
+    # A stand-in for mlx.launch that does what it does when a rank dies while loading: prints which one in
+    # colour, then exits 0 itself.
+    line = "\x1b[33m[WARN] Node with rank 1 exited with code 1 \x1b[0m"
+    launcher = [sys.executable, "-c", f"import sys; print('loading', file=sys.stderr); print({line!r}, file=sys.stderr)"]
+    monkeypatch.setattr(RealEvaluator, "launch", lambda self, model, knobs, cluster: {"argv": launcher, "host": "127.0.0.1"})
+    trial = _evaluator(tmp_path, [64 * GIB] * 2)(SPLIT_ID, Knobs(None, 1, 128, "pipeline"), 1)
+    assert not trial.fits and trial.failure_class == "infeasible"
+    assert trial.notes == "provider exited with code 0 while loading: [WARN] Node with rank 1 exited with code 1"
+    assert failed_rank_line("[INFO] Node with rank 0 completed\n") is None
 
 
 # ---------------------------------------------------------------------------------------------- run with fakes

@@ -20,7 +20,7 @@ from macprovider.autotune.preflight import AutotuneInputs, ClusterHosts
 from macprovider.autotune.provider import CandidateProvider, Deadline, DeadlineReached, ProviderExited, ProviderTimeout, serve_args
 from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial
 from macprovider.errors import ConfigError
-from macprovider.parallel import check_split, launch_argv, layers_per_rank
+from macprovider.parallel import check_split, failed_rank_line, launch_argv, layers_per_rank
 
 
 BASELINE_CACHE_NAME = "runtime-baseline.json"  # in the config directory, beside autotune.sqlite
@@ -154,7 +154,7 @@ class RealEvaluator:
         layers: list[int] | None = None
         if cluster is not None:
             try:
-                layers = self.split(path, knobs.parallel, cluster)  # type: ignore[arg-type]
+                layers = self.split(model, path, knobs.parallel, cluster)  # type: ignore[arg-type]
             except ConfigError as exc:
                 return replace(base, notes=str(exc), failure_class="infeasible")
             base = replace(base, layers_per_rank=None if layers is None else tuple(layers))
@@ -239,13 +239,13 @@ class RealEvaluator:
             peak_memory_bytes=None if m.peak_memory_bytes is None else m.peak_memory_bytes + self.baseline(),
         )
 
-    def split(self, path: Path, parallel: str, cluster: ClusterHosts) -> list[int] | None:
+    def split(self, model: str, path: Path, parallel: str, cluster: ClusterHosts) -> list[int] | None:
         """Layers per rank (pipeline, sized by the hosts' budgets) or None (tensor). Raises ConfigError with
         `macprovider.parallel.check_split`'s refusal when the mode cannot split this model over the hosts."""
         from macprovider.models.ids import read_model_config
 
         config = read_model_config(path)
-        check_split(config, len(cluster.hosts), parallel, self_model_name(path))
+        check_split(config, len(cluster.hosts), parallel, model)
         if parallel != "pipeline":
             return None
         return layers_per_rank(memory.ModelShape.from_config(config).layers, cluster.budgets)
@@ -263,18 +263,3 @@ class RealEvaluator:
         argv = launch_argv(cluster.hostfile, model, knobs.parallel or "pipeline", args, sys.executable, cluster.backend)
         return {"argv": argv, "host": "127.0.0.1" if local else rank0}
 
-
-def self_model_name(path: Path) -> str:
-    """A model directory's name for messages (its Hub id when it is a snapshot in the Hub cache)."""
-    parts = Path(path).parts
-    for part in parts:
-        if part.startswith("models--"):
-            return part[len("models--"):].replace("--", "/")
-    return Path(path).name
-
-
-def failed_rank_line(text: str) -> str | None:
-    """mlx.launch's last `Node with rank N exited with code C` / `… was killed` line, or None: which rank
-    failed, for a trial's notes."""
-    lines = [line.strip() for line in text.splitlines() if "Node with rank" in line]
-    return lines[-1] if lines else None

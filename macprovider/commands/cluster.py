@@ -27,7 +27,7 @@ import typer
 
 from macprovider.commands.common import fail, user_errors
 from macprovider.errors import ConfigError
-from macprovider.parallel import PARALLEL_MODES, launch_argv, layers_per_rank, split_problem
+from macprovider.parallel import PARALLEL_MODES, failed_rank_line, launch_argv, layers_per_rank, split_problem
 
 app = typer.Typer(help="Serve one model across several machines (mlx.launch + mx.distributed).", no_args_is_help=True)
 
@@ -306,7 +306,7 @@ def run_launch(argv: list[str]) -> int:
     assert process.stderr is not None
     for line in process.stderr:
         sys.stderr.write(line)
-        if "Node with rank" in line and ("exited with code" in line or "was killed" in line):
+        if failed_rank_line(line):
             failed = True
     code = process.wait()
     return 1 if failed or code != 0 else 0
