@@ -264,3 +264,13 @@ def test_a_signal_mid_trial_leaves_no_rank_running(tmp_path, tiny_model, sig):
     still_alive = psutil.wait_procs(ranks, timeout=60)[1]  # SIGKILL: rank 0 drains, then stops the follower
     assert still_alive == []
     assert not port_is_listening(port)
+
+
+def test_a_relative_hostfile_is_recorded_absolute(tmp_path, monkeypatch):
+    # --apply writes it to the config, which `cluster serve` reads from any directory.
+    _hostfile(tmp_path / "hosts.json", ["127.0.0.1"])
+    monkeypatch.chdir(tmp_path)
+    inputs = parse_inputs({"hostfile": "hosts.json", "db_path": str(tmp_path / "t.sqlite"), "config": str(tmp_path / "c.yaml")})
+    assert inputs.hostfile == str(tmp_path / "hosts.json")
+    with pytest.raises(Exception, match="invalid --hostfile 'missing.json': no such file"):
+        parse_inputs({"hostfile": "missing.json", "db_path": str(tmp_path / "t.sqlite")})

@@ -277,7 +277,7 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         workload=workload,
         workload_shapes=tuple(shapes),
         workload_source=source,
-        hostfile=None if hostfile is None else str(Path(str(hostfile)).expanduser()),
+        hostfile=None if hostfile is None else str(Path(str(hostfile)).expanduser().resolve()),  # --apply writes it
     )
 
 
