@@ -95,7 +95,7 @@ class FakeManager:
 def managed(tiny_model, hf_home, isolated_env, tmp_path):
     port = free_port()
     config = tmp_path / "config.yaml"
-    config.write_text(f"model: {tiny_model}\nport: {port}\nmax_context_override: 512\ndrain_timeout_s: 5\n")
+    config.write_text(f"model: {tiny_model}\nport: {port}\nmax_context_override: 4096\ndrain_timeout_s: 5\n")
     spec = service.build_spec(python=sys.executable,
                               config_path=config, home=isolated_env, drain_timeout_s=5,
                               environment={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
@@ -114,7 +114,8 @@ def test_kill_9_mid_stream_then_the_rendered_rules_restart_it_on_the_same_port_b
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{managed.port}/v1", api_key="unused", max_retries=0, timeout=60)
     model = httpx.get(f"http://127.0.0.1:{managed.port}/v1/models").json()["data"][0]["id"]
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=450, temperature=0, stream=True)
+        model=model, messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=4000, temperature=0, stream=True)
+    # 4,000 tokens: still decoding when the kill comes (a 450-token stream could end first on a loaded machine)
     chunks = iter(stream)
     next(c for c in chunks if c.choices and c.choices[0].delta.content)  # decoding now
 

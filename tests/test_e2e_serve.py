@@ -237,8 +237,11 @@ def test_queue_full_answers_429_with_retry_after_then_drains(serial_server):
     assert again.status_code == 200
 
 
-def test_client_disconnect_frees_the_slot_within_a_second(server):
-    body = {"model": server.model, "messages": MESSAGES, "max_tokens": 450, "temperature": 0, "stream": True}
+def test_client_disconnect_frees_the_slot_within_a_second(serve_factory):
+    # 4,000 tokens to go: the stream is still decoding when the client hangs up (450 on the shared 512-token
+    # server once finished before the first health check under load, and the test proved nothing).
+    server = serve_factory("--max-context", "4096")
+    body = {"model": server.model, "messages": MESSAGES, "max_tokens": 4000, "temperature": 0, "stream": True}
     with httpx.Client(base_url=server.base, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()  # kept referenced: closing the generator would close the stream
