@@ -39,6 +39,9 @@ SPECS = {
     "e2e/small": TinyModelSpec(hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=128),
     "e2e/big": TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=4, intermediate_size=1024),
     "e2e/huge": TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=4, intermediate_size=8192),
+    # KV and prefill activations large beside the runtime baseline (16 KiB of KV a token): the replay test
+    "e2e/kvheavy": TinyModelSpec(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=8,
+                                 intermediate_size=1024, vocab_size=1024),
     "e2e/mid": TinyModelSpec(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
                              intermediate_size=1024, vocab_size=2048),
 }
@@ -87,9 +90,9 @@ def budget_between(models, fits: str, too_big: str) -> str:
     return f"{(low + high) / 2 / memory.GIB:.6f}"
 
 
-def autotune_cli(tmp_path, *args, timeout=840):
+def autotune_cli(tmp_path, *args, timeout=840, target_context=256):
     argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
-            "--target-context", "256", "--stage2-replicates", "1", "--port", str(free_port()), *args]
+            "--target-context", str(target_context), "--stage2-replicates", "1", "--port", str(free_port()), *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
@@ -159,6 +162,28 @@ def test_memory_estimate_within_ten_percent_with_and_without_kv_bits(tmp_path, e
     assert "memory_peak:" in result.stdout
 
 
+def test_memory_estimate_within_ten_percent_on_the_real_model(tmp_path, real_model):
+    """SmolLM2-135M-Instruct (the `real_model` import, served with weights_dtype auto: float32 on MLX's CPU
+    backend), kv-bits unset and 8 × max-batch 1 and 2: every trial's estimate within ±10 % of its measured
+    peak. The synthetic probe (a 64-token answer a stream) takes ~7 min here on MLX's CPU matmul, so the
+    trials replay a short workload file instead (two 40-token prompts, 2 tokens each, sent together): same
+    trial machinery, same estimate, same measured peak; max-batch 2 holds two live sequences."""
+    from macprovider.workload import RequestShape, shapes_jsonl
+
+    shapes = tmp_path / "shapes.jsonl"
+    shapes.write_text(shapes_jsonl([RequestShape(40, 0, 2, 2)] * 2))
+    result = autotune_cli(tmp_path, "--candidate-models", real_model, "--kv-bits-axis", "unset,8",
+                          "--max-batch-axis", "1,2", "--workload", str(shapes), "--json", target_context=96)
+    assert result.returncode == 0, result.stderr
+    rows = assert_memory_estimates_within(tmp_path, expect=5)
+    assert {(r["kv_bits"], r["max_batch"]) for r in rows if r["stage"] == 2} == {
+        (kv, b) for kv in (None, 8) for b in (1, 2)}
+    # the real model's weights dominate: float32 copy of 135 M parameters (> 500 MiB), as served
+    assert all(r["memory_weights_bytes"] > 500 * memory.MIB for r in rows)
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    assert all(abs(t["memory_estimate_error"]) <= 0.10 for t in report["trials"])
+
+
 def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tmp_path, e2e_models):
     from macprovider.workload import RequestShape, shapes_jsonl
 
@@ -187,6 +212,28 @@ def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tm
     assert f"workload:          file (4 of 4 shapes from {shapes}" in result.stdout
     assert not list(tmp_path.glob("**/workload.jsonl"))  # candidates never record the probe as the operator's
     assert_memory_estimates_within(tmp_path, expect=3)
+
+
+def test_memory_estimate_within_ten_percent_replaying_eight_concurrent_agents(tmp_path, e2e_models):
+    """Eight requests in flight, each a 400-token prompt whose first 300 tokens the prefix cache holds: the
+    estimate (live KV, prompt cache, prefill of the uncached rests) stays within ±10 % of the measured peak.
+    Counting eight whole prompts' prefill measured +13.6 % here (issue 15)."""
+    from macprovider.workload import RequestShape, shapes_jsonl
+
+    shapes = tmp_path / "agents.jsonl"
+    shapes.write_text(shapes_jsonl([RequestShape(400, 300, 16, 8)] * 8))
+    result = autotune_cli(tmp_path, "--candidate-models", "e2e/kvheavy", "--kv-bits-axis", "unset",
+                          "--max-batch-axis", "8", "--workload", str(shapes), "--json", target_context=512)
+    assert result.returncode == 0, result.stderr
+    rows = assert_memory_estimates_within(tmp_path, expect=2)
+    (batch8,) = [r for r in rows if r["stage"] == 2]
+    assert batch8["max_batch"] == 8
+    # the variable terms matter here: KV, prompt cache and prefill are over a third of the estimate
+    assert batch8["memory_kv_bytes"] + batch8["memory_prompt_cache_bytes"] + batch8["memory_prefill_bytes"] > (
+        batch8["memory_estimate_bytes"] / 3)
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    stage2 = [t for t in report["trials"] if t["stage"] == 2]
+    assert stage2[0]["cached_prompt_tokens"] >= 8 * 250  # the prefixes really came from the cache
 
 
 def test_operator_order_is_honoured(tmp_path, e2e_models):

@@ -156,6 +156,13 @@ def test_estimate_terms_add_up(model_src):
     worst = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
                             sequence_tokens=9000, prompt_tokens=9000, live_sequences=9)
     assert worst.kv == kv_bytes(shape, 4 * 2048, None) and worst.prefill == shape.prefill_bytes(2000, 4)
+    # prefix reuse: four requests prefill only their 50 uncached tokens (scores against the 400-token prompt),
+    # or one prompt is prefilled whole (the warm-up), whichever is larger
+    reuse = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
+                            sequence_tokens=420, prompt_tokens=400, live_sequences=4, prefill_tokens=50)
+    assert reuse.prefill == max(shape.prefill_bytes(50, 4, keys=400), shape.prefill_bytes(400, 1))
+    assert reuse.prefill < shape.prefill_bytes(400, 4)  # what counting four whole prompts gave
+    assert shape.prefill_bytes(50, 4, keys=400) > shape.prefill_bytes(50, 4)  # the scores span the whole prompt
     assert replace_budget(est).note().startswith("memory estimate ") and "baseline 0.10" in replace_budget(est).note()
 
 

@@ -45,6 +45,9 @@ def test_replayed_prompts_have_the_recorded_sizes_concurrency_and_shared_prefix(
             assert room - 12 <= shared <= cached
         else:
             assert shared < 8  # only the chat template's opening
+    # the warm-up leaves each shape's prefix in the cache: a request prefills only the rest of its prompt
+    assert workload.memory_shape()["prefill_tokens"] == max(
+        prompt - workload.reused_tokens(prompt, cached) for prompt, cached, _ in workload.fits) == 60
     again = workload.round(1, 1, seed=7)
     assert all(a.messages != b.messages for a, b in zip(requests, again))  # each replicate its own filler
 

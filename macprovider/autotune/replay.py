@@ -105,14 +105,21 @@ class ReplayWorkload(Workload):
         return len(self.shapes)
 
     def memory_shape(self) -> dict[str, int | None]:
-        """The longest replayed sequence (prompt + max_tokens), the longest prompt (the warm-up's included) and
-        the most requests in flight, for memory.estimate."""
+        """The longest replayed sequence (prompt + max_tokens), the longest prompt (the warm-up's included), the
+        most requests in flight and the longest uncached rest of a replayed prompt (the warm-up leaves each
+        shape's cached prefix in the provider's prefix cache), for memory.estimate."""
         longest_prompt = max(max(prompt for prompt, _, _ in self.fits), max(cached for _, cached, _ in self.fits) + 1)
         return {
             "sequence_tokens": max(prompt + out for prompt, _, out in self.fits),
             "prompt_tokens": longest_prompt,
             "live_sequences": max(shape.concurrency for shape in self.shapes),
+            "prefill_tokens": max(prompt - self.reused_tokens(prompt, cached) for prompt, cached, _ in self.fits),
         }
+
+    def reused_tokens(self, prompt: int, cached: int) -> int:
+        """Tokens of a fitted shape's prompt taken from the shared document (at most its cached prefix, leaving
+        room for the probe's head line): what the provider's prefix cache serves."""
+        return max(0, min(cached, prompt - self._head_tokens))
 
     def cached_tokens(self, max_context: int, max_batch: int, replicates: int) -> int:
         """Tokens the warm-up and the newest PROMPT_CACHE_ENTRIES replayed requests leave in the prefix cache."""
@@ -134,7 +141,7 @@ class ReplayWorkload(Workload):
         """Every replayed shape, in order, at its recorded concurrency."""
         requests = []
         for i, (shape, (prompt, cached, out)) in enumerate(zip(self.shapes, self.fits)):
-            room = max(0, min(cached, prompt - self._head_tokens))
+            room = self.reused_tokens(prompt, cached)
             messages, _ = self.messages(seed + 1 + replicate * len(self.shapes) + i, prompt, self.prefix(room))
             requests.append(ProbeRequest(messages, out, shape.concurrency))
         return requests
