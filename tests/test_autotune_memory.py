@@ -156,12 +156,19 @@ def test_estimate_terms_add_up(model_src):
     worst = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
                             sequence_tokens=9000, prompt_tokens=9000, live_sequences=9)
     assert worst.kv == kv_bytes(shape, 4 * 2048, None) and worst.prefill == shape.prefill_bytes(2000, 4)
-    # prefix reuse: four requests prefill only their 50 uncached tokens (scores against the 400-token prompt),
-    # or one prompt is prefilled whole (the warm-up), whichever is larger
-    reuse = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
-                            sequence_tokens=420, prompt_tokens=400, live_sequences=4, prefill_tokens=50)
-    assert reuse.prefill == max(shape.prefill_bytes(50, 4, keys=400), shape.prefill_bytes(400, 1))
-    assert reuse.prefill < shape.prefill_bytes(400, 4)  # what counting four whole prompts gave
+    # a replay: four short requests in flight together (50 uncached tokens of 100 each), then a 400-token
+    # prompt alone, 300 of it from the prefix cache. Live KV: the larger window (4 × 256 > 1 × 512 tokens);
+    # prefill: one whole prompt (the warm-up) or a window's rows prefilling their uncached rest together.
+    windows = [[(120, 50)], [(120, 50), (120, 50)], [(120, 50)] * 3, [(120, 50)] * 4, [(420, 100)]]
+    replay = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
+                             sequence_tokens=420, prompt_tokens=400, live_sequences=4, live_windows=windows)
+    assert replay.kv == kv_bytes(shape, 4 * 256, None) < kv_bytes(shape, 4 * 512, None)
+    assert replay.prefill == max(shape.prefill_bytes(400, 1), shape.prefill_bytes(50, 4, keys=400),
+                                 shape.prefill_bytes(100, 1, keys=400))
+    assert replay.prefill < shape.prefill_bytes(400, 4)  # what counting four whole prompts gave
+    narrow = memory.estimate(model_src, config, max_context=2000, max_batch=2, kv_bits=None, budget=memory.GIB,
+                             sequence_tokens=420, prompt_tokens=400, live_sequences=4, live_windows=windows)
+    assert narrow.kv == kv_bytes(shape, 512, None)  # max-batch 2 holds two of the four: 2 × 256 = 1 × 512
     assert shape.prefill_bytes(50, 4, keys=400) > shape.prefill_bytes(50, 4)  # the scores span the whole prompt
     assert replace_budget(est).note().startswith("memory estimate ") and "baseline 0.10" in replace_budget(est).note()
 

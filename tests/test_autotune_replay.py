@@ -45,9 +45,12 @@ def test_replayed_prompts_have_the_recorded_sizes_concurrency_and_shared_prefix(
             assert room - 12 <= shared <= cached
         else:
             assert shared < 8  # only the chat template's opening
-    # the warm-up leaves each shape's prefix in the cache: a request prefills only the rest of its prompt
-    assert workload.memory_shape()["prefill_tokens"] == max(
-        prompt - workload.reused_tokens(prompt, cached) for prompt, cached, _ in workload.fits) == 60
+    # live windows: each request with the ones sent before it, as many as its concurrency; the warm-up leaves
+    # each shape's prefix in the cache, so a request prefills only the rest of its prompt
+    rows = [(prompt + out, prompt - workload.reused_tokens(prompt, cached)) for prompt, cached, out in workload.fits]
+    assert [r[1] for r in rows] == [120 - workload.reused_tokens(120, 80), 60, 128 - workload.reused_tokens(128, 127)]
+    assert rows[1] == (124, 60) and rows[0][1] < 120
+    assert workload.memory_shape()["live_windows"] == [rows[:1], rows[1:2], rows[:3]]
     again = workload.round(1, 1, seed=7)
     assert all(a.messages != b.messages for a, b in zip(requests, again))  # each replicate its own filler
 

@@ -20,7 +20,13 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
   kv_live      live sequences × allocated tokens × KV bytes per token. Live sequences = max_batch, or fewer
                when the workload never has that many requests in flight; a sequence's tokens = max_context,
                or the workload's longest prompt + max_tokens when that is less (a KV cache only grows as far
-               as its sequence does). Allocated tokens = those tokens rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
+               as its sequence does; mlx-lm's BatchKVCache left-pads every row to the longest one, so the
+               batch holds live sequences × the longest). A replayed workload names which requests can be in
+               flight together (`live_windows`: each request with the ones sent before it, as many as its
+               recorded concurrency — the replay sends in order and the engine admits FIFO): the term is the
+               largest window's min(size, max_batch) × its longest sequence. Four concurrent short chats and
+               one long agent prompt at a time no longer count as four long sequences (measured on SmolLM2,
+               recorded workload, max-batch 4: +16.3 % before, issue 15). Allocated tokens = those tokens rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
                BatchQuantizedKVCache grow by the same step). KV bytes per token = 2 (K and V) × layers ×
                kv_heads (GQA: `num_key_value_heads`) × head_dim × bytes per element, where bytes per element
                is the activation dtype size at full precision, and with kv-bits b it is b/8 + 2 × dtype
@@ -40,12 +46,12 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                MLX's CPU `scaled_dot_product_attention` materialises; Metal's fused kernel does not, so there
                the term is an upper bound). chunk = min(PREFILL_STEP_SIZE, max_context, the workload's longest
                prompt); prompts prefilled together = the live sequences.
-               A replayed workload that reuses prefixes prefills only the uncached rest of a prompt (engine
+               A replayed workload prefills only the uncached rest of a prompt that reuses a prefix (engine
                `_admit` inserts `rest` after `LRUPromptCache.fetch_nearest_cache`): there the term is the larger
-               of the live sequences prefilling the longest uncached rest together (chunk = that rest, scores
-               against the whole prompt as keys) and one request prefilling the longest prompt alone (the
-               warm-up, or a cold request). Counting full prompts for every live sequence over-counted by
-               ~2 × the prefill at high concurrency (measured: +13.6 % → −1.9 % at 8 in flight, issue 15).
+               of one request prefilling the longest prompt alone (the warm-up, or a cold request) and, over
+               the `live_windows`, min(size, max_batch) requests prefilling the window's longest uncached rest
+               together (chunk = that rest, scores against the longest prompt as keys). Counting whole prompts
+               for every live sequence measured +13.6 % at 8 in flight (issue 15).
   baseline     the runtime's own footprint: the RSS of a bare child that imports what `macprovider serve`
                imports (MLX, mlx-lm, the HTTP server) and allocates nothing, measured once per machine and
                runtime (`runtime_baseline_bytes`, cached in the config directory).
@@ -256,7 +262,7 @@ def estimate(
     sequence_tokens: int | None = None,
     prompt_tokens: int | None = None,
     live_sequences: int | None = None,
-    prefill_tokens: int | None = None,
+    live_windows: Sequence[Sequence[tuple[int, int]]] | None = None,
     on_cpu: bool | None = None,
     available_bytes: int | None = None,
 ) -> MemoryEstimate:
@@ -267,8 +273,9 @@ def estimate(
     prompt_cache_bytes: the serving child's `prompt_cache_bytes` (default: `Settings` default).
     sequence_tokens / prompt_tokens / live_sequences: the workload's longest sequence (prompt + max_tokens),
     longest prompt, and most requests in flight; None = the knobs' worst case (max_context, max_context,
-    max_batch). Each is capped by its knob. prefill_tokens: the longest uncached rest of a prompt when the
-    workload reuses prefixes (module docstring, prefill); None = every prompt is prefilled whole. on_cpu / available_bytes: MLX's backend and the memory available
+    max_batch). Each is capped by its knob. live_windows: for a replayed workload, per request the
+    (sequence tokens, uncached prompt tokens) of it and of the requests that may be in flight with it, newest
+    last (module docstring, kv_live and prefill); None = live_sequences of the longest. on_cpu / available_bytes: MLX's backend and the memory available
     to the child, for the weights' served dtype (default: `mlx_on_cpu()`, psutil's available memory).
     Raises SafetensorsError/OSError/ValueError/KeyError when the files cannot be read.
     """
@@ -285,26 +292,47 @@ def estimate(
         weights=served_weights_bytes(
             model_dir, config, on_cpu=mlx_on_cpu() if on_cpu is None else on_cpu, available_bytes=available_bytes
         ),
-        kv=kv_bytes(shape, live * allocated_tokens(min(max_context, sequence_tokens or max_context)), kv_bits),
+        kv=kv_bytes(shape, live_kv_tokens(max_context, live, sequence_tokens, live_windows), kv_bits),
         prompt_cache=min(cap, kv_bytes(shape, cached_tokens, kv_bits)),
-        prefill=prefill_term(shape, max_context, live, prompt_tokens, prefill_tokens),
+        prefill=prefill_term(shape, max_context, live, prompt_tokens, live_windows),
         baseline=baseline,
         budget=budget,
     )
 
 
-def prefill_term(
-    shape: ModelShape, max_context: int, live: int, prompt_tokens: int | None, prefill_tokens: int | None
+def _live(window: Sequence[tuple[int, int]], live: int) -> Sequence[tuple[int, int]]:
+    """The newest min(len(window), live) entries of a live window: what the batch can hold at once."""
+    return window[-max(1, min(len(window), live)):]
+
+
+def live_kv_tokens(
+    max_context: int, live: int, sequence_tokens: int | None, live_windows: Sequence[Sequence[tuple[int, int]]] | None
 ) -> int:
-    """The prefill term (module docstring): `live` whole prompts of the longest prompt, or, when the workload
-    reuses prefixes (`prefill_tokens` = the longest uncached rest), the larger of `live` rests and one whole
-    prompt alone. Bytes."""
+    """Allocated KV tokens of the live batch (module docstring, kv_live): `live` × the longest sequence, or the
+    largest live window's rows × its longest sequence. Tokens."""
+    if not live_windows:
+        return live * allocated_tokens(min(max_context, sequence_tokens or max_context))
+    return max(
+        len(rows) * allocated_tokens(min(max_context, max(seq for seq, _ in rows)))
+        for rows in (_live(w, live) for w in live_windows)
+    )
+
+
+def prefill_term(
+    shape: ModelShape, max_context: int, live: int, prompt_tokens: int | None,
+    live_windows: Sequence[Sequence[tuple[int, int]]] | None,
+) -> int:
+    """The prefill term (module docstring): `live` whole prompts of the longest prompt, or, for a replay
+    (`live_windows`), the larger of one whole longest prompt and a window's rows prefilling its longest
+    uncached rest together. Bytes."""
     prompt = min(max_context, prompt_tokens or max_context)
     whole = shape.prefill_bytes(min(PREFILL_STEP_SIZE, prompt), 1)
-    if prefill_tokens is None:
+    if not live_windows:
         return live * whole
-    rest = min(PREFILL_STEP_SIZE, prompt, max(1, prefill_tokens))
-    return max(whole, shape.prefill_bytes(rest, live, keys=prompt))
+    return max([whole] + [
+        shape.prefill_bytes(min(PREFILL_STEP_SIZE, prompt, max(1, max(rest for _, rest in rows))), len(rows), keys=prompt)
+        for rows in (_live(w, live) for w in live_windows)
+    ])
 
 
 def relative_error(estimate_bytes: int | None, measured_bytes: int | None) -> float | None:

@@ -104,16 +104,19 @@ class ReplayWorkload(Workload):
     def requests_per_round(self, max_batch: int) -> int:
         return len(self.shapes)
 
-    def memory_shape(self) -> dict[str, int | None]:
+    def memory_shape(self) -> dict[str, Any]:
         """The longest replayed sequence (prompt + max_tokens), the longest prompt (the warm-up's included), the
-        most requests in flight and the longest uncached rest of a replayed prompt (the warm-up leaves each
-        shape's cached prefix in the provider's prefix cache), for memory.estimate."""
+        most requests in flight, and the live windows: per request, (prompt + max_tokens, uncached rest of the
+        prompt — the warm-up leaves each shape's cached prefix in the provider's prefix cache) of it and of
+        the requests sent before it that may still run (its recorded concurrency; a round is replayed in
+        order and finishes before the next), for memory.estimate."""
+        rows = [(prompt + out, prompt - self.reused_tokens(prompt, cached)) for prompt, cached, out in self.fits]
         longest_prompt = max(max(prompt for prompt, _, _ in self.fits), max(cached for _, cached, _ in self.fits) + 1)
         return {
             "sequence_tokens": max(prompt + out for prompt, _, out in self.fits),
             "prompt_tokens": longest_prompt,
             "live_sequences": max(shape.concurrency for shape in self.shapes),
-            "prefill_tokens": max(prompt - self.reused_tokens(prompt, cached) for prompt, cached, _ in self.fits),
+            "live_windows": [rows[max(0, i + 1 - shape.concurrency):i + 1] for i, shape in enumerate(self.shapes)],
         }
 
     def reused_tokens(self, prompt: int, cached: int) -> int:
