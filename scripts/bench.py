@@ -275,6 +275,8 @@ def main() -> int:
         help="also run ours with serve --weights-dtype DTYPE (e.g. native: the checkpoint's quantized weights) and print ours / that",
     )
     args = parser.parse_args()
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so each `finally: server.stop()` kills its server's group.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     import mlx.core as mx
     import mlx_lm
