@@ -230,3 +230,23 @@ def test_store_is_bounded_by_count_and_bytes():
     assert len(store) == 1
     store.delete("big2")
     assert len(store) == 0 and store.bytes == 0
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_on_chat_and_responses():
+    # OpenAI's `parallel_tool_calls: false`, through the same core as Anthropic's disable_parallel_tool_use.
+    second = ("<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n', "</tool_call>")
+    chat_tool = {"type": "function", "function": {"name": WEATHER["name"], "description": WEATHER["description"], "parameters": WEATHER["parameters"]}}
+    ask = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+    with serving(FakeEngine(script=Script(chunks=CALL + second), tool_markup=JSON_TOOL_MARKUP)) as server:
+        client = client_for(server)
+        both = client.chat.completions.create(model=MODEL, messages=ask, tools=[chat_tool])
+        assert [json.loads(c.function.arguments)["city"] for c in both.choices[0].message.tool_calls] == ["Paris", "Rome"]
+        one = client.chat.completions.create(model=MODEL, messages=ask, tools=[chat_tool], parallel_tool_calls=False)
+        assert [json.loads(c.function.arguments)["city"] for c in one.choices[0].message.tool_calls] == ["Paris"]
+        assert one.choices[0].finish_reason == "tool_calls"
+        chunks = list(client.chat.completions.create(model=MODEL, messages=ask, tools=[chat_tool], parallel_tool_calls=False, stream=True))
+        streamed = [part for chunk in chunks if chunk.choices for part in chunk.choices[0].delta.tool_calls or []]
+        assert {part.index for part in streamed} == {0}
+        response = client.responses.create(model=MODEL, input=ask[0]["content"], tools=[WEATHER], parallel_tool_calls=False)
+        calls = [item for item in response.output if item.type == "function_call"]
+        assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris"] and response.parallel_tool_calls is False

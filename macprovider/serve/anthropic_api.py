@@ -38,8 +38,8 @@ def prepare(data: dict[str, Any], model_id: str) -> tuple[Turn, "AnthropicSurfac
         stop=tuple(request.stop_sequences or ()),
         grammar=grammar,
     )
-    turn = Turn(shapes.chat_messages(request), generation, tools=tools, tool_choice=choice)
-    return turn, AnthropicSurface(request.model, bool(request.stream), max_tool_uses=1 if request.single_tool_use else None)
+    turn = Turn(shapes.chat_messages(request), generation, tools=tools, tool_choice=choice, parallel_tool_calls=not request.single_tool_use)
+    return turn, AnthropicSurface(request.model, bool(request.stream))
 
 
 def count_turn(data: dict[str, Any], model_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -65,16 +65,10 @@ class AnthropicSurface:
 
     error_response = staticmethod(error_response)
 
-    def __init__(self, model: str, streaming: bool, max_tool_uses: int | None = None):
-        """max_tool_uses: keep at most this many tool_use blocks (1 for `disable_parallel_tool_use`); None = all."""
+    def __init__(self, model: str, streaming: bool):
         self.model = model
         self.streaming = streaming
-        self.max_tool_uses = max_tool_uses
         self.id = shapes.new_id("msg")
-
-    def _kept(self, calls: list[dict[str, Any]], seen: int) -> list[dict[str, Any]]:
-        """The calls that may still be sent after `seen` were sent."""
-        return calls if self.max_tool_uses is None else calls[: max(0, self.max_tool_uses - seen)]
 
     async def events(self, generation: Generation) -> AsyncIterator[bytes]:
         """The event stream (see the module docstring)."""
@@ -83,7 +77,6 @@ class AnthropicSurface:
         yield sse("ping", {})
         index = -1
         text_open = False
-        sent_calls = 0
         async for delta in generation.deltas():
             if delta.text:
                 if not text_open:
@@ -91,8 +84,7 @@ class AnthropicSurface:
                     text_open = True
                     yield sse("content_block_start", {"index": index, "content_block": shapes.text_block("")})
                 yield sse("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": delta.text}})
-            for call in self._kept(delta.calls, sent_calls):
-                sent_calls += 1
+            for call in delta.calls:
                 if text_open:
                     yield sse("content_block_stop", {"index": index})
                     text_open = False
@@ -118,6 +110,6 @@ class AnthropicSurface:
             return self.error_response(generation.error)
         assert generation.usage is not None
         content = [shapes.text_block(text)] if text or not calls else []
-        content += [shapes.tool_use_block(call) for call in self._kept(calls, 0)]
+        content += [shapes.tool_use_block(call) for call in calls]
         stop = shapes.stop_reason(generation.finish_reason, generation.stop_sequence)
         return JSONResponse(shapes.message_object(self.id, self.model, content, stop, generation.stop_sequence, shapes.usage_object(generation.usage)))

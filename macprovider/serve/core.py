@@ -38,6 +38,8 @@ class Turn:
     param: the request field the prompt came from, named by the 400 (empty) and 413 (too long) errors.
     tools: OpenAI-shaped function tools `{"type": "function", "function": {name, description, parameters}}`.
     tool_choice: "auto", "none", "required" or a function name (forced by constrained decoding).
+    parallel_tool_calls: False keeps only the first tool call of the answer (OpenAI `parallel_tool_calls:
+        false`, Anthropic `tool_choice.disable_parallel_tool_use`); the rest of the markup is dropped.
     request: sampling, stop strings, seed, logprobs, grammar; its `prompt_tokens` are filled in by `start`.
     """
 
@@ -47,6 +49,7 @@ class Turn:
     param: str = "messages"
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str = "none"
+    parallel_tool_calls: bool = True
 
 
 @dataclass
@@ -66,8 +69,11 @@ class Generation:
     "tool_calls"), `usage` and `stop_sequence` (the request stop string that ended it, if one did) are.
     `close()` cancels the sequence unless it finished (idempotent)."""
 
-    def __init__(self, handle: Any, splitter: Any, draining: Callable[[], bool], prompt_tokens: int):
+    def __init__(self, handle: Any, splitter: Any, draining: Callable[[], bool], prompt_tokens: int, max_calls: int | None = None):
+        """max_calls: pass at most this many tool calls to the client (None: all)."""
         self.handle = handle
+        self.max_calls = max_calls
+        self.passed_calls = 0
         self.splitter = splitter  # engine.tool_calls.ToolCallSplitter when the turn has tools
         self.draining = draining
         self.prompt_tokens = prompt_tokens
@@ -85,6 +91,12 @@ class Generation:
             return ApiError(503, "cancelled", chunk.error or "the request was cancelled")
         return ApiError(500, "internal_error", (chunk and chunk.error) or "generation ended without a result")
 
+    def _passed(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.max_calls is not None:
+            calls = calls[: max(0, self.max_calls - self.passed_calls)]
+        self.passed_calls += len(calls)
+        return calls
+
     async def deltas(self) -> AsyncIterator[Delta]:
         """The output as it arrives; a partial tool call cut off by `max_tokens` is flushed at the end."""
         final = None
@@ -92,6 +104,7 @@ class Generation:
             async for chunk in self.handle:
                 if chunk.text or chunk.logprobs:
                     text, calls = self.splitter.feed(chunk.text) if self.splitter else (chunk.text, [])
+                    calls = self._passed(calls)
                     if text or calls or chunk.logprobs:
                         yield Delta(text, calls, chunk.logprobs)
                 if chunk.finish_reason is not None:
@@ -104,6 +117,7 @@ class Generation:
             return
         if self.splitter is not None:
             text, calls = self.splitter.finish()
+            calls = self._passed(calls)
             if text or calls:
                 yield Delta(text, calls)
             self.calls = self.splitter.calls
@@ -160,7 +174,7 @@ async def start(engine: EngineProtocol, turn: Turn, draining: Callable[[], bool]
     handle = engine.submit(request)
     if track is not None:
         handle = track(handle, len(tokens))
-    return Generation(handle, splitter, draining, len(tokens))
+    return Generation(handle, splitter, draining, len(tokens), max_calls=None if turn.parallel_tool_calls else 1)
 
 
 # ---------------------------------------------------------------------------------------------- streaming

@@ -31,7 +31,8 @@ def prepare_chat(data: dict[str, Any], model_id: str) -> tuple[Turn, "OpenAISurf
     body = schemas.parse_chat(data)
     check_model(body.model, model_id)
     tools, choice = body.tool_spec
-    turn = Turn(schemas.normalize_messages(body), body.generation_request([], body.wanted_tokens), tools=tools, tool_choice=choice)
+    turn = Turn(schemas.normalize_messages(body), body.generation_request([], body.wanted_tokens), tools=tools, tool_choice=choice,
+                parallel_tool_calls=body.parallel_tool_calls is not False)
     return turn, OpenAISurface(model_id, chat=True, streaming=body.streaming, include_usage=_include_usage(body))
 
 

@@ -98,7 +98,7 @@ def prepare(data: dict[str, Any], model_id: str, store: ResponseStore) -> tuple[
         top_p=1.0 if request.top_p is None else request.top_p,
         grammar=grammar,
     )
-    turn = Turn(messages, generation, param="input", tools=tools, tool_choice=choice)
+    turn = Turn(messages, generation, param="input", tools=tools, tool_choice=choice, parallel_tool_calls=request.parallel_tool_calls is not False)
     return turn, ResponsesSurface(request, store, conversation)
 
 
