@@ -300,7 +300,8 @@ def _listening_serve_child(pid: int, port: int) -> psutil.Process | None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, e2e_models, sig):
     port = free_port()
-    argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
+    # -X faulthandler: if the tuner does not exit, SIGABRT makes it print every thread's stack (in the failure).
+    argv = [sys.executable, "-X", "faulthandler", "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
             "--target-context", "256", "--candidate-models", "e2e/small", "--port", str(port), "--drain-grace", "5"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
     try:
@@ -317,7 +318,12 @@ def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
             assert time.monotonic() < stop_by, child.status()
             time.sleep(0.01)
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            raise AssertionError(f"autotune did not exit within 60 s of signal {sig}; its threads:\n{err[-6000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

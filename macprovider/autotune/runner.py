@@ -4,7 +4,7 @@
 evaluator lives here: pre-warm → memory pre-check → candidate provider child → probe → Trial. Every
 ending of SPEC.md §5.12 goes through the same `finally`: the trial in flight is recorded (by the search
 stage), any drained provider is restored (after `--apply`), the run row gets its exit_reason, and the
-report is printed. SIGTERM is turned into KeyboardInterrupt so both signals end as `interrupted` (130).
+report is printed. SIGINT and SIGTERM raise KeyboardInterrupt directly, so both end as `interrupted` (130).
 """
 
 from __future__ import annotations
@@ -81,7 +81,12 @@ class RunOutcome:
     report: dict[str, Any] | None
 
 
-def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
+def _signal_to_interrupt(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt at once, wherever the main thread is. Installed for SIGINT
+    too, so `asyncio.run` (the probe) keeps it instead of installing its own SIGINT handler, which only cancels
+    the probe task and raises after the task unwinds. Under a CPU burner a SIGINT during a trial twice left
+    the tuner running past 60 s (cause inside that path not isolated) while SIGTERM, raised directly, always
+    ended it; both signals now take SIGTERM's path."""
     raise KeyboardInterrupt
 
 
@@ -174,9 +179,10 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     alternates: list[str] = []
     conflicts = None
     messages: list[str] = []
-    old_sigterm = None
+    old_handlers: dict[int, Any] = {}
     if _in_main_thread():
-        old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        old_handlers = {sig: signal.signal(sig, _signal_to_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+                        if signal.getsignal(sig) != signal.SIG_IGN}  # an ignored signal stays ignored (nohup, `&`)
     try:
         try:
             with progress:
@@ -238,8 +244,8 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
             exit_reason = "internal_error"
             messages.append(f"autotune: internal error: {exc.__class__.__name__}: {exc}")
         finally:
-            if old_sigterm is not None:
-                signal.signal(signal.SIGTERM, old_sigterm)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         apply_lines: list[str] = []
         if inputs.apply and exit_reason == "ok" and rec is not None:
             from macprovider.autotune.apply import apply_recommendation, owned_values, summary_line
