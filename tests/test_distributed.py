@@ -184,7 +184,7 @@ def _wait_for(predicate, timeout: float, what: str):
 def test_pipeline_under_mlx_launch_answers_like_one_process_and_stops_with_its_launcher(start):
     one = start(1, "--max-batch", "3")
     expected_greedy = _chat(one)
-    expected_long = _stream(one, "Write a short poem about the sea.", 60)
+    expected_long = _stream(one, "Write a short poem about the sea.", 400)
     expected_short = _stream(one, "Numbers:", 12)
     expected_schema = _schema_answer(one, seed=5)
     one.kill()
@@ -195,10 +195,11 @@ def test_pipeline_under_mlx_launch_answers_like_one_process_and_stops_with_its_l
     assert distributed["layers_per_stage"] == [2, 2]
     assert _chat(group) == expected_greedy
 
-    # Continuous batching with a late joiner: the short stream joins the running long one.
+    # Continuous batching with a late joiner: the short stream joins the running long one (400 tokens: with 60
+    # the long one once ended before the short one was admitted under stress-ng, peak 1).
     results: dict[str, str] = {}
     long_started = threading.Event()
-    runner = threading.Thread(target=lambda: results.setdefault("long", _stream(group, "Write a short poem about the sea.", 60, long_started)))
+    runner = threading.Thread(target=lambda: results.setdefault("long", _stream(group, "Write a short poem about the sea.", 400, long_started)))
     runner.start()
     assert long_started.wait(60)
     results["short"] = _stream(group, "Numbers:", 12)
@@ -259,7 +260,7 @@ def test_top_k_reaches_rank_0_and_mixed_top_k_batches_stay_in_lockstep(start):
     assert _anthropic_text(group, 24, temperature=1.0, top_k=1) == expected
     results: dict[str, str] = {}
     started = threading.Event()
-    runner = threading.Thread(target=lambda: results.setdefault("open", _anthropic_text(group, 80, started, temperature=1.0)))
+    runner = threading.Thread(target=lambda: results.setdefault("open", _anthropic_text(group, 400, started, temperature=1.0)))
     runner.start()
     assert started.wait(60)
     results["top_k"] = _anthropic_text(group, 24, temperature=1.0, top_k=1)
