@@ -141,3 +141,28 @@ def test_config_show_cli(isolated_env):
         timeout=60,
     )
     assert bad.returncode == 2 and "kv_bits" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_help_text_reaches_the_screen_unmarked():
+    """Help texts say "[default: …]"; rich markup read those brackets as tags and printed "Address to bind ."."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from macprovider.cli import app
+
+    def commands(group, path):
+        for name, command in getattr(group, "commands", {}).items():
+            yield path + [name], command
+            yield from commands(command, path + [name])
+
+    bracketed = 0
+    for path, command in commands(typer.main.get_command(app), []):
+        if getattr(command, "commands", None):
+            continue
+        shown = " ".join(CliRunner().invoke(app, [*path, "--help"], terminal_width=200).output.split())
+        for param in command.params:
+            help_text = " ".join((getattr(param, "help", None) or "").split())
+            if "[" in help_text:
+                bracketed += 1
+                assert help_text in shown, (path, param.name, shown)
+    assert bracketed >= 10

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -29,12 +29,13 @@ from macprovider.commands.common import fail, user_errors
 from macprovider.errors import ConfigError
 from macprovider.parallel import PARALLEL_MODES, failed_rank_line, launch_argv, layers_per_rank, split_problem
 
-app = typer.Typer(help="Serve one model across several machines (mlx.launch + mx.distributed).", no_args_is_help=True)
+app = typer.Typer(help="Serve one model across several machines (mlx.launch + mx.distributed).", no_args_is_help=True, rich_markup_mode=None)
 
 LOCAL_HOST = "127.0.0.1"  # what mlx.launch runs without ssh
 PROBE_TIMEOUT_S = 60
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
 Runner = Callable[[list[str], float], "subprocess.CompletedProcess[str]"]
+PythonOption = Annotated[str, typer.Option("--python", help="Interpreter with macprovider on the hosts.")]
 
 
 def _run(argv: list[str], timeout: float) -> "subprocess.CompletedProcess[str]":
@@ -178,7 +179,7 @@ def _gib(value: Any) -> str:
 def check(
     hostfile: str = typer.Argument(..., help="mlx hostfile (JSON; `mlx.distributed_config` writes one)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model id every host must have cached."),
-    python: str = typer.Option(sys.executable, "--python", help="Interpreter with macprovider on the hosts."),
+    python: PythonOption = sys.executable,
     as_json: bool = typer.Option(False, "--json", help="Print JSON: {hosts[…], plans{…}, ok}."),
 ) -> None:
     """Check every host of HOSTFILE: reachable, same versions, model cached, memory budget. Exit 1 on a problem."""
@@ -247,17 +248,21 @@ def _checked_launch_argv(
 
 
 SERVE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
-HOSTFILE_HELP = "mlx hostfile (JSON) [default: hostfile in the config]."
+# `cluster print` and `cluster serve` take the same arguments (typer declares them per command).
+LaunchHostfile = Annotated[Optional[str], typer.Argument(help="mlx hostfile (JSON) [default: hostfile in the config].")]
+LaunchModel = Annotated[Optional[str], typer.Option("--model", help="Model id (cached on every host) [default: the config's model and knobs].")]
+LaunchParallel = Annotated[Optional[str], typer.Option("--parallel", help="pipeline or tensor [default: the config's, else pipeline].")]
+LaunchConfig = Annotated[Optional[str], typer.Option("--config", help="Config file the defaults come from.")]
 
 
 @app.command("print", context_settings=SERVE_CONTEXT)
 def print_cmd(
     ctx: typer.Context,
-    hostfile: Optional[str] = typer.Argument(None, help=HOSTFILE_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help="Model id (cached on every host) [default: the config's model and knobs]."),
-    parallel: Optional[str] = typer.Option(None, "--parallel", help="pipeline or tensor [default: the config's, else pipeline]."),
-    python: str = typer.Option(sys.executable, "--python", help="Interpreter with macprovider on the hosts."),
-    config: Optional[str] = typer.Option(None, "--config", help="Config file the defaults come from."),
+    hostfile: LaunchHostfile = None,
+    model: LaunchModel = None,
+    parallel: LaunchParallel = None,
+    python: PythonOption = sys.executable,
+    config: LaunchConfig = None,
 ) -> None:
     """Print the mlx.launch command that serves MODEL on every host of HOSTFILE (extra args go to serve)."""
     with user_errors():
@@ -268,11 +273,11 @@ def print_cmd(
 @app.command("serve", context_settings=SERVE_CONTEXT)
 def serve_cmd(
     ctx: typer.Context,
-    hostfile: Optional[str] = typer.Argument(None, help=HOSTFILE_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help="Model id (cached on every host) [default: the config's model and knobs]."),
-    parallel: Optional[str] = typer.Option(None, "--parallel", help="pipeline or tensor [default: the config's, else pipeline]."),
-    python: str = typer.Option(sys.executable, "--python", help="Interpreter with macprovider on the hosts."),
-    config: Optional[str] = typer.Option(None, "--config", help="Config file the defaults come from."),
+    hostfile: LaunchHostfile = None,
+    model: LaunchModel = None,
+    parallel: LaunchParallel = None,
+    python: PythonOption = sys.executable,
+    config: LaunchConfig = None,
 ) -> None:
     """Run the mlx.launch command; exit 1 when any rank failed (mlx.launch itself exits 0 even then)."""
     with user_errors():

@@ -9,7 +9,7 @@ import typer
 
 from macprovider.commands.common import user_errors
 
-app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
+app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("show")

@@ -18,7 +18,7 @@ import typer
 
 from macprovider.commands.common import fail, user_errors
 
-app = typer.Typer(help="Manage models in the local Hugging Face cache.", no_args_is_help=True)
+app = typer.Typer(help="Manage models in the local Hugging Face cache.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("list")

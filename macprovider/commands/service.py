@@ -17,15 +17,18 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 from macprovider.commands.common import fail, user_errors
 
-app = typer.Typer(help="Install and control the background service (launchd on macOS, systemd on Linux).", no_args_is_help=True)
+app = typer.Typer(help="Install and control the background service (launchd on macOS, systemd on Linux).", no_args_is_help=True, rich_markup_mode=None)
 
 _MANAGER_HELP = "launchd or systemd [default: launchd on macOS, systemd on Linux]."
 _CONFIG_HELP = "Config file the service serves with (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."
+ManagerOption = Annotated[Optional[str], typer.Option("--manager", help=_MANAGER_HELP)]
+ConfigOption = Annotated[Optional[str], typer.Option("--config", help=_CONFIG_HELP)]
 
 
 def _manager(name: str | None):
@@ -69,8 +72,8 @@ def _echo(lines: list[str]) -> None:
 
 @app.command("print")
 def print_cmd(
-    manager: str | None = typer.Option(None, "--manager", help=_MANAGER_HELP),
-    config: str | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    manager: ManagerOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Write the rendered launchd plist or systemd unit to stdout (changes nothing)."""
     with user_errors():
@@ -85,8 +88,8 @@ def print_cmd(
 
 @app.command("install")
 def install(
-    manager: str | None = typer.Option(None, "--manager", help=_MANAGER_HELP),
-    config: str | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    manager: ManagerOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Write the service file, replace any stale job, and start it (at every login from now on)."""
     from macprovider.errors import ServiceError
@@ -118,28 +121,28 @@ def install(
 
 
 @app.command("uninstall")
-def uninstall(manager: str | None = typer.Option(None, "--manager", help=_MANAGER_HELP)) -> None:
+def uninstall(manager: ManagerOption = None) -> None:
     """Stop the service and remove its file."""
     with user_errors():
         _echo(_manager(manager).uninstall())
 
 
 @app.command("start")
-def start(manager: str | None = typer.Option(None, "--manager", help=_MANAGER_HELP)) -> None:
+def start(manager: ManagerOption = None) -> None:
     """Start the installed service."""
     with user_errors():
         _echo(_manager(manager).start())
 
 
 @app.command("stop")
-def stop(manager: str | None = typer.Option(None, "--manager", help=_MANAGER_HELP)) -> None:
+def stop(manager: ManagerOption = None) -> None:
     """Stop the service (launchd: unload it until the next login or `service start`)."""
     with user_errors():
         _echo(_manager(manager).stop())
 
 
 @app.command("restart")
-def restart(manager: str | None = typer.Option(None, "--manager", help=_MANAGER_HELP)) -> None:
+def restart(manager: ManagerOption = None) -> None:
     """Restart the service, e.g. after `macprovider autotune --apply` changed the config."""
     with user_errors():
         _echo(_manager(manager).restart())
@@ -147,8 +150,8 @@ def restart(manager: str | None = typer.Option(None, "--manager", help=_MANAGER_
 
 @app.command("status")
 def status(
-    manager: str | None = typer.Option(None, "--manager", help=_MANAGER_HELP),
-    config: str | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    manager: ManagerOption = None,
+    config: ConfigOption = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Is the service installed, loaded, running (pid), on which port, and healthy? Exit 0 if running, else 3."""
