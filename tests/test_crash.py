@@ -24,6 +24,7 @@ import openai
 import pytest
 
 from macprovider.processes import die_with_parent
+from tests.readiness import wait_healthy
 from macprovider.service import spec as service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -79,16 +80,8 @@ class FakeManager:
         return (self.log_dir / f"serve-{self.starts}.log").read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None and self.process.poll() is None, self.log()
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"not ready in {timeout} s: {self.log()}")
+        alive = lambda: self.process is not None and self.process.poll() is None  # noqa: E731
+        wait_healthy(f"http://127.0.0.1:{self.port}", alive, self.log, timeout)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import pytest
 
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 from macprovider.processes import die_with_parent
+from tests.readiness import wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -92,16 +93,7 @@ class Group:
         return "\n".join(path.read_text(errors="replace") for path in self.logs)
 
     def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert all(p.poll() is None for p in self.processes), self.text()
-            try:
-                if httpx.get(self.base + "/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"not ready in {timeout} s:\n{self.text()}")
+        wait_healthy(self.base, lambda: all(p.poll() is None for p in self.processes), self.text, timeout)
 
     def wait_exit(self, timeout: float, ranks: int | None = None) -> list[int | None]:
         """Exit statuses of the first `ranks` processes (all by default), waiting up to `timeout` s."""

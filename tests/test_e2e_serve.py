@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from macprovider.processes import die_with_parent
+from tests.readiness import wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -46,16 +47,7 @@ class ServeProcess:
         self.base = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.stderr()
-            try:
-                if httpx.get(self.base + "/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready in {timeout} s: {self.stderr()}")
+        wait_healthy(self.base, lambda: self.process.poll() is None, self.stderr, timeout)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
