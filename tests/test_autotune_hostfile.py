@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shlex
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -160,6 +161,8 @@ def test_stage2_parallel_axis_keeps_the_faster_mode_and_apply_writes_it(tmp_path
     rec = outcome.report["recommendation"]
     assert rec["knobs"]["parallel"] == "tensor" and rec["layers_per_rank"] is None
     assert [t["knobs"]["parallel"] for t in outcome.report["trials"]] == ["pipeline", "pipeline", "tensor"]
+    stored = sqlite3.connect(tmp_path / "t.sqlite").execute("SELECT stage, parallel, kept FROM tune_trials ORDER BY id")
+    assert stored.fetchall() == [(1, "pipeline", 0), (2, "pipeline", 0), (2, "tensor", 1)]
     written = yaml.safe_load(config.read_text())
     assert written == {"port": 9000, "model": "org/big-7B", "max_context_override": 100, "max_concurrency_override": 1,
                        "parallel": "tensor", "hostfile": str(tmp_path / "hosts.json")}

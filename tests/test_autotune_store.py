@@ -62,12 +62,13 @@ def columns(db, table):
 def test_fresh_database_has_the_spec_tables_wal_and_indexes(tmp_path):
     db = tmp_path / "a.sqlite"
     store = Store(db)
-    assert store.schema_version == 4
+    assert store.schema_version == 5
     store.close()
     assert columns(db, "tune_runs") == SPEC_RUN_COLUMNS + ["objective", "workload"]
     assert columns(db, "tune_trials") == SPEC_TRIAL_COLUMNS + [
         "memory_estimate_bytes", "peak_memory_bytes", "memory_weights_bytes", "memory_kv_bytes",
-        "memory_prompt_cache_bytes", "memory_prefill_bytes", "memory_baseline_bytes", "mlx_peak_memory_bytes"]
+        "memory_prompt_cache_bytes", "memory_prefill_bytes", "memory_baseline_bytes", "mlx_peak_memory_bytes",
+        "parallel"]
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     indexed = {r[2] for r in conn.execute("SELECT * FROM sqlite_master WHERE type='index'").fetchall() if r[2]}
@@ -95,7 +96,7 @@ def test_prototype_database_is_migrated_in_place_with_stage_1(tmp_path):
     assert row_id > rows[0]["id"]
     store.close()
     assert columns(db, "tune_trials")[: len(SPEC_TRIAL_COLUMNS)] == SPEC_TRIAL_COLUMNS
-    assert Store(db).schema_version == 4  # reopening applies nothing twice
+    assert Store(db).schema_version == 5  # reopening applies nothing twice
 
 
 def test_run_row_lifecycle_and_trial_fields(tmp_path):

@@ -13,6 +13,8 @@ the migration that sets it). Migrations, applied in order when the store opens, 
        `memory_baseline_bytes` and `mlx_peak_memory_bytes`; from here on `peak_memory_bytes` is the measured
        peak of autotune.memory (MLX peak + runtime baseline; rows with a NULL `mlx_peak_memory_bytes` are
        older and hold the MLX peak alone). `tune_runs` gets `objective` and `workload`.
+    5  `tune_trials.parallel` (issue 13): the trial's parallel mode with `--hostfile` (pipeline | tensor),
+       NULL for a one-process trial and for every older row.
 
 Never edit a shipped migration: append a new one. The journal is WAL with synchronous=FULL and every
 write is one transaction, so a `kill -9` at any moment leaves the last committed state.
@@ -111,8 +113,13 @@ def _m4_memory_terms_objective_workload(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE tune_runs ADD COLUMN {column} TEXT")
 
 
+def _m5_parallel(conn: sqlite3.Connection) -> None:
+    if "parallel" not in _columns(conn, "tune_trials"):
+        conn.execute("ALTER TABLE tune_trials ADD COLUMN parallel TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _m1_prototype, _m2_stage_columns, _m3_memory_columns, _m4_memory_terms_objective_workload,
+    _m1_prototype, _m2_stage_columns, _m3_memory_columns, _m4_memory_terms_objective_workload, _m5_parallel,
 )
 
 
@@ -251,12 +258,13 @@ class Store:
             trial.memory_estimate_bytes,
             trial.peak_memory_bytes,
             trial.mlx_peak_memory_bytes,
+            trial.knobs.parallel,
             *((trial.memory_terms or {}).get(term) for term in MEMORY_TERM_COLUMNS.values()),
         )
         columns = (
             "ts_utc, run_id, stage, model, target_context, measured_prompt_tokens, max_tokens, agg_throughput_tps,"
             " ttft_p95_ms, fits, n_err, kept, notes, kv_bits, max_context_cap, max_batch, replicates_n,"
-            " memory_estimate_bytes, peak_memory_bytes, mlx_peak_memory_bytes, " + ", ".join(MEMORY_TERM_COLUMNS)
+            " memory_estimate_bytes, peak_memory_bytes, mlx_peak_memory_bytes, parallel, " + ", ".join(MEMORY_TERM_COLUMNS)
         )
         marks = ", ".join("?" * len(values))
         return self._write(
