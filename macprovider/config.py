@@ -49,7 +49,7 @@ class Settings(BaseModel):
     drain_timeout_s: float = 30.0
     cors_allowed_origins: tuple[str, ...] = ()
     record_workload: bool = True  # keep the content-free request-shape record (macprovider.workload)
-    weights_dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
+    weights_dtype: Literal["auto", "native", "float32", "float16", "bfloat16", "quantized-float32"] = "auto"
     parallel: Literal["pipeline", "tensor"] | None = None
     hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
     rank_timeout_s: float = 60.0
@@ -145,23 +145,35 @@ def _log_level(raw: Any) -> str:
 
 
 # How `serve` holds the weights (macprovider/engine/weights.py): auto = float32 on MLX's CPU backend when it
-# fits, else as stored; native = as stored; or every layer dequantized / cast to the named dtype.
-WEIGHTS_DTYPES = ("auto", "native", "float32", "float16", "bfloat16")
+# fits, else (a quantized checkpoint) quantized-float32; native = as stored; quantized-float32 = quantized
+# layers kept, every floating parameter (their scales and biases too) float32; or every layer dequantized /
+# cast to the named dtype.
+QUANTIZED_FLOAT32 = "quantized-float32"
+WEIGHTS_DTYPES = ("auto", "native", "float32", "float16", "bfloat16", QUANTIZED_FLOAT32)
 AUTO_BUDGET_FRACTION = 0.5
 
 
-def choose_weights_dtype(setting: str, on_cpu: bool, float32_bytes: int, available_bytes: int) -> str | None:
-    """The dtype `serve` casts the weights to (None: leave them as they are) for `setting` (WEIGHTS_DTYPES).
+def choose_weights_dtype(
+    setting: str, on_cpu: bool, float32_bytes: int, available_bytes: int, quantized: bool = False
+) -> str | None:
+    """What `serve` does to the weights for `setting` (WEIGHTS_DTYPES): None (leave them as they are), a
+    dtype to dequantize and cast everything to, or QUANTIZED_FLOAT32 (keep the quantized layers, cast the
+    floating parameters — scales, biases, norms — to float32, so MLX computes in float32).
 
-    `auto` is float32 on the CPU backend when `float32_bytes` ≤ AUTO_BUDGET_FRACTION × `available_bytes`
-    (engine/weights.py applies it; autotune's memory estimate predicts it)."""
+    `auto` on the CPU backend: float32 when `float32_bytes` ≤ AUTO_BUDGET_FRACTION × `available_bytes`; else,
+    for a `quantized` checkpoint, QUANTIZED_FLOAT32 — MLX's CPU backend computes float16 on x86 ~30× slower
+    than float32 (SmolLM2-135M Q4, float16 scales: decode 0.21 tok/s as stored vs 6.7 tok/s with float32
+    scales, `scripts/bench_weights_dtype.py`). engine/weights.py applies it;
+    autotune's memory estimate predicts it."""
     if setting == "native":
         return None
     if setting != "auto":
         return setting
-    if on_cpu and float32_bytes <= AUTO_BUDGET_FRACTION * available_bytes:
+    if not on_cpu:
+        return None
+    if float32_bytes <= AUTO_BUDGET_FRACTION * available_bytes:
         return "float32"
-    return None
+    return QUANTIZED_FLOAT32 if quantized else None
 
 
 def _weights_dtype(raw: Any) -> str:

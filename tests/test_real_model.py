@@ -262,3 +262,25 @@ def test_responses_and_anthropic_tool_round_trips_on_real_weights(real_tools_ser
     reply = messages.messages.create(model=server.model, max_tokens=MAX_TOKENS, messages=history, tools=[anthropic_tool],
                                      tool_choice={"type": "none"}, extra_body={"temperature": 0})
     assert reply.content[0].type == "text" and reply.content[0].text and "<tool_call>" not in reply.content[0].text
+
+
+def test_quantized_float32_weights_answer_as_the_dequantized_ones_in_a_fraction_of_the_memory(
+    real_server, real_q4_model, hf_home, tmp_path_factory
+):
+    """The Q4_1 checkpoint served with its scales in float32 (`--weights-dtype quantized-float32`, what `auto`
+    picks on MLX's CPU backend when the float32 copy does not fit) gives the same greedy text as the
+    float32-dequantized import of the same GGUF: the same weight values, computed in float32 both ways."""
+    server = ServeProcess(real_q4_model, hf_home, tmp_path_factory.mktemp("q4-home"), "--weights-dtype", "quantized-float32",
+                          "--max-context", "512", "--log-level", "info")
+    try:
+        server.wait_ready(timeout=300)
+        assert "weights=quantized-float32" in server.stderr()
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        answers = [
+            s.client().chat.completions.create(model=s.model, messages=question, max_tokens=8, temperature=0).choices[0].message.content
+            for s in (server, real_server)
+        ]
+        assert answers[0] == answers[1] and "Paris" in answers[0]
+        assert server.health()["engine"]["peak_memory_bytes"] < real_server.health()["engine"]["peak_memory_bytes"] / 2
+    finally:
+        server.stop()

@@ -15,6 +15,8 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                engine/weights.py), add the cast copy (parameters × target dtype size; parameters counted from
                the headers, a quantized weight's packed words × 32 / bits) and the largest tensor dequantized in
                the stored dtype: while `cast_weights` evaluates, the stored and the cast weights are both alive.
+               When float32 does not fit, `auto` keeps a quantized checkpoint's quantized layers and casts its
+               16-bit tensors (scales, biases, norms) to float32 (`quantized-float32`): add their float32 copy.
                Candidates run with the default `weights_dtype` (auto); the CPU backend is every platform but
                Apple silicon macOS, unless the `mlx-cuda` backend is installed.
   kv_live      live sequences × allocated tokens × KV bytes per token. Live sequences = max_batch, or fewer
@@ -115,15 +117,31 @@ def parameter_counts(model_dir: Path, config: dict[str, Any]) -> tuple[int, int]
             base, _, leaf = name.rpartition(".")
             if leaf in ("scales", "biases") and f"{base}.weight" in header and f"{base}.scales" in header:
                 continue
-            count = 1
-            for dim in info["shape"]:
-                count *= int(dim)
+            count = _elements(info["shape"])
             if leaf == "weight" and f"{base}.scales" in header:
                 layer = quantization.get(base) if isinstance(quantization.get(base), dict) else {}
                 count = count * 32 // int(layer.get("bits") or quantization.get("bits") or 4)
             total += count
             largest = max(largest, count)
     return total, largest
+
+
+def half_precision_elements(model_dir: Path) -> int:
+    """Elements of the 16-bit floating tensors (F16 / BF16: scales, biases, norms, unquantized weights) in
+    the safetensors headers — what `weights_dtype` quantized-float32 casts to float32."""
+    return sum(
+        _elements(info["shape"])
+        for path in weight_files(model_dir)
+        for name, info in read_safetensors_header(path)[0].items()
+        if name != "__metadata__" and info.get("dtype") in ("F16", "BF16")
+    )
+
+
+def _elements(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
 
 
 def mlx_on_cpu() -> bool:
@@ -146,13 +164,15 @@ def served_weights_bytes(
 ) -> int:
     """The weights term: as stored, plus the cast copy and the largest dequantized tensor when `serve` casts
     them (module docstring). Raises SafetensorsError/OSError like `weights_bytes`."""
-    from macprovider.config import choose_weights_dtype
+    from macprovider.config import QUANTIZED_FLOAT32, choose_weights_dtype
 
     stored = weights_bytes(model_dir)
     params, largest = parameter_counts(model_dir, config)
-    target = choose_weights_dtype(setting, on_cpu, params * 4, available_bytes)
-    shape_dtype = ModelShape.from_config(config).dtype_bytes
     quantized = bool(config.get("quantization") or config.get("quantization_config"))
+    target = choose_weights_dtype(setting, on_cpu, params * 4, available_bytes, quantized=quantized)
+    if target == QUANTIZED_FLOAT32:  # the float32 copy of every 16-bit tensor, alive beside the stored ones
+        return stored + half_precision_elements(model_dir) * 4
+    shape_dtype = ModelShape.from_config(config).dtype_bytes
     if target is None or (not quantized and DTYPE_BYTES[target] == shape_dtype):
         return stored  # nothing to cast (MLX's astype to the same dtype is the array itself)
     return stored + params * DTYPE_BYTES[target] + largest * shape_dtype

@@ -21,7 +21,7 @@ def serve(
     drain_timeout: str | None = typer.Option(None, "--drain-timeout", help="Seconds to let requests finish on SIGTERM [default: 30]."),
     weights_dtype: str | None = typer.Option(
         None, "--weights-dtype",
-        help="auto (float32 on MLX's CPU backend when it fits in half the free memory, else as stored), native, float32, float16, bfloat16 [default: auto].",
+        help="auto (on MLX's CPU backend: float32 when it fits in half the free memory, else quantized-float32 for a quantized model), native, quantized-float32 (quantized layers kept, float32 scales and activations), float32, float16, bfloat16 [default: auto].",
     ),
     parallel: str | None = typer.Option(None, "--parallel", help="Under mlx.launch: split the model over the ranks by pipeline or tensor [default: unset, one process]."),
     config: str | None = typer.Option(None, "--config", help="Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."),

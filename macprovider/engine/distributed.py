@@ -373,7 +373,7 @@ def follow(engine: Any, lockstep: Lockstep) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-WEIGHT_DTYPE_CODES = ("native", "float32", "float16", "bfloat16")
+WEIGHT_DTYPE_CODES = ("native", "float32", "float16", "bfloat16", "quantized-float32")
 
 
 def load_sharded(model_path: Path, lockstep: Lockstep, budget_bytes: float, cast: Callable[[Any], str]) -> tuple[Any, Any]:

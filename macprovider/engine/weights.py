@@ -1,13 +1,23 @@
 """The dtype the engine serves the weights in (`weights_dtype`, SPEC.md §2 serving knobs).
 
-MLX's CPU backend runs quantized matmuls and float16/bfloat16 matmuls far slower than float32 ones, which
-go to BLAS (sgemm): on a 2-core x86 machine SmolLM2-135M Q4 prefills ~8 tok/s quantized and ~178 tok/s
-with float32 weights and OpenBLAS (`mlx_lm generate`, measured for issue 11). So on the CPU backend `auto`
-dequantizes / up-casts the weights to float32 when that fits the memory budget; on Metal and CUDA `auto`
-leaves the checkpoint as it is (`native`).
+MLX's CPU backend sends float32 matmuls to BLAS (sgemm), runs quantized matmuls well only in float32, and
+computes float16 / bfloat16 slowly on x86. Measured side by side on a 2-core x86 machine with OpenBLAS
+preloaded, SmolLM2-135M Q4 (group 32, float16 scales), 32-token prompt, 8 tokens (`scripts/bench_weights_dtype.py
+--model macprovider-demo/smollm2-135m`, issue 14):
 
-    auto      CPU backend: float32 if it fits (below); otherwise, and on GPUs: native
+    native (float16 scales and activations)   prefill 0.25 tok/s   decode 0.21 tok/s   MLX peak 100 MiB
+    quantized-float32                         prefill 9.8 tok/s    decode 6.7 tok/s    MLX peak 123 MiB
+    float32 (dequantized)                     prefill 102 tok/s    decode 12.6 tok/s   MLX peak 525 MiB
+
+So on the CPU backend `auto` dequantizes / up-casts the weights to float32 when that fits the memory budget,
+else keeps a quantized checkpoint's quantized layers and casts only their scales and biases (and the other
+floating parameters) to float32; on Metal and CUDA `auto` leaves the checkpoint as it is (`native`).
+
+    auto      CPU backend: float32 if it fits (below); else quantized-float32 for a quantized checkpoint,
+              native for a float one; on GPUs: native
     native    as the checkpoint stores them (quantized layers stay quantized)
+    quantized-float32   quantized layers stay quantized; every floating parameter (their scales and biases,
+              norms, unquantized layers) cast to float32
     float32 | float16 | bfloat16   every quantized layer dequantized, every float parameter cast
 
 Memory budget for `auto`: the float32 copy (4 bytes per parameter) must fit in half of the memory available
@@ -19,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 # The setting's values and the `auto` rule live in config (autotune's memory estimate predicts the same choice).
-from macprovider.config import AUTO_BUDGET_FRACTION, WEIGHTS_DTYPES, choose_weights_dtype  # noqa: F401
+from macprovider.config import AUTO_BUDGET_FRACTION, QUANTIZED_FLOAT32, WEIGHTS_DTYPES, choose_weights_dtype  # noqa: F401
 
 
 def parameter_count(model: Any) -> int:
@@ -51,15 +61,28 @@ def cast_weights(model: Any, dtype: str) -> None:
     mx.eval(model.parameters())
 
 
+def is_quantized(model: Any) -> bool:
+    """Whether any layer of `model` is an MLX quantized layer (QuantizedLinear / QuantizedEmbedding)."""
+    import mlx.nn as nn
+
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
 def apply_weights_dtype(model: Any, setting: str) -> str:
     """Apply the `weights_dtype` setting to a loaded model; returns what was done, for the log line:
-    `native` or the dtype cast to."""
+    `native`, QUANTIZED_FLOAT32 or the dtype cast to."""
     import mlx.core as mx
     import psutil
 
     on_cpu = mx.default_device().type == mx.cpu
-    target = choose_weights_dtype(setting, on_cpu, parameter_count(model) * 4, psutil.virtual_memory().available)
+    target = choose_weights_dtype(
+        setting, on_cpu, parameter_count(model) * 4, psutil.virtual_memory().available, quantized=is_quantized(model)
+    )
     if target is None:
         return "native"
+    if target == QUANTIZED_FLOAT32:
+        model.set_dtype(mx.float32)  # floating parameters only (nn.Module.set_dtype): packed words stay uint32
+        mx.eval(model.parameters())
+        return target
     cast_weights(model, target)
     return target
