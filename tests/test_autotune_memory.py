@@ -260,3 +260,16 @@ def test_serve_and_the_estimate_share_one_weights_dtype_rule():
     from macprovider.engine import weights
 
     assert weights.choose_weights_dtype is config.choose_weights_dtype
+
+
+def test_kv_and_activations_count_the_dtype_serve_computes_in(model_src):
+    """A float16 checkpoint that `auto` serves in float32 on MLX's CPU backend holds float32 KV and
+    activations (MLX computes in the weights' dtype): twice the bytes the checkpoint's dtype would give."""
+    config = {**json.loads((model_src / "config.json").read_text()), "torch_dtype": "float16"}
+    common = dict(max_context=512, max_batch=2, kv_bits=None, budget=memory.GIB, cached_tokens=300, available_bytes=memory.GIB)
+    on_gpu = memory.estimate(model_src, config, on_cpu=False, **common)
+    on_cpu = memory.estimate(model_src, config, on_cpu=True, **common)
+    assert on_gpu.kv > 0 and on_cpu.kv == 2 * on_gpu.kv and on_cpu.prompt_cache == 2 * on_gpu.prompt_cache
+    assert on_cpu.prefill > on_gpu.prefill
+    assert memory.compute_dtype_bytes(None, 2) == 2 and memory.compute_dtype_bytes("quantized-float32", 2) == 4
+    assert memory.compute_dtype_bytes("bfloat16", 4) == 2

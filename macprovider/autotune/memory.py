@@ -31,7 +31,9 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                recorded workload, max-batch 4: +16.3 % before, issue 15). Allocated tokens = those tokens rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
                BatchQuantizedKVCache grow by the same step). KV bytes per token = 2 (K and V) × layers ×
                kv_heads (GQA: `num_key_value_heads`) × head_dim × bytes per element, where bytes per element
-               is the activation dtype size at full precision, and with kv-bits b it is b/8 + 2 × dtype
+               is the activation dtype size at full precision — the dtype serve computes in, so 4 when
+               `weights_dtype` casts to float32 or quantized-float32 (compute_dtype_bytes), else the
+               checkpoint's `torch_dtype` — and with kv-bits b it is b/8 + 2 × dtype
                size / group size (mx.quantize: b-bit codes plus one scale and one bias per group of 64, or 32
                when 64 does not divide head_dim — engine.kvcache.kv_group_size). float16 activations give
                SPEC's 1.0625 B (8-bit) and 0.5625 B (4-bit).
@@ -65,7 +67,7 @@ candidate is rejected in milliseconds without loading anything.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -159,17 +161,40 @@ def mlx_on_cpu() -> bool:
         return True
 
 
+def served_weights_dtype(
+    model_dir: Path, config: dict[str, Any], *, on_cpu: bool, available_bytes: int, setting: str = "auto"
+) -> str | None:
+    """What `serve` will do to this checkpoint's weights (config.choose_weights_dtype; None = as stored).
+    Raises SafetensorsError/OSError like `weights_bytes`."""
+    from macprovider.config import choose_weights_dtype
+
+    params, _ = parameter_counts(model_dir, config)
+    quantized = bool(config.get("quantization") or config.get("quantization_config"))
+    return choose_weights_dtype(setting, on_cpu, params * 4, available_bytes, quantized=quantized)
+
+
+def compute_dtype_bytes(target: str | None, stored_dtype_bytes: int) -> int:
+    """Bytes per activation / KV element once `serve` applied `target` (served_weights_dtype): MLX computes
+    in the dtype of the weights (and of a quantized layer's scales), so float32 and quantized-float32 give 4,
+    float16 / bfloat16 give 2, as stored gives the checkpoint's own."""
+    from macprovider.config import QUANTIZED_FLOAT32
+
+    if target == QUANTIZED_FLOAT32:
+        return 4
+    return DTYPE_BYTES.get(target, stored_dtype_bytes) if target else stored_dtype_bytes
+
+
 def served_weights_bytes(
     model_dir: Path, config: dict[str, Any], *, on_cpu: bool, available_bytes: int, setting: str = "auto"
 ) -> int:
     """The weights term: as stored, plus the cast copy and the largest dequantized tensor when `serve` casts
     them (module docstring). Raises SafetensorsError/OSError like `weights_bytes`."""
-    from macprovider.config import QUANTIZED_FLOAT32, choose_weights_dtype
+    from macprovider.config import QUANTIZED_FLOAT32
 
     stored = weights_bytes(model_dir)
     params, largest = parameter_counts(model_dir, config)
     quantized = bool(config.get("quantization") or config.get("quantization_config"))
-    target = choose_weights_dtype(setting, on_cpu, params * 4, available_bytes, quantized=quantized)
+    target = served_weights_dtype(model_dir, config, on_cpu=on_cpu, available_bytes=available_bytes, setting=setting)
     if target == QUANTIZED_FLOAT32:  # the float32 copy of every 16-bit tensor, alive beside the stored ones
         return stored + half_precision_elements(model_dir) * 4
     shape_dtype = ModelShape.from_config(config).dtype_bytes
@@ -301,17 +326,18 @@ def estimate(
     """
     from macprovider.config import Settings
 
-    shape = ModelShape.from_config(config)
     live = min(max_batch, live_sequences or max_batch)
     if available_bytes is None:
         import psutil
 
         available_bytes = psutil.virtual_memory().available
+    on_cpu = mlx_on_cpu() if on_cpu is None else on_cpu
+    stored_shape = ModelShape.from_config(config)
+    target = served_weights_dtype(model_dir, config, on_cpu=on_cpu, available_bytes=available_bytes)
+    shape = replace(stored_shape, dtype_bytes=compute_dtype_bytes(target, stored_shape.dtype_bytes))
     cap = Settings().prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
     return MemoryEstimate(
-        weights=served_weights_bytes(
-            model_dir, config, on_cpu=mlx_on_cpu() if on_cpu is None else on_cpu, available_bytes=available_bytes
-        ),
+        weights=served_weights_bytes(model_dir, config, on_cpu=on_cpu, available_bytes=available_bytes),
         kv=kv_bytes(shape, live_kv_tokens(max_context, live, sequence_tokens, live_windows), kv_bits),
         prompt_cache=min(cap, kv_bytes(shape, cached_tokens, kv_bits)),
         prefill=prefill_term(shape, max_context, live, prompt_tokens, live_windows),
