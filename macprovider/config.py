@@ -17,7 +17,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,6 +27,13 @@ GIB = 1024**3
 MIB = 1024**2
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+# How `serve` holds the weights (macprovider/engine/weights.py): auto = float32 on MLX's CPU backend when it
+# fits, else (a quantized checkpoint) quantized-float32; native = as stored; quantized-float32 = quantized
+# layers kept, every floating parameter (their scales and biases too) float32; or every layer dequantized /
+# cast to the named dtype.
+WeightsDtype = Literal["auto", "native", "float32", "float16", "bfloat16", "quantized-float32"]
+WEIGHTS_DTYPES: tuple[str, ...] = get_args(WeightsDtype)
+QUANTIZED_FLOAT32 = "quantized-float32"
 
 
 class Settings(BaseModel):
@@ -49,7 +56,7 @@ class Settings(BaseModel):
     drain_timeout_s: float = 30.0
     cors_allowed_origins: tuple[str, ...] = ()
     record_workload: bool = True  # keep the content-free request-shape record (macprovider.workload)
-    weights_dtype: Literal["auto", "native", "float32", "float16", "bfloat16", "quantized-float32"] = "auto"
+    weights_dtype: WeightsDtype = "auto"
     parallel: Literal["pipeline", "tensor"] | None = None
     hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
     rank_timeout_s: float = 60.0
@@ -144,12 +151,6 @@ def _log_level(raw: Any) -> str:
     return value
 
 
-# How `serve` holds the weights (macprovider/engine/weights.py): auto = float32 on MLX's CPU backend when it
-# fits, else (a quantized checkpoint) quantized-float32; native = as stored; quantized-float32 = quantized
-# layers kept, every floating parameter (their scales and biases too) float32; or every layer dequantized /
-# cast to the named dtype.
-QUANTIZED_FLOAT32 = "quantized-float32"
-WEIGHTS_DTYPES = ("auto", "native", "float32", "float16", "bfloat16", QUANTIZED_FLOAT32)
 AUTO_BUDGET_FRACTION = 0.5
 
 

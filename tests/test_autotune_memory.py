@@ -239,20 +239,20 @@ def test_served_weights_follow_the_weights_dtype_serve_will_apply(tmp_path):
               "quantization": {"group_size": 32, "bits": 4}}
     assert memory.parameter_counts(tmp_path, config) == (16 * 64 + 64, 16 * 64)
     params = 16 * 64 + 64
-    on_cpu = memory.served_weights_bytes(tmp_path, config, on_cpu=True, available_bytes=memory.GIB)
+    on_cpu = memory.served_weights(tmp_path, config, on_cpu=True, available_bytes=memory.GIB)[1]
     assert on_cpu == stored + params * 4 + 16 * 64 * 2
-    assert memory.served_weights_bytes(tmp_path, config, on_cpu=False, available_bytes=memory.GIB) == stored
+    assert memory.served_weights(tmp_path, config, on_cpu=False, available_bytes=memory.GIB)[1] == stored
     # too big for float32: the packed words stay, the 16-bit scales, biases and norm get a float32 copy
     half = 16 * 2 * 2 + 64
     assert memory.half_precision_elements(tmp_path) == half
-    assert memory.served_weights_bytes(tmp_path, config, on_cpu=True, available_bytes=params * 4) == stored + half * 4
-    assert memory.served_weights_bytes(tmp_path, config, on_cpu=True, available_bytes=params * 4, setting="native") == stored
+    assert memory.served_weights(tmp_path, config, on_cpu=True, available_bytes=params * 4)[1] == stored + half * 4
+    assert memory.served_weights(tmp_path, config, on_cpu=True, available_bytes=params * 4, setting="native")[1] == stored
     eight_bit = {**config, "quantization": {"group_size": 32, "bits": 4, "layers.0.mlp": {"group_size": 32, "bits": 8}}}
     assert memory.parameter_counts(tmp_path, eight_bit)[0] == 16 * 32 + 64
     plain = {**config, "torch_dtype": "float32"}
     plain.pop("quantization")
     write_safetensors(tmp_path / "model.safetensors", {"w": ("F32", [8, 8])})
-    assert memory.served_weights_bytes(tmp_path, plain, on_cpu=True, available_bytes=memory.GIB) == 8 * 8 * 4
+    assert memory.served_weights(tmp_path, plain, on_cpu=True, available_bytes=memory.GIB)[1] == 8 * 8 * 4
 
 
 def test_serve_and_the_estimate_share_one_weights_dtype_rule():

@@ -24,8 +24,8 @@ import openai
 import pytest
 
 from macprovider.processes import die_with_parent
-from tests.readiness import wait_healthy
 from macprovider.service import spec as service
+from tests.readiness import wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

@@ -161,22 +161,10 @@ def mlx_on_cpu() -> bool:
         return True
 
 
-def served_weights_dtype(
-    model_dir: Path, config: dict[str, Any], *, on_cpu: bool, available_bytes: int, setting: str = "auto"
-) -> str | None:
-    """What `serve` will do to this checkpoint's weights (config.choose_weights_dtype; None = as stored).
-    Raises SafetensorsError/OSError like `weights_bytes`."""
-    from macprovider.config import choose_weights_dtype
-
-    params, _ = parameter_counts(model_dir, config)
-    quantized = bool(config.get("quantization") or config.get("quantization_config"))
-    return choose_weights_dtype(setting, on_cpu, params * 4, available_bytes, quantized=quantized)
-
-
 def compute_dtype_bytes(target: str | None, stored_dtype_bytes: int) -> int:
-    """Bytes per activation / KV element once `serve` applied `target` (served_weights_dtype): MLX computes
-    in the dtype of the weights (and of a quantized layer's scales), so float32 and quantized-float32 give 4,
-    float16 / bfloat16 give 2, as stored gives the checkpoint's own."""
+    """Bytes per activation / KV element once `serve` applied `target` (config.choose_weights_dtype): MLX
+    computes in the dtype of the weights (and of a quantized layer's scales), so float32 and
+    quantized-float32 give 4, float16 / bfloat16 give 2, as stored gives the checkpoint's own."""
     from macprovider.config import QUANTIZED_FLOAT32
 
     if target == QUANTIZED_FLOAT32:
@@ -184,23 +172,24 @@ def compute_dtype_bytes(target: str | None, stored_dtype_bytes: int) -> int:
     return DTYPE_BYTES.get(target, stored_dtype_bytes) if target else stored_dtype_bytes
 
 
-def served_weights_bytes(
+def served_weights(
     model_dir: Path, config: dict[str, Any], *, on_cpu: bool, available_bytes: int, setting: str = "auto"
-) -> int:
-    """The weights term: as stored, plus the cast copy and the largest dequantized tensor when `serve` casts
-    them (module docstring). Raises SafetensorsError/OSError like `weights_bytes`."""
-    from macprovider.config import QUANTIZED_FLOAT32
+) -> tuple[str | None, int]:
+    """(what `serve` will do to the weights — config.choose_weights_dtype, None = as stored —, the weights
+    term in bytes): as stored, plus the cast copy and the largest dequantized tensor when `serve` casts them
+    (module docstring). Raises SafetensorsError/OSError like `weights_bytes`."""
+    from macprovider.config import QUANTIZED_FLOAT32, choose_weights_dtype
 
     stored = weights_bytes(model_dir)
     params, largest = parameter_counts(model_dir, config)
     quantized = bool(config.get("quantization") or config.get("quantization_config"))
-    target = served_weights_dtype(model_dir, config, on_cpu=on_cpu, available_bytes=available_bytes, setting=setting)
+    target = choose_weights_dtype(setting, on_cpu, params * 4, available_bytes, quantized=quantized)
     if target == QUANTIZED_FLOAT32:  # the float32 copy of every 16-bit tensor, alive beside the stored ones
-        return stored + half_precision_elements(model_dir) * 4
+        return target, stored + half_precision_elements(model_dir) * 4
     shape_dtype = ModelShape.from_config(config).dtype_bytes
     if target is None or (not quantized and DTYPE_BYTES[target] == shape_dtype):
-        return stored  # nothing to cast (MLX's astype to the same dtype is the array itself)
-    return stored + params * DTYPE_BYTES[target] + largest * shape_dtype
+        return target, stored  # nothing to cast (MLX's astype to the same dtype is the array itself)
+    return target, stored + params * DTYPE_BYTES[target] + largest * shape_dtype
 
 
 @dataclass(frozen=True)
@@ -331,13 +320,14 @@ def estimate(
         import psutil
 
         available_bytes = psutil.virtual_memory().available
-    on_cpu = mlx_on_cpu() if on_cpu is None else on_cpu
+    target, weights = served_weights(
+        model_dir, config, on_cpu=mlx_on_cpu() if on_cpu is None else on_cpu, available_bytes=available_bytes
+    )
     stored_shape = ModelShape.from_config(config)
-    target = served_weights_dtype(model_dir, config, on_cpu=on_cpu, available_bytes=available_bytes)
     shape = replace(stored_shape, dtype_bytes=compute_dtype_bytes(target, stored_shape.dtype_bytes))
     cap = Settings().prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
     return MemoryEstimate(
-        weights=served_weights_bytes(model_dir, config, on_cpu=on_cpu, available_bytes=available_bytes),
+        weights=weights,
         kv=kv_bytes(shape, live_kv_tokens(max_context, live, sequence_tokens, live_windows), kv_bits),
         prompt_cache=min(cap, kv_bytes(shape, cached_tokens, kv_bits)),
         prefill=prefill_term(shape, max_context, live, prompt_tokens, live_windows),

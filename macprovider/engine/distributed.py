@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from macprovider.config import WEIGHTS_DTYPES
 from macprovider.errors import ModelError
 from macprovider.parallel import check_split, split_layers
 from macprovider.processes import exit_with_parent
@@ -373,7 +374,7 @@ def follow(engine: Any, lockstep: Lockstep) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-WEIGHT_DTYPE_CODES = ("native", "float32", "float16", "bfloat16", "quantized-float32")
+WEIGHT_DTYPE_CODES = tuple(value for value in WEIGHTS_DTYPES if value != "auto")  # what apply_weights_dtype returns
 
 
 def load_sharded(model_path: Path, lockstep: Lockstep, budget_bytes: float, cast: Callable[[Any], str]) -> tuple[Any, Any]:
