@@ -1,6 +1,6 @@
-"""OpenAI's published OpenAPI document (openai/openai-openapi, `../shared/openai-openapi.json` beside the
-repository, in CI as well) as JSON Schema validators for the schema tier (SPEC.md §3.3: every body and every
-stream chunk validates against its component schema).
+"""OpenAI's published OpenAPI document (vendored as `tests/data/openai-openapi.json`; its source commit and
+licence are in `tests/data/README.md`) as JSON Schema validators for the schema tier: every response body and
+every stream chunk validates against its component schema (docs/api.md).
 
 The document is OpenAPI 3.1 but still marks many fields with 3.0-style `nullable: true`, which JSON Schema
 ignores; `_map_nullable` rewrites each such node to `anyOf: [node, {"type": "null"}]`.
@@ -21,7 +21,7 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-DOCUMENT = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi.json"
+DOCUMENT = Path(__file__).resolve().parent / "data" / "openai-openapi.json"
 BASE = "urn:openai-openapi"
 
 
