@@ -66,6 +66,14 @@ def assert_same_sequences(together, alone, tolerance: float) -> None:
         assert max(abs(a - b) for a, b in zip(batched_logprobs, single_logprobs)) <= tolerance
 
 
+def batched_tolerance(kv_bits: int | None) -> float:
+    """How far a batched token's log-probability may be from the same token decoded alone. Full precision:
+    rounding only (~1e-6 seen). Quantized KV: a key or value that rounds differently in the batched matmul can
+    land in the next 8/4-bit code of its group, and that step moves a log-probability by ~1.4e-4 (seen with
+    OpenBLAS on an AMD EPYC, 1 run in 3); the text must still be identical."""
+    return 1e-4 if kv_bits is None else 1e-3
+
+
 def chat(engine: Engine, text: str) -> list[int]:
     return engine.encode_chat([{"role": "user", "content": text}])
 
@@ -91,7 +99,7 @@ def test_batched_greedy_outputs_equal_one_at_a_time(tiny_model, engines, kv_bits
         return [await collect(batched, p, max_tokens=24, temperature=0, top_logprobs=0) for p in prompts]
 
     alone_results = asyncio.run(one_by_one())
-    assert_same_sequences(together_results, alone_results, tolerance=1e-4)
+    assert_same_sequences(together_results, alone_results, tolerance=batched_tolerance(kv_bits))
     for text, chunks in together_results:
         assert chunks[-1].usage.generated_tokens > 0
         assert "<|im_end|>" not in text and "<|endoftext|>" not in text and "<|im_start|>" not in text
@@ -194,7 +202,7 @@ def test_kv_bits_sequence_cancelled_mid_batch_leaves_the_others_exact(tiny_model
     final, together = asyncio.run(scenario())
     assert final.finish_reason == "cancelled"
     alone = [asyncio.run(collect(engine, p, max_tokens=24, temperature=0, top_logprobs=0)) for p in prompts]
-    assert_same_sequences(together, alone, tolerance=1e-4)
+    assert_same_sequences(together, alone, tolerance=batched_tolerance(kv_bits))
     assert all(chunks[-1].usage.generated_tokens > 0 for _, chunks in together)
 
 
