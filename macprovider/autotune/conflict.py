@@ -118,7 +118,7 @@ class Conflicts:
         return out
 
     def refusal(self) -> str:
-        """The refusal line of docs/autotune.md#provider-conflict."""
+        """The refusal line (docs/autotune.md#provider-conflict)."""
         return f"autotune: provider conflict: {', '.join(self.names())}; rerun with --drain to stop it first."
 
     def drain(self, grace: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from macprovider.autotune.search import OBJECTIVES
 from macprovider.errors import ConfigError
 
-# docs/autotune.md#flags, largest first: (id, parameters in billions).
+# The curated list (docs/autotune.md#flags), largest first: (id, parameters in billions).
 CURATED: tuple[tuple[str, float], ...] = (
     ("mlx-community/Qwen2.5-32B-Instruct-4bit", 32),
     ("mlx-community/Qwen2.5-14B-Instruct-4bit", 14),
@@ -43,7 +43,7 @@ class ClusterHosts:
 
 @dataclass(frozen=True)
 class AutotuneInputs:
-    """Validated inputs of one autotune run (every flag of docs/autotune.md#flags)."""
+    """Validated inputs of one autotune run (every flag in docs/autotune.md#flags)."""
 
     target_context: int
     candidate_models: tuple[str, ...]

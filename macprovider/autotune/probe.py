@@ -275,7 +275,7 @@ class Measurement:
 
 
 def judge(m: Measurement, gate_ttft_ms: float, expected_requests: int) -> tuple[bool, str | None]:
-    """Feasibility of docs/autotune.md#stage-1-the-biggest-model over all replicates → (fits, reason when not)."""
+    """Feasibility (docs/autotune.md#stage-1-the-biggest-model) over all replicates → (fits, reason when not)."""
     if m.errors:
         return False, f"{len(m.errors)} request(s) failed: {m.errors[0]}"
     if len(m.ttfts_ms) < expected_requests:

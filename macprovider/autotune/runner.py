@@ -2,7 +2,7 @@
 
 `run(inputs, deps)` returns a `RunOutcome` (exit code, exit_reason, JSON report). The real trial
 evaluator lives here: pre-warm → memory pre-check → candidate provider child → probe → Trial. Every
-ending of docs/autotune.md#ending-a-run goes through the same `finally`: the trial in flight is recorded (by the search
+ending (docs/autotune.md#ending-a-run) goes through the same `finally`: the trial in flight is recorded (by the search
 stage), any drained provider is restored (after `--apply`), the run row gets its exit_reason, and the
 report is printed. SIGINT and SIGTERM raise KeyboardInterrupt directly, so both end as `interrupted` (130).
 """
