@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# install.sh: set macprovider up for this user in one command (SPEC.md §6). Never needs root.
+# install.sh: set macprovider up for this user in one command (docs/architecture.md#service). Never needs root.
 #
 #   bash install.sh                 install from the checkout this script sits in
 #   bash install.sh --version 0.1.0 install that version from PyPI

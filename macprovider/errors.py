@@ -1,17 +1,17 @@
 """One error tree for the whole package.
 
 Every error a user can cause or meet is one of these; the CLI maps them to a one-line message and an
-exit code, the HTTP layer maps `ApiError` to the OpenAI error envelope (SPEC.md §3.4).
+exit code, the HTTP layer maps `ApiError` to the OpenAI error envelope (docs/api.md#errors).
 
     MacproviderError                 exit 1
-    ├── ConfigError                  exit 2   bad flag / env / YAML value, unreadable config (SPEC §2)
-    ├── ModelError                   exit 1   bad model id, model not cached offline, load failure (SPEC §4)
+    ├── ConfigError                  exit 2   bad flag / env / YAML value, unreadable config
+    ├── ModelError                   exit 1   bad model id, model not cached offline, load failure
     │   ├── InvalidModelId           exit 2   not org/name and not a local directory
     │   └── ModelNotCachedError      exit 1   not in the local cache and the Hub cannot be reached
-    ├── ServiceError                 exit 1   launchctl / systemctl failures (SPEC §6)
-    ├── StoreError                   exit 2   autotune database unusable (SPEC §5.11)
-    ├── ApplyError                   exit 1   --apply could not write the config (SPEC §5.10)
-    ├── ProviderConflict             exit 1   a provider is already running (SPEC §5.7)
+    ├── ServiceError                 exit 1   launchctl / systemctl failures
+    ├── StoreError                   exit 2   autotune database unusable
+    ├── ApplyError                   exit 1   --apply could not write the config
+    ├── ProviderConflict             exit 1   a provider is already running
     └── ApiError                     (HTTP)   carries status, OpenAI `type`, `code`, `param`
 """
 
@@ -67,7 +67,7 @@ class ProviderConflict(MacproviderError):
 class ApiError(MacproviderError):
     """An error that reaches an HTTP client as the OpenAI envelope.
 
-    `status` is the HTTP status, `code`/`type`/`param` the envelope fields (SPEC.md §3.4); `extra` adds
+    `status` is the HTTP status, `code`/`type`/`param` the envelope fields (docs/api.md#errors); `extra` adds
     fields to the error object (e.g. `n_prompt_tokens`, `n_ctx`); `headers` are sent with the response.
     The message must never carry a traceback, a file path or a key.
     """

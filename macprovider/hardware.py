@@ -93,7 +93,7 @@ def memory_budget_bytes(recommended: int | None = None, ram_bytes: int | None = 
 
 @dataclass(frozen=True)
 class MachineFacts:
-    """What reports and the recipe hash record about the machine (SPEC.md §5.9 `machine`)."""
+    """What reports and the recipe hash record about the machine (the report's `machine`, docs/autotune.md#report)."""
 
     ram_gb: int
     chip: str

@@ -1,4 +1,4 @@
-"""How one model splits over several ranks (SPEC.md §7b), MLX-free: what `serve --parallel`, `cluster` and
+"""How one model splits over several ranks (docs/several-machines.md), MLX-free: what `serve --parallel`, `cluster` and
 `autotune --hostfile` share.
 
     PARALLEL_MODES      pipeline | tensor
@@ -25,7 +25,7 @@ PARALLEL_MODES = ("pipeline", "tensor")
 
 
 def check_split(config: Mapping[str, Any], world_size: int, parallel: str, model: str = "the model") -> None:
-    """Refuse a split that cannot work, before any weight loads (SPEC.md §7b).
+    """Refuse a split that cannot work, before any weight loads (docs/several-machines.md).
 
     `config` is the model's config.json. Pipeline needs ≥ 1 layer per rank; tensor needs the attention
     heads, KV heads and MLP width divisible by `world_size`. Raises ConfigError naming the reason and the

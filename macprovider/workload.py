@@ -1,4 +1,5 @@
-"""Request shapes: the content-free record `serve` keeps and `autotune --workload` replays (SPEC.md §5.6b).
+"""Request shapes: the content-free record `serve` keeps and `autotune --workload` replays
+(docs/autotune.md#objectives-and-workloads).
 
 One shape per finished completion request, one JSON object per line of `workload.jsonl` in the config
 directory (`~/.config/macprovider/workload.jsonl`), never any text of a prompt or an answer:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""kill -9 autotune at random moments; check the database and the config survive (SPEC.md §5.10, §5.11).
+"""kill -9 autotune at random moments; check the database and the config survive (docs/autotune.md#apply, #database).
 
 Builds a tiny model in a temporary Hub cache (HF_HUB_OFFLINE=1, nothing downloaded), measures one full run,
 then N times: start `macprovider autotune --apply` on it, SIGKILL it at a uniformly random moment within

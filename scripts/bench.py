@@ -64,7 +64,7 @@ def free_port() -> int:
 
 
 def p95(values: list[float]) -> float:
-    """sorted[ceil(0.95 n) − 1] (SPEC.md §5.4)."""
+    """sorted[ceil(0.95 n) − 1] (nearest rank, as autotune: docs/autotune.md#the-probe)."""
     ordered = sorted(values)
     return ordered[math.ceil(0.95 * len(ordered)) - 1]
 

@@ -6,7 +6,7 @@ unconstrained ones in the same continuous batch, on the MLX engine in-process.
 Without --model it builds a random-weight llama (macprovider.models.demo) in a temporary Hub cache (HF_HOME is
 pointed there, offline). Reports decode ms/token (Usage.generation_ms / generated tokens) for:
   A) `batch` unconstrained sequences;  B) batch/2 constrained + batch/2 unconstrained together.
-Target (issue "Agents can use it"): constrained ms/token in B <= 1.5 x unconstrained ms/token in A.
+Target: constrained ms/token in B <= 1.5 x unconstrained ms/token in A.
 A schema with no length limits is used with min_tokens-like behaviour forced by `max_tokens`, so
 constrained sequences run to `tokens` unless the grammar completes first (then they stop early).
 """

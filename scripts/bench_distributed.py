@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Distributed serving benchmark (SPEC.md §7b): one model served by 1, 2 and 3 ranks on this machine.
+"""Distributed serving benchmark (docs/several-machines.md): one model served by 1, 2 and 3 ranks on this machine.
 
 For each rank count: `macprovider serve` (1 rank) or `mlx.launch -n R --backend ring -- macprovider serve
 --parallel MODE`, one discarded warm-up request, then `--repeats` greedy chat requests of `--max-tokens`

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Soak: `macprovider serve --max-batch B` under minutes of mixed traffic (issue 14). A benchmark, not a test.
+"""Soak: `macprovider serve --max-batch B` under minutes of mixed traffic. A benchmark, not a test.
 
 Phases, each against a fresh server started from this environment (the model built locally unless `--model`):
 

@@ -1,4 +1,5 @@
-"""`--apply`: line editor keeps every other byte, atomic write with backups, symlink refusal (SPEC.md §5.10)."""
+"""`--apply`: line editor keeps every other byte, atomic write with backups, symlink refusal
+(docs/autotune.md#apply)."""
 
 from __future__ import annotations
 

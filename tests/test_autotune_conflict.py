@@ -1,4 +1,5 @@
-"""Provider conflict: launchd via a fake launchctl, real foreground `serve` processes, drain/restore (§5.7)."""
+"""Provider conflict: launchd via a fake launchctl, real foreground `serve` processes, drain/restore
+(docs/autotune.md#provider-conflict)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""autotune end to end: real `macprovider serve` children on tiny local models of different sizes (§5).
+"""autotune end to end: real `macprovider serve` children on tiny local models of different sizes (docs/autotune.md).
 
 Models (session fixture, all head_dim 64): small (hidden 64, 2 layers), big (hidden 128, 4 layers,
 intermediate 1024), huge (hidden 128, 4 layers, intermediate 8192) and a copy of small whose weights blob is
@@ -32,7 +32,7 @@ from macprovider.autotune.runner import Deps, run
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 from macprovider.processes import die_with_parent
 
-# Generous wall-clock caps: with every core busy (scripts/test_loaded) a six-trial run takes minutes (issue 14).
+# Generous wall-clock caps: with every core busy (scripts/test_loaded) a six-trial run takes minutes.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 SPECS = {
@@ -133,7 +133,8 @@ def test_biggest_feasible_under_the_memory_budget_then_knobs_then_apply(tmp_path
 
 
 def assert_memory_estimates_within(tmp_path, tolerance=0.10, expect=1):
-    """Every trial that ran has its estimate within ±tolerance of its measured peak (SPEC.md §5.6)."""
+    """Every trial that ran has its estimate within ±tolerance of its measured peak
+    (docs/autotune.md#memory-estimate)."""
     rows = db_rows(tmp_path, "SELECT * FROM tune_trials WHERE peak_memory_bytes IS NOT NULL")
     assert len(rows) >= expect
     for row in rows:
@@ -217,7 +218,7 @@ def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tm
 def test_memory_estimate_within_ten_percent_replaying_eight_concurrent_agents(tmp_path, e2e_models):
     """Eight requests in flight, each a 400-token prompt whose first 300 tokens the prefix cache holds: the
     estimate (live KV, prompt cache, prefill of the uncached rests) stays within ±10 % of the measured peak.
-    Counting eight whole prompts' prefill measured +13.6 % here (issue 15)."""
+    Counting eight whole prompts' prefill overestimated by 13.6 % here."""
     from macprovider.workload import RequestShape, shapes_jsonl
 
     shapes = tmp_path / "agents.jsonl"
@@ -317,7 +318,7 @@ def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
     try:
         deadline = time.monotonic() + 90
         # The first trial's candidate listens: a trial is in flight. Freeze it (SIGSTOP) so the trial cannot
-        # finish before our signal lands, however slowly this process is scheduled (issue 14: checking "port
+        # finish before our signal lands, however slowly this process is scheduled (checking "port
         # listening" then "children" raced a trial that ended in between).
         while (child := _listening_serve_child(proc.pid, port)) is None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

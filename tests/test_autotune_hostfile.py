@@ -1,4 +1,4 @@
-"""`autotune --hostfile` (issue 13 item 5, SPEC.md §7b): the per-rank memory pre-check, the parallel axis,
+"""`autotune --hostfile` (docs/autotune.md#several-machines): the per-rank memory pre-check, the parallel axis,
 the hosts and split in the recipe / reports / config — with fakes — and one real run on a 2-rank loopback
 hostfile under mlx.launch."""
 

@@ -1,4 +1,5 @@
-"""Memory pre-check and pre-warm integrity checks on real safetensors / Hub-cache layouts (§5.5, §5.6)."""
+"""Memory pre-check and pre-warm integrity checks on real safetensors / Hub-cache layouts
+(docs/autotune.md#pre-warm-and-failures, #memory-estimate)."""
 
 from __future__ import annotations
 

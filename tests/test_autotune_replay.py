@@ -1,4 +1,5 @@
-"""`--workload recorded|FILE`: replayed prompts follow the shapes and really share their prefixes (§5.6b)."""
+"""`--workload recorded|FILE`: replayed prompts follow the shapes and really share their prefixes
+(docs/autotune.md#objectives-and-workloads)."""
 
 from __future__ import annotations
 

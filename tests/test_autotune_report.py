@@ -1,4 +1,4 @@
-"""Report: terminal block, JSON keys, recipe hash with a pinned vector (SPEC.md §5.9)."""
+"""Report: terminal block, JSON keys, recipe hash with a pinned vector (docs/autotune.md#report)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_json_report_has_every_key_with_yaml_knob_names():
     rec = r["recommendation"]
     assert set(rec) >= {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates", "serve_command"}
     assert set(rec) - {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates",
-                       "serve_command"} == {"memory_estimate_bytes", "peak_memory_bytes", "why"}  # additions (issue 15)
+                       "serve_command"} == {"memory_estimate_bytes", "peak_memory_bytes", "why"}  # the additions
     assert rec["knobs"] == {"kv_bits": 8, "max_concurrency_override": 2, "max_context_override": 4096}
     assert rec["serve_command"] == (
         "macprovider serve --model mlx-community/Qwen2.5-14B-Instruct-4bit --kv-bits 8 --max-batch 2 --max-context 4096"
@@ -131,7 +131,7 @@ def test_no_recommendation_block_lists_ranked_reasons():
 
 
 def test_default_objective_and_workload_keep_the_pinned_hash_and_others_change_it():
-    """Issue 15: the objective and the workload join the hash domain only when not the defaults."""
+    """The objective and the workload join the hash domain only when not the defaults."""
     default_inputs = {**INPUTS, "objective": "throughput", "workload": {"kind": "synthetic"}}
     assert report(inputs=default_inputs)["recipe_hash"] == PINNED_HASH
     latency = report(inputs={**default_inputs, "objective": "latency"})

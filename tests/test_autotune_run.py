@@ -1,4 +1,5 @@
-"""A whole autotune run with a fake evaluator: every exit_reason, the DB rows, the report, --apply (§5.10–§5.12)."""
+"""A whole autotune run with a fake evaluator: every exit_reason, the DB rows, the report, --apply
+(docs/autotune.md#apply, #database, #ending-a-run)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Stage 1 / Stage 2 search with a scripted fake probe (SPEC.md §5.4, §5.8)."""
+"""Stage 1 / Stage 2 search with a scripted fake probe
+(docs/autotune.md#stage-1-the-biggest-model, #stage-2-the-knobs)."""
 
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ def test_stage2_no_feasible_cell():
     assert stage2("m", cells, probe, Recorder(), 0.02).best is None
 
 
-# Issue 15's run: max-batch 2 kept for +3.5 % tokens/s while TTFT p95 doubled (10.3 s -> 20.7 s).
+# A measured run: max-batch 2 kept for +3.5 % tokens/s while TTFT p95 doubled (10.3 s -> 20.7 s).
 BATCH1 = trial(tps=10.0, ttft=10300.0, knobs=Knobs(None, 1, 160), row_id=1)
 BATCH2 = trial(tps=10.35, ttft=20700.0, knobs=Knobs(None, 2, 160), row_id=2)
 

@@ -1,4 +1,4 @@
-"""The autotune SQLite store: exact schema, prototype migration, retention, kept (SPEC.md §5.11)."""
+"""The autotune SQLite store: exact schema, prototype migration, retention, kept (docs/autotune.md#database)."""
 
 from __future__ import annotations
 

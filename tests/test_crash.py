@@ -1,4 +1,4 @@
-"""kill -9 mid-stream (issue 14): the client's stream ends promptly with an error (the SDK raises, nothing
+"""kill -9 mid-stream: the client's stream ends promptly with an error (the SDK raises, nothing
 hangs), a new `serve` binds the same port at once, and the rendered service files restart a crashed server
 but not a cleanly stopped one.
 

@@ -1,4 +1,4 @@
-"""Full disks and broken files (issue 14): `models pull`, `models import` and `autotune --apply` on a full
+"""Full disks and broken files: `models pull`, `models import` and `autotune --apply` on a full
 disk, and truncated weights. A command that runs out of space ends with one clear line, a
 non-zero exit and nothing half-written; `serve` refuses weights truncated after download, naming the file.
 

@@ -1,4 +1,4 @@
-"""Several ranks on loopback (SPEC.md §7b): `macprovider serve --parallel pipeline|tensor` as 2–3 real
+"""Several ranks on loopback (docs/several-machines.md): `macprovider serve --parallel pipeline|tensor` as 2–3 real
 processes on the ring backend (CPU), judged against one-process `serve` on the same tiny model.
 
 Ranks start either under `mlx.launch` (what users run) or directly with the two variables mlx.launch sets
@@ -357,7 +357,7 @@ def test_impossible_split_is_refused_before_loading(tiny_model, hf_home, tmp_pat
 
 
 def test_real_model_pipeline_under_mlx_launch_answers_like_one_process(real_model, hf_home, tmp_path_factory):
-    """Issue 13's "done when": `mlx.launch -n 2 --backend ring -- macprovider serve --model <real demo model>
+    """The acceptance run: `mlx.launch -n 2 --backend ring -- macprovider serve --model <real demo model>
     --parallel pipeline` gives the openai client the same greedy text as one process (SmolLM2-135M-Instruct:
     30 layers, 15 a rank; 16 tokens)."""
     args = ("--max-context", "512")

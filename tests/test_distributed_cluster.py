@@ -1,4 +1,4 @@
-"""`macprovider cluster check|print|serve` (SPEC.md §7b) on this machine: loopback hosts run the real probe
+"""`macprovider cluster check|print|serve` (docs/several-machines.md) on this machine: loopback hosts run the real probe
 locally (as mlx.launch runs 127.0.0.1), other hosts go through a fake `ssh` on PATH."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Distributed serving without processes (SPEC.md §7b): the split plan, the refusals before loading,
+"""Distributed serving without processes (docs/several-machines.md): the split plan, the refusals before loading,
 the fixed-size control messages and the `parallel` setting."""
 
 from __future__ import annotations

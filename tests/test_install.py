@@ -1,4 +1,4 @@
-"""install.sh in a temporary HOME (SPEC.md §6).
+"""install.sh in a temporary HOME (docs/architecture.md#service).
 
 `test_install_sh_fresh_home_then_second_run_changes_nothing` is THE install test (select it with
 `-k install_sh`): a real run of install.sh on a copy of this checkout — a new virtual environment, a real

@@ -1,4 +1,4 @@
-"""`macprovider models list | pull | verify | rm` on a temporary Hub cache (SPEC.md §4).
+"""`macprovider models list | pull | verify | rm` on a temporary Hub cache (README.md#models).
 
 Models are copies of the session's tiny model (built with macprovider.models.demo), so corrupting one never
 touches the shared session cache. Pull tests never reach the network: offline mode, a closed local port,

@@ -1,4 +1,5 @@
-"""`macprovider service ...` (SPEC.md §6): rendering, and the exact launchctl / systemctl argv sequences.
+"""`macprovider service ...` (docs/architecture.md#service): rendering, and the exact launchctl / systemctl
+argv sequences.
 
 `launchctl` and `systemctl` are fake executables put first on PATH: each call appends its argv to a log
 and answers from canned files, so these tests pass on Linux and never touch a real service manager.

@@ -1,6 +1,6 @@
-"""`macprovider autotune`: the biggest feasible model, then the best knobs for it (SPEC.md §5).
+"""`macprovider autotune`: the biggest feasible model, then the best knobs for it (docs/autotune.md).
 
-Layout (DESIGN.md "Autotune: pure search, real measurement"):
+Layout (pure search, real measurement: docs/architecture.md#autotune):
     preflight.py  flag parsing/validation, the curated list       search.py   Stage 1 / Stage 2, keep-best (pure)
     provider.py   candidate `macprovider serve` child processes    probe.py    workload, SSE timing, feasibility
     prewarm.py    download + integrity check of cached files       memory.py   memory pre-check

@@ -1,7 +1,7 @@
-"""`autotune --apply`: rewrite the owned config keys, atomically, with a backup (SPEC.md §5.10).
+"""`autotune --apply`: rewrite the owned config keys, atomically, with a backup (docs/autotune.md#apply).
 
 `render_config` is a pure line editor: it replaces the top-level lines of `model`, `kv_bits`,
-`max_context_override`, `max_concurrency_override`, and (issue 13, `autotune --hostfile`) `parallel` and
+`max_context_override`, `max_concurrency_override`, and (with `autotune --hostfile`) `parallel` and
 `hostfile` (removing `kv_bits` when it is unset, `parallel`/`hostfile` for a one-machine recipe), appends the
 missing ones, and leaves every other byte — keys, comments, blank lines, order, line endings — as it was.
 `apply_recommendation` writes it: refuse a symlink; back up the old file as

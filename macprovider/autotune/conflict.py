@@ -1,4 +1,4 @@
-"""Provider conflict: find a running provider, drain it, restore it (SPEC.md §5.7).
+"""Provider conflict: find a running provider, drain it, restore it (docs/autotune.md#provider-conflict).
 
 Looks for the launchd job (`live.streamvc.macprovider`, via `launchctl list` through an injectable
 runner, so Linux tests feed recorded output), foreground `macprovider serve` processes (psutil argv
@@ -118,7 +118,7 @@ class Conflicts:
         return out
 
     def refusal(self) -> str:
-        """The refusal line of SPEC.md §5.7."""
+        """The refusal line (docs/autotune.md#provider-conflict)."""
         return f"autotune: provider conflict: {', '.join(self.names())}; rerun with --drain to stop it first."
 
     def drain(self, grace: float) -> None:

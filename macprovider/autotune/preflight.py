@@ -1,4 +1,4 @@
-"""Autotune inputs: flag parsing and validation before anything is touched (SPEC.md §5.1, §5.2).
+"""Autotune inputs: flag parsing and validation before anything is touched (docs/autotune.md#flags).
 
 `parse_inputs(raw)` turns the raw flag strings (None = not given) into a frozen `AutotuneInputs` or
 raises ConfigError (exit 2, `exit_reason = config_error`) whose message names the flag and the bad cell,
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from macprovider.autotune.search import OBJECTIVES
 from macprovider.errors import ConfigError
 
-# SPEC.md §5.2, largest first: (id, parameters in billions).
+# The curated list (docs/autotune.md#flags), largest first: (id, parameters in billions).
 CURATED: tuple[tuple[str, float], ...] = (
     ("mlx-community/Qwen2.5-32B-Instruct-4bit", 32),
     ("mlx-community/Qwen2.5-14B-Instruct-4bit", 14),
@@ -43,7 +43,7 @@ class ClusterHosts:
 
 @dataclass(frozen=True)
 class AutotuneInputs:
-    """Validated inputs of one autotune run (every flag of SPEC.md §5.1)."""
+    """Validated inputs of one autotune run (every flag in docs/autotune.md#flags)."""
 
     target_context: int
     candidate_models: tuple[str, ...]

@@ -1,4 +1,5 @@
-"""Pre-warm: get a candidate's files into the local cache and check them before measuring (SPEC.md §5.5).
+"""Pre-warm: get a candidate's files into the local cache and check them before measuring
+(docs/autotune.md#pre-warm-and-failures).
 
 Two failure classes, decided by checking rather than by matching error text:
 - transient (`PrewarmTransient`): offline and not cached, network down, Hub 5xx, gated/denied or absent
@@ -130,7 +131,7 @@ def prewarm(model: str) -> Path:
         if exc.transient:
             raise PrewarmTransient(str(exc)) from None
         raise PrewarmUnusable(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - any other download failure is transient by definition (§5.5)
+    except Exception as exc:  # noqa: BLE001 - any other download failure is transient (docs/autotune.md)
         raise PrewarmTransient(_classify(exc)) from None
     verify_snapshot(path)
     return path

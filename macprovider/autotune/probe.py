@@ -1,4 +1,4 @@
-"""The probe workload and its measurement over HTTP (SPEC.md §5.4, §5.8).
+"""The probe workload and its measurement over HTTP (docs/autotune.md#stage-1-the-biggest-model, #stage-2-the-knobs).
 
 Workload: one chat request whose prompt fills ~80 % of the target context, counted in the model's own
 tokens (its tokenizer and chat template, loaded from the cached files with `transformers` — no MLX);
@@ -275,7 +275,7 @@ class Measurement:
 
 
 def judge(m: Measurement, gate_ttft_ms: float, expected_requests: int) -> tuple[bool, str | None]:
-    """Feasibility of SPEC.md §5.4 over all replicates → (fits, reason when not)."""
+    """Feasibility (docs/autotune.md#stage-1-the-biggest-model) over all replicates → (fits, reason when not)."""
     if m.errors:
         return False, f"{len(m.errors)} request(s) failed: {m.errors[0]}"
     if len(m.ttfts_ms) < expected_requests:

@@ -1,4 +1,4 @@
-"""A candidate provider: one `macprovider serve` child process per trial (SPEC.md §5.3).
+"""A candidate provider: one `macprovider serve` child process per trial (docs/autotune.md#trials).
 
 The child runs in its own session (own process group) so an out-of-memory or Metal crash kills it, not
 the tuner, and so stopping it reaches every process it started. It gets an empty config file and no
@@ -117,7 +117,8 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     base = dict(os.environ if base is None else base)
     env = {k: v for k, v in base.items() if not k.startswith("MACPROVIDER_")}
     env["MACPROVIDER_RECORD_WORKLOAD"] = "0"
-    # Pre-warm already put the files in the cache: a candidate never opens a network connection (§5.3).
+    # Pre-warm already put the files in the cache: a candidate never opens a network connection
+    # (docs/autotune.md#trials).
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     return env
 

@@ -1,4 +1,5 @@
-"""`--workload recorded|FILE`: replay the operator's own request shapes against each trial (SPEC.md §5.6b).
+"""`--workload recorded|FILE`: replay the operator's own request shapes against each trial
+(docs/autotune.md#objectives-and-workloads).
 
 The shapes (macprovider.workload: prompt tokens, cached prefix tokens, max tokens, concurrency at arrival)
 come from the record `serve` keeps (`recorded`: `<config dir>/workload.jsonl`) or from a JSON/JSONL file. The

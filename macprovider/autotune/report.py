@@ -1,13 +1,13 @@
-"""The autotune report: recommendation, terminal block, JSON document and recipe hash (SPEC.md §5.9).
+"""The autotune report: recommendation, terminal block, JSON document and recipe hash (docs/autotune.md#report).
 
 Pure functions: they take what the run decided and return dicts / text; the runner prints them.
 
 Recipe hash contract: `"sha256:" + sha256(JCS(domain)).hexdigest()` where JCS is RFC 8785 canonical JSON
 (`rfc8785.dumps`) and `domain` is
 `{binary_version, candidate_models, chip, knobs{kv_bits, max_concurrency_override, max_context_override},
-model, ram_gb, target_context}` plus, since issue 15, `objective` when it is not `throughput` and
+model, ram_gb, target_context}` plus `objective` when it is not `throughput` and
 `workload: {kind, digest}` when it is not `synthetic` (digest: replay.shapes_digest of the replayed shapes),
-and, since issue 13, with `--hostfile`: `knobs.parallel`, `hosts` (by rank) and `layers_per_rank` (null for
+and, with `--hostfile`: `knobs.parallel`, `hosts` (by rank) and `layers_per_rank` (null for
 tensor).
 Adding the new inputs only when they differ from the defaults keeps every hash of a default run — all
 hashes made before they existed, and the pinned vectors — unchanged, while a latency run, or a run on a
@@ -103,7 +103,7 @@ def recipe_domain(
     *, binary_version: str, candidate_models: Sequence[str], chip: str, ram_gb: int, rec: Recommendation,
     objective: str = "throughput", workload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The exact object the recipe hash covers (SPEC.md §5.9, module docstring for the additions)."""
+    """The exact object the recipe hash covers (docs/autotune.md#report, module docstring for the additions)."""
     domain: dict[str, Any] = {
         "binary_version": binary_version,
         "candidate_models": list(candidate_models),
@@ -164,7 +164,7 @@ def build_report(
     applied: bool = False,
     trials: Sequence[Trial] = (),
 ) -> dict[str, Any]:
-    """The JSON report (stable, additive-only keys of SPEC.md §5.9, plus `partial`, `applied`, the
+    """The JSON report (stable, additive-only keys of docs/autotune.md#report, plus `partial`, `applied`, the
     recommendation's `memory_estimate_bytes` / `peak_memory_bytes` and `trials[]`: every trial's knobs,
     verdict, throughput, TTFT and memory estimate beside the measured peak, see `trial_summary`).
 
@@ -267,7 +267,7 @@ def _memory_line(rec: dict[str, Any]) -> list[str]:
 
 def _choice_lines(report: dict[str, Any]) -> list[str]:
     """`objective:` / `workload:` / `why:` lines, only when the objective or the workload is not the default
-    (a default run prints SPEC.md §5.9's block unchanged)."""
+    (a default run prints docs/autotune.md#report's block unchanged)."""
     inputs, rec = report["inputs"], report["recommendation"]
     objective = inputs.get("objective", "throughput")
     workload = inputs.get("workload") or {"kind": "synthetic"}
@@ -298,7 +298,7 @@ def _placement_lines(rec: dict[str, Any]) -> list[str]:
 
 
 def render_terminal(report: dict[str, Any]) -> str:
-    """The terminal block of SPEC.md §5.9 (RECOMMENDATION, or NO RECOMMENDATION with the reasons)."""
+    """The terminal block of docs/autotune.md#report (RECOMMENDATION, or NO RECOMMENDATION with the reasons)."""
     rec = report["recommendation"]
     footer = f"run_id: {report['run_id']} | db: {report['db_path']}"
     target = report["inputs"]["target_context"]

@@ -1,8 +1,8 @@
-"""One autotune run end to end: store, conflict/drain, Stage 1, Stage 2, report, apply, restore (SPEC.md §5).
+"""One autotune run end to end: store, conflict/drain, Stage 1, Stage 2, report, apply, restore (docs/autotune.md).
 
 `run(inputs, deps)` returns a `RunOutcome` (exit code, exit_reason, JSON report). The real trial
 evaluator lives here: pre-warm → memory pre-check → candidate provider child → probe → Trial. Every
-ending of SPEC.md §5.12 goes through the same `finally`: the trial in flight is recorded (by the search
+ending (docs/autotune.md#ending-a-run) goes through the same `finally`: the trial in flight is recorded (by the search
 stage), any drained provider is restored (after `--apply`), the run row gets its exit_reason, and the
 report is printed. SIGINT and SIGTERM raise KeyboardInterrupt directly, so both end as `interrupted` (130).
 """
@@ -91,7 +91,7 @@ def _signal_to_interrupt(signum: int, frame: Any) -> None:
 
 
 def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
-    """Run autotune (SPEC.md §5). Prints the terminal block (and JSON) on `deps.out`."""
+    """Run autotune (docs/autotune.md). Prints the terminal block (and JSON) on `deps.out`."""
     from macprovider import __version__
     from macprovider.autotune import conflict as conflict_mod
     from macprovider.autotune.store import Store

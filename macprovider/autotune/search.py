@@ -1,4 +1,5 @@
-"""Stage 1 (biggest feasible model) and Stage 2 (knob hill-climb) as pure functions (SPEC.md §5.4, §5.8).
+"""Stage 1 (biggest feasible model) and Stage 2 (knob hill-climb) as pure functions
+(docs/autotune.md#stage-1-the-biggest-model, #stage-2-the-knobs).
 
 Nothing here knows about processes, HTTP or SQLite: both stages take an `evaluate(model, knobs, stage)
 -> Trial` callable (a real probe in `autotune.runner`, a scripted fake in tests) and a `record(trial)`
@@ -30,7 +31,7 @@ class Knobs:
 
 @dataclass(frozen=True)
 class Trial:
-    """One trial = one row of `tune_trials` (SPEC.md §5.11), plus in-memory fields.
+    """One trial = one row of `tune_trials` (docs/autotune.md#database), plus in-memory fields.
 
     throughput_tps: aggregate decode tokens/s (median over replicates); None when not measured.
     ttft_p95_ms: p95 of every TTFT sample of the trial (ms); None when not measured.
@@ -101,7 +102,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def p95(values: Sequence[float]) -> float:
-    """p95 = sorted[ceil(0.95 n) − 1] (nearest-rank, SPEC.md §5.4). ValueError on empty input."""
+    """p95 = sorted[ceil(0.95 n) − 1] (nearest-rank, docs/autotune.md#the-probe). ValueError on empty input."""
     if not values:
         raise ValueError("p95 of no values")
     ordered = sorted(values)
@@ -109,7 +110,7 @@ def p95(values: Sequence[float]) -> float:
 
 
 def is_new_best(new: Trial, best: Trial | None, epsilon: float) -> bool:
-    """Keep-best rule of SPEC.md §5.8 with relative tie band `epsilon`.
+    """Keep-best rule of docs/autotune.md#stage-2-the-knobs with relative tie band `epsilon`.
 
     No throughput → never best; no incumbent → best; incumbent throughput ≤ 0 → best iff new > 0;
     relative gain (new − best)/best > ε → best; |gain| ≤ ε → best iff its TTFT is lower (a measured TTFT
@@ -138,7 +139,7 @@ OBJECTIVES = ("throughput", "latency", "balanced")
 
 
 def is_new_best_latency(new: Trial, best: Trial | None, epsilon: float) -> bool:
-    """`--objective latency`: the lowest TTFT p95 wins, throughput breaks ties (the mirror of §5.8's rule).
+    """`--objective latency`: the lowest TTFT p95 wins, throughput breaks ties (the mirror of the throughput rule).
 
     No TTFT → never best; no incumbent (or one without TTFT) → best; relative improvement
     (best − new)/best > ε → best; |change| ≤ ε → best iff its throughput is higher; otherwise the incumbent.
@@ -169,7 +170,7 @@ def balanced_score(trial: Trial) -> float | None:
 
 
 def is_new_best_balanced(new: Trial, best: Trial | None, epsilon: float) -> bool:
-    """Keep-best on `balanced_score` with §5.8's relative tie band; a tie goes to the lower TTFT p95."""
+    """Keep-best on `balanced_score` with the throughput rule's relative tie band; a tie goes to the lower TTFT p95."""
     score = balanced_score(new)
     if score is None or not math.isfinite(score):
         return False
@@ -185,7 +186,8 @@ def is_new_best_balanced(new: Trial, best: Trial | None, epsilon: float) -> bool
 
 
 def keep_best_rule(objective: str) -> Callable[[Trial, Trial | None, float], bool]:
-    """The Stage 2 keep-best rule of an objective: throughput (§5.8, the default), latency or balanced."""
+    """The Stage 2 keep-best rule of an objective: throughput (the default), latency or balanced
+    (docs/autotune.md#objectives-and-workloads)."""
     rules = {"throughput": is_new_best, "latency": is_new_best_latency, "balanced": is_new_best_balanced}
     return rules[objective]
 
@@ -323,7 +325,7 @@ def stage2(
 
 
 def infeasible_smallest_first(items: Sequence[Infeasible]) -> list[Infeasible]:
-    """Order infeasible candidates smallest first, then larger by size (SPEC.md §5.4).
+    """Order infeasible candidates smallest first, then larger by size (docs/autotune.md#stage-1-the-biggest-model).
 
     Size is the weight bytes when known, else the parameter count in the name (`…-7B-…`); a candidate of
     unknown size sorts after the known ones, later input ranks (the operator's smaller ones) first.

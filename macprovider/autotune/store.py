@@ -1,19 +1,20 @@
-"""The autotune SQLite store: numbered append-only migrations, runs, trials, retention (SPEC.md §5.11).
+"""The autotune SQLite store: numbered append-only migrations, runs, trials, retention (docs/autotune.md#database).
 
 Schema version lives in `PRAGMA user_version` (part of the database header, so it commits atomically with
 the migration that sets it). Migrations, applied in order when the store opens, each in one transaction:
 
     1  the prototype tables (`tune_runs`, `tune_trials` without stage/kv_bits/max_context_cap/max_batch/
        replicates_n) and their indexes, if absent — a prototype database already has them
-    2  rebuild `tune_trials` into the SPEC shape (SQLite's documented create-copy-drop-rename recipe),
+    2  rebuild `tune_trials` into its documented shape (SQLite's documented create-copy-drop-rename recipe),
        old rows get stage = 1
-    3  add `memory_estimate_bytes` and `peak_memory_bytes` (memory pre-check vs measured peak, §5.6)
-    4  the calibrated memory model and the run's choice (issue 15): `tune_trials` gets the estimate's terms
+    3  add `memory_estimate_bytes` and `peak_memory_bytes` (memory pre-check vs measured peak,
+       docs/autotune.md#memory-estimate)
+    4  the calibrated memory model and the run's objective and workload: `tune_trials` gets the estimate's terms
        `memory_weights_bytes`, `memory_kv_bytes`, `memory_prompt_cache_bytes`, `memory_prefill_bytes`,
        `memory_baseline_bytes` and `mlx_peak_memory_bytes`; from here on `peak_memory_bytes` is the measured
        peak of autotune.memory (MLX peak + runtime baseline; rows with a NULL `mlx_peak_memory_bytes` are
        older and hold the MLX peak alone). `tune_runs` gets `objective` and `workload`.
-    5  `tune_trials.parallel` (issue 13): the trial's parallel mode with `--hostfile` (pipeline | tensor),
+    5  `tune_trials.parallel`: the trial's parallel mode with `--hostfile` (pipeline | tensor),
        NULL for a one-process trial and for every older row.
 
 Never edit a shipped migration: append a new one. The journal is WAL with synchronous=FULL and every

@@ -1,4 +1,4 @@
-"""One trial for real, and the progress display (SPEC.md §5.3–§5.6, §5.9).
+"""One trial for real, and the progress display (docs/autotune.md#trials, #memory-estimate, #report).
 
 `RealEvaluator(model, knobs, stage) -> Trial`: pre-warm (download + integrity check) → memory pre-check
 (rejects hopeless candidates from safetensors headers, without loading) → a `macprovider serve` child with
@@ -99,7 +99,8 @@ def make_workload(model_dir: Path, inputs: AutotuneInputs) -> Any:
 
 
 class RealEvaluator:
-    """Trial = pre-warm → memory pre-check → `macprovider serve` child → probe (SPEC.md §5.4–§5.6)."""
+    """Trial = pre-warm → memory pre-check → `macprovider serve` child → probe
+    (docs/autotune.md#stage-1-the-biggest-model, #memory-estimate)."""
 
     def __init__(self, inputs: AutotuneInputs, deadline: Deadline, budget: Callable[[], int]) -> None:
         self.inputs = inputs

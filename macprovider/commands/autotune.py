@@ -1,6 +1,6 @@
-"""`macprovider autotune`: biggest feasible model, then the best knobs for it (SPEC.md §5).
+"""`macprovider autotune`: biggest feasible model, then the best knobs for it (docs/autotune.md).
 
-Every flag of SPEC.md §5.1 arrives as text (None = not given) and is validated by
+Every flag (docs/autotune.md#flags) arrives as text (None = not given) and is validated by
 `macprovider.autotune.preflight.parse_inputs` before the database is touched or anything is spawned; a
 bad value exits 2 (`exit_reason = config_error`) with one line naming the flag and the cell.
 """

@@ -1,4 +1,4 @@
-"""`macprovider cluster ...`: several Macs serving one model (SPEC.md §7b).
+"""`macprovider cluster ...`: several Macs serving one model (docs/several-machines.md).
 
     cluster check HOSTFILE [--model M] [--json]   each host reachable, same macprovider/mlx versions, the
                                                  model cached, its memory budget; which split fits; a table

@@ -1,4 +1,4 @@
-"""`macprovider config show [--json]`: the resolved settings and where each came from (SPEC.md §2)."""
+"""`macprovider config show [--json]`: the resolved settings and where each came from (docs/configuration.md)."""
 
 from __future__ import annotations
 

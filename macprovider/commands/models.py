@@ -1,4 +1,4 @@
-"""`macprovider models ...`: the local model cache (SPEC.md §4) and the offline demo model (§9).
+"""`macprovider models ...`: the local model cache and the offline demo model (README.md#models).
 
     models list [--json]      what is in the Hub cache, with sizes
     models pull ID            download (progress bar, resumable); clear errors for gated/absent/offline

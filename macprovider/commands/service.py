@@ -1,4 +1,4 @@
-"""`macprovider service ...`: the launchd / systemd user service (SPEC.md §6).
+"""`macprovider service ...`: the launchd / systemd user service (docs/architecture.md#service).
 
     service print     [--manager launchd|systemd] [--config PATH]   the rendered plist / unit on stdout
     service install   write it, (re)load it, start it

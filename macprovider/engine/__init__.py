@@ -10,7 +10,8 @@ Layout:
     constrained.py  response_format -> llguidance grammar (no MLX); GrammarProcessor (logits processor)
     distributed.py  several machines on mx.distributed: split checks, pipeline stages / tensor shard, the
                     per-step control exchange that keeps ranks in lockstep, the follower loop
-Imports: `engine` -> `models` and the shared core (`config`, `errors`) only. Importers: `commands` (builds
-the Engine); `serve` may import only `protocol`, `tool_calls` and `constrained`. Nothing imports MLX at
+Imports: the shared core (`config`, `errors`) and MLX / mlx-lm only; the layers contract would allow `models`,
+but nothing here uses it. Importers: `commands` (builds the Engine); `serve` may import only `protocol`,
+`tool_calls` and `constrained`. Nothing imports MLX at
 module level, so importing this package stays cheap.
 """

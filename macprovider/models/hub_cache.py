@@ -1,4 +1,4 @@
-"""Operations on the Hugging Face Hub cache: list, pull, verify, rm (SPEC.md §4).
+"""Operations on the Hugging Face Hub cache: list, pull, verify, rm (README.md#models).
 
 The cache layout is huggingface_hub's (`models--org--name/{blobs,refs,snapshots/<rev>/…}`): every file of a
 snapshot is a symlink to a blob whose *name is the hash the Hub recorded for it* — the sha256 of the content
@@ -7,7 +7,8 @@ regular files. `verify_model` recomputes those hashes; `pull_model` wraps `snaps
 itself) and turns the Hub's failures into `ModelError` lines that say what to do; `list_models` and
 `remove_model` use huggingface_hub's cache scanner and deletion strategy.
 
-Autotune's pre-warm (§5.5) uses the same calls: a `PullError` carries `transient=True` (network, 5xx, gated,
+Autotune's pre-warm (docs/autotune.md#pre-warm-and-failures) uses the same calls: a `PullError` carries
+`transient=True` (network, 5xx, gated,
 disk full: the candidate is skipped), and `verify_model(...).ok` is False on an integrity failure.
 """
 

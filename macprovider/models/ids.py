@@ -1,4 +1,4 @@
-"""Model ids, Hub cache resolution and model facts read from config.json (SPEC.md §4).
+"""Model ids, Hub cache resolution and model facts read from config.json (README.md#models).
 
 A model id is `org/name` (each part `[A-Za-z0-9._-]+`, neither `.` nor `..`) or a path to a local
 directory; anything else is rejected before it touches the filesystem or the network.

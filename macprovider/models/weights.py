@@ -1,5 +1,5 @@
-"""Weights on disk: the safetensors header reader (SPEC.md §4, §5.6) — exact tensor bytes, and files cut
-short after download caught from their headers in a few small reads, without loading anything. Used by
+"""Weights on disk: the safetensors header reader (docs/autotune.md#memory-estimate) — exact tensor bytes, and
+files cut short after download caught from their headers in a few small reads, without loading anything. Used by
 `serve` (preflight refuses a truncated file, naming it) and autotune (memory estimate, pre-warm integrity).
 """
 

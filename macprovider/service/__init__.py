@@ -1,4 +1,5 @@
-"""Running `macprovider serve` as a service (SPEC.md §6): launchd on macOS, a systemd user unit on Linux.
+"""Running `macprovider serve` as a service (docs/architecture.md#service): launchd on macOS, a systemd user
+unit on Linux.
 
 Layout:
     spec.py      ServiceSpec and its two renderers (LaunchAgent plist, systemd unit), paths, status parsing

@@ -1,4 +1,4 @@
-"""The background service: one `ServiceSpec`, two renderers, two managers (SPEC.md §6).
+"""The background service: one `ServiceSpec`, two renderers, two managers (docs/architecture.md#service).
 
 `build_spec()` describes the job once — `<python> -m macprovider serve --config <abs path>`, restart on
 failure only, a stop timeout longer than `drain_timeout_s`, logs, a minimal environment with no secret —
@@ -8,7 +8,8 @@ stop, restart and report status; every `launchctl` / `systemctl` call goes throu
 `Runner` (`argv -> subprocess.CompletedProcess[str]`), as Homebrew's `brew services` does, so tests record
 the exact argv sequences with a fake executable on PATH.
 
-Helpers autotune's provider-conflict handling (§5.7) may call with its own runner:
+Helpers autotune's provider-conflict handling (docs/autotune.md#provider-conflict) may call with its own
+runner:
 `launchd_job_loaded(runner)`, `launchd_bootout(runner)`, `launchd_bootstrap(runner)`.
 
 launchd semantics used here (launchd.plist(5), launchctl(1)): `KeepAlive {SuccessfulExit: false}`
@@ -213,7 +214,7 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
     return True
 
 
-# ---- launchd helpers (also for autotune §5.7) --------------------------------------------------------
+# ---- launchd helpers (also for autotune's provider conflict) --------------------------------------------
 
 
 def parse_launchctl_list(output: str, label: str = LABEL) -> tuple[bool, int | None, int | None]:
