@@ -8,7 +8,9 @@ installed packages, and measured with the same client code:
   (chunks − 1) / (last − first chunk time);
 - aggregate tokens/s at N concurrent streams: total completion tokens / wall time of the N requests;
 - TTFT median / p95 over the concurrent requests (request start → first non-empty content);
-- ours only: /v1/health latency p99 while the N streams decode, and health's peak KV bytes.
+- ours only: /v1/health latency p99 while the N streams decode, and health's peak KV bytes;
+- with `--burst`: N *identical* requests sent at once with a prompt no server has seen (agent fan-out, a burst
+  after a restart): wall time, aggregate tokens/s and TTFT median — how often the shared prompt is prefilled.
 
 Prints a table of ours/peer ratios and one JSON line (prefix `BENCH_JSON `). With `--kv-bits B` both
 servers quantize the KV cache (mlx_lm.server with `--quantized-kv-start 0`, which serializes requests;
@@ -167,7 +169,20 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
     return {"start": start, "chunk_times": chunk_times, "tokens": tokens, "end": time.perf_counter()}
 
 
-async def measure(server: Server, model: str, streams: int, prompt_words: int, max_tokens: int, round_index: int, single_repeats: int) -> dict:
+async def measure_burst(client: httpx.AsyncClient, url: str, model: str, streams: int, prompt: str, max_tokens: int) -> dict:
+    """`streams` identical streamed requests at once: wall seconds, aggregate tokens/s, TTFT median (ms)."""
+    tic = time.perf_counter()
+    results = await asyncio.gather(*(stream_one(client, url, model, prompt, max_tokens) for _ in range(streams)))
+    wall = time.perf_counter() - tic
+    ttfts = [(r["chunk_times"][0] - r["start"]) * 1000 for r in results if r["chunk_times"]]
+    return {
+        "burst_wall_s": wall,
+        "burst_aggregate_tps": sum(r["tokens"] for r in results) / wall,
+        "burst_ttft_median_ms": statistics.median(ttfts) if ttfts else float("nan"),
+    }
+
+
+async def measure(server: Server, model: str, streams: int, prompt_words: int, max_tokens: int, round_index: int, single_repeats: int, burst: bool = False) -> dict:
     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
     prompt = lambda i: f"Request {round_index}-{i}. " + FILLER * max(1, prompt_words // 16)  # noqa: E731
     async with httpx.AsyncClient(timeout=600) as client:
@@ -202,6 +217,10 @@ async def measure(server: Server, model: str, streams: int, prompt_words: int, m
         health = None
         if server.kind.startswith("ours"):
             health = (await client.get(f"http://127.0.0.1:{server.port}/v1/health")).json()
+        burst_figures = {"burst_wall_s": None, "burst_aggregate_tps": None, "burst_ttft_median_ms": None}
+        if burst:  # a prompt unseen in this server's life: nothing of it is cached
+            burst_prompt = f"Burst {round_index}. Return this text unchanged. " + FILLER * max(1, prompt_words // 16)
+            burst_figures = await measure_burst(client, url, model, streams, burst_prompt, max_tokens)
     ttfts = [(r["chunk_times"][0] - r["start"]) * 1000 for r in results if r["chunk_times"]]
     return {
         "single_decode_tps": single_tps,
@@ -211,6 +230,7 @@ async def measure(server: Server, model: str, streams: int, prompt_words: int, m
         "health_p99_ms": sorted(health_latencies)[max(0, math.ceil(0.99 * len(health_latencies)) - 1)] if health_latencies else None,
         "peak_kv_cache_bytes": (health or {}).get("engine", {}).get("peak_kv_cache_bytes"),
         "completion_tokens": sum(r["tokens"] for r in results),
+        **burst_figures,
     }
 
 
@@ -270,6 +290,7 @@ def main() -> int:
     parser.add_argument("--probe-prompt-tokens", type=int, default=600, help="kv-bits mode: tokens per probe prompt")
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds a server may take to listen and answer its first 1-token completion")
     parser.add_argument("--weights-dtype", help="ours: serve --weights-dtype (default: serve's own, auto)")
+    parser.add_argument("--burst", action="store_true", help="also send --streams identical cold prompts at once (shared-prefix burst)")
     parser.add_argument(
         "--compare-weights-dtype", metavar="DTYPE",
         help="also run ours with serve --weights-dtype DTYPE (e.g. native: the checkpoint's quantized weights) and print ours / that",
@@ -310,22 +331,21 @@ def main() -> int:
                     server = Server(kind, model_id, free_port(), args.streams, bits, env, dtype)
                     try:
                         server.wait_ready(model_id, args.ready_timeout)
-                        samples[kind].append(asyncio.run(measure(server, model_id, args.streams, args.prompt_words, args.max_tokens, round_index, args.single_repeats)))
+                        samples[kind].append(asyncio.run(measure(server, model_id, args.streams, args.prompt_words, args.max_tokens, round_index, args.single_repeats, args.burst)))
                         print(f"round {round_index} {kind}: {json.dumps(samples[kind][-1])}", flush=True)  # kept if the run is cut short
                     finally:
                         server.stop()
             summary = {}
             for kind, runs in samples.items():
                 summary[kind] = {key: statistics.median([r[key] for r in runs if r[key] is not None]) if any(r[key] is not None for r in runs) else None for key in runs[0]}
-            ratios = {
-                key: summary["ours"][key] / summary["peer"][key]
-                for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms")
-                if summary["peer"][key]
-            }
+            compared = ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms")
+            if args.burst:
+                compared += ("burst_wall_s", "burst_aggregate_tps", "burst_ttft_median_ms")
+            ratios = {key: summary["ours"][key] / summary["peer"][key] for key in compared if summary["peer"][key]}
             entry = {**summary, "ratios_ours_over_peer": ratios}
             print(f"\n== {name} ({model_id}) streams={args.streams} kv_bits={args.kv_bits or 'unset'} rounds={args.rounds}")
             print(f"{'metric':<22}{'ours':>12}{'mlx_lm.server':>16}{'ours/peer':>12}")
-            for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms"):
+            for key in compared:
                 print(f"{key:<22}{summary['ours'][key]:>12.1f}{summary['peer'][key]:>16.1f}{ratios.get(key, float('nan')):>12.2f}")
             print(f"health p99 (ours, during {args.streams} streams): {summary['ours']['health_p99_ms']:.1f} ms; peak KV bytes (ours): {summary['ours']['peak_kv_cache_bytes']}")
             if args.compare_weights_dtype:

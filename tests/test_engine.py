@@ -4,6 +4,7 @@ strings, cancellation, queue limits, prefix reuse, seeds, failure of the generat
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -313,3 +314,40 @@ def test_prompt_cache_entries_hold_only_their_own_bytes(tiny_model, engines):
     assert held > 0
     grown = mx.get_active_memory() - before
     assert grown <= held * 1.1 + (256 << 10), (grown, held)
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_a_burst_sharing_a_prefix_prefills_it_once(tiny_model, engines, kv_bits):
+    """Four requests that arrive together with one long system prompt: the first prefills it, the other
+    three start from its prompt KV (cached_tokens) instead of prefilling it again, with the same text as
+    requests served one at a time without any prefix cache."""
+    warm = engines(tiny_model, max_concurrency_override=4, kv_bits=kv_bits)
+    cold = engines(tiny_model, prompt_cache_bytes=0, kv_bits=kv_bits)
+    system = {"role": "system", "content": "You are a careful assistant who answers in one line. " * 12}
+    questions = ["Hello there", "Hello there", "Name a sea.", "What is the capital of France?"]
+    prompts = [warm.encode_chat([system, {"role": "user", "content": q}]) for q in questions]
+
+    async def burst():
+        return await asyncio.gather(*(collect(warm, p, max_tokens=8, temperature=0) for p in prompts))
+
+    together = asyncio.run(burst())
+    cached = sorted(chunks[-1].usage.cached_tokens for _, chunks in together)
+    shared = len(os.path.commonprefix(prompts))
+    assert shared >= 100
+    assert cached[0] == 0  # the leader prefilled the system prompt
+    assert all(c >= shared - 1 for c in cached[1:]), cached  # the others reused it
+    assert warm.stats().cached_prompt_tokens_total == sum(cached)
+    alone = [asyncio.run(collect(cold, p, max_tokens=8, temperature=0)) for p in prompts]
+    assert [text for text, _ in together] == [text for text, _ in alone]
+
+
+def test_requests_without_a_long_shared_prefix_do_not_wait(tiny_model, engines):
+    engine = engines(tiny_model, max_concurrency_override=4)
+    prompts = [chat(engine, p) for p in PROMPTS]
+
+    async def burst():
+        return await asyncio.gather(*(collect(engine, p, max_tokens=4, temperature=0) for p in prompts))
+
+    results = asyncio.run(burst())
+    assert [chunks[-1].usage.cached_tokens for _, chunks in results] == [0, 0, 0, 0]
+    assert engine.stats().peak_active_sequences == 4

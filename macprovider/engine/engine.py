@@ -12,6 +12,11 @@ This is the only serve-path module that imports MLX (DESIGN.md "Serving: one thr
   so the KV cache of a sequence never holds more than C tokens.
 - Prompt-prefix reuse: finished sequences leave their KV in mlx-lm's `LRUPromptCache` (bounded by
   `prompt_cache_bytes`); a new prompt starts from the longest cached prefix.
+- Shared prefixes are prefilled once: a waiting request whose prompt shares at least
+  SHARED_PREFIX_MIN_TOKENS not-yet-cached tokens (and at least half of its prompt) with a sequence still
+  prefilling waits for that prefill; when it ends, the leader's prompt KV goes into the prefix cache and the
+  follower prefills only the rest — a burst of identical prompts costs about one prefill, not one each
+  (what vLLM's automatic prefix caching and SGLang's radix cache do for requests in flight).
 - Cancellation, draining and stats are messages to / reads from the thread; `EngineStats` is a snapshot.
 
 Threads: `submit`/`encode_*`/`stats` run on the server's threads; all MLX work happens on the generation
@@ -39,6 +44,8 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback
 # Text of end-of-turn tokens of common chat formats; any of them in the vocabulary ends generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>", "<|return|>")
 PROMPT_CACHE_ENTRIES = 64
+# Fewer shared tokens than this are not worth a wait: chat templates alone share their opening tokens.
+SHARED_PREFIX_MIN_TOKENS = 32
 # MLX keeps freed buffers for reuse (its buffer cache) up to its memory limit by default — on Linux, all of
 # RAM. Decode-step temporaries are far smaller, and mlx-lm empties the cache after every prefill chunk, so a
 # fixed cap bounds the process without costing reuse where it matters (issue 14; health reports the cache
@@ -408,6 +415,7 @@ class Engine:
                 for response in prompt_responses:
                     if response.end_of_prompt and response.uid in self._active:
                         self._active[response.uid].decode_started_at = now
+                        self._share_prompt_kv(self._active[response.uid])
                 for response in generation_responses:
                     self._on_token(response, now)
             elif self.lockstep is not None:
@@ -450,12 +458,17 @@ class Engine:
                 return
 
     def _admit(self) -> None:
-        """Move waiting sequences into the running batch while slots are free (FIFO)."""
+        """Move waiting sequences into the running batch while slots are free (FIFO), except those waiting
+        for a shared prefix that another sequence is prefilling (`_waits_for_shared_prefix`)."""
+        waiting: list[SequenceState] = []
         while self._pending and len(self._active) < self.max_batch:
             sequence = self._pending.popleft()
             if sequence.max_tokens <= 0:  # prompt fills the whole context: nothing may be generated
                 sequence.decode_started_at = sequence.last_token_at = time.perf_counter()
                 self._finish(sequence, "length")
+                continue
+            if self._waits_for_shared_prefix(sequence):
+                waiting.append(sequence)
                 continue
             cache, rest = None, sequence.prompt
             if self.prompt_cache_bytes > 0:
@@ -479,6 +492,47 @@ class Engine:
             with self._lock:
                 self._counters["prompt_tokens"] += len(sequence.prompt)
                 self._counters["cached_prompt_tokens"] += sequence.cached_tokens
+        self._pending.extendleft(reversed(waiting))
+
+    def _shares_prefix_with(self, leader: SequenceState, sequence: SequenceState) -> bool:
+        """Whether `sequence` should start from `leader`'s prompt KV rather than prefill alongside it: they
+        share at least SHARED_PREFIX_MIN_TOKENS tokens the leader is computing (not taken from the prefix cache)
+        and at least half of `sequence`'s prompt, so waiting saves more prefill than it delays."""
+        a, b = leader.prompt, sequence.prompt
+        limit = min(len(a), len(b))
+        shared = 0
+        while shared < limit and a[shared] == b[shared]:
+            shared += 1
+        return shared - leader.cached_tokens >= SHARED_PREFIX_MIN_TOKENS and 2 * shared >= len(b)
+
+    def _waits_for_shared_prefix(self, sequence: SequenceState) -> bool:
+        """True while a sequence that is still prefilling a prefix of `sequence`'s prompt is active; the
+        leader is chosen once, then only its state is checked (this runs every decode step)."""
+        if self.prompt_cache_bytes <= 0:
+            return False
+        if sequence.waits_for_prefix_of is not None:
+            leader = self._active.get(sequence.waits_for_prefix_of)
+            if leader is not None and leader.decode_started_at is None:
+                return True
+            sequence.waits_for_prefix_of = None  # its prompt KV is in the prefix cache now (or it is gone)
+            return False
+        for leader in self._active.values():
+            if leader.decode_started_at is None and self._shares_prefix_with(leader, sequence):
+                sequence.waits_for_prefix_of = leader.uid
+                return True
+        return False
+
+    def _share_prompt_kv(self, leader: SequenceState) -> None:
+        """At the end of `leader`'s prefill, put its prompt KV into the prefix cache if a waiting sequence
+        is waiting for it (the entry is evaluated, so it owns its rows and not the batch buffer)."""
+        if not any(sequence.waits_for_prefix_of == leader.uid for sequence in self._pending):
+            return
+        cache, tokens = self._batch.extract_cache([leader.uid]).get(leader.uid, (None, None))
+        if cache is None:
+            return
+        self._mx.eval([layer.state for layer in cache])
+        self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)
+        self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes)
 
     def _on_token(self, response: Any, now: float) -> None:
         sequence = self._active.get(response.uid)

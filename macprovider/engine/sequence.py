@@ -146,6 +146,9 @@ class SequenceState:
     decode_started_at: float | None = None
     last_token_at: float | None = None
     top_logprobs: int | None = None
+    # uid of a sequence still prefilling a prompt that shares this one's prefix: admission waits for its
+    # prompt KV (Engine._admit) instead of prefilling the same tokens a second time.
+    waits_for_prefix_of: int | None = None
 
     def usage(self) -> Usage:
         """Usage for the final chunk; decode time runs from entering the decode batch to the last token."""
