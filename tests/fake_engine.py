@@ -137,6 +137,7 @@ class FakeEngine:
     max_context: int = 64
     max_batch: int = 2
     kv_bits: int | None = None
+    vocab_size: int = 256
     queue_limit: int = 4
     script: Script = field(default_factory=Script)
     state: str = "ready"

@@ -146,6 +146,9 @@ class SequenceState:
     decode_started_at: float | None = None
     last_token_at: float | None = None
     top_logprobs: int | None = None
+    # Set (on the generation thread) when this sequence's own sampler, logits processor or detokenizer
+    # raised: the engine ends this sequence alone with the error; the rest of the batch carries on.
+    fault: BaseException | None = None
 
     def usage(self) -> Usage:
         """Usage for the final chunk; decode time runs from entering the decode batch to the last token."""
