@@ -134,3 +134,28 @@ def test_top_k_at_or_above_the_vocabulary_means_no_truncation(engine, seed):
     results = asyncio.run(run(engine, batch))
     assert all(final.finish_reason in ("stop", "length") for _, final in results), results
     assert engine.is_alive()
+
+
+def test_a_matcher_error_ends_the_request_with_an_error_never_unconstrained(engine, monkeypatch):
+    """A token the grammar cannot follow (here forced by a sampler that ignores the mask) ends that request
+    with an error — it neither goes on unconstrained nor reports `stop` on JSON that does not parse."""
+    from macprovider.engine.constrained import grammar_for
+
+    normal = asyncio.run(run(engine, requests(engine)))
+    bad_token = engine.encode_text("x")[-1]
+    original = Engine._sampler
+
+    def sampler_for(self, request):
+        if request.grammar is None:
+            return original(self, request)
+        import mlx.core as mx
+
+        return lambda logprobs: mx.array([bad_token] * logprobs.shape[0], dtype=mx.uint32)
+
+    monkeypatch.setattr(Engine, "_sampler", sampler_for)
+    import dataclasses
+
+    batch = requests(engine)
+    batch[1] = dataclasses.replace(batch[1], grammar=grammar_for({"type": "json_object"}))
+    together = asyncio.run(run(engine, batch))
+    check_isolated(engine, normal, together, "the output constraint failed")

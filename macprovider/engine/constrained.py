@@ -78,6 +78,10 @@ class TokenizerCache:
             return tokenizer
 
 
+class ConstraintError(RuntimeError):
+    """The grammar matcher of one sequence failed mid-decode (a token it could not follow)."""
+
+
 class GrammarProcessor:
     """mlx-lm logits processor constraining one sequence to `grammar`.
 
@@ -112,7 +116,9 @@ class GrammarProcessor:
                 self._matcher.consume_token(int(token))
             self._consumed += len(new)
         if self._matcher.is_error():
-            return logits  # the matcher gave up (should not happen: only allowed tokens are sampled)
+            # Never decode on unconstrained (the answer would break its schema, or end as `stop` mid-JSON):
+            # the engine ends this sequence alone with this error (engine.isolation).
+            raise ConstraintError(f"the output constraint failed: {self._matcher.get_error()}")
         fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[:n_vocab].astype(bool)
         return mx.where(mx.array(allowed)[None, :], logits, mx.array(-float("inf"), dtype=logits.dtype))

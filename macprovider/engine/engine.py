@@ -185,6 +185,13 @@ class Engine:
             return None
         return tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` when it is exactly one added token of the vocabulary (`<tool_call>` in Qwen2.5's
+        and Hermes' tokenizers), else None. Grammars must name such a token by id: its text spelled in
+        ordinary tokens is a different token sequence."""
+        added = (getattr(self.tokenizer, "added_tokens_decoder", None) or {}) if self.tokenizer is not None else {}
+        return next((token_id for token_id, token in added.items() if str(token) == text), None)
+
     def encode_text(self, prompt: str) -> list[int]:
         """Plain prompt → token ids (no special tokens added beyond the tokenizer's defaults)."""
         tokenizer = self._require_tokenizer()

@@ -159,7 +159,9 @@ async def start(engine: EngineProtocol, turn: Turn, draining: Callable[[], bool]
         if turn.tool_choice not in ("auto", "none"):
             if not getattr(markup[2], "__module__", "").endswith("json_tools"):
                 raise ApiError(400, "invalid_request", "a forced tool_choice needs a model with JSON tool-call markup (mlx-lm json_tools)", param="tool_choice")
-            grammar = tool_call_grammar(turn.tools, turn.tool_choice, markup[0] + "\n", "\n" + markup[1])
+            token_id = getattr(engine, "special_token_id", None) or (lambda _text: None)
+            grammar = tool_call_grammar(turn.tools, turn.tool_choice, markup[0] + "\n", "\n" + markup[1],
+                                        start_token=token_id(markup[0]), end_token=token_id(markup[1]))
     check_prompt_bound(engine, turn.messages if turn.messages is not None else turn.prompt, turn.param)
     if turn.messages is not None:
         tokens = await run_in_threadpool(engine.encode_chat, turn.messages, turn.tools or None)
