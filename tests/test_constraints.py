@@ -120,3 +120,38 @@ def test_defs_schemas_work_under_a_forced_tool_choice_on_every_api(route):
         response = client.post(route, json=ROUTE_BODIES[route](engine.model_id))
     assert response.status_code == 200, response.text[:400]
     assert engine.submitted and engine.submitted[-1].grammar
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"t": {"const": "<|im_end|>"}}, "required": ["t"]},
+    {"type": "object", "properties": {"t": {"enum": ["a<|im_end|>b", "<|endoftext|>"]}}, "required": ["t"]},
+    {"type": "object", "properties": {"t": {"const": "<tool_call>"}}, "required": ["t"]},
+])
+def test_special_token_text_inside_json_never_ends_the_answer_early(tiny_model, schema):
+    """Special-token text in a JSON string is ordinary text: the answer is the whole JSON with `stop`, or it
+    ends with `length` / an error — never `stop` on JSON that does not parse."""
+    import asyncio
+
+    from macprovider import config as cfg
+    from macprovider.engine.constrained import grammar_for
+    from macprovider.engine.engine import Engine
+    from macprovider.engine.protocol import GenerationRequest
+    from macprovider.serve.preflight import plan_serve
+
+    engine = Engine(plan_serve(cfg.resolve({"model": tiny_model, "max_context_override": 512})))
+    engine.load()
+    try:
+        prompt = engine.encode_chat([{"role": "user", "content": "json please"}])
+        grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+
+        async def one():
+            chunks = [c async for c in engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=60,
+                                                                       temperature=0.0, grammar=grammar))]
+            return "".join(c.text for c in chunks), chunks[-1]
+
+        text, final = asyncio.run(asyncio.wait_for(one(), 120))
+    finally:
+        engine.close()
+    assert final.finish_reason in ("stop", "length", "error"), final
+    if final.finish_reason == "stop":
+        assert json.loads(text)["t"] in (schema["properties"]["t"].get("enum") or [schema["properties"]["t"]["const"]])
