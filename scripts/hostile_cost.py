@@ -76,7 +76,8 @@ def main() -> int:
                 waited = (time.perf_counter() - started) * 1000
                 slow.result()
             print(f"small count_tokens during the big one: {quick.status_code} in {waited:.0f} ms", flush=True)
-        print(f"RSS: {rss_before / 2**20:.0f} MiB before, {process.memory_info().rss / 2**20:.0f} MiB after", flush=True)
+        rss_after = process.memory_info().rss
+        print(f"RSS: {rss_before / 2**20:.0f} MiB before, {rss_after / 2**20:.0f} MiB after", flush=True)
         runtime.request_shutdown("done")
         thread.join(15)
         engine.close()

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from fake_engine import FakeEngine, serving, sse_events
+from fake_engine import FakeEngine, serving
 from macprovider import config as cfg
 from macprovider.config import Settings
 from macprovider.engine.engine import Engine
@@ -143,7 +143,8 @@ HOSTILE_BATTERY: list[tuple[str, dict[str, Any]]] = [
     ("/v1/messages", {"top_k": 5000, "temperature": 1.0}),
     ("/v1/messages", {"top_k": 10_000_000, "temperature": 1.0, "stream": True}),
     ("/v1/chat/completions", {"temperature": 2.0, "top_p": 1e-9, "seed": 2**64 - 1}),
-    ("/v1/chat/completions", {"presence_penalty": 2.0, "frequency_penalty": -2.0, "logprobs": True, "top_logprobs": 20}),
+    ("/v1/chat/completions", {"presence_penalty": 2.0, "frequency_penalty": -2.0, "logprobs": True,
+                              "top_logprobs": 20}),
     ("/v1/completions", {"logprobs": 20, "seed": -(2**63), "stream": True}),
     ("/v1/responses", {"metadata": {"k": "\udc00"}, "stream": True}),
     ("/v1/responses", {"user": "\ud800x"}),

@@ -5,6 +5,7 @@ and the engine keeps serving (engine in-process on the tiny test model)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -52,7 +53,7 @@ def hostile(request: GenerationRequest) -> GenerationRequest:
     return dataclasses.replace(request, presence_penalty=MARK)
 
 
-def check_isolated(engine: Engine, normal: list[tuple[str, object]], together: list[tuple[str, object]], what: str) -> None:
+def check_isolated(engine: Engine, normal: list[tuple[str, Any]], together: list[tuple[str, Any]], what: str) -> None:
     text, final = together[1]
     assert final.finish_reason == "error" and what in final.error, final
     assert final.error_status == 500

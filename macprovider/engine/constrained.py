@@ -143,6 +143,7 @@ class GrammarProcessor:
         elif self._tokenizers.eos_ids:
             allowed[[token for token in self._tokenizers.eos_ids if token < n_vocab]] = True
         if not allowed.any():
-            raise ApiError(400, "invalid_request", "the output schema can only continue with a special token here "
-                           "(its text spells one, e.g. <|im_end|>), which is never produced as text", param="response_format")
+            raise ApiError(400, "invalid_request", "the output schema can only continue with a special token "
+                           "here (its text spells one, e.g. <|im_end|>), which is never produced as text",
+                           param="response_format")
         return mx.where(mx.array(allowed)[None, :], logits, mx.array(-float("inf"), dtype=logits.dtype))

@@ -578,7 +578,8 @@ class Engine:
             alternatives = tuple((self._token_text(i), float(v), self._token_bytes(i)) for i, v in zip(ids_list, values_list))
         return TokenLogprob(self._token_text(token), float(row[token].item()), alternatives, self._token_bytes(token))
 
-    def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None, error_status: int = 500, error_param: str | None = None) -> None:
+    def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None,
+                error_status: int = 500, error_param: str | None = None) -> None:
         """End a sequence: leave the batch (saving its KV for prefix reuse), send the final chunk."""
         if sequence.uid is not None and sequence.uid in self._active:
             del self._active[sequence.uid]
@@ -600,7 +601,8 @@ class Engine:
         with self._lock:
             self._admitted -= 1
         stop_sequence = sequence.output.stop_sequence if reason == "stop" else None
-        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error, stop_sequence=stop_sequence, error_status=error_status, error_param=error_param))
+        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error, stop_sequence=stop_sequence,
+                                                error_status=error_status, error_param=error_param))
 
     def _fail_everything(self, message: str) -> None:
         for sequence in list(self._pending) + list(self._active.values()):

@@ -35,7 +35,7 @@ def guarded_sampler(sequence: SequenceState, sampler: Callable[[Any], Any]) -> C
                 tokens = sampler(logprobs)
                 if tuple(tokens.shape) == tuple(logprobs.shape[:-1]):
                     return tokens
-                raise ValueError(f"the sampler returned shape {tuple(tokens.shape)} for logprobs {tuple(logprobs.shape)}")
+                raise ValueError(f"the sampler returned shape {tuple(tokens.shape)} for {tuple(logprobs.shape)}")
             except Exception as exc:  # noqa: BLE001 - any failure is this sequence's, reported to its client
                 record_fault(sequence, exc, "sampling")
         return mx.argmax(logprobs, axis=-1)

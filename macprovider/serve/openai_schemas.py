@@ -262,7 +262,8 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         where = _lone_surrogate_path(data, ())
         if where is not None:
             param = ".".join(str(part) for part in where) or None
-            raise ApiError(400, "invalid_request", f"{param} holds a lone UTF-16 surrogate (text that is not valid Unicode)", param=param)
+            message = f"{param} holds a lone UTF-16 surrogate (text that is not valid Unicode)"
+            raise ApiError(400, "invalid_request", message, param=param)
     return data
 
 
