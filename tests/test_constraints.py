@@ -155,3 +155,19 @@ def test_special_token_text_inside_json_never_ends_the_answer_early(tiny_model, 
     assert final.finish_reason in ("stop", "length", "error"), final
     if final.finish_reason == "stop":
         assert json.loads(text)["t"] in (schema["properties"]["t"].get("enum") or [schema["properties"]["t"]["const"]])
+
+
+def test_the_engine_names_added_tokens_by_id(tiny_model):
+    """What serve asks before building a forced-call grammar: the id of markup that is one added token."""
+    from macprovider import config as cfg
+    from macprovider.engine.engine import Engine
+    from macprovider.serve.preflight import plan_serve
+
+    engine = Engine(plan_serve(cfg.resolve({"model": tiny_model, "max_context_override": 512})))
+    engine.load()
+    try:
+        end_id = engine.special_token_id("<|im_end|>")
+        assert end_id is not None and engine.tokenizer.decode([end_id], skip_special_tokens=False) == "<|im_end|>"
+        assert engine.special_token_id("<tool_call>") is None and engine.special_token_id("hello") is None
+    finally:
+        engine.close()
