@@ -137,6 +137,8 @@ class FakeEngine:
     max_context: int = 64
     max_batch: int = 2
     kv_bits: int | None = None
+    vocab_size: int = 256
+    max_token_chars: int = 0  # 0: unknown, no character bound before encoding
     queue_limit: int = 4
     script: Script = field(default_factory=Script)
     state: str = "ready"

@@ -93,6 +93,9 @@ def test_the_document_carries_the_real_request_models():
     assert chat == {"$ref": "#/components/schemas/ChatCompletionRequest"}
     assert "messages" in doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert "/v1/health" in doc["paths"] and "/v1/models" in doc["paths"]
+    for path in ("/v1/responses", "/v1/messages", "/v1/messages/count_tokens"):  # the hostile tier covers every API
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["$ref"].rsplit("/", 1)[1] in doc["components"]["schemas"]
 
 
 @schema.parametrize()

@@ -13,6 +13,7 @@ sequence to `BatchGenerator.insert`, so constrained and unconstrained sequences 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any, Sequence
 
@@ -67,6 +68,13 @@ class TokenizerCache:
         self._eos = sorted(eos_ids)
         self._lock = threading.Lock()
         self._built: dict[int, Any] = {}
+        # Every added token's id (`added_tokens_decoder`: ChatML's markers, Qwen's `<tool_call>`, …).
+        self.added_ids = frozenset(int(token) for token in (getattr(hf_tokenizer, "added_tokens_decoder", None) or {}))
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """The ids that end generation (sorted)."""
+        return self._eos
 
     def get(self, n_vocab: int) -> Any:
         with self._lock:
@@ -76,6 +84,13 @@ class TokenizerCache:
 
                 tokenizer = self._built[n_vocab] = llguidance.hf.from_tokenizer(self._hf, n_vocab=n_vocab, eos_token=self._eos)
             return tokenizer
+
+
+_NAMED_TOKEN = re.compile(r"<\[(\d+)\]>")  # a token named by id in an llguidance Lark grammar
+
+
+class ConstraintError(RuntimeError):
+    """The grammar matcher of one sequence failed mid-decode (a token it could not follow)."""
 
 
 class GrammarProcessor:
@@ -94,6 +109,7 @@ class GrammarProcessor:
         self._start = 0
         self._consumed = 0
         self._bitmask: Any = None
+        self._named = frozenset(int(token) for token in _NAMED_TOKEN.findall(grammar))
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
@@ -112,7 +128,22 @@ class GrammarProcessor:
                 self._matcher.consume_token(int(token))
             self._consumed += len(new)
         if self._matcher.is_error():
-            return logits  # the matcher gave up (should not happen: only allowed tokens are sampled)
+            # Never decode on unconstrained (the answer would break its schema, or end as `stop` mid-JSON):
+            # the engine ends this sequence alone with this error (engine.isolation).
+            raise ConstraintError(f"the output constraint failed: {self._matcher.get_error()}")
         fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[:n_vocab].astype(bool)
+        # Added (special) tokens only where the grammar names them (`<[id]>`): llguidance's mask may offer
+        # one for the same text in a JSON string (`"<|im_end|>"`), which would end or derail the answer.
+        allowed[[token for token in self._tokenizers.added_ids - self._named if token < n_vocab]] = False
+        if not self._matcher.is_accepting():
+            # An end token before the grammar is complete would end the answer as `stop` on broken JSON (the
+            # batch ends a sequence on its end token before this processor sees it): only text may follow.
+            allowed[[token for token in self._tokenizers.eos_ids if token < n_vocab]] = False
+        elif self._tokenizers.eos_ids:
+            allowed[[token for token in self._tokenizers.eos_ids if token < n_vocab]] = True
+        if not allowed.any():
+            raise ApiError(400, "invalid_request", "the output schema can only continue with a special token "
+                           "here (its text spells one, e.g. <|im_end|>), which is never produced as text",
+                           param="response_format")
         return mx.where(mx.array(allowed)[None, :], logits, mx.array(-float("inf"), dtype=logits.dtype))

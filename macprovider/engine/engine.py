@@ -33,6 +33,7 @@ import threading
 import time
 from typing import Any
 
+from macprovider.engine.isolation import fault_report, guard, record_fault
 from macprovider.engine.distributed import FAILURE_ANNOUNCE_S, Lockstep, LockstepBatch, SamplerSpec, follow
 from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, ServePlan, TokenLogprob
 from macprovider.errors import ApiError, ModelError
@@ -55,6 +56,13 @@ MLX_CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 
 class Engine:
     """Implements `engine.protocol.EngineProtocol` on MLX. Construct cheaply, then `load()` (blocking)."""
+
+    # Width of the model's logits (token ids 0 … vocab_size−1); 0 until loaded.
+    vocab_size: int = 0
+    # The longest vocabulary entry, in characters of its piece (a byte-level BPE piece has one character per
+    # byte, so this bounds the characters one token can cover); 0 until loaded. Serve uses it to refuse a
+    # prompt that cannot fit max_context before tokenizing it.
+    max_token_chars: int = 0
 
     def __init__(self, plan: ServePlan, lockstep: Lockstep | None = None):
         """`lockstep`: this rank's place in a distributed group (`engine.distributed`), None for one process."""
@@ -184,6 +192,13 @@ class Engine:
             return None
         return tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` when it is exactly one added token of the vocabulary (`<tool_call>` in Qwen2.5's
+        and Hermes' tokenizers), else None. Grammars must name such a token by id: its text spelled in
+        ordinary tokens is a different token sequence."""
+        added = (getattr(self.tokenizer, "added_tokens_decoder", None) or {}) if self.tokenizer is not None else {}
+        return next((token_id for token_id, token in added.items() if str(token) == text), None)
+
     def encode_text(self, prompt: str) -> list[int]:
         """Plain prompt → token ids (no special tokens added beyond the tokenizer's defaults)."""
         tokenizer = self._require_tokenizer()
@@ -241,6 +256,7 @@ class Engine:
             output=OutputText(self.tokenizer.detokenizer, self._hidden_ids, tuple(request.stop or ())),
             top_logprobs=request.top_logprobs,
         )
+        guard(sequence, sampler=self.lockstep is None)
         self._inbox.put(("submit", sequence))
         return handle
 
@@ -282,7 +298,10 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling
     def _sampler(self, request: GenerationRequest):
-        return self._sampler_for(SamplerSpec(request.temperature, request.top_p, request.seed, request.top_k))
+        # top_k at or above the vocabulary keeps every token (what the number means); mlx-lm's sampler
+        # raises for it instead.
+        top_k = request.top_k if 0 < request.top_k < self.vocab_size else 0
+        return self._sampler_for(SamplerSpec(request.temperature, request.top_p, request.seed, top_k))
 
     def _sampler_for(self, spec: SamplerSpec):
         """Greedy (one shared sampler), seeded (a fresh one per request) or shared by (temperature, top_p):
@@ -374,6 +393,8 @@ class Engine:
             head_dim = getattr(getattr(layer, "self_attn", None), "head_dim", None) or _head_dim_from(model)
             group_size = kv_group_size(head_dim) if head_dim else 64
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        self.vocab_size = _logits_width(model, vocab)
+        self.max_token_chars = max((len(piece) for piece in vocab), default=0)
         end_ids = set(tokenizer.eos_token_ids) | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
         tokenizer.eos_token_ids = end_ids
         self._hidden_ids = _special_token_ids(tokenizer) | frozenset(end_ids)
@@ -417,7 +438,8 @@ class Engine:
                         self._active[response.uid].decode_started_at = now
                         self._share_prompt_kv(self._active[response.uid])
                 for response in generation_responses:
-                    self._on_token(response, now)
+                    self._on_token_isolated(response, now)
+                self._end_faulted()
             elif self.lockstep is not None:
                 self.lockstep.heartbeat()
             self._publish_gauges()
@@ -562,6 +584,24 @@ class Engine:
         if finish is not None:
             self._finish(sequence, finish, finished_by_batch=response.finish_reason is not None, response=response)
 
+    def _on_token_isolated(self, response: Any, now: float) -> None:
+        """`_on_token`, where an exception while detokenizing or rendering this sequence's token (or its
+        logprobs) faults this sequence only."""
+        try:
+            self._on_token(response, now)
+        except Exception as exc:  # noqa: BLE001 - this sequence's failure, reported to its own client
+            sequence = self._active.get(response.uid)
+            if sequence is None:
+                raise
+            record_fault(sequence, exc, "detokenizing")
+
+    def _end_faulted(self) -> None:
+        """End every running sequence whose own sampler, processor or detokenizer raised, each with its own
+        error (`engine.isolation`); the others stay in the batch."""
+        for sequence in [s for s in self._active.values() if s.fault is not None]:
+            status, message, param = fault_report(sequence.fault)
+            self._finish(sequence, "error", error=message, error_status=status, error_param=param)
+
     def _token_text(self, token: int) -> str:
         text = self._token_texts.get(token)
         if text is None:
@@ -592,7 +632,8 @@ class Engine:
             alternatives = tuple((self._token_text(i), float(v), self._token_bytes(i)) for i, v in zip(ids_list, values_list))
         return TokenLogprob(self._token_text(token), float(row[token].item()), alternatives, self._token_bytes(token))
 
-    def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None) -> None:
+    def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None,
+                error_status: int = 500, error_param: str | None = None) -> None:
         """End a sequence: leave the batch (saving its KV for prefix reuse), send the final chunk."""
         if sequence.uid is not None and sequence.uid in self._active:
             del self._active[sequence.uid]
@@ -614,7 +655,8 @@ class Engine:
         with self._lock:
             self._admitted -= 1
         stop_sequence = sequence.output.stop_sequence if reason == "stop" else None
-        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error, stop_sequence=stop_sequence))
+        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error, stop_sequence=stop_sequence,
+                                                error_status=error_status, error_param=error_param))
 
     def _fail_everything(self, message: str) -> None:
         for sequence in list(self._pending) + list(self._active.values()):
@@ -674,6 +716,15 @@ def _special_token_ids(tokenizer: Any) -> frozenset[int]:
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     ids.update(token_id for token_id, token in added.items() if getattr(token, "special", False))
     return frozenset(ids)
+
+
+def _logits_width(model: Any, vocab: dict[str, int]) -> int:
+    """The model's output vocabulary (the logits' last dimension): `args.vocab_size` from its config, else
+    one past the tokenizer's largest id."""
+    width = getattr(getattr(model, "args", None), "vocab_size", None)
+    if width:
+        return int(width)
+    return max(vocab.values(), default=-1) + 1
 
 
 def _head_dim_from(model: Any) -> int | None:

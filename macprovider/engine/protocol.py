@@ -112,6 +112,8 @@ class GenerationChunk:
     `usage` set; `finish_reason == "error"` carries `error` (a message safe to show a client).
     `logprobs`: the tokens generated since the previous chunk, when the request asked for log-probabilities
     (their text may lag `text` by the tokens held back for stop strings).
+    `error_status` / `error_param`: with `error`, the HTTP status for it (4xx when the request's own input
+    caused it, else 500) and the request field it names.
     `stop_sequence`: on a final `stop` chunk, the request stop string that ended generation (None when the
     model's end-of-turn token did; the Anthropic API reports it as `stop_sequence`)."""
 
@@ -121,6 +123,10 @@ class GenerationChunk:
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     stop_sequence: str | None = None
+    # With `error`: the HTTP status it maps to (a 4xx when the request's own input caused the failure) and the
+    # request field it names, if any.
+    error_status: int = 500
+    error_param: str | None = None
 
 
 class GenerationHandle(Protocol):
@@ -180,6 +186,8 @@ class EngineProtocol(Protocol):
     max_context: int
     max_batch: int
     kv_bits: int | None
+    # Optional (read with getattr): `vocab_size` -> the model's output vocabulary (logits width), 0 if unknown;
+    # `top_k` at or above it means no truncation.
     # Optional (read with getattr): `tool_markup` -> (tool_call_start, tool_call_end, parse(text, tools)) from
     # mlx-lm's per-model tool parser, or None when the model cannot call tools.
 

@@ -149,6 +149,9 @@ class SequenceState:
     # uid of a sequence still prefilling a prompt that shares this one's prefix: admission waits for its
     # prompt KV (Engine._admit) instead of prefilling the same tokens a second time.
     waits_for_prefix_of: int | None = None
+    # Set (on the generation thread) when this sequence's own sampler, logits processor or detokenizer
+    # raised: the engine ends this sequence alone with the error; the rest of the batch carries on.
+    fault: BaseException | None = None
 
     def usage(self) -> Usage:
         """Usage for the final chunk; decode time runs from entering the decode batch to the last token."""

@@ -63,30 +63,78 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]], Any
     raise _bad("tool_choice", 'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], choice: str, start: str, end: str) -> str:
+def tool_call_grammar(tools: list[dict[str, Any]], choice: str, start: str, end: str, *, start_token: int | None = None,
+                      end_token: int | None = None, start_suffix: str = "\n", end_prefix: str = "\n") -> str:
     """llguidance Lark grammar: `start` + one JSON object {"name": <a tool (or `choice`)>, "arguments":
     <that tool's parameters schema>} + `end` (the Hermes/Qwen `<tool_call>` JSON format, mlx-lm's
-    `json_tools` parser). Raises ApiError 400 (`tools`) if a parameters schema cannot be compiled."""
+    `json_tools` parser). Raises ApiError 400 (`tools`) if a parameters schema cannot be compiled.
+
+    start_token / end_token: when the markup is one special token of the vocabulary (Qwen2.5's and Hermes'
+    `<tool_call>` is an added token), its id: the grammar then names that token (`<[id]>`) followed by
+    `start_suffix` (and `end_prefix` before the end token), since the text `<tool_call>` spelled in ordinary
+    tokens is not the token the model and mlx-lm's parser expect — and llguidance never lets a special token
+    match quoted text. A parameters schema's `$defs` / `definitions` are hoisted to the grammar's root
+    (`hoist_definitions`), where its `$ref`s can resolve."""
     from llguidance import LLMatcher
 
-    variants = []
-    for tool in tools:
+    variants, definitions = [], {}
+    for index, tool in enumerate(tools):
         function = tool["function"]
         if choice not in ("required", "auto") and function["name"] != choice:
             continue
+        parameters, defs = hoist_definitions(function.get("parameters") or {"type": "object"}, f"tool{index}_")
+        definitions.update(defs)
         variants.append({
             "type": "object",
-            "properties": {"name": {"const": function["name"]}, "arguments": function.get("parameters") or {"type": "object"}},
+            "properties": {"name": {"const": function["name"]}, "arguments": parameters},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         })
     schema = dict(variants[0]) if len(variants) == 1 else {"anyOf": variants}
+    if definitions:
+        schema["$defs"] = definitions
     schema["x-guidance"] = {"whitespace_flexible": False}  # compact JSON: no unbounded whitespace runs
-    grammar = f"start: {json.dumps(start)} call {json.dumps(end)}\ncall: %json {json.dumps(schema)}\n"
+    start_rule = json.dumps(start) if start_token is None else f"<[{start_token}]> {json.dumps(start_suffix)}"
+    end_rule = json.dumps(end) if end_token is None else f"{json.dumps(end_prefix)} <[{end_token}]>"
+    grammar = f"start: {start_rule} call {end_rule}\ncall: %json {json.dumps(schema)}\n"
     is_error, messages = LLMatcher.validate_grammar_with_warnings(LLMatcher.grammar_from_lark(grammar))
     if is_error:
         raise _bad("tools", f"a tool's parameters schema cannot be used: {messages[0]}")
     return LLMatcher.grammar_from_lark(grammar)
+
+
+def hoist_definitions(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(schema with its `$ref`s rewritten, definitions to place under the root's `$defs`).
+
+    A tool's parameters schema sits under `arguments` in the call grammar, so its local references
+    (`#/$defs/X`, `#/definitions/X`, and `#` for the schema itself, as pydantic writes nested and recursive
+    models) would point at the grammar's root. Each definition moves to `$defs/<prefix>X` (the prefix keeps
+    two tools' same-named models apart) and every reference is rewritten to match; a `#` reference points
+    at a copy of the whole schema, `$defs/<prefix>root`. Other references are left as they are."""
+    own = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    body = {key: value for key, value in schema.items() if key not in ("$defs", "definitions")}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {key: rewrite(value) for key, value in node.items()}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                if ref == "#":
+                    out["$ref"] = f"#/$defs/{prefix}root"
+                else:
+                    for base in ("#/$defs/", "#/definitions/"):
+                        if ref.startswith(base):
+                            out["$ref"] = f"#/$defs/{prefix}{ref[len(base):]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    definitions = {f"{prefix}{name}": rewrite(value) for name, value in own.items()}
+    rewritten = rewrite(body)
+    if '"#"' in json.dumps(body):
+        definitions[f"{prefix}root"] = rewritten
+    return rewritten, definitions
 
 
 class ToolCallSplitter:

@@ -119,13 +119,21 @@ class HostOriginGuard:
 
 
 def host_name(host: str) -> str:
-    """The name part of a Host header, lower-cased: `localhost:8080` → `localhost`, `[::1]:80` → `[::1]`."""
+    """The name part of a Host header (RFC 9110 §7.2: `uri-host [ ":" port ]`), lower-cased:
+    `localhost:8080` → `localhost`, `[::1]:80` → `[::1]`. A header that is not exactly a name (or a
+    bracketed IPv6 literal) plus an optional all-digit port is returned whole, so it never equals a
+    loopback name: `[::1]evil.com`, `localhost:80:80`, `localhost:8o` are not loopback."""
     host = host.strip().lower()
     if host.startswith("["):
         end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    name, _, port = host.rpartition(":")
-    return name if name and port.isdigit() else host
+        name, rest = (host[: end + 1], host[end + 1 :]) if end > 0 else (host, "")
+    elif host.count(":") == 1:
+        name, rest = host.split(":")[0], ":" + host.split(":")[1]
+    else:
+        name, rest = host, ""
+    if rest and not (rest[0] == ":" and rest[1:].isascii() and rest[1:].isdigit()):
+        return host
+    return name
 
 
 class RequestGuard:
@@ -374,6 +382,8 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
         try:
             require_loaded()
             messages, tools = anthropic_api.count_turn(schemas.parse_json_body(await read_body(request)), engine.model_id)
+            # A count beyond the context is refused as the generation would be, before tokenizing it all.
+            core.check_prompt_bound(engine, messages, "messages")
             tokens = await run_in_threadpool(engine.encode_chat, messages, tools or None)
         except ApiError as exc:
             return anthropic_api.error_response(exc)

@@ -89,6 +89,8 @@ class Generation:
             return ApiError(503, "draining", (chunk and chunk.error) or "the server is shutting down")
         if chunk is not None and chunk.finish_reason == "cancelled":
             return ApiError(503, "cancelled", chunk.error or "the request was cancelled")
+        if chunk is not None and chunk.error and 400 <= chunk.error_status < 500:  # the request's own input
+            return ApiError(chunk.error_status, "invalid_request", chunk.error, param=chunk.error_param)
         return ApiError(500, "internal_error", (chunk and chunk.error) or "generation ended without a result")
 
     def _passed(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,7 +159,10 @@ async def start(engine: EngineProtocol, turn: Turn, draining: Callable[[], bool]
         if turn.tool_choice not in ("auto", "none"):
             if not getattr(markup[2], "__module__", "").endswith("json_tools"):
                 raise ApiError(400, "invalid_request", "a forced tool_choice needs a model with JSON tool-call markup (mlx-lm json_tools)", param="tool_choice")
-            grammar = tool_call_grammar(turn.tools, turn.tool_choice, markup[0] + "\n", "\n" + markup[1])
+            token_id = getattr(engine, "special_token_id", None) or (lambda _text: None)
+            grammar = tool_call_grammar(turn.tools, turn.tool_choice, markup[0] + "\n", "\n" + markup[1],
+                                        start_token=token_id(markup[0]), end_token=token_id(markup[1]))
+    check_prompt_bound(engine, turn.messages if turn.messages is not None else turn.prompt, turn.param)
     if turn.messages is not None:
         tokens = await run_in_threadpool(engine.encode_chat, turn.messages, turn.tools or None)
     else:
@@ -168,13 +173,76 @@ async def start(engine: EngineProtocol, turn: Turn, draining: Callable[[], bool]
         raise context_length_error(len(tokens), engine.max_context, turn.param)
     if draining():
         raise ApiError(503, "draining", "the server is shutting down", headers={"Retry-After": "5"})
-    request = dataclasses.replace(turn.request, prompt_tokens=list(tokens))
+    request = dataclasses.replace(sampling_for(engine, turn.request), prompt_tokens=list(tokens))
     if grammar is not None:
         request = dataclasses.replace(request, grammar=grammar)
     handle = engine.submit(request)
     if track is not None:
         handle = track(handle, len(tokens))
     return Generation(handle, splitter, draining, len(tokens), max_calls=None if turn.parallel_tool_calls else 1)
+
+
+# Slack on the character bound: a tokenizer normalizer may shorten text before splitting it (NFKC, accent
+# stripping), so a token may cover a little more input than its own piece.
+BOUND_SLACK = 2
+
+
+def text_chars(value: Any) -> int:
+    """Characters in every string of `value` (a prompt, or chat messages: nested dicts and lists), keys
+    excluded. Iterative, so a deep body cannot exhaust the stack."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def prompt_token_floor(engine: EngineProtocol, prompt: Any) -> int:
+    """A lower bound on the tokens `prompt` (text or messages) encodes to, without tokenizing: its characters
+    over what one token can cover (`engine.max_token_chars`, times `BOUND_SLACK`). 0 when the engine does not
+    say how long its tokens are."""
+    per_token = int(getattr(engine, "max_token_chars", 0) or 0) * BOUND_SLACK
+    return -(-text_chars(prompt) // per_token) if per_token > 0 else 0
+
+
+def check_prompt_bound(engine: EngineProtocol, prompt: Any, param: str) -> None:
+    """Raise 413 `context_length_exceeded` when `prompt` cannot fit `engine.max_context` whatever it
+    tokenizes to (`prompt_token_floor`), so an oversized body costs a character count, not a full
+    tokenization; the error reports that lower bound as the prompt length."""
+    from macprovider.serve.openai_schemas import context_length_error
+
+    floor = prompt_token_floor(engine, prompt)
+    if floor > engine.max_context:
+        raise context_length_error(floor, engine.max_context, param)
+
+
+def sampling_for(engine: EngineProtocol, request: GenerationRequest) -> GenerationRequest:
+    """`request` checked against the loaded model: `top_k` at or above the vocabulary (`engine.vocab_size`,
+    when the engine knows it) keeps every token, so it becomes 0 (no truncation). Raises ApiError 400 naming
+    the parameter for a value no model could take (negative `top_k`, a non-finite or out-of-range float) —
+    the schemas bound these already; this is the last line before the engine."""
+    import math
+
+    floats = {
+        "temperature": (request.temperature, 0.0, 2.0),
+        "top_p": (request.top_p, 0.0, 1.0),
+        "presence_penalty": (request.presence_penalty, -2.0, 2.0),
+        "frequency_penalty": (request.frequency_penalty, -2.0, 2.0),
+    }
+    for name, (value, low, high) in floats.items():
+        if not math.isfinite(value) or not low <= value <= high or (name == "top_p" and value == 0):
+            raise ApiError(400, "invalid_request", f"{name} must be a number in [{low:g}, {high:g}]", param=name)
+    if request.top_k < 0:
+        raise ApiError(400, "invalid_request", "top_k must be 0 or more", param="top_k")
+    vocab = int(getattr(engine, "vocab_size", 0) or 0)
+    if vocab and request.top_k >= vocab:
+        request = dataclasses.replace(request, top_k=0)
+    return request
 
 
 # ---------------------------------------------------------------------------------------------- streaming

@@ -15,6 +15,7 @@ with 400 naming the parameter, never silently dropped (`unsupported_features`).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Annotated, Any, Literal, Sequence
 
@@ -255,7 +256,39 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object", param=None)
+    # A lone surrogate can only arrive as a `\\uD800`–`\\uDFFF` escape (raw surrogate bytes are not UTF-8):
+    # scan the parsed body only when the raw one has such an escape.
+    if _SURROGATE_ESCAPE.search(body):
+        where = _lone_surrogate_path(data, ())
+        if where is not None:
+            param = ".".join(str(part) for part in where) or None
+            message = f"{param} holds a lone UTF-16 surrogate (text that is not valid Unicode)"
+            raise ApiError(400, "invalid_request", message, param=param)
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate_path(value: Any, path: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The path (keys and indexes) of the first string, or object key, holding a lone surrogate; None if
+    none. JSON decoding joins an escaped surrogate pair into one character, so any surrogate left is lone.
+    Iterative over containers, so a deep body cannot exhaust the stack."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return where
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                if _LONE_SURROGATE.search(key):
+                    return (*where, key.encode("utf-8", "replace").decode("utf-8"))
+                stack.append((child, (*where, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*where, index)) for index, child in reversed(list(enumerate(item))))
+    return None
 
 
 def param_from_loc(loc: tuple[Any, ...]) -> str | None:
