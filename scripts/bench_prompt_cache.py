@@ -63,7 +63,7 @@ class Server:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
         full_env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HOME=str(home), MACPROVIDER_WEIGHTS_DTYPE="float32",
                         **env)
-        self.log = open(home / f"serve-{self.port}.log", "wb")
+        self.log = open(home / f"serve-{self.port}.log", "wb")  # noqa: SIM115 - the child's stderr until stop()
         argv = [sys.executable, "-m", "macprovider", "serve", "--model", MODEL_ID, "--port", str(self.port),
                 "--max-context", str(max_context)]
         self.process = subprocess.Popen(argv, env=full_env, stdout=subprocess.DEVNULL, stderr=self.log,

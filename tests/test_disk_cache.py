@@ -47,7 +47,8 @@ def generate(engine: Engine, tokens: list[int], max_tokens: int = 8):
     """(text, usage, per-token logprobs) of one greedy sequence."""
 
     async def run():
-        handle = engine.submit(GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0, top_logprobs=0))
+        request = GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0, top_logprobs=0)
+        handle = engine.submit(request)
         return [chunk async for chunk in handle]
 
     chunks = asyncio.run(run())
@@ -136,7 +137,7 @@ def test_full_disk_degrades_to_memory_only(engines, tmp_path, caplog):
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {mounted.stderr.strip()}")
     try:
@@ -146,7 +147,7 @@ def test_full_disk_degrades_to_memory_only(engines, tmp_path, caplog):
         # The disk fills up while the server runs: leave less room than one entry needs.
         stat = os.statvfs(mount_point)
         (mount_point / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 64 * 1024))
-        cold_text, cold_usage, _ = generate(engine, prompt)
+        cold_text, _, _ = generate(engine, prompt)
         written(engine)
         assert "is full; keeping prompts in memory only" in caplog.text
         assert entry_files(mount_point) == []
@@ -155,7 +156,7 @@ def test_full_disk_degrades_to_memory_only(engines, tmp_path, caplog):
         assert text == cold_text
         assert usage.cached_tokens == len(prompt) - 1
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, check=False)
 
 
 def test_disk_budget_holds_under_a_stream_of_distinct_prompts(engines, tmp_path):
@@ -179,7 +180,7 @@ def _cli(home: Path, directory: Path, *args: str) -> subprocess.CompletedProcess
     env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
     env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), MACPROVIDER_PROMPT_CACHE_DIR=str(directory))
     return subprocess.run([sys.executable, "-m", "macprovider", "cache", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
 
 
 def _complete(server) -> dict:
@@ -253,7 +254,8 @@ def test_settings_default_to_the_users_cache_directory_and_show_in_config_show(i
     shown = CliRunner().invoke(app, ["config", "show"], terminal_width=200).output
     assert "prompt_cache_dir" in shown and str(isolated_env / "kv") in shown and "prompt_cache_disk_bytes" in shown
     monkeypatch.setenv("MACPROVIDER_PROMPT_CACHE_DISK_BYTES", "-1")
-    with pytest.raises(ConfigError, match=r"invalid prompt_cache_disk_bytes '-1' \(from env:MACPROVIDER_PROMPT_CACHE_DISK_BYTES\)"):
+    expected = r"invalid prompt_cache_disk_bytes '-1' \(from env:MACPROVIDER_PROMPT_CACHE_DISK_BYTES\)"
+    with pytest.raises(ConfigError, match=expected):
         cfg.resolve({}, ram_gb=16)
 
 
@@ -282,3 +284,19 @@ def test_two_engines_sharing_the_directory_leave_only_valid_entries(engines, tmp
         _, usage, _ = generate(third, tokens, max_tokens=1)
         assert usage.cached_tokens == len(tokens) - 1
     assert third.stats().prompt_cache_disk_hits_total == len(prompts)
+
+
+def test_a_write_cut_short_never_reads_as_an_entry(engines, tmp_path):
+    """A crash mid-write leaves only a dot-named temporary file: never indexed, removed once stale."""
+    engine = engines(tmp_path / "kv")
+    namespace = engine._disk.directory
+    path = namespace / (disk_cache.TMP_PREFIX + "123-abc" + disk_cache.SUFFIX)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"__metadata__\":")  # half a header
+    stale = time.time() - disk_cache.STALE_TMP_S - 60
+    os.utime(path, (stale, stale))
+    prompt = engine.encode_text(LONG)
+    generate(engine, prompt)
+    written(engine)
+    assert not path.exists()
+    assert len(entry_files(tmp_path / "kv")) == 1
+    assert json.loads(_cli(tmp_path, tmp_path / "kv", "ls", "--json").stdout)["entries"][0]["valid"]

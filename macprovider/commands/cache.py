@@ -29,7 +29,9 @@ def _directory(config: str | None):
 
 @app.command("ls")
 def ls(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: {directory, budget_bytes, total_bytes, entries[]}."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON: {directory, budget_bytes, total_bytes, entries[]}."
+    ),
     config: str | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """List the cached prompts: model, revision, weights dtype, kv-bits, tokens, size and last use."""

@@ -420,7 +420,7 @@ class DiskPromptCache:
         if metadata.get("format") != FORMAT or any(metadata.get(k) != v for k, v in self.identity.items()):
             raise BadEntry("identity does not match this model")
         order = sorted((key for key in header if key != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-        arrays = mx.load(str(entry.path))
+        arrays: dict[str, Any] = mx.load(str(entry.path))  # type: ignore[assignment]
         if set(arrays) != set(order):
             raise BadEntry("tensors do not match the header")
         mx.eval(list(arrays.values()))
@@ -547,8 +547,8 @@ class DiskPromptCache:
                 self._queue.task_done()
 
     def _write(self, tokens: list[int], layers: list[tuple[str, Any]]) -> None:
-        import numpy as np
         import mlx.core as mx
+        import numpy as np
         from mlx.utils import tree_flatten
 
         if time.monotonic() < self._paused_until:
@@ -570,7 +570,7 @@ class DiskPromptCache:
         described = []
         for index, (kind, state) in enumerate(layers):
             scalars: dict[str, Any] = {}
-            for key, value in tree_flatten(state):
+            for key, value in tree_flatten(state):  # type: ignore[str-unpack]
                 if hasattr(value, "dtype"):
                     tensors[f"{index}.{key}"] = value
                 else:

@@ -409,8 +409,8 @@ class Engine:
         from macprovider.engine.disk_cache import model_revision, open_disk_cache
 
         self._disk = open_disk_cache(self.prompt_cache_dir, self.prompt_cache_disk_bytes, {
-            "model": self.model_id, "revision": model_revision(self.model_path), "weights_dtype": str(self.weights_dtype),
-            "kv_bits": str(self.kv_bits), "kv_group_size": str(group_size),
+            "model": self.model_id, "revision": model_revision(self.model_path),
+            "weights_dtype": str(self.weights_dtype), "kv_bits": str(self.kv_bits), "kv_group_size": str(group_size),
         })
         self._batch = BatchGenerator(
             model,
