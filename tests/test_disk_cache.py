@@ -290,7 +290,7 @@ def test_a_write_cut_short_never_reads_as_an_entry(engines, tmp_path):
     """A crash mid-write leaves only a dot-named temporary file: never indexed, removed once stale."""
     engine = engines(tmp_path / "kv")
     namespace = engine._disk.directory
-    path = namespace / (disk_cache.TMP_PREFIX + "123-abc" + disk_cache.SUFFIX)
+    path = namespace / (disk_cache.TMP_PREFIX + "123-0123456789ab" + disk_cache.SUFFIX)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"__metadata__\":")  # half a header
     stale = time.time() - disk_cache.STALE_TMP_S - 60
     os.utime(path, (stale, stale))
@@ -300,3 +300,18 @@ def test_a_write_cut_short_never_reads_as_an_entry(engines, tmp_path):
     assert not path.exists()
     assert len(entry_files(tmp_path / "kv")) == 1
     assert json.loads(_cli(tmp_path, tmp_path / "kv", "ls", "--json").stdout)["entries"][0]["valid"]
+
+
+def test_clear_and_listing_touch_only_the_caches_own_files(tmp_path):
+    """`prompt_cache_dir` pointed at a directory with other files (weights are .safetensors too) keeps them."""
+    root = tmp_path / "shared"
+    foreign = [root / "models" / "model.safetensors", root / "0123456789abcdef" / "weights.safetensors",
+               root / "0123456789abcdef" / "notes.txt"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not a cache entry")
+    own = root / "0123456789abcdef" / ("f" * 32 + disk_cache.SUFFIX)
+    own.write_bytes(b"\0" * 16)
+    assert [entry.path for entry in disk_cache.scan(root)] == [own]
+    assert disk_cache.clear(root) == (1, 16)
+    assert all(path.exists() for path in foreign) and not own.exists()

@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import queue
+import re
 import secrets
 import struct
 import threading
@@ -69,6 +70,11 @@ WRITE_QUEUE_ENTRIES = 4
 FULL_DISK_PAUSE_S = 60.0
 STALE_TMP_S = 3600.0
 BUDGET_FREE_FRACTION = 0.5
+# Only names this module makes are listed, evicted or cleared: a `prompt_cache_dir` pointed at a directory
+# holding other files (model weights are .safetensors too) never loses them.
+_NAMESPACE = re.compile(r"[0-9a-f]{16}")
+_ENTRY = re.compile(r"[0-9a-f]{32}\.safetensors")
+_TEMPORARY = re.compile(r"\.tmp-[0-9]+-[0-9a-f]{12}\.safetensors")
 # safetensors dtype names (https://github.com/huggingface/safetensors, `Dtype`) of the MLX dtypes a KV cache holds.
 _ST_DTYPES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "int32": "I32",
@@ -223,17 +229,9 @@ class DiskEntry:
 def scan(root: Path, *, with_metadata: bool = False) -> Iterator[DiskEntry]:
     """Every entry file under `root` (one level of namespace directories). With `with_metadata`, each header is
     read (model, tokens, …; `valid` False when it cannot be). Files vanishing meanwhile are skipped."""
-    try:
-        namespaces = [entry for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)]
-    except OSError:
-        return
-    for namespace in namespaces:
-        try:
-            files = list(os.scandir(namespace.path))
-        except OSError:
-            continue
-        for file in files:
-            if not file.name.endswith(SUFFIX) or file.name.startswith("."):
+    for namespace in _subdirs(root):
+        for file in _files(namespace):
+            if not _ENTRY.fullmatch(file.name):
                 continue
             try:
                 info = file.stat(follow_symlinks=False)
@@ -258,13 +256,9 @@ def clear(root: Path) -> tuple[int, int]:
     """Delete every entry (and leftover temporary file) under `root`; returns (files removed, bytes freed).
     Namespace directories left empty are removed. A file another process deletes first is not counted."""
     removed = freed = 0
-    try:
-        namespaces = [entry for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)]
-    except OSError:
-        return 0, 0
-    for namespace in namespaces:
-        for file in list(os.scandir(namespace.path)):
-            if not file.name.endswith(SUFFIX):
+    for namespace in _subdirs(root):
+        for file in _files(namespace):
+            if not (_ENTRY.fullmatch(file.name) or _TEMPORARY.fullmatch(file.name)):
                 continue
             try:
                 size = file.stat(follow_symlinks=False).st_size
@@ -274,7 +268,7 @@ def clear(root: Path) -> tuple[int, int]:
             removed += 1
             freed += size
         try:
-            os.rmdir(namespace.path)
+            os.rmdir(namespace)
         except OSError:
             pass
     return removed, freed
@@ -458,8 +452,7 @@ class DiskPromptCache:
         if stamp == self._index_stamp:
             return
         try:
-            names = {entry.name for entry in os.scandir(self.directory)
-                     if entry.name.endswith(SUFFIX) and not entry.name.startswith(".")}
+            names = {entry.name for entry in os.scandir(self.directory) if _ENTRY.fullmatch(entry.name)}
         except OSError:
             return
         with self._lock:
@@ -614,7 +607,7 @@ class DiskPromptCache:
         now = time.time()
         for namespace in _subdirs(self.root):
             for file in _files(namespace):
-                if file.name.startswith(TMP_PREFIX):
+                if _TEMPORARY.fullmatch(file.name):
                     try:
                         if now - file.stat().st_mtime > STALE_TMP_S:
                             os.unlink(file.path)
@@ -632,8 +625,10 @@ class DiskPromptCache:
 
 
 def _subdirs(root: Path) -> list[str]:
+    """The namespace directories under `root` (names this module makes only)."""
     try:
-        return [entry.path for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)]
+        return [entry.path for entry in os.scandir(root)
+                if _NAMESPACE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)]
     except OSError:
         return []
 
