@@ -514,7 +514,9 @@ class DiskPromptCache:
             log.debug("prompt cache on disk: writer busy, entry of %d tokens not written", len(tokens))
 
     def flush(self, timeout: float) -> None:
-        """Let the writer finish what is queued (up to `timeout` seconds), then stop it."""
+        """Let the writer finish what is queued (up to `timeout` seconds), then stop it. Idempotent."""
+        if not self._writer.is_alive():
+            return
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:

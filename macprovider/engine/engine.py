@@ -123,6 +123,7 @@ class Engine:
         self._inbox.put(("stop", None))
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.flush_prompt_cache(timeout=5)
 
     def follow(self) -> int:
         """A follower rank (distributed, rank > 0): load this rank's share on the calling thread, then step
