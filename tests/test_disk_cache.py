@@ -64,7 +64,7 @@ def written(engine: Engine) -> None:
     engine._disk.wait_written()
 
 
-@pytest.mark.parametrize("kv_bits", [None, 8])
+@pytest.mark.parametrize("kv_bits", [None, 8, 4])
 def test_restarted_engine_reuses_disk_entry_with_identical_greedy_tokens(engines, tmp_path, kv_bits):
     first = engines(tmp_path / "kv", kv_bits=kv_bits)
     prompt = first.encode_text(LONG)
