@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from macprovider import __version__
-from macprovider.commands import autotune, cluster, config, models, serve, service
+from macprovider.commands import autotune, cache, cluster, config, models, serve, service
 
 app = typer.Typer(
     name="macprovider",
@@ -43,6 +43,7 @@ app.add_typer(config.app, name="config")
 app.add_typer(models.app, name="models")
 app.add_typer(service.app, name="service")
 app.add_typer(cluster.app, name="cluster")
+app.add_typer(cache.app, name="cache")
 
 
 def main() -> None:

@@ -51,6 +51,11 @@ class Settings(BaseModel):
     max_queue_depth: int = 64
     max_request_body_bytes: int = 10 * MIB
     prompt_cache_bytes: int = 1 * GIB
+    # The prompt cache's disk tier (macprovider/engine/disk_cache.py): where its files live (None = the default,
+    # `Paths.prompt_cache_dir`: $XDG_CACHE_HOME/macprovider/kv, else ~/.cache/macprovider/kv) and its byte
+    # budget (0 turns the tier off; never more than half the free space of its disk at startup).
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_bytes: int = 10 * GIB
     log_level: LogLevel = "info"
     api_key_file: str | None = None
     drain_timeout_s: float = 30.0
@@ -214,6 +219,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("max_queue_depth", "MACPROVIDER_MAX_QUEUE_DEPTH", _int_in(0, 100_000)),
     SettingSpec("max_request_body_bytes", "MACPROVIDER_MAX_REQUEST_BODY_BYTES", _int_in(1024, 1 << 34)),
     SettingSpec("prompt_cache_bytes", "MACPROVIDER_PROMPT_CACHE_BYTES", _int_in(0)),
+    SettingSpec("prompt_cache_dir", "MACPROVIDER_PROMPT_CACHE_DIR", _optional(_text)),
+    SettingSpec("prompt_cache_disk_bytes", "MACPROVIDER_PROMPT_CACHE_DISK_BYTES", _int_in(0)),
     SettingSpec("log_level", "MACPROVIDER_LOG_LEVEL", _log_level, "--log-level"),
     SettingSpec("api_key_file", "MACPROVIDER_API_KEY_FILE", _optional(_text), "--api-key-file"),
     SettingSpec("drain_timeout_s", "MACPROVIDER_DRAIN_TIMEOUT_S", _float_min(0), "--drain-timeout"),
@@ -234,6 +241,7 @@ class Paths:
     config_dir: Path
     config_file: Path
     autotune_db: Path
+    cache_dir: Path = Path(".cache/macprovider")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Paths":
@@ -241,7 +249,14 @@ class Paths:
         home = Path(env.get("HOME") or Path.home())
         base = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"
         config_dir = base / "macprovider"
-        return cls(config_dir, config_dir / "config.yaml", config_dir / "autotune.sqlite")
+        cache_base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else home / ".cache"
+        return cls(config_dir, config_dir / "config.yaml", config_dir / "autotune.sqlite", cache_base / "macprovider")
+
+    @property
+    def prompt_cache_dir(self) -> Path:
+        """The default directory of the prompt cache's disk tier: `$XDG_CACHE_HOME/macprovider/kv`, else
+        `~/.cache/macprovider/kv` (the XDG base directory rule for non-essential cached data)."""
+        return self.cache_dir / "kv"
 
     @property
     def workload_file(self) -> Path:
@@ -354,6 +369,10 @@ def resolve(
 
         values["max_context_override"] = default_max_context(physical_ram_gb() if ram_gb is None else ram_gb)
         sources["max_context_override"] = "ram-tier"
+    if values.get("prompt_cache_dir") is None:  # shown by `config show` as the path it is
+        values["prompt_cache_dir"] = str(Paths.from_env(env).prompt_cache_dir)
+    else:
+        values["prompt_cache_dir"] = str(Path(values["prompt_cache_dir"]).expanduser())
     settings = Settings(**values)
     return ResolvedConfig(settings, sources, path if path.exists() else None, tuple(warnings))
 

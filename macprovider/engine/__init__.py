@@ -5,6 +5,7 @@ Layout:
     engine.py       Engine: the generation thread, mlx-lm's BatchGenerator, prefix cache, stats
     sequence.py     per-request output text (detokenizer, stop strings) and the handle the HTTP side iterates
     kvcache.py      BatchQuantizedKVCache: kv-bits that keep continuous batching
+    disk_cache.py   the prompt cache's disk tier: KV files that survive restarts (background writer, checks)
     weights.py      weights_dtype: dequantize / cast the loaded weights (float32 on MLX's CPU backend)
     tool_calls.py   tool validation, the forced-call grammar, the streamed markup splitter (no MLX)
     constrained.py  response_format -> llguidance grammar (no MLX); GrammarProcessor (logits processor)

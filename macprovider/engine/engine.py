@@ -11,7 +11,8 @@ This is the only serve-path module that imports MLX (DESIGN.md "Serving: one thr
 - max-context C: a prompt longer than C is refused (413); `max_tokens` is clamped to C − prompt tokens,
   so the KV cache of a sequence never holds more than C tokens.
 - Prompt-prefix reuse: finished sequences leave their KV in mlx-lm's `LRUPromptCache` (bounded by
-  `prompt_cache_bytes`); a new prompt starts from the longest cached prefix.
+  `prompt_cache_bytes`) and, written by a background thread, on disk (`engine.disk_cache`, bounded by
+  `prompt_cache_disk_bytes`); a new prompt starts from the longest cached prefix of either.
 - Shared prefixes are prefilled once: a waiting request whose prompt shares at least
   SHARED_PREFIX_MIN_TOKENS not-yet-cached tokens (and at least half of its prompt) with a sequence still
   prefilling waits for that prefill; when it ends, the leader's prompt KV goes into the prefix cache and the
@@ -77,6 +78,11 @@ class Engine:
         self.queue_depth = settings.queue_depth
         # Prefix reuse is per rank and byte-bounded: ranks holding different layers would evict differently.
         self.prompt_cache_bytes = settings.prompt_cache_bytes if lockstep is None else 0
+        # Its disk tier (engine/disk_cache.py) sits under the memory tier: off with it (prompt_cache_bytes 0 means
+        # no prefix reuse at all) and on distributed ranks (each holds only its own layers).
+        self.prompt_cache_disk_bytes = settings.prompt_cache_disk_bytes if self.prompt_cache_bytes > 0 else 0
+        self.prompt_cache_dir = settings.prompt_cache_dir
+        self._disk: Any = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
@@ -132,6 +138,7 @@ class Engine:
         self._inbox.put(("stop", None))
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.flush_prompt_cache(timeout=5)
 
     def follow(self) -> int:
         """A follower rank (distributed, rank > 0): load this rank's share on the calling thread, then step
@@ -293,8 +300,24 @@ class Engine:
             prompt_cache_bytes=counters.get("prompt_cache_bytes", 0),
             active_memory_bytes=counters.get("active_memory", 0),
             cache_memory_bytes=counters.get("cache_memory", 0),
+            **self._disk_stats(),
             extra={"distributed": self.lockstep.describe()} if self.lockstep is not None else {},
         )
+
+    def _disk_stats(self) -> dict[str, Any]:
+        disk = self._disk.stats() if self._disk is not None else {}
+        return {
+            "prompt_cache_disk_entries": disk.get("entries", 0),
+            "prompt_cache_disk_bytes": disk.get("bytes", 0),
+            "prompt_cache_disk_hits_total": disk.get("hits", 0),
+            "prompt_cache_disk_misses_total": disk.get("misses", 0),
+            "prompt_cache_disk_load_seconds_total": disk.get("load_seconds", 0.0),
+        }
+
+    def flush_prompt_cache(self, timeout: float = 10.0) -> None:
+        """Let the disk tier write what it has queued (up to `timeout` seconds); at shutdown."""
+        if self._disk is not None:
+            self._disk.flush(timeout)
 
     # ------------------------------------------------------------------ sampling
     def _sampler(self, request: GenerationRequest):
@@ -412,6 +435,12 @@ class Engine:
         self._make_cache = make_cache_factory(model, self.kv_bits, group_size)
         self._stop_sequences = make_stop_sequences(tokenizer)
         self._prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=max(self.prompt_cache_bytes, 0))
+        from macprovider.engine.disk_cache import model_revision, open_disk_cache
+
+        self._disk = open_disk_cache(self.prompt_cache_dir, self.prompt_cache_disk_bytes, {
+            "model": self.model_id, "revision": model_revision(self.model_path),
+            "weights_dtype": str(self.weights_dtype), "kv_bits": str(self.kv_bits), "kv_group_size": str(group_size),
+        })
         self._batch = BatchGenerator(
             model,
             completion_batch_size=self.max_batch,
@@ -495,6 +524,8 @@ class Engine:
             cache, rest = None, sequence.prompt
             if self.prompt_cache_bytes > 0:
                 cache, rest = self._prompt_cache.fetch_nearest_cache(self.model_id, sequence.prompt)
+            if self._disk is not None:  # a longer prefix on disk (e.g. from before a restart) wins
+                cache, rest = self._disk.nearest(sequence.prompt, cache, rest)
             if cache is not None and not rest:  # exact hit: recompute the last token to get its logits
                 from mlx_lm.models.cache import trim_prompt_cache
 
@@ -649,6 +680,8 @@ class Engine:
                 self._mx.eval([layer.state for layer in cache])
                 self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)
                 self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes)
+                if self._disk is not None:  # queued for the disk tier's writer thread; never waits
+                    self._disk.offer(list(tokens), cache)
         elif sequence in self._pending:
             self._pending.remove(sequence)
         sequence.handle.finished = True

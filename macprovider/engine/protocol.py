@@ -156,9 +156,16 @@ class EngineStats:
     prompt_cache_bytes: int = 0
     active_memory_bytes: int = 0
     cache_memory_bytes: int = 0
+    # The prompt cache's disk tier (engine/disk_cache.py): files and bytes in its directory, prompts that took
+    # their prefix from disk (hits) or looked there in vain (misses), seconds spent loading entries.
+    prompt_cache_disk_entries: int = 0
+    prompt_cache_disk_bytes: int = 0
+    prompt_cache_disk_hits_total: int = 0
+    prompt_cache_disk_misses_total: int = 0
+    prompt_cache_disk_load_seconds_total: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def engine_json(self) -> dict[str, int]:
+    def engine_json(self) -> dict[str, int | float]:
         """The `engine {…}` object of /v1/health."""
         return {
             "active_sequences": self.active_sequences,
@@ -172,6 +179,11 @@ class EngineStats:
             "prompt_cache_bytes": self.prompt_cache_bytes,
             "active_memory_bytes": self.active_memory_bytes,
             "cache_memory_bytes": self.cache_memory_bytes,
+            "prompt_cache_disk_entries": self.prompt_cache_disk_entries,
+            "prompt_cache_disk_bytes": self.prompt_cache_disk_bytes,
+            "prompt_cache_disk_hits_total": self.prompt_cache_disk_hits_total,
+            "prompt_cache_disk_misses_total": self.prompt_cache_disk_misses_total,
+            "prompt_cache_disk_load_seconds_total": self.prompt_cache_disk_load_seconds_total,
         }
 
 
