@@ -331,10 +331,8 @@ class ServeFleet:
         slot.memory_measured_bytes = max(0, (self._rss() if self._rss else 0) - rss_before)
         slot.last_error = None
         log.info("loaded model %s in %.2f s", model.id, slot.load_seconds)
-        future.set_result(None)
+        future.set_result(None)  # the waiters take their leases before keep_alive 0 can unload it (on release)
         self._signal()
-        if model.keep_alive == 0 and not slot.in_flight and not model.pinned:
-            self._spawn(self._unload_if_idle(slot))
 
     def _release(self, slot: _Slot) -> None:
         slot.in_flight -= 1
