@@ -55,6 +55,7 @@ class ModelEntry(BaseModel):
     weights_dtype: WeightsDtype | None = None
     keep_alive: float | None = None
     pinned: bool = False
+    recipe_hash: str | None = None  # written by `autotune --apply`: the recipe these knobs come from
 
 
 class Settings(BaseModel):
@@ -253,6 +254,7 @@ _ENTRY_KNOBS: dict[str, Callable[[Any], Any]] = {
     "weights_dtype": _optional(_weights_dtype),
     "keep_alive": _optional(_keep_alive),
     "pinned": _bool,
+    "recipe_hash": _optional(_text),
 }
 
 

@@ -46,10 +46,16 @@ def main() -> None:
 
     def figures(phase: str) -> dict[str, float]:
         gc.collect()
-        now = {"rss_mb": process.memory_info().rss / 2**20, "mlx_active_mb": mx.get_active_memory() / 2**20,
-               "mlx_cache_mb": mx.get_cache_memory() / 2**20}
-        print(f"{phase:>14}: rss {now['rss_mb']:8.1f} MiB  mlx active {now['mlx_active_mb']:8.1f} MiB  "
-              f"mlx cache {now['mlx_cache_mb']:6.1f} MiB", flush=True)
+        now = {
+            "rss_mb": process.memory_info().rss / 2**20,
+            "mlx_active_mb": mx.get_active_memory() / 2**20,
+            "mlx_cache_mb": mx.get_cache_memory() / 2**20,
+        }
+        print(
+            f"{phase:>14}: rss {now['rss_mb']:8.1f} MiB  mlx active {now['mlx_active_mb']:8.1f} MiB  "
+            f"mlx cache {now['mlx_cache_mb']:6.1f} MiB",
+            flush=True,
+        )
         return now
 
     cycles = []
@@ -67,8 +73,16 @@ def main() -> None:
         del engine, chunks
         unload_s = time.perf_counter() - start
         after = figures(f"unloaded {cycle}")
-        cycles.append({"before": before, "loaded": loaded, "after": after, "load_s": round(load_s, 3),
-                       "unload_s": round(unload_s, 3), "text": text})
+        cycles.append(
+            {
+                "before": before,
+                "loaded": loaded,
+                "after": after,
+                "load_s": round(load_s, 3),
+                "unload_s": round(unload_s, 3),
+                "text": text,
+            }
+        )
         print(f"  load {load_s:.2f} s, unload {unload_s:.3f} s, text {text!r}", flush=True)
     print(json.dumps(cycles, indent=1))
 

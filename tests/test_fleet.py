@@ -63,9 +63,13 @@ class Factory:
         self.released.append(engine.model_id)
 
 
-def make_fleet(models: list[FleetModel], budget: int | None = None, wait: float = 5.0) -> tuple[ServeFleet, Factory, Clock]:
+def make_fleet(
+    models: list[FleetModel], budget: int | None = None, wait: float = 5.0
+) -> tuple[ServeFleet, Factory, Clock]:
     factory, clock = Factory(), Clock()
-    fleet = ServeFleet(models, load=factory.load, release=factory.release, budget_bytes=budget, wait_timeout_s=wait, clock=clock)
+    fleet = ServeFleet(
+        models, load=factory.load, release=factory.release, budget_bytes=budget, wait_timeout_s=wait, clock=clock
+    )
     return fleet, factory, clock
 
 
@@ -79,10 +83,12 @@ def run(coro: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- names
 def test_ids_exact_aliases_and_glob_aliases_resolve_in_list_order():
-    fleet, _, _ = make_fleet([
-        model("org/big", aliases=("claude-*sonnet*", "gpt-4o")),
-        model("org/small", aliases=("claude-*haiku*", "claude-*")),
-    ])
+    fleet, _, _ = make_fleet(
+        [
+            model("org/big", aliases=("claude-*sonnet*", "gpt-4o")),
+            model("org/small", aliases=("claude-*haiku*", "claude-*")),
+        ]
+    )
     assert fleet.resolve("org/small").id == "org/small"
     assert fleet.resolve("gpt-4o").id == "org/big"
     assert fleet.resolve("claude-3-5-haiku-20241022").id == "org/small"
@@ -276,10 +282,13 @@ def serving_fleet(fleet: ServeFleet) -> Iterator[str]:
 
 
 def http_fleet() -> tuple[ServeFleet, Factory]:
-    fleet, factory, _ = make_fleet([
-        FleetModel("org/chat", max_context=64, estimate_bytes=10, aliases=("gpt-4o",)),
-        FleetModel("org/fast", max_context=32, estimate_bytes=10, aliases=("claude-*haiku*",)),
-    ], budget=20)
+    fleet, factory, _ = make_fleet(
+        [
+            FleetModel("org/chat", max_context=64, estimate_bytes=10, aliases=("gpt-4o",)),
+            FleetModel("org/fast", max_context=32, estimate_bytes=10, aliases=("claude-*haiku*",)),
+        ],
+        budget=20,
+    )
     return fleet, factory
 
 
@@ -288,16 +297,22 @@ def test_models_list_every_listed_model_with_context_length_state_and_aliases():
     with serving_fleet(fleet) as base:
         data = httpx.get(base + "/v1/models").json()["data"]
         assert [(m["id"], m["context_length"], m["macprovider_state"], m["macprovider_aliases"]) for m in data] == [
-            ("org/chat", 64, "unloaded", ["gpt-4o"]), ("org/fast", 32, "unloaded", ["claude-*haiku*"]),
+            ("org/chat", 64, "unloaded", ["gpt-4o"]),
+            ("org/fast", 32, "unloaded", ["claude-*haiku*"]),
         ]
-        assert openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0).models.retrieve("org/fast").id == "org/fast"
+        assert (
+            openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0).models.retrieve("org/fast").id
+            == "org/fast"
+        )
         reply = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0).chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
         )
         assert reply.choices[0].message.content == "org/chat" and reply.model == "org/chat"
         states = {m["id"]: m["macprovider_state"] for m in httpx.get(base + "/v1/models").json()["data"]}
         assert states == {"org/chat": "loaded", "org/fast": "unloaded"}
-        missing = httpx.post(base + "/v1/chat/completions", json={"model": "llama3", "messages": [{"role": "user", "content": "x"}]})
+        missing = httpx.post(
+            base + "/v1/chat/completions", json={"model": "llama3", "messages": [{"role": "user", "content": "x"}]}
+        )
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
         assert "org/chat" in missing.json()["error"]["message"] and "org/fast" in missing.json()["error"]["message"]
 
@@ -305,7 +320,9 @@ def test_models_list_every_listed_model_with_context_length_state_and_aliases():
 def test_the_anthropic_sdk_with_a_claude_haiku_name_reaches_the_aliased_model():
     fleet, factory = http_fleet()
     with serving_fleet(fleet) as base:
-        client = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0, timeout=10, _strict_response_validation=True)
+        client = anthropic.Anthropic(
+            base_url=base, api_key="x", max_retries=0, timeout=10, _strict_response_validation=True
+        )
         message = client.messages.create(
             model="claude-3-5-haiku-20241022", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
         )
@@ -313,6 +330,10 @@ def test_the_anthropic_sdk_with_a_claude_haiku_name_reaches_the_aliased_model():
         count = client.messages.count_tokens(model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}])
         assert count.input_tokens > 0
         health = httpx.get(base + "/v1/health").json()
+        metrics = httpx.get(base + "/metrics").text
+    assert 'macprovider_model_loaded{model="org/fast"} 1' in metrics
+    assert 'macprovider_model_loaded{model="org/chat"} 0' in metrics
+    assert 'macprovider_model_loads_total{model="org/fast"} 1' in metrics
     assert factory.loads == ["org/fast"]
     fast = next(m for m in health["models"] if m["id"] == "org/fast")
     assert fast["state"] == "loaded" and fast["loads"] == 1 and fast["requests_in_flight"] == 0

@@ -44,7 +44,7 @@ def fleet_yaml(first: str, second: str, budget_gb: float | None) -> str:
     budget = f"memory_budget_gb: {budget_gb!r}\n" if budget_gb is not None else ""
     return (
         f"max_context_override: 256\nkeep_alive: 3\nmodel_wait_timeout_s: 120\nrecord_workload: false\n{budget}"
-        f"models:\n  - id: {first}\n  - id: {second}\n    aliases: [\"claude-*haiku*\"]\n"
+        f'models:\n  - id: {first}\n  - id: {second}\n    aliases: ["claude-*haiku*"]\n'
     )
 
 
@@ -64,15 +64,20 @@ def test_two_models_swap_within_a_budget_that_fits_one(tiny_model, second_tiny, 
     port = _free_port()
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "macprovider", "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-        stderr=log, start_new_session=True, preexec_fn=die_with_parent(),
+        [sys.executable, "-m", "macprovider", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, lambda: process.poll() is None, lambda: (tmp_path / "serve.log").read_text(), 120)
         listed = httpx.get(base + "/v1/models").json()["data"]
         assert [(m["id"], m["macprovider_state"], m["context_length"]) for m in listed] == [
-            (tiny_model, "unloaded", 256), (second_tiny, "unloaded", 256),
+            (tiny_model, "unloaded", 256),
+            (second_tiny, "unloaded", 256),
         ]
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
 
@@ -92,10 +97,18 @@ def test_two_models_swap_within_a_budget_that_fits_one(tiny_model, second_tiny, 
 
         # concurrent streams to both: one waits for the other to finish, then the models swap; none fails
         def stream(model: str) -> tuple[str | None, str]:
-            chunks = list(client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "tell me"}], max_tokens=24, temperature=0, stream=True
-            ))
-            return chunks[-1].choices[0].finish_reason, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            chunks = list(
+                client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": "tell me"}],
+                    max_tokens=24,
+                    temperature=0,
+                    stream=True,
+                )
+            )
+            return chunks[-1].choices[0].finish_reason, "".join(
+                c.choices[0].delta.content or "" for c in chunks if c.choices
+            )
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(stream, [tiny_model, second_tiny, tiny_model, second_tiny]))
@@ -109,7 +122,11 @@ def test_two_models_swap_within_a_budget_that_fits_one(tiny_model, second_tiny, 
         assert message.model == second_tiny and message.stop_reason in ("end_turn", "max_tokens")
 
         ps = subprocess.run(
-            [sys.executable, "-m", "macprovider", "ps", "--url", base], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "macprovider", "ps", "--url", base],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert ps.returncode == 0, ps.stderr
         rows = {line.split()[0]: line.split()[1] for line in ps.stdout.splitlines()[1:]}

@@ -17,9 +17,11 @@ PROMPTS = ("What is the capital of France?", "Name a primary color.")
 
 
 def greedy(server: ServeProcess, model: str, prompt: str) -> str:
-    chunks = list(server.client().chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0, stream=True
-    ))
+    chunks = list(
+        server.client().chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0, stream=True
+        )
+    )
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
@@ -32,7 +34,9 @@ def second_id(real_model, real_model_dir, hf_home, tmp_path_factory) -> str:
     return real_model + "-second"
 
 
-def test_two_real_models_in_one_server_answer_as_a_single_model_server(real_model, second_id, hf_home, tmp_path_factory):
+def test_two_real_models_in_one_server_answer_as_a_single_model_server(
+    real_model, second_id, hf_home, tmp_path_factory
+):
     single = ServeProcess(real_model, hf_home, tmp_path_factory.mktemp("single"), "--max-context", "512")
     try:
         single.wait_ready(timeout=300)
@@ -41,7 +45,9 @@ def test_two_real_models_in_one_server_answer_as_a_single_model_server(real_mode
         assert single.stop() == 0
     assert all(expected.values())
 
-    fleet = ServeProcess(real_model, hf_home, tmp_path_factory.mktemp("fleet"), "--model", second_id, "--max-context", "512")
+    fleet = ServeProcess(
+        real_model, hf_home, tmp_path_factory.mktemp("fleet"), "--model", second_id, "--max-context", "512"
+    )
     try:
         fleet.wait_ready(timeout=300)
         jobs = [(model, prompt) for prompt in PROMPTS for model in (real_model, second_id)]

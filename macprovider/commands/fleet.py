@@ -72,7 +72,8 @@ def ps(
     for model in models:
         keep = model.get("keep_alive_s")
         rows.append((
-            model["id"], model["state"] + (" (pinned)" if model.get("pinned") else ""), str(model.get("requests_in_flight", 0)),
+            model["id"], model["state"] + (" (pinned)" if model.get("pinned") else ""),
+            str(model.get("requests_in_flight", 0)),
             "-" if model.get("idle_s") is None else f"{model['idle_s']:.0f}", str(model.get("context_length", "")),
             _gib(model.get("memory_estimate_bytes")), "never" if keep is None or keep < 0 else f"{keep:g} s",
             ", ".join(model.get("aliases") or []) or "-",

@@ -12,7 +12,10 @@ from macprovider.commands.common import user_errors
 def serve(
     model: list[str] | None = typer.Option(
         None, "--model", metavar="MODEL",
-        help="Hub id org/name (from the local cache) or a local directory; repeat it to serve several models, loaded on demand.",
+        help=(
+            "Hub id org/name (from the local cache) or a local directory; repeat it to serve several models, "
+            "loaded on demand."
+        ),
     ),
     host: str | None = typer.Option(None, "--host", help="Address to bind [default: 127.0.0.1]."),
     port: str | None = typer.Option(None, "--port", help="Port to listen on [default: 8080]."),

@@ -339,6 +339,24 @@ def estimate(
     )
 
 
+def resident_bytes(
+    model_dir: Path, *, max_context: int, max_batch: int, kv_bits: int | None, prompt_cache_bytes: int,
+    weights_dtype: str = "auto",
+) -> int:
+    """What a model holds once a long-running server has served it at these knobs, in bytes, without the
+    runtime baseline: the worst case of `estimate` (max_batch sequences of max_context tokens, one whole prefill
+    chunk each) with the prompt cache full (its `prompt_cache_bytes` cap, or PROMPT_CACHE_ENTRIES sequences).
+    `serve`'s fleet admits models by it, and autotune's pre-check counts the pinned models a candidate will
+    sit beside with it. Raises SafetensorsError/OSError/ValueError/KeyError like `estimate`."""
+    from macprovider.models.ids import read_model_config
+
+    return estimate(
+        model_dir, read_model_config(model_dir), max_context=max_context, max_batch=max_batch, kv_bits=kv_bits,
+        budget=0, cached_tokens=PROMPT_CACHE_ENTRIES * max_context, prompt_cache_bytes=prompt_cache_bytes,
+        weights_dtype=weights_dtype,
+    ).total
+
+
 def _live(window: Sequence[tuple[int, int]], live: int) -> Sequence[tuple[int, int]]:
     """The newest min(len(window), live) entries of a live window: what the batch can hold at once."""
     return window[-max(1, min(len(window), live)):]

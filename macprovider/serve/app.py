@@ -247,11 +247,14 @@ def create_app(
     def health_body() -> dict[str, Any]:
         stats = primary_stats()
         current = status()
-        queued = sum(e.stats().queued_sequences for e in fleet.loaded_engines()) if len(fleet.models) > 1 else stats.queued_sequences
+        queued = stats.queued_sequences
+        if len(fleet.models) > 1:
+            queued = sum(e.stats().queued_sequences for e in fleet.loaded_engines())
+        loaded = fleet.state(primary.id) == "loaded" and stats.state in ("ready", "busy", "draining")
         body = {
             "status": current,
             "model": primary.id,
-            "model_loaded": fleet.state(primary.id) == "loaded" and stats.state in ("ready", "busy", "draining") and current != "unavailable",
+            "model_loaded": loaded and current != "unavailable",
             "uptime_s": round(time.time() - state.started_at, 3),
             "requests_total": state.requests_total,
             "requests_in_flight": state.in_flight,
@@ -339,7 +342,9 @@ def create_app(
             parts.append(part)
         return b"".join(parts)
 
-    async def generate(request: Request, prepare: Callable[[dict[str, Any], str], Any], error_response: Callable[[ApiError], Response]) -> Response:
+    async def generate(
+        request: Request, prepare: Callable[[dict[str, Any], str], Any], error_response: Callable[[ApiError], Response]
+    ) -> Response:
         """Serve one generation for any API surface: admission checks, `prepare(body) -> (Turn, surface)`
         (the surface's own parsing), `core.start`, then the surface's stream (`surface.events`) or body
         (`surface.respond`). Errors before generation go through `error_response` (the surface's envelope)."""

@@ -174,7 +174,9 @@ class ServeFleet:
             if model.matches(name):
                 return model
         available = ", ".join(repr(model.id) for model in self.models)
-        raise ApiError(404, "model_not_found", f"the model {name!r} is not served here; available: {available}", param="model")
+        raise ApiError(
+            404, "model_not_found", f"the model {name!r} is not served here; available: {available}", param="model"
+        )
 
     def state(self, model_id: str) -> ModelState:
         """loaded | loading | unloaded."""
@@ -435,6 +437,7 @@ class ServeFleet:
             state = slot.state
             stats = slot.engine.stats() if slot.engine is not None and state == "loaded" else None
             model = slot.model
+            idle = state == "loaded" and not slot.in_flight and slot.loads > 0
             out.append({
                 "id": model.id,
                 "state": state,
@@ -447,7 +450,7 @@ class ServeFleet:
                 "kv_bits": model.kv_bits,
                 "requests_in_flight": slot.in_flight,
                 "active_sequences": stats.active_sequences if stats else 0,
-                "idle_s": round(now - slot.last_used, 3) if state == "loaded" and not slot.in_flight and slot.loads else None,
+                "idle_s": round(now - slot.last_used, 3) if idle else None,
                 "loads": slot.loads,
                 "unloads": slot.unloads,
                 "load_seconds": round(slot.load_seconds, 3),

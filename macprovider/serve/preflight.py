@@ -110,16 +110,15 @@ def _context_source(resolved: ResolvedConfig, entry: ModelEntry) -> str:
 
 
 def _estimate(plan: ServePlan, budget_bytes: int | None) -> int:
-    """The memory the model needs loaded (bytes): the estimate without the runtime baseline (the fleet's
-    budget already leaves out what the server holds before any model loads). 0 when it cannot be made."""
-    from macprovider.models.memory import PROMPT_CACHE_ENTRIES, estimate
+    """The memory the model needs loaded (bytes, `models.memory.resident_bytes`): without the runtime baseline,
+    which the fleet's budget already leaves out. 0 (admitted without one, logged) when it cannot be made."""
+    from macprovider.models.memory import resident_bytes
 
     settings = plan.settings
     try:
-        result = estimate(
-            plan.model_path, read_model_config(plan.model_path), max_context=plan.max_context,
-            max_batch=settings.max_concurrency_override, kv_bits=settings.kv_bits, budget=budget_bytes or 0,
-            cached_tokens=PROMPT_CACHE_ENTRIES * plan.max_context, prompt_cache_bytes=settings.prompt_cache_bytes,
+        return resident_bytes(
+            plan.model_path, max_context=plan.max_context, max_batch=settings.max_concurrency_override,
+            kv_bits=settings.kv_bits, prompt_cache_bytes=settings.prompt_cache_bytes,
             weights_dtype=settings.weights_dtype,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -129,7 +128,6 @@ def _estimate(plan: ServePlan, budget_bytes: int | None) -> int:
             "no memory estimate for %s (%s): it is admitted without one", plan.model_id, exc.__class__.__name__
         )
         return 0
-    return result.total
 
 
 def check_weight_files(model_id: str, model_path: Path) -> None:

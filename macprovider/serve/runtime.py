@@ -153,7 +153,9 @@ class ServeRuntime:
     then the bound port; settings.port 0 picks a free one).
     """
 
-    def __init__(self, engine: EngineProtocol | ServeFleet, settings: Settings, api_key: str | None, *, load: bool = True):
+    def __init__(
+        self, engine: EngineProtocol | ServeFleet, settings: Settings, api_key: str | None, *, load: bool = True
+    ):
         import threading
 
         import uvicorn
