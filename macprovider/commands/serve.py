@@ -101,6 +101,13 @@ def fleet_mode(resolved: object) -> bool:
     return is_fleet(resolved)  # type: ignore[arg-type]
 
 
+def _mlx_active_bytes() -> int:
+    """MLX's active memory (bytes, the whole process): what a model's load adds is its measured size."""
+    import mlx.core as mx
+
+    return int(mx.get_active_memory())
+
+
 def serve_fleet(resolved: object) -> int:
     """Serve the fleet the config lists: check every model, estimate each one's memory, then serve with models
     loaded on demand (pinned ones at start). The exit code. Raises MacproviderError (preflight)."""
@@ -129,6 +136,6 @@ def serve_fleet(resolved: object) -> int:
     plan, models = plan_fleet(resolved, budget)
     fleet = ServeFleet(
         models, load=lambda model: load_engine(model.plan, model.kind), release=release_engine, budget_bytes=budget,
-        wait_timeout_s=settings.model_wait_timeout_s, rss=lambda: process.memory_info().rss,
+        wait_timeout_s=settings.model_wait_timeout_s, measure=_mlx_active_bytes,
     )
     return run_server(plan, fleet)

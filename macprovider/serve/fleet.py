@@ -118,7 +118,8 @@ class Lease:
 class ServeFleet:
     """See the module docstring. `load(model) -> engine` builds and loads an engine (blocking, run on a worker
     thread); `release(engine)` stops it and gives its memory back; `budget_bytes` None = no memory limit;
-    `clock` (seconds, monotonic) drives keep_alive and idle times."""
+    `clock` (seconds, monotonic) drives keep_alive and idle times; `measure() -> bytes` reads the memory a load
+    adds (`serve` passes MLX's active memory), reported per model as `memory_measured_bytes`."""
 
     def __init__(
         self,
@@ -130,7 +131,7 @@ class ServeFleet:
         wait_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         engines: dict[str, EngineProtocol] | None = None,
-        rss: Callable[[], int] | None = None,
+        measure: Callable[[], int] | None = None,
     ):
         if not models:
             raise ValueError("a fleet needs at least one model")
@@ -142,7 +143,7 @@ class ServeFleet:
         self.budget_bytes = budget_bytes
         self.wait_timeout_s = wait_timeout_s
         self.clock = clock
-        self._rss = rss
+        self._measure = measure
         self._admission: asyncio.Lock | None = None
         self._changed: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -313,7 +314,7 @@ class ServeFleet:
         assert slot.loading is not None and self._load_fn is not None
         future = slot.loading
         model = slot.model
-        started, rss_before = time.perf_counter(), self._rss() if self._rss else 0
+        started, before = time.perf_counter(), self._measure() if self._measure else 0
         log.info("loading model %s", model.id)
         try:
             engine = await asyncio.to_thread(self._load_fn, model)
@@ -330,7 +331,7 @@ class ServeFleet:
         slot.loads += 1
         slot.last_used = self.clock()
         slot.load_seconds = time.perf_counter() - started
-        slot.memory_measured_bytes = max(0, (self._rss() if self._rss else 0) - rss_before)
+        slot.memory_measured_bytes = max(0, (self._measure() if self._measure else 0) - before)
         slot.last_error = None
         log.info("loaded model %s in %.2f s", model.id, slot.load_seconds)
         future.set_result(None)  # the waiters take their leases before keep_alive 0 can unload it (on release)
@@ -430,7 +431,7 @@ class ServeFleet:
         """Per model, for /v1/health, /metrics and `macprovider ps`: id, state, aliases, pinned, keep_alive_s,
         context_length, max_batch, kv_bits, requests_in_flight, active_sequences, idle_s (since its last
         request ended; null while serving or unloaded), loads, unloads, load_seconds (the last load),
-        memory_estimate_bytes, memory_measured_bytes (process RSS growth over its last load)."""
+        memory_estimate_bytes, memory_measured_bytes (growth of `measure()` over its last load)."""
         now = self.clock()
         out = []
         for slot in self._slots.values():

@@ -490,5 +490,5 @@ FLEET_METRICS = (
     ("unloads", "macprovider_model_unloads_total", "counter", "Times the model was unloaded."),
     ("load_seconds", "macprovider_model_load_seconds", "gauge", "Duration of its last load."),
     ("memory_estimate_bytes", "macprovider_model_memory_estimate_bytes", "gauge", "Memory estimate of the model."),
-    ("memory_measured_bytes", "macprovider_model_memory_measured_bytes", "gauge", "RSS growth over its last load."),
+    ("memory_measured_bytes", "macprovider_model_memory_measured_bytes", "gauge", "MLX memory its last load added."),
 )
