@@ -47,6 +47,7 @@ class Factory:
         self.gate: threading.Event | None = None
         self.started = threading.Event()
         self.error: Exception | None = None
+        self.hold: set[str] = set()  # models whose sequences wait for `release_all` before their first chunk
         self.lock = threading.Lock()
 
     def load(self, model: FleetModel) -> FakeEngine:
@@ -57,7 +58,8 @@ class Factory:
             assert self.gate.wait(30)
         if self.error is not None:
             raise self.error
-        return FakeEngine(model_id=model.id, max_context=model.max_context or 64, script=Script(chunks=(model.id,)))
+        script = Script(chunks=(model.id,), hold_after=0 if model.id in self.hold else None)
+        return FakeEngine(model_id=model.id, max_context=model.max_context or 64, script=script)
 
     def release(self, engine: Any) -> None:
         self.released.append(engine.model_id)
@@ -361,3 +363,41 @@ def test_load_unload_and_ps_commands_act_on_the_running_server(capsys):
         assert exit_info.value.exit_code == 1
         assert "404" in capsys.readouterr().err
     assert factory.released == ["org/fast"]
+
+
+def test_over_http_a_busy_model_in_the_way_is_503_model_busy_with_retry_after_and_too_large_is_refused():
+    factory, clock = Factory(), Clock()
+    fleet = ServeFleet(
+        [
+            FleetModel("org/chat", max_context=64, estimate_bytes=10),
+            FleetModel("org/fast", max_context=64, estimate_bytes=10, aliases=("claude-*haiku*",)),
+            FleetModel("org/huge", max_context=64, estimate_bytes=100),
+        ],
+        load=factory.load,
+        release=factory.release,
+        budget_bytes=15,
+        wait_timeout_s=0.5,
+        clock=clock,
+    )
+    factory.hold = {"org/chat"}
+    with serving_fleet(fleet) as base, httpx.Client(base_url=base, timeout=30) as http:
+        body = {"model": "org/chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with http.stream("POST", "/v1/chat/completions", json=body) as held:
+            assert held.status_code == 200
+            engine = fleet.engine("org/chat")
+            assert engine is not None and engine.wait_active(1)
+            busy = http.post("/v1/chat/completions", json={**body, "model": "org/fast", "stream": False})
+            assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
+            assert busy.json()["error"]["code"] == "model_busy" and "org/chat" in busy.json()["error"]["message"]
+            anthropic_busy = http.post(
+                "/v1/messages",
+                json={"model": "claude-haiku-4-5", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert anthropic_busy.status_code == 503 and anthropic_busy.json()["type"] == "error"
+            engine.release_all()
+            assert "[DONE]" in held.read().decode()
+        huge = http.post("/v1/chat/completions", json={**body, "model": "org/huge", "stream": False})
+        assert huge.status_code == 503 and huge.json()["error"]["code"] == "model_too_large"
+        served = http.post("/v1/chat/completions", json={**body, "model": "org/fast", "stream": False})
+        assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"] == "org/fast"
+    assert factory.loads == ["org/chat", "org/fast"] and factory.released == ["org/chat"]
