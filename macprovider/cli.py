@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from macprovider import __version__
-from macprovider.commands import autotune, cache, cluster, config, models, serve, service
+from macprovider.commands import autotune, cache, cluster, config, fleet, models, serve, service
 
 app = typer.Typer(
     name="macprovider",
@@ -39,6 +39,9 @@ def _root(
 
 app.command("serve")(serve.serve)
 app.command("autotune")(autotune.autotune)
+app.command("ps")(fleet.ps)
+app.command("load")(fleet.load)
+app.command("unload")(fleet.unload)
 app.add_typer(config.app, name="config")
 app.add_typer(models.app, name="models")
 app.add_typer(service.app, name="service")

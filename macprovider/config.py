@@ -36,12 +36,38 @@ WEIGHTS_DTYPES: tuple[str, ...] = get_args(WeightsDtype)
 QUANTIZED_FLOAT32 = "quantized-float32"
 
 
+DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default (5 minutes)
+KEEP_FOREVER = -1.0  # keep_alive -1: never unload an idle model
+
+
+class ModelEntry(BaseModel):
+    """One model a fleet may serve (YAML `models:` list, or `serve --model A --model B`). Knobs left None
+    fall back to the top-level settings; `keep_alive` is seconds (KEEP_FOREVER = never unload when idle);
+    `aliases` are other names requests may use, `*`/`?`/`[…]` globs allowed (fnmatch)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    aliases: tuple[str, ...] = ()
+    kv_bits: Literal[4, 8] | None = None
+    max_context_override: int | None = None
+    max_concurrency_override: int | None = None
+    weights_dtype: WeightsDtype | None = None
+    keep_alive: float | None = None
+    pinned: bool = False
+    recipe_hash: str | None = None  # written by `autotune --apply`: the recipe these knobs come from
+
+
 class Settings(BaseModel):
     """The resolved settings of `serve` (and the defaults autotune children inherit). Immutable."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str | None = None
+    models: tuple[ModelEntry, ...] = ()  # the fleet; () = the single `model`
+    keep_alive: float = DEFAULT_KEEP_ALIVE_S  # default idle time before a fleet model unloads, seconds
+    model_wait_timeout_s: float = 60.0  # how long a request waits for room to load its model before 503
+    memory_budget_gb: float | None = None  # what the fleet may keep loaded; None = detected (hardware)
     host: str = "127.0.0.1"
     port: int = 8080
     kv_bits: Literal[4, 8] | None = None
@@ -206,8 +232,88 @@ def _origins(raw: Any) -> tuple[str, ...]:
     return tuple(item for item in items if item)
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _keep_alive(raw: Any) -> float:
+    """Seconds (a number, or text with an `s`/`m`/`h` unit: `300`, `5m`, `1h`); -1 = never unload."""
+    if isinstance(raw, bool):
+        raise ValueError("must be seconds, a duration such as 5m or 1h, or -1 (never unload)")
+    text = str(raw).strip().lower()
+    scale = _DURATION_UNITS.get(text[-1:], None) if text else None
+    try:
+        value = float(text[:-1] if scale is not None else text) * (scale or 1.0)
+    except ValueError:
+        raise ValueError("must be seconds, a duration such as 5m or 1h, or -1 (never unload)") from None
+    if value == KEEP_FOREVER:
+        return KEEP_FOREVER
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be >= 0 seconds, or -1 (never unload)")
+    return value
+
+
+_ENTRY_KNOBS: dict[str, Callable[[Any], Any]] = {
+    "kv_bits": _optional(_kv_bits),
+    "max_context_override": _optional(_int_in(1, 10_000_000)),
+    "max_concurrency_override": _optional(_int_in(1, 256)),
+    "weights_dtype": _optional(_weights_dtype),
+    "keep_alive": _optional(_keep_alive),
+    "pinned": _bool,
+    "recipe_hash": _optional(_text),
+}
+
+
+def _model_entry(raw: Any, index: int) -> ModelEntry:
+    where = f"entry {index + 1}"
+    if isinstance(raw, str):
+        raw = {"id": raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a model id or a mapping with `id`")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "id":
+            values["id"] = _text(value)
+        elif key == "aliases":
+            names = [value] if isinstance(value, str) else value
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in names):
+                raise ValueError(f"{where}: aliases must be a list of names")
+            values["aliases"] = tuple(n.strip() for n in names)
+        elif key in _ENTRY_KNOBS:
+            try:
+                values[key] = _ENTRY_KNOBS[key](value)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {key} {value!r} {exc}") from None
+        else:
+            known = ", ".join(["id", "aliases", *_ENTRY_KNOBS])
+            raise ValueError(f"{where}: unknown key {key!r} (known: {known})")
+    if "id" not in values:
+        raise ValueError(f"{where} has no `id`")
+    return ModelEntry(**values)
+
+
+def _models(raw: Any) -> tuple[ModelEntry, ...]:
+    """The fleet list: YAML entries (id or mapping), a CLI list of ids, or comma-separated ids (environment).
+    Ids and aliases must be unique across the fleet."""
+    if isinstance(raw, str):
+        raw = [part.strip() for part in raw.split(",") if part.strip()]
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError("must be a list of model entries")
+    entries = tuple(_model_entry(item, index) for index, item in enumerate(raw))
+    seen: set[str] = set()
+    for entry in entries:
+        for name in (entry.id, *entry.aliases):
+            if name in seen:
+                raise ValueError(f"the name {name!r} is listed twice (ids and aliases must be unique)")
+            seen.add(name)
+    return entries
+
+
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("model", "MACPROVIDER_MODEL", _optional(_text), "--model"),
+    SettingSpec("models", "MACPROVIDER_MODELS", _models, "--model"),
+    SettingSpec("keep_alive", "MACPROVIDER_KEEP_ALIVE", _keep_alive),
+    SettingSpec("model_wait_timeout_s", "MACPROVIDER_MODEL_WAIT_TIMEOUT_S", _float_min(0)),
+    SettingSpec("memory_budget_gb", "MACPROVIDER_MEMORY_BUDGET_GB", _optional(_float_min(0.001))),
     SettingSpec("host", "MACPROVIDER_HOST", _text, "--host"),
     SettingSpec("port", "MACPROVIDER_PORT", _int_in(1, 65535), "--port"),
     SettingSpec("kv_bits", "MACPROVIDER_KV_BITS", _optional(_kv_bits), "--kv-bits"),
@@ -375,6 +481,24 @@ def resolve(
         values["prompt_cache_dir"] = str(Path(values["prompt_cache_dir"]).expanduser())
     settings = Settings(**values)
     return ResolvedConfig(settings, sources, path if path.exists() else None, tuple(warnings))
+
+
+def fleet_entries(resolved: ResolvedConfig) -> tuple[ModelEntry, ...]:
+    """The models `serve` may serve, first one first (the default model).
+
+    `--model` given on the command line (once or repeated) or `MACPROVIDER_MODEL` names the fleet exactly;
+    otherwise it is the YAML `models:` list (or `MACPROVIDER_MODELS`), with a `model:` that it does not list
+    put first. A lone `model` is a fleet of one, pinned (loaded at start, never unloaded). Entries keep only
+    what they set; `ServeFleet` fills the rest from the top-level settings."""
+    settings, sources = resolved.settings, resolved.sources
+    if sources.get("models") == "cli":
+        return settings.models
+    if settings.model and (sources.get("model") == "cli" or sources.get("model", "").startswith("env:")):
+        return (ModelEntry(id=settings.model, pinned=True),)
+    entries = settings.models
+    if settings.model and all(settings.model not in (entry.id, *entry.aliases) for entry in entries):
+        entries = (ModelEntry(id=settings.model, pinned=not entries),) + entries
+    return entries
 
 
 def load_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:

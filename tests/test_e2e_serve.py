@@ -318,5 +318,7 @@ def test_models_json_shape_matches_spec(server):
     payload = httpx.get(server.base + "/v1/models").json()
     assert payload["object"] == "list"
     entry = payload["data"][0]
-    assert set(entry) == {"id", "object", "created", "owned_by"} and entry["object"] == "model"
+    # OpenAI's four fields plus the extension fields clients size requests by (context length, load state, aliases)
+    assert set(entry) == {"id", "object", "created", "owned_by", "context_length", "macprovider_state", "macprovider_aliases"}
+    assert entry["object"] == "model" and entry["context_length"] == 512 and entry["macprovider_state"] == "loaded"
     assert json.loads(json.dumps(payload)) == payload

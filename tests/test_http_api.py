@@ -51,7 +51,11 @@ def test_models_lists_the_served_model(served):
     assert [m.id for m in models.data] == [served.engine.model_id]
     raw = httpx.get(served.base + "/v1/models").json()
     assert raw["object"] == "list"
-    assert raw["data"][0] == {"id": served.engine.model_id, "object": "model", "created": raw["data"][0]["created"], "owned_by": "macprovider"}
+    assert raw["data"][0] == {
+        "id": served.engine.model_id, "object": "model", "created": raw["data"][0]["created"], "owned_by": "macprovider",
+        # extension fields: what clients need to size requests, and whether the model is loaded
+        "context_length": served.engine.max_context, "macprovider_state": "loaded", "macprovider_aliases": [],
+    }
     assert isinstance(raw["data"][0]["created"], int)
 
 
@@ -383,7 +387,7 @@ def test_health_body_and_counters(served):
     body = response.json()
     assert set(body) == {
         "status", "model", "model_loaded", "uptime_s", "requests_total", "requests_in_flight", "requests_queued",
-        "errors_total", "memory_rss_mb", "capacity", "engine",
+        "errors_total", "memory_rss_mb", "capacity", "engine", "models",
     }
     assert body["status"] == "ready" and body["model"] == served.engine.model_id and body["model_loaded"] is True
     assert (body["requests_total"], body["errors_total"], body["requests_in_flight"]) == (2, 1, 0)

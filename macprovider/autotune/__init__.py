@@ -3,7 +3,7 @@
 Layout (pure search, real measurement: docs/architecture.md#autotune):
     preflight.py  flag parsing/validation, the curated list       search.py   Stage 1 / Stage 2, keep-best (pure)
     provider.py   candidate `macprovider serve` child processes    probe.py    workload, SSE timing, feasibility
-    prewarm.py    download + integrity check of cached files       memory.py   memory pre-check
+    prewarm.py    download + integrity check of cached files       memory.py   runtime baseline (the estimate: models/memory.py)
     conflict.py   running-provider detection, drain, restore       store.py    SQLite (migrations, retention)
     report.py     terminal block, JSON, recipe hash                apply.py    atomic config edit
     runner.py     one run end to end                               trial.py    one real trial, progress display

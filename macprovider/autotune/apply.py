@@ -8,6 +8,11 @@ missing ones, and leaves every other byte — keys, comments, blank lines, order
 `config.yaml.bak-<unix-ts>-<counter>` (lowest free counter from 0, O_CREAT|O_EXCL, mode 0600); write a
 temp file in the same directory, fsync, rename over the config, fsync the directory. A reader sees the old
 file or the new one, never a partial one.
+
+A config that lists a fleet (`models:`) gets the tuned model's entry instead (`render_fleet_entry`): its
+knobs and `recipe_hash` are set on the entry with that id, or a new entry is appended; the other entries and
+every line outside the `models:` block stay as they were (the block itself is re-rendered, so comments inside
+it are not kept), and the top-level keys are left alone.
 """
 
 from __future__ import annotations
@@ -55,6 +60,52 @@ def owned_values(
         "parallel": parallel,
         "hostfile": hostfile,
     }
+
+
+_MODELS_LINE = re.compile(r"^models[ \t]*:")
+FLEET_KNOBS = ("kv_bits", "max_context_override", "max_concurrency_override")
+
+
+def render_fleet_entry(text: str, values: dict[str, Any], recipe_hash: str | None = None) -> str | None:
+    """The config text with the tuned model's `models:` entry written (module docstring), or None when the
+    config lists no fleet (then `render_config` applies). `values` as `owned_values`."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("models"), list):
+        return None
+    lines = text.splitlines(keepends=True)
+    newline = "\r\n" if any(line.endswith("\r\n") for line in lines) else "\n"
+    start = next((i for i, line in enumerate(lines) if _MODELS_LINE.match(line)), None)
+    if start is None:
+        return None
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end][:1] in (" ", "\t", "-")):
+        end += 1
+    while end > start + 1 and not lines[end - 1].strip():  # blank lines after the block stay where they are
+        end -= 1
+    entries = [dict(e) if isinstance(e, dict) else {"id": e} for e in parsed["models"]]
+    entry = next((e for e in entries if e.get("id") == values["model"]), None)
+    if entry is None:
+        entry = {"id": values["model"]}
+        entries.append(entry)
+    for key in FLEET_KNOBS:
+        if values.get(key) is None:
+            entry.pop(key, None)
+        else:
+            entry[key] = values[key]
+    if recipe_hash:
+        entry["recipe_hash"] = recipe_hash
+    block = yaml.safe_dump(entries, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    rendered = "models:" + newline + "".join(f"  {line}{newline}" for line in block.splitlines())
+    head = "".join(lines[:start])
+    tail = "".join(lines[end:])
+    if head and not head.endswith(("\n", "\r")):
+        head += newline
+    return head + rendered + tail
 
 
 def render_config(text: str, values: dict[str, Any]) -> str:
@@ -127,8 +178,11 @@ def _backup(path: Path, data: bytes, now: float) -> Path:
         return candidate
 
 
-def apply_recommendation(path: Path, values: dict[str, Any], *, now: float | None = None) -> ApplyResult:
-    """Write `values` into the config at `path` atomically (see module docstring).
+def apply_recommendation(
+    path: Path, values: dict[str, Any], *, now: float | None = None, recipe_hash: str | None = None
+) -> ApplyResult:
+    """Write `values` into the config at `path` atomically (see module docstring); into the tuned model's
+    `models:` entry (with `recipe_hash`) when the config lists a fleet.
 
     Raises ApplyError for a symlink, an unreadable/undecodable file, invalid YAML after editing, or a
     failed write; the old config is then untouched.
@@ -143,12 +197,23 @@ def apply_recommendation(path: Path, values: dict[str, Any], *, now: float | Non
         old_text = old_bytes.decode("utf-8") if old_bytes is not None else ""
     except (OSError, UnicodeDecodeError) as exc:
         raise ApplyError(f"cannot read config {path}: {exc.__class__.__name__}") from None
-    new_text = render_config(old_text, values)
+    fleet_text = render_fleet_entry(old_text, values, recipe_hash)
+    if fleet_text is not None and (values.get("parallel") or values.get("hostfile")):
+        raise ApplyError(
+            f"config {path} lists a fleet (`models:`); a distributed recipe serves one model: it is unchanged"
+        )
+    new_text = render_config(old_text, values) if fleet_text is None else fleet_text
     try:
         parsed = yaml.safe_load(new_text) or {}
     except yaml.YAMLError:
         raise ApplyError(f"config {path} would not be valid YAML after --apply; it is unchanged") from None
-    if not isinstance(parsed, dict) or any(parsed.get(k) != v for k, v in values.items() if v is not None):
+    if fleet_text is not None:
+        listed = [e for e in parsed.get("models", []) if isinstance(e, dict)]
+        entry = next((e for e in listed if e.get("id") == values["model"]), None)
+        wrong = entry is None or any(entry.get(k) != values.get(k) for k in FLEET_KNOBS)
+    else:
+        wrong = not isinstance(parsed, dict) or any(parsed.get(k) != v for k, v in values.items() if v is not None)
+    if wrong:
         raise ApplyError(f"config {path} has a layout --apply cannot edit safely; it is unchanged")
     if old_bytes is not None and new_text.encode("utf-8") == old_bytes:
         return ApplyResult(path, None, False)

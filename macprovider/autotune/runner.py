@@ -250,9 +250,16 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         if inputs.apply and exit_reason == "ok" and rec is not None:
             from macprovider.autotune.apply import apply_recommendation, owned_values, summary_line
 
+            from macprovider.autotune.report import recipe_domain, recipe_hash
+
             values = owned_values(rec.model, rec.kv_bits, rec.max_batch, rec.max_context, rec.parallel, rec.hostfile)
             try:
-                result = apply_recommendation(inputs.config_path, values)
+                hash_value = recipe_hash(recipe_domain(
+                    binary_version=machine_obj["binary_version"], candidate_models=inputs_obj["candidate_models"],
+                    chip=machine_obj["chip"], ram_gb=machine_obj["ram_gb"], rec=rec,
+                    objective=inputs_obj.get("objective", "throughput"), workload=inputs_obj.get("workload"),
+                ))
+                result = apply_recommendation(inputs.config_path, values, recipe_hash=hash_value)
                 applied = True
                 apply_lines.append(summary_line(values, result))
                 if rec.parallel:

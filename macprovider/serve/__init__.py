@@ -10,6 +10,8 @@ Layout (DESIGN.md "Shape: one subpackage per family"):
     responses_schemas.py  Responses API request model, input items -> messages, Response/item builders
     anthropic_api.py   /v1/messages, /v1/messages/count_tokens: request -> Turn, Anthropic stream events
     anthropic_schemas.py  Messages API request model, blocks -> messages, Message/blocks, error envelope
+    fleet.py           ServeFleet: which models exist and which are loaded (names, aliases, load on demand,
+                       admission by memory, keep_alive unload); every route asks it for an engine
     runtime.py         ServeRuntime / run_server: uvicorn lifecycle, background load, watchdog, drain
     preflight.py       plan_serve: every check before a model loads -> engine.protocol.ServePlan
     workload.py        the content-free request-shape record (macprovider.workload) autotune replays
@@ -27,10 +29,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from macprovider.engine.protocol import EngineProtocol, ServePlan
+    from macprovider.serve.fleet import ServeFleet
 
 
-def run_server(plan: "ServePlan", engine: "EngineProtocol") -> int:
-    """Serve `engine` as planned until drained; see `macprovider.serve.runtime.run_server` (exit code)."""
+def run_server(plan: "ServePlan", engine: "EngineProtocol | ServeFleet") -> int:
+    """Serve `engine` (or a fleet) as planned until drained; see `macprovider.serve.runtime.run_server`."""
     from macprovider.serve.runtime import run_server as _run_server
 
     return _run_server(plan, engine)

@@ -2,9 +2,10 @@
 disconnect → cancel, the relay from engine chunks to OpenAI objects. The process lifecycle (uvicorn, background load, drain,
 watchdog) lives in `macprovider.serve.runtime`.
 
-It talks to the engine only through `engine.protocol.EngineProtocol`, so tests run it against a fake engine.
+It talks to engines only through `engine.protocol.EngineProtocol`, and finds them through the fleet
+(`serve.fleet.ServeFleet`: which models exist, which are loaded), so tests run it against fake engines.
 
-    create_app(engine, settings, api_key) -> FastAPI      pure app factory (no sockets, no threads)
+    create_app(engine_or_fleet, settings, api_key) -> FastAPI   pure app factory (no sockets, no threads)
 
 Middleware order, outermost first (pure ASGI, so streaming responses and disconnects pass untouched):
 Host/Origin guard (403) → CORS (only when origins are configured) → API key (401) → body cap from
@@ -29,9 +30,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from macprovider.serve import anthropic_api, core, openai_api, responses_api
+from macprovider.serve.fleet import ServeFleet
 from macprovider.serve import openai_schemas as schemas
 from macprovider.config import Settings, is_loopback
-from macprovider.engine.protocol import EngineProtocol
+from macprovider.engine.protocol import EngineProtocol, EngineStats
 from macprovider.errors import ApiError
 
 log = logging.getLogger("macprovider.serve.app")
@@ -189,12 +191,17 @@ def workload_recorder(settings: Settings) -> Any:
     return WorkloadRecorder(Paths.from_env().workload_file)
 
 
-def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, *, started_at: float | None = None) -> FastAPI:
-    """The OpenAI-compatible app over `engine` (SPEC.md §3.2). Pure: no sockets, no threads started.
+def create_app(
+    engine: EngineProtocol | ServeFleet, settings: Settings, api_key: str | None, *, started_at: float | None = None
+) -> FastAPI:
+    """The OpenAI-compatible app over a fleet of models, or over one engine (a fleet of one). Pure: no
+    sockets, no threads started.
 
     `settings` gives host (loopback rules), max_request_body_bytes, cors_allowed_origins; `api_key`
-    None = no key required. `app.state.macprovider` is the `ServerState` the runtime drives.
+    None = no key required. `app.state.macprovider` is the `ServerState` the runtime drives;
+    `app.state.fleet` the `ServeFleet`.
     """
+    fleet = engine if isinstance(engine, ServeFleet) else ServeFleet.of_engine(engine)
     state = ServerState(time.time() if started_at is None else started_at)
     from macprovider.hardware import physical_ram_gb
 
@@ -202,6 +209,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
     process = psutil.Process()
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="macprovider")
     app.state.macprovider = state
+    app.state.fleet = fleet
     recorder = workload_recorder(settings)
     app.state.workload_recorder = recorder
 
@@ -226,35 +234,53 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
         return _error_response(ApiError(500, "internal_error", "internal server error"), request.url.path)
 
     # -- health and metrics
+    primary = fleet.primary
+
+    def primary_stats() -> EngineStats:
+        stats = fleet.stats(primary.id)
+        if stats is not None:
+            return stats
+        return EngineStats(state="loading" if fleet.pinned_pending() else "ready")
+
     def status() -> str:
-        if state.engine_dead or state.load_failed or not engine.is_alive():
+        if state.engine_dead or state.load_failed or fleet.dead_model() is not None:
             return "unavailable"
-        engine_state = engine.stats().state
+        engine_state = primary_stats().state
+        if engine_state == "ready" and fleet.pinned_pending():
+            engine_state = "loading"
         if state.draining and engine_state != "unavailable":
             return "draining"
         return engine_state
 
     def health_body() -> dict[str, Any]:
-        stats = engine.stats()
+        stats = primary_stats()
         current = status()
-        return {
+        queued = stats.queued_sequences
+        if len(fleet.models) > 1:
+            queued = sum(e.stats().queued_sequences for e in fleet.loaded_engines())
+        loaded = fleet.state(primary.id) == "loaded" and stats.state in ("ready", "busy", "draining")
+        body = {
             "status": current,
-            "model": engine.model_id,
-            "model_loaded": stats.state in ("ready", "busy", "draining") and current != "unavailable",
+            "model": primary.id,
+            "model_loaded": loaded and current != "unavailable",
             "uptime_s": round(time.time() - state.started_at, 3),
             "requests_total": state.requests_total,
             "requests_in_flight": state.in_flight,
-            "requests_queued": stats.queued_sequences,
+            "requests_queued": queued,
             "errors_total": state.errors_total,
             "memory_rss_mb": round(process.memory_info().rss / (1024 * 1024), 1),
             "capacity": {
                 "ram_gb": ram_gb,
-                "max_context_tokens": engine.max_context,
-                "max_batch": engine.max_batch,
-                "kv_bits": engine.kv_bits,
+                "max_context_tokens": primary.max_context,
+                "max_batch": primary.max_batch,
+                "kv_bits": primary.kv_bits,
             },
             "engine": stats.engine_json(),
-        } | ({"distributed": stats.extra["distributed"]} if "distributed" in stats.extra else {})
+            "models": fleet.describe(),
+        }
+        if fleet.budget_bytes is not None:
+            body["memory_budget_bytes"] = fleet.budget_bytes
+        return body | ({"distributed": stats.extra["distributed"]} if "distributed" in stats.extra else {})
 
     async def health() -> Response:
         body = health_body()
@@ -274,19 +300,42 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             message = "the model is still loading" if current == "loading" else "the engine is unavailable"
             raise ApiError(503, "model_not_loaded", message, headers={"Retry-After": "1"})
 
-    def model_entry() -> dict[str, Any]:
-        return {"id": engine.model_id, "object": "model", "created": int(state.started_at), "owned_by": "macprovider"}
+    def model_entry(model_id: str) -> dict[str, Any]:
+        """An OpenAI model object plus the extension fields clients need (context length, load state, aliases)."""
+        model = fleet.resolve(model_id)
+        return {
+            "id": model.id, "object": "model", "created": int(state.started_at), "owned_by": "macprovider",
+            "context_length": model.max_context, "macprovider_state": fleet.state(model.id),
+            "macprovider_aliases": list(model.aliases),
+        }
 
     @app.get("/v1/models")
     async def models() -> Response:
         require_loaded()
-        return JSONResponse({"object": "list", "data": [model_entry()]})
+        return JSONResponse({"object": "list", "data": [model_entry(model.id) for model in fleet.models]})
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:
         require_loaded()
-        openai_api.check_model(model_id, engine.model_id)
-        return JSONResponse(model_entry())
+        return JSONResponse(model_entry(model_id))
+
+    # -- operator actions (`macprovider load ID` / `macprovider unload ID`)
+    async def model_action(request: Request, action: str) -> Response:
+        require_loaded()
+        data = schemas.parse_json_body(await read_body(request))
+        name = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "invalid_request", "the body must be {\"model\": \"<id or alias>\"}", param="model")
+        model = await (fleet.load(name) if action == "load" else fleet.unload(name))
+        return JSONResponse(model_entry(model.id))
+
+    @app.post("/v1/macprovider/load")
+    async def load_model(request: Request) -> Response:
+        return await model_action(request, "load")
+
+    @app.post("/v1/macprovider/unload")
+    async def unload_model(request: Request) -> Response:
+        return await model_action(request, "unload")
 
     # -- completions
     async def read_body(request: Request) -> bytes:
@@ -301,7 +350,9 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             parts.append(part)
         return b"".join(parts)
 
-    async def generate(request: Request, prepare: Callable[[dict[str, Any]], Any], error_response: Callable[[ApiError], Response]) -> Response:
+    async def generate(
+        request: Request, prepare: Callable[[dict[str, Any], str], Any], error_response: Callable[[ApiError], Response]
+    ) -> Response:
         """Serve one generation for any API surface: admission checks, `prepare(body) -> (Turn, surface)`
         (the surface's own parsing), `core.start`, then the surface's stream (`surface.events`) or body
         (`surface.respond`). Errors before generation go through `error_response` (the surface's envelope)."""
@@ -311,13 +362,19 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
                 raise ApiError(503, "draining", "the server is shutting down", headers={"Retry-After": "5"})
             require_loaded()
             data = schemas.parse_json_body(await read_body(request))
-            turn, surface = prepare(data)
+            data, model = routed(data)
+            turn, surface = prepare(data, model)
             # the content-free shape record autotune replays (the chat-shaped APIs count as chat)
             endpoint = "chat" if turn.messages is not None else "completions"
             track = None if recorder is None else lambda handle, prompt_tokens: recorder.track(
                 handle, endpoint=endpoint, prompt_tokens=prompt_tokens, max_tokens=turn.request.max_tokens, concurrency=state.in_flight + 1
             )
-            generation = await core.start(engine, turn, lambda: state.draining, track)
+            lease = await fleet.acquire(model)
+            try:
+                generation = await core.start(lease.engine, turn, lambda: state.draining, track)
+            except BaseException:
+                lease.release()
+                raise
         except ApiError as exc:
             state.errors_total += 1
             return error_response(exc)
@@ -330,6 +387,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
 
             def closed() -> None:
                 generation.close()
+                lease.release()
                 state.end(generation.error is not None)  # a client that left is not an error
 
             return core.EventStream(surface.events(generation), on_close=closed)
@@ -343,17 +401,32 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
             return Response(status_code=499)
         finally:
             generation.close()
+            lease.release()
             state.end(error)
+
+    def routed(data: Any) -> tuple[Any, str]:
+        """(body, model id): the model the body's `model` names, through the fleet (aliases and globs;
+        404 for another name). The body's `model` becomes that id, so each surface checks and reports it.
+        A body without a string `model` goes on to its surface's own 400; an unknown name is checked by the
+        surface first (a malformed body is a 400 whatever it names), then `fleet.acquire` answers 404."""
+        name = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(name, str):
+            return data, primary.id
+        try:
+            model = fleet.resolve(name)
+        except ApiError:
+            return data, name
+        return ({**data, "model": model.id} if name != model.id else data), model.id
 
     openai_error = openai_api.OpenAISurface.error_response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate(request, lambda data: openai_api.prepare_chat(data, engine.model_id), openai_error)
+        return await generate(request, openai_api.prepare_chat, openai_error)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate(request, lambda data: openai_api.prepare_completion(data, engine.model_id), openai_error)
+        return await generate(request, openai_api.prepare_completion, openai_error)
 
     # -- the Responses API; stored responses live in this app's bounded in-memory store
     store = responses_api.ResponseStore()
@@ -361,7 +434,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        return await generate(request, lambda data: responses_api.prepare(data, engine.model_id, store), openai_error)
+        return await generate(request, lambda data, model: responses_api.prepare(data, model, store), openai_error)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> Response:
@@ -375,16 +448,21 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
     # -- the Anthropic Messages API
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
-        return await generate(request, lambda data: anthropic_api.prepare(data, engine.model_id), anthropic_api.error_response)
+        return await generate(request, anthropic_api.prepare, anthropic_api.error_response)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         try:
             require_loaded()
-            messages, tools = anthropic_api.count_turn(schemas.parse_json_body(await read_body(request)), engine.model_id)
-            # A count beyond the context is refused as the generation would be, before tokenizing it all.
-            core.check_prompt_bound(engine, messages, "messages")
-            tokens = await run_in_threadpool(engine.encode_chat, messages, tools or None)
+            data, model = routed(schemas.parse_json_body(await read_body(request)))
+            messages, tools = anthropic_api.count_turn(data, model)
+            lease = await fleet.acquire(model)
+            try:
+                # A count beyond the context is refused as the generation would be, before tokenizing it all.
+                core.check_prompt_bound(lease.engine, messages, "messages")
+                tokens = await run_in_threadpool(lease.engine.encode_chat, messages, tools or None)
+            finally:
+                lease.release()
         except ApiError as exc:
             return anthropic_api.error_response(exc)
         return JSONResponse({"input_tokens": len(tokens)})

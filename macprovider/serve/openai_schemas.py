@@ -500,4 +500,28 @@ def prometheus_text(health: dict[str, Any]) -> str:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
         lines.append(f'{name}{{model="{model}"}} 1' if value is None else f"{name} {value}")
+    models = health.get("models") or []
+    for key, name, kind, help_text in FLEET_METRICS:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for entry in models:
+            label = str(entry["id"]).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            value = entry.get(key)
+            if key == "state":
+                value = int(value == "loaded")
+            lines.append(f'{name}{{model="{label}"}} {0 if value is None else value}')
     return "\n".join(lines) + "\n"
+
+
+# Per-model series of /metrics, from the `models` list of /v1/health: (key, metric, type, help).
+FLEET_METRICS = (
+    ("state", "macprovider_model_loaded", "gauge", "1 when the model is loaded."),
+    ("requests_in_flight", "macprovider_model_requests_in_flight", "gauge", "Requests holding the model."),
+    ("active_sequences", "macprovider_model_active_sequences", "gauge", "Sequences its engine decodes now."),
+    ("idle_s", "macprovider_model_idle_seconds", "gauge", "Seconds since its last request ended (0: busy/unloaded)."),
+    ("loads", "macprovider_model_loads_total", "counter", "Times the model was loaded."),
+    ("unloads", "macprovider_model_unloads_total", "counter", "Times the model was unloaded."),
+    ("load_seconds", "macprovider_model_load_seconds", "gauge", "Duration of its last load."),
+    ("memory_estimate_bytes", "macprovider_model_memory_estimate_bytes", "gauge", "Memory estimate of the model."),
+    ("memory_measured_bytes", "macprovider_model_memory_measured_bytes", "gauge", "MLX memory its last load added."),
+)

@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from macprovider.config import ResolvedConfig, Settings, is_loopback, load_api_key
+from macprovider.config import ModelEntry, ResolvedConfig, Settings, fleet_entries, is_loopback, load_api_key
 from macprovider.engine.protocol import ServePlan
+from macprovider.serve.fleet import FleetModel
 from macprovider.errors import ConfigError, ModelError
 from macprovider.models.ids import ensure_local, max_position_embeddings, read_model_config, validate_model_id
 from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files
@@ -31,10 +32,14 @@ def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -
             f"refusing to bind host {settings.host!r} (from {resolved.sources['host']}) without an API key: "
             "set MACPROVIDER_API_KEY or api_key_file, or bind 127.0.0.1"
         )
+    return _plan_model(settings, resolved.sources["max_context_override"], model_id, api_key)
+
+
+def _plan_model(settings: Settings, source: str, model_id: str, api_key: str | None) -> ServePlan:
+    """One model's plan: it is in the cache with sound weights; max context capped by the model's limit."""
     model_path = ensure_local(model_id)
     check_weight_files(model_id, model_path)
     max_context = settings.max_context_override
-    source = resolved.sources["max_context_override"]
     model_limit = max_position_embeddings(read_model_config(model_path))
     if model_limit is not None and max_context is not None and model_limit < max_context:
         if source in ("cli", "yaml") or source.startswith(("env:", "yaml:")):
@@ -50,6 +55,79 @@ def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -
     assert max_context is not None
     settings = settings.model_copy(update={"max_context_override": max_context})
     return ServePlan(settings, model_id, model_path, api_key, max_context, source)
+
+
+def is_fleet(resolved: ResolvedConfig) -> bool:
+    """Whether `serve` runs a fleet (a `models:` list, several `--model`) rather than one model loaded at start:
+    a single pinned model with no knobs or aliases of its own is today's one model."""
+    entries = fleet_entries(resolved)
+    return len(entries) > 1 or (len(entries) == 1 and entries[0] != ModelEntry(id=entries[0].id, pinned=True))
+
+
+def plan_fleet(
+    resolved: ResolvedConfig, budget_bytes: int | None, env: Mapping[str, str] | None = None
+) -> tuple[ServePlan, list[FleetModel]]:
+    """Check every model of the fleet before any loads (each must be in the cache with sound weights) and
+    estimate the memory each needs loaded (`models.memory.estimate`, prompt cache counted full). Returns the
+    first model's plan (the server-wide settings and key) and the fleet's models. Raises as `plan_serve`."""
+    entries = fleet_entries(resolved)
+    if not entries:
+        return plan_serve(resolved, env), []
+    first = plan_serve(_with_model(resolved, entries[0]), env)
+    base = resolved.settings
+    models = []
+    for entry in entries:
+        plan = first if entry is entries[0] else _plan_model(
+            _entry_settings(base, entry), _context_source(resolved, entry), validate_model_id(entry.id), first.api_key
+        )
+        keep_alive = base.keep_alive if entry.keep_alive is None else entry.keep_alive
+        models.append(FleetModel(
+            id=plan.model_id, aliases=entry.aliases, max_context=plan.max_context,
+            max_batch=plan.settings.max_concurrency_override, kv_bits=plan.settings.kv_bits,
+            keep_alive=keep_alive, pinned=entry.pinned, estimate_bytes=_estimate(plan, budget_bytes), plan=plan,
+        ))
+    return first, models
+
+
+def _with_model(resolved: ResolvedConfig, entry: ModelEntry) -> ResolvedConfig:
+    settings = _entry_settings(resolved.settings, entry)
+    return ResolvedConfig(settings, resolved.sources, resolved.config_path, resolved.warnings)
+
+
+def _entry_settings(settings: Settings, entry: ModelEntry) -> Settings:
+    """The settings one fleet model is served with: its own knobs where it sets them, else the top-level ones."""
+    update: dict[str, object] = {"model": entry.id}
+    for knob in ("kv_bits", "max_context_override", "max_concurrency_override", "weights_dtype"):
+        if getattr(entry, knob) is not None:
+            update[knob] = getattr(entry, knob)
+    return settings.model_copy(update=update)
+
+
+def _context_source(resolved: ResolvedConfig, entry: ModelEntry) -> str:
+    if entry.max_context_override is not None:
+        return resolved.sources.get("models", "yaml")
+    return resolved.sources["max_context_override"]
+
+
+def _estimate(plan: ServePlan, budget_bytes: int | None) -> int:
+    """The memory the model needs loaded (bytes, `models.memory.resident_bytes`): without the runtime baseline,
+    which the fleet's budget already leaves out. 0 (admitted without one, logged) when it cannot be made."""
+    from macprovider.models.memory import resident_bytes
+
+    settings = plan.settings
+    try:
+        return resident_bytes(
+            plan.model_path, max_context=plan.max_context, max_batch=settings.max_concurrency_override,
+            kv_bits=settings.kv_bits, prompt_cache_bytes=settings.prompt_cache_bytes,
+            weights_dtype=settings.weights_dtype,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        import logging
+
+        logging.getLogger("macprovider.serve.preflight").warning(
+            "no memory estimate for %s (%s): it is admitted without one", plan.model_id, exc.__class__.__name__
+        )
+        return 0
 
 
 def check_weight_files(model_id: str, model_path: Path) -> None:

@@ -1,9 +1,12 @@
 """The process lifecycle of `macprovider serve` (SPEC.md §3.1): the app under uvicorn, the model loaded on a
 background thread, a watchdog on the generation thread, and the drain on SIGTERM/SIGINT.
 
-    ServeRuntime(engine, settings, api_key).run() -> int  uvicorn + background load + watchdog + drain
+    ServeRuntime(engine_or_fleet, settings, api_key).run() -> int   uvicorn + background load + watchdog + drain
     configure_logging(level)                              stderr log lines for macprovider and uvicorn
-    run_server(plan, engine) -> int                       what `macprovider serve` calls (exit code)
+    run_server(plan, engine_or_fleet) -> int              what `macprovider serve` calls (exit code)
+
+A fleet (`serve.fleet`) loads its pinned models at start and the rest on demand; a keep_alive sweeper
+unloads idle ones. One engine handed in is a fleet of one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Awaitable
 from macprovider.config import Settings
 from macprovider.engine.protocol import EngineProtocol, ServePlan
 from macprovider.serve.app import ServerState, create_app
+from macprovider.serve.fleet import ServeFleet
 
 log = logging.getLogger("macprovider.serve.app")
 
@@ -149,14 +153,17 @@ class ServeRuntime:
     then the bound port; settings.port 0 picks a free one).
     """
 
-    def __init__(self, engine: EngineProtocol, settings: Settings, api_key: str | None, *, load: bool = True):
+    def __init__(
+        self, engine: EngineProtocol | ServeFleet, settings: Settings, api_key: str | None, *, load: bool = True
+    ):
         import threading
 
         import uvicorn
 
-        self.engine = engine
         self.settings = settings
         self.app = create_app(engine, settings, api_key)
+        self.fleet: ServeFleet = self.app.state.fleet
+        self.engine = engine if not isinstance(engine, ServeFleet) else None  # the one engine handed in, if so
         self.state: ServerState = self.app.state.macprovider
         self.load_on_start = load
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -219,17 +226,22 @@ class ServeRuntime:
         self.loop = asyncio.get_running_loop()
         self.port = server.servers[0].sockets[0].getsockname()[1]
         self._spawn(self._watchdog())
-        if self.load_on_start and hasattr(self.engine, "load"):
-            log.info("loading model %s", self.engine.model_id)
-            threading.Thread(target=self._load, name="macprovider-load", daemon=True).start()
+        self._spawn(self.fleet.run_sweeper())
+        static = [engine for engine in self.fleet.static_engines() if hasattr(engine, "load")]
+        if self.load_on_start and static:
+            log.info("loading model %s", self.fleet.primary.id)
+            threading.Thread(target=self._load, args=(static,), name="macprovider-load", daemon=True).start()
+        elif self.load_on_start and self.fleet.pinned_pending():
+            self._spawn(self._load_pinned())
         else:
             self._on_loaded(None)
         self.started.set()
 
-    def _load(self) -> None:
+    def _load(self, engines: list[Any]) -> None:
         error: BaseException | None = None
         try:
-            self.engine.load()  # type: ignore[attr-defined]
+            for engine in engines:
+                engine.load()
         except BaseException as exc:  # noqa: BLE001 - reported on the loop
             error = exc
         try:
@@ -238,21 +250,31 @@ class ServeRuntime:
         except RuntimeError:  # the loop already closed: we are exiting anyway
             pass
 
+    async def _load_pinned(self) -> None:
+        try:
+            await self.fleet.load_pinned()
+        except Exception as exc:  # noqa: BLE001 - a pinned model that cannot load fails the start
+            self._on_loaded(exc)
+            return
+        self._on_loaded(None)
+
     def _on_loaded(self, error: BaseException | None) -> None:
         if error is not None:
             from macprovider.errors import MacproviderError
 
             detail = str(error) if isinstance(error, MacproviderError) else f"{error.__class__.__name__}: {error}"
-            log.error("cannot load model %s: %s", self.engine.model_id, detail.splitlines()[0] if detail else "")
+            log.error("cannot load model %s: %s", self.fleet.primary.id, detail.splitlines()[0] if detail else "")
             self.state.load_failed = True
             self.exit_code = 1
             self.server.should_exit = True
             return
         self.loaded = True
         if not self.shutting_down:
+            primary = self.fleet.primary
+            others = f" (+{len(self.fleet.models) - 1} more on demand)" if len(self.fleet.models) > 1 else ""
             log.info(
-                "ready: serving %s at %s (max_batch=%d, max_context=%d, kv_bits=%s)",
-                self.engine.model_id, self.url, self.engine.max_batch, self.engine.max_context, self.engine.kv_bits,
+                "ready: serving %s%s at %s (max_batch=%d, max_context=%d, kv_bits=%s)",
+                primary.id, others, self.url, primary.max_batch, primary.max_context, primary.kv_bits,
             )
 
     async def _wait_idle(self, timeout: float) -> bool:
@@ -269,23 +291,29 @@ class ServeRuntime:
         self.shutting_down = True
         self.state.draining = True
         log.info("%s: draining, %d request(s) in flight (up to %g s)", reason, self.state.in_flight, self.settings.drain_timeout_s)
-        try:
-            self.engine.start_draining()
-        except Exception as exc:  # noqa: BLE001 - the drain must go on
-            log.error("engine.start_draining failed: %s", exc.__class__.__name__)
+        for engine in self._engines():
+            try:
+                engine.start_draining()
+            except Exception as exc:  # noqa: BLE001 - the drain must go on
+                log.error("engine.start_draining failed: %s", exc.__class__.__name__)
         self._spawn(self._drain())
 
     async def _drain(self) -> None:
         if not await self._wait_idle(self.settings.drain_timeout_s):
             log.warning("drain timeout: cancelling %d request(s) still in flight", self.state.in_flight)
-            self.engine.cancel_all("server shutting down")
+            for engine in self._engines():
+                engine.cancel_all("server shutting down")
             await self._wait_idle(CANCEL_GRACE_S)
         log.info("drained; exiting")
         self.server.should_exit = True
 
+    def _engines(self) -> list[Any]:
+        """The engines that may hold requests: the one handed in, or every loaded one of the fleet."""
+        return [self.engine] if self.engine is not None else self.fleet.loaded_engines()
+
     async def _watchdog(self) -> None:
         while not self.server.should_exit:
-            if self.loaded and not self.engine.is_alive():
+            if self.loaded and self.fleet.dead_model() is not None:
                 self.state.engine_dead = True
                 self.exit_code = 1
                 log.error("the generation thread died; exiting with status 1 so a supervisor restarts the server")
@@ -304,7 +332,7 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(level.upper())
 
 
-def run_server(plan: ServePlan, engine: EngineProtocol) -> int:
+def run_server(plan: ServePlan, engine: EngineProtocol | ServeFleet) -> int:
     """`macprovider serve` after preflight: listen, load `engine` (built, not loaded) in the background, serve
     until drained. The engine is handed in (`commands/serve.py` builds `engine.engine.Engine`), so this
     package never imports MLX. Returns the process exit code (0 after a drain, 1 on load failure / engine
