@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from macprovider.serve import anthropic_api, core, openai_api, responses_api
+from macprovider.serve import anthropic_api, core, embeddings_api, openai_api, responses_api
 from macprovider.serve import openai_schemas as schemas
 from macprovider.config import Settings, is_loopback
 from macprovider.engine.protocol import EngineProtocol
@@ -205,7 +205,7 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            error = ApiError(404, "path_not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/health")
+            error = ApiError(404, "path_not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/embeddings, /v1/health")
         elif exc.status_code == 405:
             error = ApiError(405, "method_not_allowed", f"method {request.method} is not allowed on this route", headers=dict(exc.headers or {}))
         else:
@@ -378,6 +378,9 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
         except ApiError as exc:
             return anthropic_api.error_response(exc)
         return JSONResponse({"input_tokens": len(tokens)})
+
+    # -- embeddings: the route finds its engine through one lookup (a single-model server: this engine)
+    app.include_router(embeddings_api.router(lambda model: embeddings_api.lookup_engine(engine, model), state, read_body, require_loaded))
 
     # -- middleware, innermost first
     app.add_middleware(RequestGuard, api_key=api_key, max_body=settings.max_request_body_bytes)
