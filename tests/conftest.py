@@ -155,10 +155,12 @@ def embedding_model_dir(hf_home) -> Path:
 
 @pytest.fixture(scope="session")
 def embedding_server(embedding_model_dir, hf_home, tmp_path_factory):
-    """`macprovider serve --model` the real embedding model (one server for the session)."""
+    """`macprovider serve --model` the real embedding model (one server for the session); `.snapshot` is the
+    model's directory."""
     from tests.test_e2e_serve import ServeProcess
 
     server = ServeProcess(EMBEDDING_MODEL_ID, hf_home, tmp_path_factory.mktemp("embedding-home"))
+    server.snapshot = embedding_model_dir
     try:
         server.wait_ready(timeout=300)
         yield server

@@ -127,7 +127,9 @@ class EmbeddingEngine:
             bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
             if bad is not None:
                 raise ApiError(400, "invalid_token_id", f"input[{index}] has token id {bad}, outside this model's vocabulary "
-                               f"of {self._vocab_size}", param="input")
+                               f"of {self._vocab_size}: token arrays are the served model's own token ids (a client sending "
+                               "tiktoken ids, as langchain's OpenAIEmbeddings does by default, should send text: "
+                               "check_embedding_ctx_length=False)", param="input")
             wrapped = (not self._prefix or ids[:len(self._prefix)] == self._prefix) and (
                 not self._suffix or ids[-len(self._suffix):] == self._suffix) and len(ids) >= len(self._prefix) + len(self._suffix)
             out.append(ids if wrapped and (self._prefix or self._suffix) else self._prefix + ids + self._suffix)
