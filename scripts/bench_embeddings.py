@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -50,7 +49,7 @@ def free_port() -> int:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_clients(clients: int, requests: int, call: Callable[[int, str], None]) -> tuple[float, list[float]]:

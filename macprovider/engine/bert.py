@@ -86,11 +86,11 @@ class _Dense(nn.Module):
 class _Attention(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
-        setattr(self, "self", _SelfAttention(c))  # the checkpoint's name: attention.self.query.weight
+        self.self = _SelfAttention(c)  # the checkpoint's name: attention.self.query.weight
         self.output = _Dense(c.hidden_size, c.hidden_size, c.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        attention: _SelfAttention = self["self"]
+        attention: _SelfAttention = self.self
         batch, length, hidden = x.shape
         heads = attention.heads
 
