@@ -389,3 +389,58 @@ def test_models_demo_embeddings_installs_minilm_once(monkeypatch, tmp_path):
     assert again.exit_code == 0 and "already installed" in again.output
     both = CliRunner().invoke(app, ["models", "demo", "--embeddings", "--tiny"])
     assert both.exit_code == 2 and "choose one" in both.output
+
+
+# ---------------------------------------------------------------------------------------------- decoder models
+def build_decoder_embedding_model(directory: Path) -> Path:
+    """A tiny random-weight qwen3 saved as a sentence-transformers decoder embedding model (last-token
+    pooling, normalized), as Qwen3-Embedding is laid out."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3
+
+    from macprovider.models.demo import train_tokenizer
+
+    tokenizer = train_tokenizer(512)
+    config = {"model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 32, "intermediate_size": 128, "vocab_size": tokenizer.get_vocab_size(),
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128, "tie_word_embeddings": True}
+    mx.random.seed(3)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    weights = {name: (mx.random.normal(v.shape) * 0.2).astype(mx.float32) for name, v in tree_flatten(model.parameters())}
+    directory.mkdir(parents=True)
+    mx.save_safetensors(str(directory / "model.safetensors"), weights)
+    (directory / "config.json").write_text(json.dumps(config))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, "pooling_mode_lasttoken": True}))
+    return directory
+
+
+def test_a_decoder_embedding_model_pools_the_last_real_token_of_each_padded_input(tmp_path):
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    from macprovider.config import Settings
+    from macprovider.engine.embedding import EmbeddingEngine
+    from macprovider.engine.protocol import ServePlan
+
+    path = build_decoder_embedding_model(tmp_path / "decoder")
+    assert model_kind(path) == "embedding" and read_embedding_config(path).pooling == "lasttoken"
+    engine = EmbeddingEngine(ServePlan(Settings(model=str(path)), "test/decoder", path, None, 128, "model"))
+    engine.load()
+    try:
+        texts = ["Hello!", "The quick brown fox jumps over the lazy dog.", "a b", "What is the capital of France?"]
+        token_lists = engine.encode_inputs(texts)
+        served = engine.embed(token_lists).result(timeout=120)  # one padded batch of four lengths
+    finally:
+        engine.close()
+    reference, _ = load_model(path)
+    for ids, vector in zip(token_lists, served):
+        last = np.array(reference.model(mx.array([ids]))[0, -1])  # unpadded, alone
+        cosine = float(vector @ last / np.linalg.norm(last))
+        assert cosine >= 0.9999 and abs(np.linalg.norm(vector) - 1) < 1e-5

@@ -32,6 +32,30 @@ from macprovider.models.ids import read_model_config
 
 log = logging.getLogger("macprovider.engine.embedding")
 
+
+def load_decoder(path: Path, dtype: Any) -> Any:
+    """A decoder embedding model (Qwen3-Embedding and the like: last-token pooling) through mlx-lm's own model
+    classes: `(input_ids, attention_mask) -> (batch, tokens, hidden)`, the decoder stack's hidden states after
+    its final norm (`model.model`, no LM head). Attention is causal, so right padding never reaches a real
+    token and the mask is only needed for pooling. Unquantized weights are cast to `dtype`. Raises ModelError
+    when mlx-lm cannot load the checkpoint or it has no `model` stack."""
+    from mlx_lm.utils import load_model
+
+    try:
+        model, config = load_model(Path(path))
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        raise ModelError(f"embedding model {Path(path).name}: cannot load it as a BERT encoder or an mlx-lm decoder "
+                         f"({exc})") from None
+    backbone = getattr(model, "model", None)
+    if backbone is None:
+        raise ModelError(f"embedding model {Path(path).name}: {config.get('model_type')} has no decoder stack to embed with")
+    if not config.get("quantization"):
+        import mlx.core as mx
+
+        model.set_dtype(dtype)
+        mx.eval(model.parameters())
+    return lambda input_ids, attention_mask: backbone(input_ids)
+
 DEFAULT_MAX_BATCH = 32  # inputs per forward pass when `max_concurrency_override` is unset or 1
 BATCH_TOKEN_BUDGET = 16384  # padded tokens per forward pass (batch × longest input): bounds activation memory
 MAX_JOB_INPUTS = 4096  # inputs the worker takes in one round; a round ends, then newly queued jobs join
@@ -159,7 +183,8 @@ class EmbeddingEngine:
             from macprovider.engine.bert import load_bert, pool
 
             dtype = {"float16": mx.float16, "bfloat16": mx.bfloat16}.get(str(self.plan.settings.weights_dtype), mx.float32)
-            model = load_bert(self.path, read_model_config(self.path), dtype)
+            config = read_model_config(self.path)
+            model = load_bert(self.path, config, dtype) if config.get("model_type") == "bert" else load_decoder(self.path, dtype)
         except BaseException as exc:  # noqa: BLE001 - reported by load()
             failure.append(exc)
             ready.set()
