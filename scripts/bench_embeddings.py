@@ -81,7 +81,10 @@ def run_clients(clients: int, requests: int, call: Callable[[int, str], None]) -
 
 def report(name: str, clients: int, wall: float, latencies: list[float]) -> float:
     rate = len(latencies) / wall
-    print(f"{name:<22} {clients:>7}  {rate:>9.1f}  {percentile(latencies, 0.5) * 1000:>8.1f}  {percentile(latencies, 0.95) * 1000:>8.1f}")
+    print(
+        f"{name:<22} {clients:>7}  {rate:>9.1f}  {percentile(latencies, 0.5) * 1000:>8.1f}  "
+        f"{percentile(latencies, 0.95) * 1000:>8.1f}"
+    )
     return rate
 
 
@@ -100,13 +103,18 @@ def main() -> int:
     from macprovider.models.demo import EMBEDDING_DEMO_MODEL_ID, create_embedding_demo_model
     from macprovider.models.ids import cached_model_path
 
-    path = cached_model_path(args.model) or (create_embedding_demo_model() if args.model == EMBEDDING_DEMO_MODEL_ID else None)
+    path = cached_model_path(args.model) or (
+        create_embedding_demo_model() if args.model == EMBEDDING_DEMO_MODEL_ID else None
+    )
     if path is None:
         print(f"model {args.model} is not in the cache", file=sys.stderr)
         return 1
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "macprovider", "serve", "--model", args.model, "--port", str(port)],
-                              stderr=subprocess.DEVNULL, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "macprovider", "serve", "--model", args.model, "--port", str(port)],
+        stderr=subprocess.DEVNULL,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     served: dict[tuple[str, int], float] = {}
     print(f"{'workload':<22} {'clients':>7}  {'texts/s':>9}  {'p50 ms':>8}  {'p95 ms':>8}")
     try:
@@ -118,11 +126,15 @@ def main() -> int:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        sdk = [openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
-               for _ in range(max(clients))]
+        sdk = [
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+            for _ in range(max(clients))
+        ]
         sdk[0].embeddings.create(model=args.model, input=SENTENCES)  # warm-up
         for c in clients:
-            wall, lat = run_clients(c, args.requests, lambda i, text: sdk[i].embeddings.create(model=args.model, input=text))
+            wall, lat = run_clients(
+                c, args.requests, lambda i, text: sdk[i].embeddings.create(model=args.model, input=text)
+            )
             served[("small", c)] = report("macprovider, 1 text", c, wall, lat)
         texts = [SENTENCES[i % len(SENTENCES)] for i in range(args.batch)]
         start = time.perf_counter()

@@ -35,7 +35,7 @@ TEXTS = [
     "Paris is the capital and most populous city of France.",
     "MLX is an array framework for machine learning on Apple silicon.",
     "def add(a, b):\n    return a + b",
-    'SELECT name, COUNT(*) FROM users WHERE age > 30 GROUP BY name;',
+    "SELECT name, COUNT(*) FROM users WHERE age > 30 GROUP BY name;",
     "  leading and trailing spaces  ",
     "UPPER CASE AND lower case and MiXeD CaSe",
     "Numbers: 3.14159, 2.71828, 1e-12, 42, -7, 1,000,000.",
@@ -111,8 +111,12 @@ def main() -> int:
     texts = TEXTS + [long_text(tokenizer, limit // 2), long_text(tokenizer, limit - 1), long_text(tokenizer, limit)]
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "macprovider", "serve", "--model", args.model, "--port", str(port)],
-                              stderr=subprocess.PIPE, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "macprovider", "serve", "--model", args.model, "--port", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     try:
         import httpx
 
@@ -129,9 +133,15 @@ def main() -> int:
         batch = client.embeddings.create(model=args.model, input=texts, encoding_format="float")
         t_batch = time.perf_counter() - t0
         # base64 asked for explicitly: the SDK hands the string back undecoded (little-endian float32 bytes)
-        singles = [np.frombuffer(base64.b64decode(client.embeddings.create(model=args.model, input=text,
-                                                                           encoding_format="base64").data[0].embedding), "<f4")
-                   for text in texts]
+        singles = [
+            np.frombuffer(
+                base64.b64decode(
+                    client.embeddings.create(model=args.model, input=text, encoding_format="base64").data[0].embedding
+                ),
+                "<f4",
+            )
+            for text in texts
+        ]
         refused = []
         for bad, what in ((long_text(tokenizer, limit + 1), "one token over the limit"), ("", "an empty string")):
             try:
@@ -139,7 +149,10 @@ def main() -> int:
                 refused.append(f"FAIL {what}: accepted")
             except openai.BadRequestError as exc:
                 ok = "input[1]" in str(exc)
-                refused.append(f"{'ok  ' if ok else 'FAIL'} {what}: 400 {exc.body.get('message') if isinstance(exc.body, dict) else exc}")
+                refused.append(
+                    f"{'ok  ' if ok else 'FAIL'} {what}: 400 "
+                    f"{exc.body.get('message') if isinstance(exc.body, dict) else exc}"
+                )
     finally:
         server.terminate()
         server.wait(30)
@@ -163,10 +176,14 @@ def main() -> int:
     for line in refused:
         print(line)
         failures += line.startswith("FAIL")
-    print(f"\n{len(texts)} texts: min cosine {min(batch_cos.min(), single_cos.min()):.7f} (bound {args.min_cosine}); "
-          f"max |Δ| {np.abs(served - expected).max():.2e}; usage.prompt_tokens {batch.usage.prompt_tokens}")
-    print(f"one request of {len(texts)} texts: served {t_batch * 1000:.0f} ms; sentence-transformers encode "
-          f"{t_reference * 1000:.0f} ms")
+    print(
+        f"\n{len(texts)} texts: min cosine {min(batch_cos.min(), single_cos.min()):.7f} (bound {args.min_cosine}); "
+        f"max |Δ| {np.abs(served - expected).max():.2e}; usage.prompt_tokens {batch.usage.prompt_tokens}"
+    )
+    print(
+        f"one request of {len(texts)} texts: served {t_batch * 1000:.0f} ms; sentence-transformers encode "
+        f"{t_reference * 1000:.0f} ms"
+    )
     print("PASS" if not failures else f"FAIL: {failures}")
     return 1 if failures else 0
 

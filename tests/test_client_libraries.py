@@ -291,7 +291,9 @@ def assert_same_vectors(got, reference) -> None:
     assert int(np.argmax(got[:3] @ got[3])) == 0  # the query's nearest document is the one about Paris
 
 
-def test_langchain_openai_embeddings_with_text_and_with_its_default_token_arrays(embedding_server, reference_vectors, monkeypatch):
+def test_langchain_openai_embeddings_with_text_and_with_its_default_token_arrays(
+    embedding_server, reference_vectors, monkeypatch
+):
     """`check_embedding_ctx_length=False` (langchain's setting for OpenAI-compatible servers) sends text. The
     default sends token-id arrays from tiktoken's cl100k_base, which tiktoken downloads at run time (not
     offline); the token arrays this server takes are the served model's own ids, so here langchain's tiktoken
@@ -301,7 +303,8 @@ def test_langchain_openai_embeddings_with_text_and_with_its_default_token_arrays
     from langchain_openai import OpenAIEmbeddings
     from tokenizers import Tokenizer
 
-    settings = dict(model=embedding_server.model, base_url=embedding_server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    settings = {"model": embedding_server.model, "base_url": embedding_server.base + "/v1", "api_key": "unused",
+                "max_retries": 0, "timeout": 120}
     text_path = OpenAIEmbeddings(check_embedding_ctx_length=False, **settings)
     assert_same_vectors(text_path.embed_documents(DOCUMENTS) + [text_path.embed_query(QUERY)], reference_vectors)
 

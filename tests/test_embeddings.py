@@ -61,8 +61,12 @@ class FakeEmbeddingEngine:
         return future
 
     def encode_chat(self, messages: Any, tools: Any = None) -> list[int]:
-        raise ApiError(400, "unsupported_model_route", f"the model {self.model_id!r} is an embedding model: it serves "
-                       "/v1/embeddings only", param="model")
+        raise ApiError(
+            400,
+            "unsupported_model_route",
+            f"the model {self.model_id!r} is an embedding model: it serves /v1/embeddings only",
+            param="model",
+        )
 
     encode_text = encode_chat
 
@@ -103,12 +107,15 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP, fake engine
-@pytest.mark.parametrize("given, expected_tokens", [
-    ("hi", [[1, 104, 105, 2]]),
-    (["hi", "a"], [[1, 104, 105, 2], [1, 97, 2]]),
-    ([104, 105], [[1, 104, 105, 2]]),
-    ([[104, 105], [97]], [[1, 104, 105, 2], [1, 97, 2]]),
-])
+@pytest.mark.parametrize(
+    "given, expected_tokens",
+    [
+        ("hi", [[1, 104, 105, 2]]),
+        (["hi", "a"], [[1, 104, 105, 2], [1, 97, 2]]),
+        ([104, 105], [[1, 104, 105, 2]]),
+        ([[104, 105], [97]], [[1, 104, 105, 2], [1, 97, 2]]),
+    ],
+)
 def test_every_input_shape_is_embedded_in_order_and_matches_the_schema(fake, given, expected_tokens):
     response = post(fake, {"model": fake.engine.model_id, "input": given})
     assert response.status_code == 200, response.text
@@ -130,21 +137,36 @@ def test_base64_is_little_endian_float32_and_the_sdk_decodes_it(fake):
     assert client.embeddings.create(model=fake.engine.model_id, input="hi").data[0].embedding == [4.0, 104.0, 1.0, 0.0]
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"input": "x"}, "model", "`model` is required"),
-    ({"model": "fake-org/fake-embedder"}, "input", "`input` is required"),
-    ({"model": "fake-org/fake-embedder", "input": []}, "input", "empty array"),
-    ({"model": "fake-org/fake-embedder", "input": ["ok", ""]}, "input", "input[1] is an empty string"),
-    ({"model": "fake-org/fake-embedder", "input": [[1], []]}, "input", "input[1] is an empty token array"),
-    ({"model": "fake-org/fake-embedder", "input": ["ok", 3]}, "input", "input[1] must be a string"),
-    ({"model": "fake-org/fake-embedder", "input": ["ok", [1]]}, "input", "mixes strings and token arrays"),
-    ({"model": "fake-org/fake-embedder", "input": [[1, True]]}, "input", "input[0] must be"),
-    ({"model": "fake-org/fake-embedder", "input": ["x"] * (MAX_INPUTS + 1)}, "input", f"at most {MAX_INPUTS} inputs"),
-    ({"model": "fake-org/fake-embedder", "input": "x", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
-    ({"model": "fake-org/fake-embedder", "input": "x", "dimensions": 0}, "dimensions", "positive integer"),
-    ({"model": "fake-org/fake-embedder", "input": "x", "dimensions": 2}, "dimensions", "does not support `dimensions`"),
-    ({"model": "fake-org/fake-embedder", "input": ["ok", "x" * 15]}, "input", "input[1] is 17 tokens long"),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"input": "x"}, "model", "`model` is required"),
+        ({"model": "fake-org/fake-embedder"}, "input", "`input` is required"),
+        ({"model": "fake-org/fake-embedder", "input": []}, "input", "empty array"),
+        ({"model": "fake-org/fake-embedder", "input": ["ok", ""]}, "input", "input[1] is an empty string"),
+        ({"model": "fake-org/fake-embedder", "input": [[1], []]}, "input", "input[1] is an empty token array"),
+        ({"model": "fake-org/fake-embedder", "input": ["ok", 3]}, "input", "input[1] must be a string"),
+        ({"model": "fake-org/fake-embedder", "input": ["ok", [1]]}, "input", "mixes strings and token arrays"),
+        ({"model": "fake-org/fake-embedder", "input": [[1, True]]}, "input", "input[0] must be"),
+        (
+            {"model": "fake-org/fake-embedder", "input": ["x"] * (MAX_INPUTS + 1)},
+            "input",
+            f"at most {MAX_INPUTS} inputs",
+        ),
+        (
+            {"model": "fake-org/fake-embedder", "input": "x", "encoding_format": "int8"},
+            "encoding_format",
+            "'float' or 'base64'",
+        ),
+        ({"model": "fake-org/fake-embedder", "input": "x", "dimensions": 0}, "dimensions", "positive integer"),
+        (
+            {"model": "fake-org/fake-embedder", "input": "x", "dimensions": 2},
+            "dimensions",
+            "does not support `dimensions`",
+        ),
+        ({"model": "fake-org/fake-embedder", "input": ["ok", "x" * 15]}, "input", "input[1] is 17 tokens long"),
+    ],
+)
 def test_bad_requests_are_400s_naming_the_field_or_the_input(fake, body, param, words):
     error = error_of(post(fake, body), 400)
     assert error["param"] == param and words in error["message"], error
@@ -161,7 +183,10 @@ def test_a_matryoshka_model_cuts_and_renormalizes_vectors():
         body = post(served, {"model": engine.model_id, "input": "hi", "dimensions": 2}).json()
         check("CreateEmbeddingResponse", body)
         assert body["data"][0]["embedding"] == pytest.approx([4 / math.hypot(4, 104), 104 / math.hypot(4, 104)])
-        assert "exceeds" in error_of(post(served, {"model": engine.model_id, "input": "x", "dimensions": 5}), 400)["message"]
+        assert (
+            "exceeds"
+            in error_of(post(served, {"model": engine.model_id, "input": "x", "dimensions": 5}), 400)["message"]
+        )
 
 
 def test_total_token_cap():
@@ -186,10 +211,15 @@ def test_a_chat_model_asked_for_embeddings_says_which_routes_it_serves():
 
 def test_an_embedding_model_asked_for_chat_says_which_routes_it_serves(fake):
     model = fake.engine.model_id
-    chat = httpx.post(fake.base + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    chat = httpx.post(
+        fake.base + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    )
     error = error_of(chat, 400)
     assert error["code"] == "unsupported_model_route" and "/v1/embeddings" in error["message"]
-    messages = httpx.post(fake.base + "/v1/messages", json={"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    messages = httpx.post(
+        fake.base + "/v1/messages",
+        json={"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert messages.status_code == 400 and "/v1/embeddings" in messages.json()["error"]["message"]
 
 
@@ -208,10 +238,14 @@ def test_kind_and_pooling_come_from_the_sentence_transformers_files(embedding_mo
 
 
 def test_pooling_config_variants(tmp_path: Path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8, "max_position_embeddings": 64}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "bert", "hidden_size": 8, "max_position_embeddings": 64})
+    )
     assert model_kind(tmp_path) == "embedding"
     assert read_embedding_config(tmp_path).pooling == "mean" and read_embedding_config(tmp_path).max_tokens == 64
-    (tmp_path / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}]))
+    (tmp_path / "modules.json").write_text(
+        json.dumps([{"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}])
+    )
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     config = read_embedding_config(tmp_path)
@@ -258,7 +292,10 @@ def numpy_bert(weights: dict[str, np.ndarray], config: dict[str, Any], ids: list
     x = norm(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
     for layer in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{layer}."
-        q, k, v = (linear(x, p + "attention.self." + name).reshape(n, heads, -1).transpose(1, 0, 2) for name in ("query", "key", "value"))
+        q, k, v = (
+            linear(x, p + "attention.self." + name).reshape(n, heads, -1).transpose(1, 0, 2)
+            for name in ("query", "key", "value")
+        )
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -276,8 +313,14 @@ def engine(embedding_model_dir):
     from macprovider.engine.embedding import EmbeddingEngine
     from macprovider.engine.protocol import ServePlan
 
-    plan = ServePlan(Settings(model="macprovider-test/all-minilm-l6-v2"), "macprovider-test/all-minilm-l6-v2",
-                     embedding_model_dir, None, 256, "model")
+    plan = ServePlan(
+        Settings(model="macprovider-test/all-minilm-l6-v2"),
+        "macprovider-test/all-minilm-l6-v2",
+        embedding_model_dir,
+        None,
+        256,
+        "model",
+    )
     engine = EmbeddingEngine(plan)
     engine.load()
     yield engine
@@ -338,8 +381,13 @@ def test_requests_queued_while_the_worker_is_busy_share_one_round(engine):
 
 # ---------------------------------------------------------------------------------------------- serve, end to end
 def test_serve_answers_the_openai_sdk_and_refuses_chat(embedding_server):
-    client = openai.OpenAI(base_url=embedding_server.base + "/v1", api_key="unused", max_retries=0, timeout=120,
-                           _strict_response_validation=True)
+    client = openai.OpenAI(
+        base_url=embedding_server.base + "/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=120,
+        _strict_response_validation=True,
+    )
     texts = ["A cat sat on the mat.", "A dog lay on the rug.", "Stocks fell."]
     result = client.embeddings.create(model=embedding_server.model, input=texts, encoding_format="float")
     vectors = np.array([d.embedding for d in result.data])
@@ -349,7 +397,11 @@ def test_serve_answers_the_openai_sdk_and_refuses_chat(embedding_server):
     assert np.array_equal(decoded, vectors.astype(np.float32))
     assert vectors.shape == (3, 384) and result.usage.prompt_tokens == result.usage.total_tokens > 6
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # the two animal sentences are the closer pair
-    raw = httpx.post(embedding_server.base + "/v1/embeddings", json={"model": embedding_server.model, "input": "word " * 300}, timeout=60)
+    raw = httpx.post(
+        embedding_server.base + "/v1/embeddings",
+        json={"model": embedding_server.model, "input": "word " * 300},
+        timeout=60,
+    )
     assert "input[0]" in error_of(raw, 400)["message"]
     with pytest.raises(openai.BadRequestError, match="/v1/embeddings"):
         client.chat.completions.create(model=embedding_server.model, messages=[{"role": "user", "content": "hi"}])
@@ -366,7 +418,9 @@ def test_models_list_shows_the_kind(embedding_model_dir, tiny_model):
     kinds = {m["id"]: m["kind"] for m in json.loads(result.output)["models"]}
     assert kinds["macprovider-test/all-minilm-l6-v2"] == "embedding" and kinds[tiny_model] == "chat"
     table = CliRunner().invoke(app, ["models", "list"]).output
-    assert any(line.startswith("macprovider-test/all-minilm-l6-v2") and " embedding " in line for line in table.splitlines())
+    assert any(
+        line.startswith("macprovider-test/all-minilm-l6-v2") and " embedding " in line for line in table.splitlines()
+    )
 
 
 def test_models_demo_embeddings_installs_minilm_once(monkeypatch, tmp_path):
@@ -402,22 +456,42 @@ def build_decoder_embedding_model(directory: Path) -> Path:
     from macprovider.models.demo import train_tokenizer
 
     tokenizer = train_tokenizer(512)
-    config = {"model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "head_dim": 32, "intermediate_size": 128, "vocab_size": tokenizer.get_vocab_size(),
-              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128, "tie_word_embeddings": True}
+    config = {
+        "model_type": "qwen3",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "intermediate_size": 128,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+    }
     mx.random.seed(3)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
-    weights = {name: (mx.random.normal(v.shape) * 0.2).astype(mx.float32) for name, v in tree_flatten(model.parameters())}
+    weights = {
+        name: (mx.random.normal(v.shape) * 0.2).astype(mx.float32) for name, v in tree_flatten(model.parameters())
+    }
     directory.mkdir(parents=True)
     mx.save_safetensors(str(directory / "model.safetensors"), weights)
     (directory / "config.json").write_text(json.dumps(config))
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (directory / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ]
+        )
+    )
     (directory / "1_Pooling").mkdir()
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, "pooling_mode_lasttoken": True}))
+    (directory / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, "pooling_mode_lasttoken": True})
+    )
     return directory
 
 

@@ -8,8 +8,9 @@ requests (dynamic batching), as the chat engine's generation thread owns generat
 
 Batching: requests queue as jobs; the worker takes every queued job (at least one, up to MAX_JOB_INPUTS
 inputs), sorts their inputs by length and runs them in forward passes of at most `max_batch` inputs and
-BATCH_TOKEN_BUDGET padded tokens, then resolves each job's future. Many small requests from several clients
-thus share forward passes; a large request is split into passes of similar lengths (little padding).
+BATCH_TOKEN_BUDGET padded tokens, with little padding (PADDING_SLACK), then resolves each job's future. Many
+small requests from several clients thus share forward passes; a large request is split into passes of
+similar lengths.
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ def load_decoder(path: Path, dtype: Any) -> Any:
     try:
         model, config = load_model(Path(path))
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise ModelError(f"embedding model {Path(path).name}: cannot load it as a BERT encoder or an mlx-lm decoder "
-                         f"({exc})") from None
+        raise ModelError(
+            f"embedding model {Path(path).name}: cannot load it as a BERT encoder or an mlx-lm decoder ({exc})"
+        ) from None
     backbone = getattr(model, "model", None)
     if backbone is None:
-        raise ModelError(f"embedding model {Path(path).name}: {config.get('model_type')} has no decoder stack to embed with")
+        raise ModelError(
+            f"embedding model {Path(path).name}: {config.get('model_type')} has no decoder stack to embed with"
+        )
     if not config.get("quantization"):
         import mlx.core as mx
 
@@ -56,8 +60,13 @@ def load_decoder(path: Path, dtype: Any) -> Any:
         mx.eval(model.parameters())
     return lambda input_ids, attention_mask: backbone(input_ids)
 
+
 DEFAULT_MAX_BATCH = 32  # inputs per forward pass when `max_concurrency_override` is unset or 1
 BATCH_TOKEN_BUDGET = 16384  # padded tokens per forward pass (batch × longest input): bounds activation memory
+# A pass grows while its padded tokens stay within PADDING_SLACK x its real tokens (or it is still small): on
+# MLX's CPU backend a forward costs about its padded tokens whatever the batch, so padding is pure loss there.
+PADDING_SLACK = 1.25
+SMALL_PASS_TOKENS = 256
 MAX_JOB_INPUTS = 4096  # inputs the worker takes in one round; a round ends, then newly queued jobs join
 SERVED_ROUTES = "/v1/embeddings"
 
@@ -119,8 +128,8 @@ class EmbeddingEngine:
         tokenizer.no_truncation()  # an over-long input is refused (400), never cut silently
         tokenizer.no_padding()
         with_special, without = tokenizer.encode("a").ids, tokenizer.encode("a", add_special_tokens=False).ids
-        start = next((i for i in range(len(with_special)) if with_special[i:i + len(without)] == without), 0)
-        self._prefix, self._suffix = with_special[:start], with_special[start + len(without):]
+        start = next((i for i in range(len(with_special)) if with_special[i : i + len(without)] == without), 0)
+        self._prefix, self._suffix = with_special[:start], with_special[start + len(without) :]
         self._tokenizer = tokenizer
         self._vocab_size = tokenizer.get_vocab_size()
         padding = tokenizer.token_to_id("[PAD]")
@@ -133,8 +142,14 @@ class EmbeddingEngine:
         if failure:
             raise failure[0]
         self._state = "ready"
-        log.info("embedding model %s: %d dimensions, %s pooling%s, inputs up to %d tokens", self.model_id,
-                 self.dimensions, self.config.pooling, ", normalized" if self.config.normalize else "", self.max_input_tokens)
+        log.info(
+            "embedding model %s: %d dimensions, %s pooling%s, inputs up to %d tokens",
+            self.model_id,
+            self.dimensions,
+            self.config.pooling,
+            ", normalized" if self.config.normalize else "",
+            self.max_input_tokens,
+        )
 
     # -- EmbeddingEngineProtocol
     def encode_inputs(self, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -151,12 +166,20 @@ class EmbeddingEngine:
             ids = [int(t) for t in item]
             bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
             if bad is not None:
-                raise ApiError(400, "invalid_token_id", f"input[{index}] has token id {bad}, outside this model's vocabulary "
-                               f"of {self._vocab_size}: token arrays are the served model's own token ids (a client sending "
-                               "tiktoken ids, as langchain's OpenAIEmbeddings does by default, should send text: "
-                               "check_embedding_ctx_length=False)", param="input")
-            wrapped = (not self._prefix or ids[:len(self._prefix)] == self._prefix) and (
-                not self._suffix or ids[-len(self._suffix):] == self._suffix) and len(ids) >= len(self._prefix) + len(self._suffix)
+                raise ApiError(
+                    400,
+                    "invalid_token_id",
+                    f"input[{index}] has token id {bad}, outside this model's vocabulary "
+                    f"of {self._vocab_size}: token arrays are the served model's own token ids (a client sending "
+                    "tiktoken ids, as langchain's OpenAIEmbeddings does by default, should send text: "
+                    "check_embedding_ctx_length=False)",
+                    param="input",
+                )
+            wrapped = (
+                (not self._prefix or ids[: len(self._prefix)] == self._prefix)
+                and (not self._suffix or ids[-len(self._suffix) :] == self._suffix)
+                and len(ids) >= len(self._prefix) + len(self._suffix)
+            )
             out.append(ids if wrapped and (self._prefix or self._suffix) else self._prefix + ids + self._suffix)
         return out
 
@@ -168,8 +191,12 @@ class EmbeddingEngine:
             if self._state == "loading" or self._thread is None:
                 raise ApiError(503, "model_not_loaded", "the model is still loading", headers={"Retry-After": "1"})
             if self._queued >= self.queue_limit:
-                raise ApiError(429, "rate_limit_exceeded", f"too many embedding requests queued ({self._queued})",
-                               headers={"Retry-After": "1"})
+                raise ApiError(
+                    429,
+                    "rate_limit_exceeded",
+                    f"too many embedding requests queued ({self._queued})",
+                    headers={"Retry-After": "1"},
+                )
             self._queued += 1
         job = _Job(token_lists)
         self._queue.put(job)
@@ -182,9 +209,15 @@ class EmbeddingEngine:
 
             from macprovider.engine.bert import load_bert, pool
 
-            dtype = {"float16": mx.float16, "bfloat16": mx.bfloat16}.get(str(self.plan.settings.weights_dtype), mx.float32)
+            dtype = {"float16": mx.float16, "bfloat16": mx.bfloat16}.get(
+                str(self.plan.settings.weights_dtype), mx.float32
+            )
             config = read_model_config(self.path)
-            model = load_bert(self.path, config, dtype) if config.get("model_type") == "bert" else load_decoder(self.path, dtype)
+            model = (
+                load_bert(self.path, config, dtype)
+                if config.get("model_type") == "bert"
+                else load_decoder(self.path, dtype)
+            )
         except BaseException as exc:  # noqa: BLE001 - reported by load()
             failure.append(exc)
             ready.set()
@@ -231,7 +264,13 @@ class EmbeddingEngine:
                 start = 0
                 while start < len(items):
                     end = start + 1  # sorted ascending: items[end] is the longest input of the widened pass
-                    while end < len(items) and end - start < self.max_batch and items[end][0] * (end - start + 1) <= BATCH_TOKEN_BUDGET:
+                    real = items[start][0]
+                    while end < len(items) and end - start < self.max_batch:
+                        padded = items[end][0] * (end - start + 1)
+                        wasteful = padded > PADDING_SLACK * (real + items[end][0]) and padded > SMALL_PASS_TOKENS
+                        if padded > BATCH_TOKEN_BUDGET or wasteful:
+                            break
+                        real += items[end][0]
                         end += 1
                     chunk = items[start:end]
                     vectors = forward([live[n].token_lists[k] for _, n, k in chunk])
@@ -253,8 +292,13 @@ class EmbeddingEngine:
 
     # -- EngineProtocol (health, lifecycle; generation is not served)
     def _not_served(self) -> ApiError:
-        return ApiError(400, "unsupported_model_route", f"the model {self.model_id!r} is an embedding model: it serves "
-                        f"{SERVED_ROUTES} only, not chat, completions, responses or messages", param="model")
+        return ApiError(
+            400,
+            "unsupported_model_route",
+            f"the model {self.model_id!r} is an embedding model: it serves "
+            f"{SERVED_ROUTES} only, not chat, completions, responses or messages",
+            param="model",
+        )
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Always ApiError 400: an embedding model does not chat."""
@@ -279,9 +323,14 @@ class EmbeddingEngine:
                 state = "draining"
             if self._thread is not None and not self._thread.is_alive():
                 state = "unavailable"
-            return EngineStats(state=state, active_sequences=self._active, peak_active_sequences=self._peak_active,
-                               queued_sequences=self._queued, prompt_tokens_total=self._tokens_total,
-                               extra={"embedding_rounds": self._rounds})
+            return EngineStats(
+                state=state,
+                active_sequences=self._active,
+                peak_active_sequences=self._peak_active,
+                queued_sequences=self._queued,
+                prompt_tokens_total=self._tokens_total,
+                extra={"embedding_rounds": self._rounds},
+            )
 
     def start_draining(self) -> None:
         """Refuse new requests (503 `draining`); queued ones still run."""

@@ -100,8 +100,10 @@ def read_embedding_config(path: Path) -> EmbeddingConfig:
         chosen = [name for flag, name in _POOLING_FLAGS.items() if pool_config.get(flag)]
         unknown = [k for k, v in pool_config.items() if k.startswith("pooling_mode_") and v and k not in _POOLING_FLAGS]
         if unknown or len(chosen) > 1:
-            raise ModelError(f"embedding model {path.name}: pooling {', '.join(unknown or chosen)} is not supported "
-                             "(one of mean, cls, max, lasttoken)")
+            raise ModelError(
+                f"embedding model {path.name}: pooling {', '.join(unknown or chosen)} is not supported "
+                "(one of mean, cls, max, lasttoken)"
+            )
         if chosen:
             pooling = chosen[0]  # type: ignore[assignment]
         dimensions = int(pool_config.get("word_embedding_dimension") or dimensions)

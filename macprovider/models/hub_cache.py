@@ -454,7 +454,8 @@ def install_in_hub_cache(source: Path, repo_id: str, cache_dir: Path | None = No
     cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
     # Sub-folders are kept (sentence-transformers models keep their pooling config in `1_Pooling/`).
-    names = {path: path.relative_to(Path(source)).as_posix() for path in sorted(Path(source).rglob("*")) if path.is_file()}
+    source = Path(source)
+    names = {path: path.relative_to(source).as_posix() for path in sorted(source.rglob("*")) if path.is_file()}
     files = list(names)
     digests = {names[path]: blob_hash(path, "sha256" if _is_lfs(path.name) else "git-sha1") for path in files}
     revision = hashlib.sha1(json.dumps(digests, sort_keys=True).encode()).hexdigest()

@@ -380,7 +380,10 @@ def create_app(engine: EngineProtocol, settings: Settings, api_key: str | None, 
         return JSONResponse({"input_tokens": len(tokens)})
 
     # -- embeddings: the route finds its engine through one lookup (a single-model server: this engine)
-    app.include_router(embeddings_api.router(lambda model: embeddings_api.lookup_engine(engine, model), state, read_body, require_loaded))
+    def embedding_engine(model: str) -> Any:
+        return embeddings_api.lookup_engine(engine, model)
+
+    app.include_router(embeddings_api.router(embedding_engine, state, read_body, require_loaded))
 
     # -- middleware, innermost first
     app.add_middleware(RequestGuard, api_key=api_key, max_body=settings.max_request_body_bytes)

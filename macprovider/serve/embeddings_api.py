@@ -74,8 +74,10 @@ def parse_request(data: dict[str, Any]) -> EmbeddingRequest:
     elif isinstance(raw, list):
         items = raw
     else:
-        raise _bad("`input` is required: a string, an array of strings, an array of token ids or an array of "
-                   "token-id arrays", code="missing_required_parameter" if raw is None else "invalid_type")
+        raise _bad(
+            "`input` is required: a string, an array of strings, an array of token ids or an array of token-id arrays",
+            code="missing_required_parameter" if raw is None else "invalid_type",
+        )
     if not items:
         raise _bad("`input` must not be an empty array")
     if len(items) > MAX_INPUTS:
@@ -114,8 +116,13 @@ def lookup_engine(engine: Any, model: str) -> EmbeddingEngineProtocol:
     routes it serves). A multi-model server points the route at its own lookup instead."""
     check_model(model, engine.model_id)
     if getattr(engine, "kind", "chat") != "embedding":
-        raise ApiError(400, "unsupported_model_route", f"the model {model!r} is a chat model: it serves {CHAT_ROUTES}, "
-                       "not /v1/embeddings (serve an embedding model for that)", param="model")
+        raise ApiError(
+            400,
+            "unsupported_model_route",
+            f"the model {model!r} is a chat model: it serves {CHAT_ROUTES}, "
+            "not /v1/embeddings (serve an embedding model for that)",
+            param="model",
+        )
     return engine
 
 
@@ -124,12 +131,19 @@ def check_lengths(token_lists: Sequence[Sequence[int]], limit: int) -> int:
     when the sum exceeds MAX_TOTAL_TOKENS."""
     for index, ids in enumerate(token_lists):
         if len(ids) > limit:
-            raise ApiError(400, "context_length_exceeded", f"input[{index}] is {len(ids)} tokens long; this model takes at "
-                           f"most {limit} tokens an input (special tokens included): shorten or split it", param="input")
+            raise ApiError(
+                400,
+                "context_length_exceeded",
+                f"input[{index}] is {len(ids)} tokens long; this model takes at "
+                f"most {limit} tokens an input (special tokens included): shorten or split it",
+                param="input",
+            )
     total = sum(len(ids) for ids in token_lists)
     if total > MAX_TOTAL_TOKENS:
-        raise _bad(f"the inputs add up to {total} tokens; at most {MAX_TOTAL_TOKENS} tokens are allowed per request",
-                   code="too_many_tokens")
+        raise _bad(
+            f"the inputs add up to {total} tokens; at most {MAX_TOTAL_TOKENS} tokens are allowed per request",
+            code="too_many_tokens",
+        )
     return total
 
 
@@ -139,8 +153,12 @@ def check_dimensions(engine: EmbeddingEngineProtocol, dimensions: int | None) ->
     if dimensions is None or dimensions == engine.dimensions:
         return None
     if not engine.matryoshka_dimensions:
-        raise _bad(f"the model {engine.model_id!r} does not support `dimensions`: its vectors have {engine.dimensions} "
-                   "dimensions and it was not trained to be shortened", "dimensions", "unsupported_parameter")
+        raise _bad(
+            f"the model {engine.model_id!r} does not support `dimensions`: its vectors have {engine.dimensions} "
+            "dimensions and it was not trained to be shortened",
+            "dimensions",
+            "unsupported_parameter",
+        )
     if dimensions > engine.dimensions:
         raise _bad(f"`dimensions` {dimensions} exceeds the model's {engine.dimensions}", "dimensions")
     return dimensions
@@ -183,8 +201,11 @@ def router(
         state.requests_total += 1
         if state.draining:
             state.errors_total += 1
-            return JSONResponse(ApiError(503, "draining", "the server is shutting down").envelope(), status_code=503,
-                                headers={"Retry-After": "5"})
+            return JSONResponse(
+                ApiError(503, "draining", "the server is shutting down").envelope(),
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
         state.begin()
         error = True
         try:
@@ -195,7 +216,9 @@ def router(
             token_lists = await run_in_threadpool(engine.encode_inputs, body.inputs)
             tokens = check_lengths(token_lists, engine.max_input_tokens)
             vectors = await asyncio.wrap_future(engine.embed(token_lists))
-            payload = await run_in_threadpool(response_body, body.model, vectors, tokens, body.encoding_format, dimensions)
+            payload = await run_in_threadpool(
+                response_body, body.model, vectors, tokens, body.encoding_format, dimensions
+            )
             error = False
             return JSONResponse(payload)
         except ApiError as exc:
