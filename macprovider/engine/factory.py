@@ -19,19 +19,26 @@ from typing import Any
 from macprovider.engine.protocol import ServePlan
 from macprovider.errors import ModelError
 
-ENGINE_KINDS = ("chat",)
+ENGINE_KINDS = ("chat", "embedding")
 
 
 def load_engine(plan: ServePlan, kind: str = "chat") -> Any:
     """A loaded engine for `plan` (blocks while the weights load and the one-token self-test runs).
 
-    kind: the model's kind; only `chat` (engine.engine.Engine) is built here. Raises ModelError when loading
-    fails (the half-built engine is released first) or the kind is unknown."""
+    kind: the model's kind (`models.embedding.model_kind`): `chat` builds engine.engine.Engine, `embedding`
+    engine.embedding.EmbeddingEngine. Raises ModelError when loading fails (the half-built engine is released
+    first) or the kind is unknown."""
     if kind not in ENGINE_KINDS:
         raise ModelError(f"model {plan.model_id}: no engine for kind {kind!r} (known: {', '.join(ENGINE_KINDS)})")
-    from macprovider.engine.engine import Engine
+    engine: Any
+    if kind == "embedding":
+        from macprovider.engine.embedding import EmbeddingEngine
 
-    engine = Engine(plan)
+        engine = EmbeddingEngine(plan)
+    else:
+        from macprovider.engine.engine import Engine
+
+        engine = Engine(plan)
     try:
         engine.load()
     except BaseException:

@@ -14,11 +14,14 @@ Flow of one request:
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy
+
     from macprovider.config import Settings
 
 EngineState = Literal["loading", "ready", "busy", "draining", "unavailable"]
@@ -231,6 +234,41 @@ class EngineProtocol(Protocol):
 
     def is_alive(self) -> bool:
         """False once the generation thread has died; the server then reports 503 and exits non-zero."""
+        ...
+
+
+class EmbeddingEngineProtocol(Protocol):
+    """What the embeddings route needs from an embedding-model engine (on top of `EngineProtocol`'s
+    health/lifecycle members, which an embedding engine also has so the app's health, metrics and drain work
+    unchanged; its `encode_chat`/`encode_text`/`submit` raise ApiError 400 naming the routes it serves).
+
+    kind: always "embedding" (a chat engine has no `kind`, or "chat"): how a route tells them apart.
+    max_input_tokens: the longest input in tokens, special tokens included; dimensions: vector length;
+    matryoshka_dimensions: the shorter lengths a request's `dimensions` may ask for (empty = none).
+
+    Flow of one request:
+        token_lists = engine.encode_inputs(inputs)   # strings tokenized; id lists checked; ApiError 400
+        vectors = await asyncio.wrap_future(engine.embed(token_lists))   # ApiError 429 / 503 at submit
+    """
+
+    kind: Literal["embedding"]
+    model_id: str
+    max_input_tokens: int
+    dimensions: int
+    matryoshka_dimensions: tuple[int, ...]
+
+    def encode_inputs(self, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        """Each input as the token ids the model runs on, the model's special tokens added (a token-id input
+        already starting and ending with them is taken as is). ApiError 400 (param `input`) naming the index
+        of an id outside the vocabulary. Lengths are not checked here."""
+        ...
+
+    def embed(self, token_lists: Sequence[Sequence[int]]) -> "Future[numpy.ndarray]":
+        """Queue the inputs for the engine's worker thread (batched with other requests' inputs); the future
+        resolves to a float32 array (inputs, dimensions): one pooled (and, per the model, L2-normalized)
+        vector per input, in order, or to
+        the ApiError / exception that ended it. Raises ApiError 429 `rate_limit_exceeded` (queue full) or
+        503 `draining` / `model_not_loaded` at once."""
         ...
 
 

