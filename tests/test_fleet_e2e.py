@@ -22,7 +22,7 @@ from macprovider.models.hub_cache import install_in_hub_cache
 from macprovider.processes import die_with_parent
 from macprovider.serve.preflight import plan_fleet
 from tests.readiness import wait_healthy
-from tests.test_e2e_serve import _free_port
+from tests.test_e2e_serve import ServeProcess, _free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -149,3 +149,37 @@ def test_two_models_swap_within_a_budget_that_fits_one(tiny_model, second_tiny, 
             process.wait()
         log.close()
     assert process.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_a_chat_model_and_an_embedding_model_behind_one_endpoint(tiny_model, embedding_server, hf_home, tmp_path):
+    """`serve --model CHAT --model EMBEDDING`: each API reaches its model through the fleet, each model refuses
+    the other's routes with a 400 naming what it serves, and the vectors equal a single-model server's."""
+    embedding_id = embedding_server.model
+    home = tmp_path / "fleet-home"
+    home.mkdir()
+    server = ServeProcess(tiny_model, hf_home, home, "--model", embedding_id, "--max-context", "256")
+    try:
+        server.wait_ready(timeout=300)
+        client = server.client()
+        listed = {model.id for model in client.models.list().data}
+        assert listed == {tiny_model, embedding_id}
+        texts = ["The sea is wide.", "Paris is the capital of France."]
+        fleet_vectors = [d.embedding for d in client.embeddings.create(model=embedding_id, input=texts).data]
+        alone = embedding_server.client().embeddings.create(model=embedding_id, input=texts).data
+        for mine, reference in zip(fleet_vectors, alone):
+            dot = sum(a * b for a, b in zip(mine, reference.embedding))
+            assert len(mine) == 384 and dot >= 0.9999
+        answer = client.chat.completions.create(
+            model=tiny_model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0
+        )
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.embeddings.create(model=tiny_model, input="hello")
+        assert refused.value.body["code"] == "unsupported_model_route"
+        with pytest.raises(openai.BadRequestError) as refused_chat:
+            client.chat.completions.create(
+                model=embedding_id, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+            )
+        assert "/v1/embeddings" in refused_chat.value.body["message"]
+    finally:
+        server.stop()
