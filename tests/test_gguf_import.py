@@ -13,7 +13,17 @@ import pytest
 
 from macprovider.models import gguf as importer
 from macprovider.models.demo import TinyModelSpec, build_model_files
-from tests.gguf_files import llama3_rope_freqs, write_llama_gguf
+from tests.gguf_files import (
+    LEGACY_TYPES,
+    llama3_rope_freqs,
+    next_token_kl,
+    pack_q2_k,
+    pack_q3_k,
+    pack_q4_k,
+    pack_q6_k,
+    reencode_gguf,
+    write_llama_gguf,
+)
 
 PROMPT_IDS = [5, 17, 42, 99, 7, 300, 12, 64]
 
@@ -30,7 +40,7 @@ def f32_gguf(tiny_source, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quant_gguf(tiny_source, tmp_path_factory) -> Path:
-    """Q8_0 embedding, Q5_0 (not an MLX type: re-quantized) down projections, Q4_0 elsewhere."""
+    """Q8_0 embedding, Q5_0 down projections, Q4_1 output, Q4_0 elsewhere."""
     return write_llama_gguf(
         tiny_source, tmp_path_factory.mktemp("gguf") / "tiny-q4.gguf",
         types={"token_embd": "Q8_0", "ffn_down": "Q5_0", "output": "Q4_1"}, default_type="Q4_0",
@@ -84,8 +94,8 @@ def test_without_unpermuting_the_logits_differ(tiny_source, f32_gguf):
 
 
 def test_quantized_gguf_keeps_quantization_per_layer(quant_gguf, hf_home):
-    """Q4_0/Q4_1/Q8_0 stay quantized as they are (bits per layer in the config); Q5_0 is re-quantized to 5 bits;
-    the logits equal those of the same file dequantized to float32, within float16 rounding."""
+    """Q4_0/Q4_1/Q5_0/Q8_0 stay quantized as they are (bits per layer in the config); the logits equal those of
+    the same file dequantized to float32, within float16 rounding."""
     import mlx.core as mx
 
     quantized = importer.import_gguf(quant_gguf, "gguf-test/tiny-q4", cache_dir=hf_home / "hub")
@@ -303,3 +313,162 @@ def test_qwen_gguf_imports_exactly(arch, tiny_source, tmp_path, hf_home):
     ours = load(str(result.snapshot))[0](prompt)[0]
     reference = load(str(source))[0](prompt)[0]
     assert mx.abs(ours - reference).max().item() < 1e-4
+
+
+# --- repacking each GGML block type, compared with gguf-py's own dequantization -------------------------------
+
+ROWS, COLUMNS = 8, 512
+
+
+def _k_blocks(type_name: str, rng):
+    """Random K-quant rows (ROWS × bytes) packed as llama.cpp's block layouts, and the weights those scales and
+    codes stand for (ROWS × COLUMNS, float64), computed from the arrays themselves, not from any decoder."""
+    import numpy as np
+
+    n = ROWS * COLUMNS // 256
+    d = rng.uniform(1e-4, 1e-2, n).astype(np.float16).astype(np.float64)
+    dmin = rng.uniform(1e-4, 1e-2, n).astype(np.float16).astype(np.float64)
+    if type_name in ("Q4_K", "Q5_K"):
+        sc, mn = rng.integers(0, 64, (n, 8)), rng.integers(0, 64, (n, 8))
+        q = rng.integers(0, 16 if type_name == "Q4_K" else 32, (n, 256))
+        raw = pack_q4_k(d, dmin, sc, mn, q, q5=type_name == "Q5_K")
+        values = d[:, None, None] * sc[..., None] * q.reshape(n, 8, 32) - (dmin[:, None] * mn)[..., None]
+    elif type_name == "Q6_K":
+        sc, q = rng.integers(-128, 128, (n, 16)), rng.integers(0, 64, (n, 256))
+        raw = pack_q6_k(d, sc, q)
+        values = d[:, None, None] * sc[..., None] * (q.reshape(n, 16, 16) - 32)
+    elif type_name == "Q3_K":
+        sc, q = rng.integers(-32, 32, (n, 16)), rng.integers(-4, 4, (n, 256))
+        raw = pack_q3_k(d, sc, q)
+        values = d[:, None, None] * sc[..., None] * q.reshape(n, 16, 16)
+    else:
+        sc, mn, q = rng.integers(0, 16, (n, 16)), rng.integers(0, 16, (n, 16)), rng.integers(0, 4, (n, 256))
+        raw = pack_q2_k(d, dmin, sc, mn, q)
+        values = d[:, None, None] * sc[..., None] * q.reshape(n, 16, 16) - (dmin[:, None] * mn)[..., None]
+    return raw.reshape(ROWS, -1), values.reshape(ROWS, COLUMNS)
+
+
+def _blocks(type_name: str, seed: int = 0):
+    """(raw GGUF rows of `type_name`, gguf-py's float32 dequantization of them)."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if type_name in LEGACY_TYPES:
+        weights = rng.normal(0, 0.05, (ROWS, COLUMNS)).astype(np.float32)
+        raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[type_name])
+    else:
+        raw, values = _k_blocks(type_name, rng)
+        # the packer is llama.cpp's layout: gguf-py reads back the scales and codes it was given
+        reference = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
+        assert np.allclose(reference, values, rtol=1e-6, atol=1e-7), type_name
+    return raw, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
+
+
+@pytest.mark.parametrize("type_name", importer.EXACT_TYPES + ("Q3_K",))
+def test_exact_types_repack_to_gguf_py_values(type_name):
+    """Q4_0 … Q8_0 (quantized by gguf-py) and Q4_K / Q5_K / Q3_K (random scales and codes in llama.cpp's
+    layout): `mx.dequantize` of the repacked tensor equals gguf-py's `dequantize`, max |difference| 0, at the
+    file's own bits (Q3_K: 8); scales are float16 where they round-trip (legacy types), else float32."""
+    import mlx.core as mx
+    import numpy as np
+
+    raw, reference = _blocks(type_name)
+    packed, scales, biases = importer.mlx_affine_from_ggml(raw, type_name)
+    bits = packed.shape[-1] * 32 // COLUMNS
+    assert bits == {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q3_K": 8}[type_name]
+    assert scales.dtype == (mx.float16 if type_name in LEGACY_TYPES else mx.float32)
+    scales32, biases32 = scales.astype(mx.float32), biases.astype(mx.float32)
+    ours = np.array(mx.dequantize(packed, scales32, biases32, group_size=32, bits=bits))
+    assert np.abs(ours - reference).max() == 0.0
+    if scales.dtype == mx.float16:  # computed in float16: scale·q and the sum round, each by ≤ 2^-11 relative
+        native = np.array(mx.dequantize(packed, scales, biases, group_size=32, bits=bits).astype(mx.float32))
+        s, b = np.abs(np.array(scales.astype(mx.float32))), np.abs(np.array(biases.astype(mx.float32)))
+        bound = np.repeat(2.0**-10 * (s * (2**bits - 1) + b), 32, axis=-1)
+        assert (np.abs(native - reference) <= bound).all()
+
+
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q2_K"])
+def test_sixteen_wide_types_are_the_nearest_8_bit_grid(type_name):
+    """Q6_K / Q2_K scale 16-wide sub-blocks, which one MLX group of 32 holds only approximately: 8 bits, each
+    weight within (max − min) / 382 of gguf-py's value (/ 510 for Q2_K's min-max grids), a smaller error than
+    `mx.quantize` at 8 bits gives the same values, and exact where the two halves share one lattice."""
+    import gguf
+    import mlx.core as mx
+    import numpy as np
+
+    raw, reference = _blocks(type_name)
+    groups = importer.ggml_affine_groups(raw, type_name)
+    assert groups.bits == 8 and groups.groups == ROWS * COLUMNS // 32
+    packed, scales, biases = importer.mlx_affine_from_ggml(raw, type_name)
+    ours = np.array(mx.dequantize(packed, scales, biases, group_size=32, bits=8))
+    grouped, error = reference.reshape(ROWS, -1, 32), np.abs(ours - reference).reshape(ROWS, -1, 32)
+    bound = (grouped.max(axis=-1) - grouped.min(axis=-1)) / (382 if type_name == "Q6_K" else 510)
+    assert (error.max(axis=-1) <= bound * (1 + 1e-5) + 1e-9).all()
+    plain = mx.dequantize(*mx.quantize(mx.array(reference), group_size=32, bits=8), group_size=32, bits=8)
+    assert np.sqrt((error**2).mean()) < np.sqrt(((np.array(plain) - reference) ** 2).mean())
+
+    # a super-block whose sub-blocks share one scale is d·sc·(q − 32): exact at 8 bits (6 would do)
+    shared = raw.reshape(-1, 210 if type_name == "Q6_K" else 84).copy()
+    if type_name == "Q6_K":
+        shared[:, 192:208] = shared[:, 192:193]
+    else:
+        shared[:, 0:16] = shared[:, 0:1]
+    shared = shared.reshape(ROWS, -1)
+    expected = gguf.quants.dequantize(shared, gguf.GGMLQuantizationType[type_name])
+    packed, scales, biases = importer.mlx_affine_from_ggml(shared, type_name)
+    assert np.array_equal(np.array(mx.dequantize(packed, scales, biases, group_size=32, bits=8)), expected)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"])
+def test_k_quant_layers_import_and_compute_the_file(type_name, tiny_source, tmp_path, hf_home):
+    """A GGUF whose down projections (256 inputs: one K super-block per row) are `type_name`, Q4_0 elsewhere,
+    imports quantized (K layers at their own bits, or 8 for 16-wide types) and computes, in float32, the logits
+    of the same file dequantized to float32 by the importer: equal within 1e-4 for the exact types."""
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    base = write_llama_gguf(tiny_source, tmp_path / "base.gguf", default_type="Q4_0")
+    path = reencode_gguf(
+        base, tmp_path / f"{type_name}.gguf", lambda name, kind, shape: type_name if ".ffn_down." in name else None
+    )
+    repo_id, hub = f"gguf-test/k-{type_name.lower()}", hf_home / "hub"
+    quantized = importer.import_gguf(path, repo_id, cache_dir=hub)
+    dense = importer.import_gguf(path, repo_id + "-f32", dtype="float32", cache_dir=hub)
+    assert quantized.tensor_types[type_name] == 2
+    bits = {"Q4_K": 4, "Q5_K": 5}.get(type_name, 8)
+    layers = [quantized.quantization.get(f"model.layers.{i}.mlp.down_proj", quantized.quantization) for i in range(2)]
+    assert [layer["bits"] for layer in layers] == [bits, bits]
+    ours = load(str(quantized.snapshot))[0]
+    ours.set_dtype(mx.float32)
+    prompt = mx.array([PROMPT_IDS])
+    difference = mx.abs(ours(prompt)[0] - load(str(dense.snapshot))[0](prompt)[0]).max().item()
+    assert difference < (1e-4 if type_name in importer.EXACT_TYPES + ("Q3_K",) else 0.05)
+
+
+@pytest.mark.real_model
+def test_demo_model_reencoded_to_q5_1_imports_exactly(smollm2_gguf, tmp_path, hf_home):
+    """SmolLM2-135M (the demo GGUF) re-encoded to Q5_1 by gguf-py imports at 5 bits with float16 scales, no
+    bigger than the file's tensors, with mean next-token KL ≤ 0.002 nats against gguf-py's float32
+    dequantization of the same file (both computed in float32)."""
+    path = reencode_gguf(
+        smollm2_gguf, tmp_path / "smollm2-q5_1.gguf", lambda name, kind, shape: "Q5_1" if len(shape) == 2 else None
+    )
+    _, tensors = importer.read_gguf(path)
+    quantized = importer.import_gguf(path, "gguf-test/smollm2-q5_1", cache_dir=hf_home / "hub")
+    dense = importer.import_gguf(path, "gguf-test/smollm2-q5_1-f32", dtype="float32", cache_dir=hf_home / "hub")
+    assert quantized.quantization == {"group_size": 32, "bits": 5, "mode": "affine"}
+    import mlx.core as mx
+
+    stored = mx.load(str(quantized.snapshot / "model.safetensors"))
+    for name, tensor in tensors.items():  # every Q5_1 matrix: 5-bit codes + float16 scale and bias = 6 bits/weight
+        if tensor.tensor_type.name == "Q5_1":
+            module = importer.hf_tensor_name(name).rpartition(".")[0]
+            assert sum(stored[f"{module}.{part}"].nbytes for part in ("weight", "scales", "biases")) == tensor.n_bytes
+    assert sum(array.nbytes for array in stored.values()) <= sum(int(t.n_bytes) for t in tensors.values())
+    mean, worst = next_token_kl(dense.snapshot, quantized.snapshot, [
+        "The capital of France is Paris, and the capital of Germany is",
+        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+    ])
+    print(f"Q5_1 import: next-token KL mean {mean:.2e}, max {worst:.2e} nats")
+    assert mean <= 0.002 and worst <= 0.01

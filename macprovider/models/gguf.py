@@ -4,20 +4,20 @@
 (config.json, model.safetensors, tokenizer files, generation_config.json) in the Hub cache layout, so
 `serve`, `autotune` and `models list|verify|rm` treat it like a pulled model.
 
-Reading. The `gguf` package (llama.cpp's own gguf-py) reads the metadata and the raw tensor blocks. GGML's
-Q4_0 / Q4_1 / Q8_0 blocks (32 weights, a float16 scale `d`, Q4_1 also a float16 minimum `m`) are MLX's affine
-quantization with group size 32 already, so they are repacked, not dequantized — as MLX's own GGUF reader
-(mlx/io/gguf_quants.cpp, behind `mx.load`) repacks them: `scales` = d, `biases` = −8·d (Q4_0), m (Q4_1),
-−128·d (Q8_0, whose int8 q is stored as q + 128), the 4-bit nibbles reordered from GGML's (low nibbles =
-weights 0–15, high = 16–31) to MLX's sequential packing. (`mx.load` itself is not used: it refuses a whole
-file as soon as one tensor has a type its reader cannot convert, e.g. Q5_0.) Those tensors stay quantized
-with their bits; where layers differ (SmolLM2's embedding is Q8_0, its linears Q4_1) the config's
-`quantization` names the odd ones. F32 / F16 / BF16 tensors are kept (cast to the model's float dtype).
-Every other GGML type — the K-quants Q2_K…Q6_K of the usual `Q4_K_M` files, Q5_0/Q5_1, IQ* — is dequantized
-to float32 by `gguf.quants.dequantize` (llama.cpp's reference code) and re-quantized with `mx.quantize`
-(affine, group size 32) to the largest MLX width not above the type's bits per weight (Q4_K 4.5 → 4,
-Q5_K → 5, Q6_K 6.56 → 6), or kept as floats with `dtype` float16 / bfloat16 / float32 (which dequantizes
-every tensor, Q4_0… included).
+Reading. The `gguf` package (llama.cpp's own gguf-py) reads the metadata and the raw tensor blocks. Quantized
+tensors are repacked, not dequantized (`ggml_affine_groups`, details there; docs/gguf-import.md has the table):
+Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks and the 32-wide sub-blocks of Q4_K / Q5_K are MLX's affine
+quantization (`w = scale · q + bias`, group size 32) with the file's own bits, bit for bit; Q6_K / Q3_K / Q2_K
+(16-wide sub-blocks; MLX has no group size 16) become 8-bit groups, exact where a group allows it (every
+Q3_K group) and otherwise the 8-bit grid with the least squared error. Scales and biases are float16 where every
+one round-trips through float16 (the legacy types), else float32 (K-quants' d · sc products). The codes are
+packed as `mx.quantize` packs them (a little-endian bit stream per row). (`mx.load`'s own GGUF reader is not
+used: it refuses a whole file as soon as one tensor has a type it cannot convert, e.g. Q5_0.) Where layers
+differ the config's `quantization` names the odd ones. F32 / F16 / BF16 tensors are kept (cast to the model's
+float dtype). Any other GGML type (IQ*, …) is dequantized to float32 by `gguf.quants.dequantize` (llama.cpp's
+reference code) and re-quantized with `mx.quantize` (affine, group size 32) to the largest MLX width not above
+its bits per weight, or kept as floats with `dtype` float16 / bfloat16 / float32 (which dequantizes every
+tensor).
 
 Rotary embeddings. llama.cpp's converter (convert_hf_to_gguf.py, `LlamaModel.permute`) reorders the rows of
 each head of `attn_q` / `attn_k` of llama-family models so its interleaved ("normal", GPT-J style) RoPE
@@ -145,30 +145,265 @@ def read_gguf(path: Path):
     return metadata, {tensor.name: tensor for tensor in reader.tensors}
 
 
-def mlx_affine_from_ggml(blocks, type_name: str):
-    """MLX affine arrays (packed uint32 weight, float16 scales, float16 biases; group size 32) holding exactly
-    the values of GGML Q4_0 / Q4_1 / Q8_0 rows `blocks` (uint8, rows × bytes, ggml-common.h block_q4_0 /
-    block_q4_1 / block_q8_0 layouts), as mlx/io/gguf_quants.cpp maps them. Returns None for another type."""
-    import mlx.core as mx
+# GGML block layouts (ggml-common.h): bytes per block of 32 (legacy) or 256 (K-quants) weights.
+_BLOCK_BYTES = {
+    "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34,
+    "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
+}
+EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K")  # repacked bit for bit, their own bits
+NEAREST_TYPES = ("Q2_K", "Q3_K", "Q6_K")  # 16-wide sub-blocks: 8 bits, exact where a group allows it
+NEAREST_BITS = 8
+GROUP_SIZE = 32
+
+
+@dataclass(frozen=True)
+class AffineGroups:
+    """GGML blocks as MLX affine groups of 32: `codes` (uint8, rows × in_features, each < 2**bits), `scales`
+    and `biases` (float32, rows × in_features / 32) with weight = scale · code + bias computed in float32;
+    `exact` counts the groups whose every weight equals gguf-py's `dequantize` bit for bit."""
+
+    codes: Any
+    scales: Any
+    biases: Any
+    bits: int
+    exact: int
+    groups: int
+
+
+def _f16(raw):
+    """float16 fields (uint8 pairs, last axis 2) as float32 (…)."""
     import numpy as np
 
-    header = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}.get(type_name)
-    if header is None:
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _k_scale_min(packed):
+    """The eight 6-bit (scale, min) pairs of a Q4_K / Q5_K block's 12 scale bytes (ggml-quants.c
+    `get_scale_min_k4`; gguf-py `Q4_K.get_scale_min`) as two (…, 8) float32 arrays."""
+    from gguf.quants import Q4_K
+
+    shape = packed.shape[:-1]
+    sc, mn = Q4_K.get_scale_min(packed.reshape(-1, 12))
+    return sc.reshape(*shape, 8).astype("float32"), mn.reshape(*shape, 8).astype("float32")
+
+
+def _bits_of(data, count: int, step: int = 1):
+    """(…, count): bit `i·step` of the little-endian byte string `data` (…, bytes) for i < count, as uint8."""
+    import numpy as np
+
+    unpacked = np.unpackbits(np.ascontiguousarray(data), axis=-1, bitorder="little")
+    return unpacked[..., : count * step : step]
+
+
+def ggml_affine_groups(blocks, type_name: str) -> AffineGroups | None:
+    """The MLX affine groups (group size 32) of GGML rows `blocks` (uint8, rows × bytes, ggml-common.h layouts)
+    of type `type_name`, or None for a type not in EXACT_TYPES / NEAREST_TYPES.
+
+    Exact (EXACT_TYPES, the file's own bits): every legacy block and every 32-wide K sub-block is
+    w = d_g · q + c_g with an integer code q, so scale = d_g and bias = c_g, computed as gguf-py computes them
+    (float32 products of float16 and small integers, which are exact): Q4_0 d, −8d; Q4_1 d, m; Q5_0 d, −16d;
+    Q5_1 d, m; Q8_0 d, −128d (code q + 128); Q4_K / Q5_K d·sc_j, −dmin·m_j. Then scale · q + bias in float32
+    rounds once, where gguf-py's d·q + c rounds once on the same exact operands: the values are identical.
+
+    Nearest (NEAREST_TYPES, 8 bits): Q6_K (w = d·sc_j·(q − 32), int8 sc_j), Q3_K (d·(sc_j − 32)·(q − 4)) and
+    Q2_K (d·sc_j·q − dmin·m_j) scale each 16-wide sub-block on its own, and MLX has no group size 16. Both
+    halves of a group of 32 lie on the lattice d·g, g = gcd(sc_a, sc_b): when their integers a_i = w_i / (d·g)
+    span at most 255 (and a Q2_K group's two mins agree, its codes reach 0) the group is exact at 8 bits
+    (scale d·g, bias d·g·min a). That is every Q3_K group (|sc·q| ≤ 128, span ≤ 252), and Q6_K / Q2_K groups whose scales are
+    small or share a large factor. Every other group gets, of these 8-bit grids, the one with the least squared
+    error: min-max (error ≤ (max − min) / 510 per weight); min-max's codes with scale and bias refit by least
+    squares; for Q6_K, the grid d·|sc_big| / n that holds the half with the larger scale exactly (n the most
+    steps that still cover the group, error on the other half ≤ half a step, ≤ (max − min) / 382)."""
+    import numpy as np
+
+    block_bytes = _BLOCK_BYTES.get(type_name)
+    if block_bytes is None:
         return None
     rows = blocks.shape[0]
-    block_bytes = header + (32 if type_name == "Q8_0" else 16)
-    blocks = np.ascontiguousarray(blocks).reshape(rows, -1, block_bytes)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    quants = blocks[..., header:]
-    if type_name == "Q8_0":
-        values = (quants.view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # rows × groups × 32
-        biases = d * np.float16(-128)
-    else:
-        nibbles = np.concatenate([quants & 0x0F, quants >> 4], axis=-1)  # GGML order: low nibbles first
-        values = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)  # MLX: sequential
-        biases = d * np.float16(-8) if type_name == "Q4_0" else blocks[..., 2:4].copy().view(np.float16)[..., 0]
-    packed = np.ascontiguousarray(values.reshape(rows, -1)).view(np.uint32)
-    return mx.array(packed), mx.array(d), mx.array(biases)
+    b = np.ascontiguousarray(blocks).reshape(rows, -1, block_bytes)  # rows × blocks × bytes
+    if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        d = _f16(b[..., 0:2])
+        if type_name == "Q8_0":
+            codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+            return _exact(codes, d, d * np.float32(-128), 8)
+        header = 4 if type_name in ("Q4_1", "Q5_1") else 2
+        if type_name in ("Q5_0", "Q5_1"):
+            high = _bits_of(b[..., header : header + 4], 32)  # qh: bit j is weight j's fifth bit
+            header += 4
+        qs = b[..., header:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # low nibbles: weights 0–15
+        bits = 4
+        if type_name in ("Q5_0", "Q5_1"):
+            codes = codes | (high << 4)
+            bits = 5
+        if type_name in ("Q4_1", "Q5_1"):
+            return _exact(codes, d, _f16(b[..., 2:4]), bits)
+        return _exact(codes, d, d * np.float32(-(1 << (bits - 1))), bits)
+    if type_name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, mn = _k_scale_min(b[..., 4:16])
+        qs = b[..., -128:].reshape(rows, -1, 4, 32)  # 4 chunks of 32 bytes: sub-blocks 2c (low), 2c+1 (high)
+        codes = np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(rows, -1, 8, 32)
+        bits = 4
+        if type_name == "Q5_K":  # qh[l] bit j: the fifth bit of weight l of sub-block j
+            high = np.unpackbits(b[..., 16:48], axis=-1, bitorder="little").reshape(rows, -1, 32, 8)
+            codes = codes | (high.swapaxes(-1, -2) << 4)
+            bits = 5
+        return _exact(codes, d * sc, -(dmin * mn), bits)
+    return _nearest(b, type_name)
+
+
+def _exact(codes, scales, biases, bits: int) -> AffineGroups:
+    """AffineGroups of codes (rows × … × 32 per group) with float32 scales / biases (rows × … groups)."""
+    import numpy as np
+
+    rows = codes.shape[0]
+    groups = int(np.prod(scales.shape[1:]))
+    return AffineGroups(
+        codes=codes.reshape(rows, -1), scales=scales.reshape(rows, -1).astype(np.float32),
+        biases=biases.reshape(rows, -1).astype(np.float32), bits=bits, exact=rows * groups, groups=rows * groups,
+    )
+
+
+def _nearest(b, type_name: str) -> AffineGroups:
+    """8-bit AffineGroups of Q2_K / Q3_K / Q6_K blocks `b` (rows × blocks × bytes): see ggml_affine_groups."""
+    import numpy as np
+
+    rows, nblocks = b.shape[:2]
+    offset = np.zeros((rows, nblocks, 16, 1), dtype=np.float32)  # the common offset of each 16-wide sub-block
+    if type_name == "Q6_K":  # ql[128] qh[64] scales[16] d: gguf-py Q6_K.dequantize_blocks
+        ql = b[..., 0:128].reshape(rows, nblocks, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+        qh = b[..., 128:192].reshape(rows, nblocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+        q = (ql & 0x0F).reshape(rows, nblocks, 8, 32) | ((qh & 0x03).reshape(rows, nblocks, 8, 32) << 4)
+        k = (q.astype(np.int32) - 32).reshape(rows, nblocks, 16, 16)
+        sub_scale = b[..., 192:208].view(np.int8).astype(np.int32)
+        d = _f16(b[..., 208:210])
+    elif type_name == "Q3_K":  # hmask[32] qs[64] scales[12] d: gguf-py Q3_K.dequantize_blocks
+        packed = b[..., 96:108]
+        low = packed[..., 0:8].reshape(rows, nblocks, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+        high = packed[..., 8:12].reshape(rows, nblocks, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+        sub_scale = ((low & 0x0F).reshape(rows, nblocks, 16) | ((high & 0x03).reshape(rows, nblocks, 16) << 4))
+        sub_scale = sub_scale.astype(np.int32) - 32
+        ql = b[..., 32:96].reshape(rows, nblocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+        hbit = np.unpackbits(b[..., 0:32], axis=-1, bitorder="little").reshape(rows, nblocks, 32, 8).swapaxes(-1, -2)
+        k = (ql & 0x03).reshape(rows, nblocks, 8, 32).astype(np.int32) - ((hbit ^ 1).astype(np.int32) << 2)
+        k = k.reshape(rows, nblocks, 16, 16)
+        d = _f16(b[..., 108:110])
+    else:  # Q2_K: scales[16] qs[64] d dmin: gguf-py Q2_K.dequantize_blocks
+        scales = b[..., 0:16]
+        qs = b[..., 16:80].reshape(rows, nblocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+        k = (qs & 0x03).reshape(rows, nblocks, 16, 16).astype(np.int32)
+        sub_scale = (scales & 0x0F).astype(np.int32)
+        d = _f16(b[..., 80:82])
+        offset = -(_f16(b[..., 82:84])[..., None] * (scales >> 4).astype(np.float32))[..., None]
+    a = k * sub_scale[..., None]  # weight = d · a (+ offset), a an integer
+    # gguf-py's values: (d · sc) · q (+ offset), each product exact in float32, one rounding for the offset
+    values = (d[..., None, None] * a.astype(np.float32) + offset).reshape(rows, -1, GROUP_SIZE)
+    pairs = sub_scale.reshape(rows, nblocks, 8, 2)
+    fold = np.gcd(pairs[..., 0], pairs[..., 1])  # both halves lie on the lattice d · gcd(sc_a, sc_b)
+    fold = np.where(fold == 0, 1, fold).reshape(rows, -1)
+    a = a.reshape(rows, -1, GROUP_SIZE) // fold[..., None]
+    offset = offset.repeat(16, axis=-1).reshape(rows, -1, GROUP_SIZE)
+    unit = np.broadcast_to(d[..., None], (rows, nblocks, 8)).reshape(rows, -1) * fold.astype(np.float32)
+    low = a.min(axis=-1)
+    lattice = ((a.max(axis=-1) - low) <= 255) & (offset == offset[..., :1]).all(axis=-1)
+    lattice &= (offset[..., 0] == 0) | (low == 0)  # bias unit·low + offset must round only once
+    scales, biases, codes, error = _least_error(values.astype(np.float64), NEAREST_BITS)
+    if type_name != "Q2_K":  # the half with the larger scale exact: grid step d·|sc_big| / n
+        big = np.maximum(np.abs(pairs[..., 0]), np.abs(pairs[..., 1])).reshape(rows, -1).astype(np.float64)
+        a_units = a.astype(np.float64) * fold[..., None]
+        span = a_units.max(axis=-1) - a_units.min(axis=-1)
+        steps = np.floor((NEAREST_BITS_LEVELS - 1) * big / np.where(span > 0, span, 1))
+        step = big / np.maximum(steps, 1)
+        which = np.abs(pairs[..., 0]) >= np.abs(pairs[..., 1])
+        half_low = np.where(which.reshape(rows, -1), a_units[..., :16].min(axis=-1), a_units[..., 16:].min(axis=-1))
+        base = half_low - np.ceil((half_low - a_units.min(axis=-1)) / step) * step
+        d64 = np.broadcast_to(d[..., None], (rows, nblocks, 8)).reshape(rows, -1).astype(np.float64)
+        aligned = _grid_fit(values.astype(np.float64), d64 * step, d64 * base, NEAREST_BITS_LEVELS)
+        better = aligned[3] < error
+        scales = np.where(better, aligned[0], scales)
+        biases = np.where(better, aligned[1], biases)
+        codes = np.where(better[..., None], aligned[2], codes)
+    scales = np.where(lattice, unit, scales).astype(np.float32)
+    biases = np.where(lattice, unit * low.astype(np.float32) + offset[..., 0], biases).astype(np.float32)
+    codes = np.where(lattice[..., None], a - low[..., None], codes).astype(np.uint8)
+    rebuilt = scales[..., None] * codes.astype(np.float32) + biases[..., None]
+    exact = int((rebuilt == values).all(axis=-1).sum())
+    return AffineGroups(codes=codes.reshape(rows, -1), scales=scales, biases=biases, bits=NEAREST_BITS,
+                        exact=exact, groups=scales.size)
+
+
+NEAREST_BITS_LEVELS = (1 << NEAREST_BITS) - 1
+
+
+def _grid_fit(values, scale, bias, levels: int):
+    """Codes of `values` (… × group) on the grid float32(scale) · c + float32(bias), c = 0…levels, rounded to
+    nearest, and the squared error per group: (scale32, bias32, codes, error)."""
+    import numpy as np
+
+    scale32, bias32 = scale.astype(np.float32), bias.astype(np.float32)
+    codes = np.clip(np.rint((values - bias32[..., None]) / scale32[..., None]), 0, levels)
+    error = ((scale32[..., None] * codes.astype(np.float32) + bias32[..., None] - values) ** 2).sum(axis=-1)
+    return scale32, bias32, codes, error
+
+
+def _least_error(values, bits: int):
+    """Per group (last axis) the affine grid of 2**bits levels with the smaller squared error of: min-max, and
+    min-max's codes with scale and bias refit by least squares. Returns float32 scales, biases (… groups),
+    codes (… groups × size) and the squared error per group."""
+    import numpy as np
+
+    levels = (1 << bits) - 1
+    low, high = values.min(axis=-1), values.max(axis=-1)
+    scale = np.where(high > low, (high - low) / levels, 1.0)
+    first = _grid_fit(values, scale, low, levels)
+    codes = first[2]
+    mean_c, mean_v = codes.mean(axis=-1), values.mean(axis=-1)
+    var_c = (codes**2).mean(axis=-1) - mean_c**2
+    cov = (codes * values).mean(axis=-1) - mean_c * mean_v
+    refit = np.where(var_c > 0, cov / np.where(var_c > 0, var_c, 1), scale)
+    refit = np.where(refit > 0, refit, scale)
+    second = _grid_fit(values, refit, mean_v - refit * mean_c, levels)
+    better = second[3] < first[3]
+    return tuple(np.where(better[..., None] if i == 2 else better, second[i], first[i]) for i in range(4))
+
+
+def pack_codes(codes, bits: int):
+    """MLX's packed weight (uint32, rows × in_features · bits / 32) of codes (uint8, rows × in_features):
+    each row a little-endian bit stream of `bits`-bit codes, as `mx.quantize` packs every width."""
+    import numpy as np
+
+    shifts = np.arange(bits, dtype=np.uint8)
+    stream = ((codes[..., None] >> shifts) & 1).astype(np.uint8).reshape(codes.shape[0], -1)
+    return np.ascontiguousarray(np.packbits(stream, axis=-1, bitorder="little")).view(np.uint32)
+
+
+def scale_dtype(scales, biases):
+    """numpy float16 when every scale and bias survives the round trip through float16 unchanged, else float32:
+    K-quant products d · sc_j (11 + 6 significant bits) usually do not, legacy types' d, m, −8d… always do."""
+    import numpy as np
+
+    for array in (scales, biases):
+        with np.errstate(over="ignore"):
+            if not np.array_equal(array.astype(np.float16).astype(np.float32), array):
+                return np.float32
+    return np.float16
+
+
+def mlx_affine_from_ggml(blocks, type_name: str):
+    """MLX affine arrays (packed uint32 weight, scales, biases; group size 32) for GGML rows `blocks` (uint8,
+    rows × bytes) of a type in EXACT_TYPES or NEAREST_TYPES (see `ggml_affine_groups`), scales and biases in
+    float16 where every one round-trips, else float32 (`scale_dtype`). Returns None for another type.
+    Q4_0 / Q4_1 / Q8_0 give the arrays MLX's own GGUF reader (mlx/io/gguf_quants.cpp) gives."""
+    import mlx.core as mx
+
+    groups = ggml_affine_groups(blocks, type_name)
+    if groups is None:
+        return None
+    dtype = scale_dtype(groups.scales, groups.biases)
+    return mx.array(pack_codes(groups.codes, groups.bits)), mx.array(groups.scales.astype(dtype)), mx.array(
+        groups.biases.astype(dtype)
+    )
 
 
 def llama3_rope_factors(scaling: Mapping[str, float], head_dim: int, base: float):
@@ -375,7 +610,9 @@ def convert_weights(
             requantize = dtype == "auto" and type_name not in _FLOAT_TYPES
             if requantize and dense.ndim == 2 and in_features % REQUANTIZE_GROUP_SIZE == 0:
                 bits = requantize_bits(type_name)
-                packed, scales, biases = mx.quantize(dense.astype(float_dtype), group_size=REQUANTIZE_GROUP_SIZE, bits=bits)
+                packed, scales, biases = mx.quantize(
+                    dense.astype(float_dtype), group_size=REQUANTIZE_GROUP_SIZE, bits=bits
+                )
                 parts = {"weight": packed, "scales": scales, "biases": biases}
                 layer_quant[module] = (REQUANTIZE_GROUP_SIZE, bits)
             else:
