@@ -518,3 +518,17 @@ def test_a_decoder_embedding_model_pools_the_last_real_token_of_each_padded_inpu
         last = np.array(reference.model(mx.array([ids]))[0, -1])  # unpadded, alone
         cosine = float(vector @ last / np.linalg.norm(last))
         assert cosine >= 0.9999 and abs(np.linalg.norm(vector) - 1) < 1e-5
+
+
+def test_an_embedding_server_drains_and_exits_0_on_sigterm(embedding_model_dir, hf_home, tmp_path):
+    """SIGTERM ends `serve --model <embedding model>` cleanly: exit 0, nothing on stderr but log lines."""
+    from tests.test_e2e_serve import ServeProcess
+
+    home = tmp_path / "embed-home"
+    home.mkdir()
+    model_id = "/".join(embedding_model_dir.parts[-3].split("--")[1:])
+    server = ServeProcess(model_id, hf_home, home)
+    server.wait_ready(timeout=300)
+    server.client().embeddings.create(model=model_id, input="hello")
+    assert server.stop() == 0, server.stderr()
+    assert "Traceback" not in server.stderr()

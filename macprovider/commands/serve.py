@@ -89,7 +89,8 @@ def serve(
         code = run_follower(engine)
     else:
         code = run_server(plan, engine)
-        engine.flush_prompt_cache()  # entries still queued for the prompt cache's disk tier
+        if hasattr(engine, "flush_prompt_cache"):  # entries still queued for the prompt cache's disk tier
+            engine.flush_prompt_cache()
         if lockstep is not None and code == 0 and not lockstep.failure():
             engine.close()  # the generation thread tells the followers to stop
     _exit(code)
