@@ -1,4 +1,4 @@
-"""Configuration: one resolver, CLI flag > environment variable > YAML > built-in default (SPEC.md §2).
+"""Configuration: one resolver, CLI flag > environment variable > YAML > built-in default (docs/configuration.md).
 
 `resolve()` is the only place a setting's value is decided. It returns the frozen `Settings` together
 with where each value came from (`cli`, `env:NAME`, `yaml:PATH`, `default`, `ram-tier`), which
@@ -94,7 +94,7 @@ class Settings(BaseModel):
 
     @property
     def queue_depth(self) -> int:
-        """Requests that may wait for a batch slot before 429: `max_queue_depth` (SPEC.md §3.1, default 64; a
+        """Requests that may wait for a batch slot before 429: `max_queue_depth` (docs/api.md#engine-semantics, default 64; a
         queued request holds only its token ids — Ollama's OLLAMA_MAX_QUEUE default is 512)."""
         return self.max_queue_depth
 
@@ -342,7 +342,7 @@ SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
 
 @dataclass(frozen=True)
 class Paths:
-    """Where macprovider keeps its files, from `$HOME` and `$XDG_CONFIG_HOME` (SPEC.md §2)."""
+    """Where macprovider keeps its files, from `$HOME` and `$XDG_CONFIG_HOME` (docs/configuration.md)."""
 
     config_dir: Path
     config_file: Path
@@ -383,7 +383,7 @@ class ResolvedConfig:
 
 
 def default_max_context(ram_gb: float) -> int:
-    """Default max context (tokens) by physical RAM tier, SPEC.md §2: ≤12→20000, ≤24→50000, ≤48→120000."""
+    """Default max context (tokens) by physical RAM tier, docs/configuration.md: ≤12→20000, ≤24→50000, ≤48→120000."""
     if ram_gb <= 12:
         return 20_000
     if ram_gb <= 24:

@@ -19,11 +19,11 @@ judged. With `--k-quant`, the file is first turned into Q4_K_M by llama.cpp's ow
 (`llama_cpp.llama_model_quantize`, requantizing allowed) and that file is imported and checked too.
 
 Needs `pip install llama-cpp-python` (builds llama.cpp from source: 56 min wall, 12 min CPU on the shared 2-core
-machine of issue 11 — too slow for CI, so this script is not part of the test suite). Usage:
+machine — too slow for CI, so this script is not part of the test suite). Usage:
 
     .venv/bin/python scripts/check_import.py [--gguf FILE] [--max-tokens 16] [--k-quant] [--json]
 
-Measured (issue 11, SmolLM2-135M-Instruct Q4_1, 6 prompts × 16 tokens, 2-core x86 CPU): F32 reference —
+Measured (SmolLM2-135M-Instruct Q4_1, 6 prompts × 16 tokens, 2-core x86 CPU): F32 reference —
 same tokenizer ids and greedy tokens on all 6, max |Δlogp| 0.003 (greedy) / 0.018 (top-10); the Q4_1 file
 itself (llama.cpp's 8-bit activations) — mean |Δlogp| 0.008–0.078, max 0.33, greedy tokens differ on 2 of 6
 prompts; its Q4_K_M requantization (Q4_K, Q6_K, Q5_0, Q8_0 tensors) imports and answers, mean |Δlogp| up to 0.28,

@@ -1,13 +1,13 @@
 """Shared fixtures. Every test runs with HOME, XDG_CONFIG_HOME and HF_HOME pinned to temporary
 directories, MACPROVIDER_* scrubbed and HF_HUB_OFFLINE=1, so no test touches the developer's files or
-the network. Tiny models are built once per session into a session Hub cache (SPEC.md §9).
+the network. Tiny models are built once per session into a session Hub cache (docs/architecture.md#tests).
 
 The shell's own settings never reach a test: libraries read some variables once, at import
 (`huggingface_hub.constants` reads HF_HUB_OFFLINE, HF_HOME, HF_ENDPOINT, ... when first imported), where a
 per-test monkeypatch cannot reach them. So this module removes every variable named by `SHELL_PREFIXES` /
 `SHELL_NAMES` from the process environment *before* importing anything that imports those libraries; the
 suite then behaves the same with `HF_HUB_OFFLINE=1` (or `MACPROVIDER_KV_BITS=8`) exported as in a clean
-shell (issue 14).
+shell.
 """
 
 from __future__ import annotations

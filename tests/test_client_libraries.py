@@ -1,5 +1,5 @@
 """The client libraries people point at an OpenAI-compatible server, used as their docs say, against
-`macprovider serve` on the real SmolLM2-135M-Instruct model (issue 12 "Done when"): langchain-openai,
+`macprovider serve` on the real SmolLM2-135M-Instruct model: langchain-openai,
 litellm, llm (Simon Willison's), pydantic-ai, the Agents SDK, and a Claude Code-shaped request through the
 `anthropic` SDK. (The `openai` SDK and the `anthropic` SDK's own round trips are in tests/test_real_model.py.)
 

@@ -1,4 +1,4 @@
-"""Settings resolution (SPEC.md §2) and serve preflight (§2, §3.5, §4)."""
+"""Settings resolution (docs/configuration.md) and serve preflight (docs/configuration.md, docs/api.md#security, README.md#models)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_precedence_cli_over_env_over_yaml_over_default(isolated_env):
     assert resolved.sources["max_concurrency_override"] == f"yaml:{path}"
     assert resolved.sources["host"] == "default"
     assert (s.max_context_override, resolved.sources["max_context_override"]) == (50_000, "ram-tier")
-    assert s.queue_depth == 64  # SPEC.md §3.1: not tied to max-batch
+    assert s.queue_depth == 64  # docs/api.md#engine-semantics: not tied to max-batch
 
 
 @pytest.mark.parametrize("ram, expected", [(8, 20_000), (12, 20_000), (16, 50_000), (24, 50_000), (32, 120_000), (48, 120_000), (64, 200_000)])

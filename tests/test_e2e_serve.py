@@ -93,7 +93,7 @@ def server(serve_factory) -> ServeProcess:
 
 @pytest.fixture(scope="session")
 def serial_server(serve_factory) -> ServeProcess:
-    """One batch slot and two queue places (the default queue is 64 deep, SPEC.md §3.1)."""
+    """One batch slot and two queue places (the default queue is 64 deep, docs/api.md#engine-semantics)."""
     return serve_factory("--max-batch", "1", "--max-context", "512", env={"MACPROVIDER_MAX_QUEUE_DEPTH": "2"})
 
 

@@ -297,7 +297,7 @@ def test_added_special_tokens_are_hidden_even_outside_the_special_tokens_map(tin
 
 def test_prompt_cache_entries_hold_only_their_own_bytes(tiny_model, engines):
     """A finished sequence's KV, kept for prefix reuse, owns just its rows: MLX's live memory grows by what
-    the prompt cache counts, not by the batch buffers the rows were cut from (issue 14: lazily extracted
+    the prompt cache counts, not by the batch buffers the rows were cut from (lazily extracted
     rows kept every batch buffer alive, ~5x the counted bytes)."""
     import mlx.core as mx
 

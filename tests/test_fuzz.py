@@ -1,4 +1,4 @@
-"""Fuzz the HTTP API with schemathesis (issue 14): every operation of the app's own OpenAPI document, with the
+"""Fuzz the HTTP API with schemathesis: every operation of the app's own OpenAPI document, with the
 real request models as request bodies, in positive and negative modes, against a running server on the fake
 engine. Any 5xx, any error answer that is not JSON in the OpenAI error envelope, or a crash is a defect.
 

@@ -1,4 +1,4 @@
-"""`macprovider models import` (SPEC.md §4) on small GGUF files written like llama.cpp's converter writes them
+"""`macprovider models import` (README.md#models) on small GGUF files written like llama.cpp's converter writes them
 (tests/gguf_files.py): exact round trip of float tensors (q/k un-permuted), quantized tensors kept with
 per-layer bits, the tokenizer rebuilt from metadata, bad input, and Ollama's manifest tree."""
 

@@ -1,5 +1,5 @@
 """The HTTP layer over a fake engine, on real sockets: shapes, streaming order, errors, limits, auth,
-Host/Origin rules, disconnect → cancel (SPEC.md §3.2–§3.5)."""
+Host/Origin rules, disconnect → cancel (docs/api.md#routes, #security)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The serving process around the HTTP layer (SPEC.md §3.1): background load, drain on shutdown (in-flight
+"""The serving process around the HTTP layer (docs/api.md#engine-semantics): background load, drain on shutdown (in-flight
 requests finish, new ones get 503, the rest are cancelled after drain_timeout_s), exit codes, real signals
 (SIGTERM → drain → 0; a second SIGINT exits at once), and engine death → health 503 and a non-zero exit."""
 

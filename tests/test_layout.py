@@ -1,4 +1,4 @@
-"""The package layout keeps its dependency directions (issue "Layout: one subpackage per family").
+"""The package layout keeps its dependency directions (docs/architecture.md#import-contracts).
 
 The contracts live in pyproject.toml (`[tool.importlinter]`): cli -> commands -> serve | autotune |
 service -> engine -> models; serve never imports the engine's MLX modules; autotune never imports the

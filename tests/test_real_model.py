@@ -1,4 +1,4 @@
-"""The real-model tier (SPEC.md §8, §9): SmolLM2-135M-Instruct imported by our importer (`real_model`
+"""The real-model tier (docs/architecture.md#tests): SmolLM2-135M-Instruct imported by our importer (`real_model`
 fixture), served by `macprovider serve` and judged against outside oracles — mlx-lm's own greedy generation
 on the same directory, `jsonschema`, the model's own tokenizer. Kept short: 16 generated tokens a request."""
 

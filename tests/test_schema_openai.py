@@ -1,4 +1,4 @@
-"""The schema tier for the OpenAI routes (SPEC.md §3.3): every body and every stream chunk `serve` produces
+"""The schema tier for the OpenAI routes (docs/api.md#chat-completions): every body and every stream chunk `serve` produces
 validates against its component schema in OpenAI's published OpenAPI document, and the official `openai`
 SDK accepts it with `_strict_response_validation=True`. Fake engine, real sockets."""
 

@@ -1,4 +1,4 @@
-"""Slow and idle clients (issue 14): hundreds of idle connections and slowloris clients (a request head one
+"""Slow and idle clients: hundreds of idle connections and slowloris clients (a request head one
 byte at a time) do not keep a normal request from being served, and the server closes a connection that
 has not sent a complete request head within REQUEST_HEAD_TIMEOUT_S (README "Connections")."""
 

@@ -1,4 +1,4 @@
-"""The content-free request-shape record (serve/workload.py, macprovider/workload.py; SPEC.md §5.6b)."""
+"""The content-free request-shape record (serve/workload.py, macprovider/workload.py; docs/autotune.md#objectives-and-workloads)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`macprovider serve`: the OpenAI-compatible HTTP endpoint (SPEC.md §3)."""
+"""`macprovider serve`: the OpenAI-compatible HTTP endpoint (docs/api.md)."""
 
 from __future__ import annotations
 

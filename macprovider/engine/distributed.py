@@ -1,4 +1,4 @@
-"""One model across several machines on `mx.distributed` (SPEC.md §7b): ranks in lockstep.
+"""One model across several machines on `mx.distributed` (docs/several-machines.md): ranks in lockstep.
 
 `macprovider serve --parallel pipeline|tensor` runs under `mlx.launch` (ring, JACCL or MPI backend; the
 transport is MLX's). Every rank loads its share of the model and runs the same mlx-lm `BatchGenerator`;

@@ -1,8 +1,8 @@
 """The MLX engine: one generation thread that owns the model and mlx-lm's `BatchGenerator`.
 
-This is the only serve-path module that imports MLX (DESIGN.md "Serving: one thread owns MLX").
+This is the only serve-path module that imports MLX (docs/architecture.md#threads).
 
-- Continuous batching (SPEC.md §3.1): up to `max_batch` sequences are decoded together by
+- Continuous batching (docs/api.md#engine-semantics): up to `max_batch` sequences are decoded together by
   `mlx_lm.generate.BatchGenerator`; a new request is inserted into the running batch as soon as a slot is
   free (its prompt is prefilled in chunks interleaved with the running decode steps). Further requests
   wait in a FIFO of `queue_depth`; beyond that `submit` raises 429 with Retry-After.
@@ -50,7 +50,7 @@ PROMPT_CACHE_ENTRIES = 64
 SHARED_PREFIX_MIN_TOKENS = 32
 # MLX keeps freed buffers for reuse (its buffer cache) up to its memory limit by default — on Linux, all of
 # RAM. Decode-step temporaries are far smaller, and mlx-lm empties the cache after every prefill chunk, so a
-# fixed cap bounds the process without costing reuse where it matters (issue 14; health reports the cache
+# fixed cap bounds the process without costing reuse where it matters (health reports the cache
 # as engine.cache_memory_bytes).
 MLX_CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 
@@ -676,7 +676,7 @@ class Engine:
             if cache is not None and self.prompt_cache_bytes > 0:
                 # mlx-lm extracts a row lazily (a slice of the whole batch buffer): evaluated now, the entry
                 # owns just its rows; left lazy, it kept every batch buffer it came from alive — ~5x the
-                # bytes the prompt cache counted (issue 14; measured in scripts/soak.py's memory phase).
+                # bytes the prompt cache counted (measured in scripts/soak.py's memory phase).
                 self._mx.eval([layer.state for layer in cache])
                 self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)
                 self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes)
@@ -779,7 +779,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def token_bytes(piece: str, text: str) -> bytes:
-    """A token's own bytes, for OpenAI logprob `bytes` (SPEC.md §3.6).
+    """A token's own bytes, for OpenAI logprob `bytes` (docs/api.md).
 
     piece: the vocabulary entry (`convert_ids_to_tokens`); text: the token decoded alone. When the text is
     whole (no U+FFFD) its UTF-8 is the answer. A token holding part of a multi-byte character decodes to

@@ -258,7 +258,7 @@ class BatchQuantizedKVCache(_BaseCache):
 
 
 def kv_group_size(head_dim: int, preferred: int = 64) -> int:
-    """Group size for quantizing a head dimension: 64 (SPEC.md §3.1) when it divides `head_dim`, else 32.
+    """Group size for quantizing a head dimension: 64 (docs/api.md#engine-semantics) when it divides `head_dim`, else 32.
 
     Raises ValueError when neither divides it (mx.quantize needs the last axis divisible by the group).
     """

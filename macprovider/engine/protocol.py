@@ -80,7 +80,7 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts and timing of one finished sequence (SPEC.md §3.3).
+    """Token counts and timing of one finished sequence (docs/api.md#chat-completions).
 
     prompt_tokens / completion_tokens / cached_tokens: counts (cached = prompt tokens whose KV was reused).
     generation_ms: decode wall time, first generated token to last, milliseconds.
@@ -142,7 +142,7 @@ class GenerationHandle(Protocol):
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Counters and gauges for /v1/health and /metrics (SPEC.md §3.2). Bytes are integers."""
+    """Counters and gauges for /v1/health and /metrics (docs/api.md#routes). Bytes are integers."""
 
     state: EngineState
     active_sequences: int = 0
@@ -154,7 +154,7 @@ class EngineStats:
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
-    # What the process holds now (issue 14): the prompt (prefix) cache's entries, MLX's live arrays and MLX's
+    # What the process holds now: the prompt (prefix) cache's entries, MLX's live arrays and MLX's
     # buffer cache (freed buffers kept for reuse: `mx.get_active_memory` / `mx.get_cache_memory`).
     prompt_cache_bytes: int = 0
     active_memory_bytes: int = 0

@@ -1,6 +1,6 @@
 """Per-request state of one generated sequence, and the handle the HTTP layer iterates.
 
-`OutputText` turns token ids into the text a client may see (SPEC.md §3.1 "Stop handling"): mlx-lm's
+`OutputText` turns token ids into the text a client may see (docs/api.md#engine-semantics "Stop handling"): mlx-lm's
 streaming detokenizer, special tokens (EOS, end-of-turn, `<|im_start|>` …) never decoded into text, and
 request `stop` strings matched on text by mlx-lm's `TextStateMachine` — text that may be the start of a
 stop string is held back until it is resolved, a matched stop string ends the sequence and is dropped.

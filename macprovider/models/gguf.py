@@ -1,4 +1,4 @@
-"""GGUF files → MLX models in the Hugging Face Hub cache (`macprovider models import`, SPEC.md §4).
+"""GGUF files → MLX models in the Hugging Face Hub cache (`macprovider models import`, README.md#models).
 
 `import_gguf(path, repo_id, dtype=...)` reads a llama.cpp GGUF file and installs an mlx-lm model directory
 (config.json, model.safetensors, tokenizer files, generation_config.json) in the Hub cache layout, so

@@ -29,7 +29,7 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                recorded concurrency — the replay sends in order and the engine admits FIFO): the term is the
                largest window's min(size, max_batch) × its longest sequence. Four concurrent short chats and
                one long agent prompt at a time no longer count as four long sequences (measured on SmolLM2,
-               recorded workload, max-batch 4: +16.3 % before, issue 15). Allocated tokens = those tokens rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
+               recorded workload, max-batch 4: +16.3 % before). Allocated tokens = those tokens rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
                BatchQuantizedKVCache grow by the same step). KV bytes per token = 2 (K and V) × layers ×
                kv_heads (GQA: `num_key_value_heads`) × head_dim × bytes per element, where bytes per element
                is the activation dtype size at full precision — the dtype serve computes in, so 4 when
@@ -37,7 +37,7 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                checkpoint's `torch_dtype` — and with kv-bits b it is b/8 + 2 × dtype
                size / group size (mx.quantize: b-bit codes plus one scale and one bias per group of 64, or 32
                when 64 does not divide head_dim — engine.kvcache.kv_group_size). float16 activations give
-               SPEC's 1.0625 B (8-bit) and 0.5625 B (4-bit).
+               the usual 1.0625 B (8-bit) and 0.5625 B (4-bit).
   prompt_cache finished sequences the engine keeps for prefix reuse (mlx-lm `LRUPromptCache`, at most
                PROMPT_CACHE_ENTRIES entries and `prompt_cache_bytes`, default 1 GiB; each entry is a contiguous
                copy of its tokens' KV, `BatchKVCache.extract`): the tokens the trial's workload leaves there ×
@@ -56,7 +56,7 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                of one request prefilling the longest prompt alone (the warm-up, or a cold request) and, over
                the `live_windows`, min(size, max_batch) requests prefilling the window's longest uncached rest
                together (chunk = that rest, scores against the longest prompt as keys). Counting whole prompts
-               for every live sequence measured +13.6 % at 8 in flight (issue 15).
+               for every live sequence measured +13.6 % at 8 in flight.
   baseline     the runtime's own footprint: the RSS of a bare child that imports what `macprovider serve`
                imports (MLX, mlx-lm, the HTTP server) and allocates nothing, measured once per machine and
                runtime (`autotune.memory.runtime_baseline_bytes`, cached in the config directory); the fleet in

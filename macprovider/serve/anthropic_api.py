@@ -1,5 +1,5 @@
 """`/v1/messages` and `/v1/messages/count_tokens` (Anthropic Messages API) as a translation onto the
-request/stream core (SPEC.md §3.6).
+request/stream core (docs/api.md).
 
     prepare(data, model_id) -> (Turn, AnthropicSurface)
     AnthropicSurface.events(generation)   `event: <type>` SSE: message_start, ping, per block

@@ -1,4 +1,4 @@
-"""Anthropic Messages API shapes (SPEC.md §3.6; docs.anthropic.com "Messages" and "Streaming Messages").
+"""Anthropic Messages API shapes (docs/api.md; docs.anthropic.com "Messages" and "Streaming Messages").
 Pure: no sockets, no engine.
 
     parse_request(dict, count_only) -> MessagesRequest   400 naming the parameter (`messages.0.content.1.type`);

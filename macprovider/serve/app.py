@@ -1,4 +1,4 @@
-"""The HTTP layer of `macprovider serve` (SPEC.md §3.2–§3.5): routes, SSE, auth/Host/Origin checks, limits,
+"""The HTTP layer of `macprovider serve` (docs/api.md#routes, #security): routes, SSE, auth/Host/Origin checks, limits,
 disconnect → cancel, the relay from engine chunks to OpenAI objects. The process lifecycle (uvicorn, background load, drain,
 watchdog) lives in `macprovider.serve.runtime`.
 
@@ -84,7 +84,7 @@ def _error_response(exc: ApiError, path: str = "") -> Response:
 
 
 class HostOriginGuard:
-    """403 `forbidden_host` for a non-loopback Host on a loopback bind (DNS rebinding, SPEC.md §3.5) and
+    """403 `forbidden_host` for a non-loopback Host on a loopback bind (DNS rebinding, docs/api.md#security) and
     403 `forbidden_origin` for a cross-site Origin (not configured, and not loopback on a loopback bind)."""
 
     def __init__(self, app: ASGIApp, settings: Settings):

@@ -1,4 +1,4 @@
-"""The one request/stream core under every API surface (SPEC.md §3.6): OpenAI chat and completions, the
+"""The one request/stream core under every API surface (docs/api.md): OpenAI chat and completions, the
 Responses API and the Anthropic Messages API are thin translations onto it, so sampling, stop handling, tool
 parsing and constrained decoding exist once.
 

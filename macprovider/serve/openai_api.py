@@ -1,4 +1,4 @@
-"""`/v1/chat/completions` and `/v1/completions` as translations onto the request/stream core (SPEC.md §3.3).
+"""`/v1/chat/completions` and `/v1/completions` as translations onto the request/stream core (docs/api.md#chat-completions).
 
     prepare_chat(data, model_id) / prepare_completion(data, model_id) -> (Turn, OpenAISurface)
     OpenAISurface.events(generation)    SSE: role chunk (chat), content and tool-call chunks, the finish
@@ -21,7 +21,7 @@ from macprovider.serve.core import Generation, Turn
 
 
 def check_model(model: str, model_id: str) -> None:
-    """404 `model_not_found` unless `model` names the loaded model (SPEC.md §3.3)."""
+    """404 `model_not_found` unless `model` names the loaded model (docs/api.md#chat-completions)."""
     if model != model_id:
         raise ApiError(404, "model_not_found", f"the model {model!r} is not served here; this server serves {model_id!r}", param="model")
 
@@ -49,7 +49,7 @@ def _include_usage(body: Any) -> bool:
 
 
 class OpenAISurface:
-    """Turns a Generation's deltas into OpenAI chat or text-completion objects (SPEC.md §3.3)."""
+    """Turns a Generation's deltas into OpenAI chat or text-completion objects (docs/api.md#chat-completions)."""
 
     def __init__(self, model: str, *, chat: bool, streaming: bool, include_usage: bool):
         self.model = model
@@ -63,7 +63,7 @@ class OpenAISurface:
 
     @staticmethod
     def error_response(exc: ApiError) -> Response:
-        """The OpenAI error envelope (SPEC.md §3.4)."""
+        """The OpenAI error envelope (docs/api.md#errors)."""
         return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
     def _logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:

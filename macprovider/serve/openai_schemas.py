@@ -1,4 +1,4 @@
-"""OpenAI request/response shapes and the error envelope (SPEC.md §3.3, §3.4). Pure: no sockets, no engine.
+"""OpenAI request/response shapes and the error envelope (docs/api.md#chat-completions, #errors). Pure: no sockets, no engine.
 
 Requests are validated by strict pydantic models (a string is not a number, `true` is not an integer,
 every integer and float has both bounds). Unknown fields are ignored, but a *known* feature this provider
@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 from macprovider.engine.protocol import GenerationRequest, TokenLogprob, Usage
 from macprovider.errors import ApiError
 
-# Bounds of request integers (SPEC.md §3.5: every integer has a lower and an upper bound).
+# Bounds of request integers (docs/api.md#security: every integer has a lower and an upper bound).
 MAX_TOKENS_LIMIT = 10_000_000  # same ceiling as the max_context_override setting
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # OpenAI allows int64; MLX keys take uint64 (negatives wrap)
 MAX_STOP_STRINGS = 4
@@ -149,7 +149,7 @@ class _Sampling(StrictRequest):
 
 
 class ChatCompletionRequest(_Sampling):
-    """POST /v1/chat/completions body (SPEC.md §3.3)."""
+    """POST /v1/chat/completions body (docs/api.md#chat-completions)."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: TokenCount | None = None
@@ -355,7 +355,7 @@ def normalize_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- errors
 def context_length_error(n_prompt: int, n_ctx: int, param: str) -> ApiError:
-    """413 `context_length_exceeded` with the exact SPEC.md §3.4 message and `n_prompt_tokens`, `n_ctx`."""
+    """413 `context_length_exceeded` with the exact docs/api.md#errors message and `n_prompt_tokens`, `n_ctx`."""
     return ApiError(
         413,
         "context_length_exceeded",

@@ -1,4 +1,4 @@
-"""Serve preflight: every check that can fail before a model loads (SPEC.md §2, §3.5, §4).
+"""Serve preflight: every check that can fail before a model loads (docs/configuration.md, docs/api.md#security, README.md#models).
 
 `plan_serve` turns resolved settings into a `ServePlan` or raises a MacproviderError whose one line
 names the setting, the value and its source. It reads the model's config.json (cheap) but never loads

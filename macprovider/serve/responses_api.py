@@ -1,4 +1,4 @@
-"""`/v1/responses` (OpenAI Responses API) as a translation onto the request/stream core (SPEC.md §3.6).
+"""`/v1/responses` (OpenAI Responses API) as a translation onto the request/stream core (docs/api.md).
 
     ResponseStore(max_count, max_bytes)        recent responses for GET/DELETE and `previous_response_id`;
                                                bounded by count and by bytes, the oldest evicted first

@@ -1,4 +1,4 @@
-"""OpenAI Responses API shapes (SPEC.md §3.6; the `CreateResponse`, `Response`, `OutputItem` and
+"""OpenAI Responses API shapes (docs/api.md; the `CreateResponse`, `Response`, `OutputItem` and
 `Response*Event` schemas of OpenAI's OpenAPI document). Pure: no sockets, no engine.
 
     parse_request(dict) -> ResponsesRequest        400 invalid_request naming the parameter

@@ -1,4 +1,4 @@
-"""The process lifecycle of `macprovider serve` (SPEC.md §3.1): the app under uvicorn, the model loaded on a
+"""The process lifecycle of `macprovider serve` (docs/api.md#engine-semantics): the app under uvicorn, the model loaded on a
 background thread, a watchdog on the generation thread, and the drain on SIGTERM/SIGINT.
 
     ServeRuntime(engine_or_fleet, settings, api_key).run() -> int   uvicorn + background load + watchdog + drain
@@ -23,7 +23,7 @@ from macprovider.serve.fleet import ServeFleet
 log = logging.getLogger("macprovider.serve.app")
 
 CANCEL_GRACE_S = 5.0  # after cancel_all, how long streams get to send their final error event
-# Connection limits (issue 14; README "Connections"). uvicorn's h11 protocol closes a connection idle
+# Connection limits (docs/api.md#limits). uvicorn's h11 protocol closes a connection idle
 # *between* requests after timeout_keep_alive, but waits forever for the head of a request, so one byte a
 # second (slowloris) or a connection that never speaks holds a socket for good: REQUEST_HEAD_TIMEOUT_S bounds
 # the time from connect / the end of the previous response to a complete request head.
@@ -146,7 +146,7 @@ def raise_open_file_limit(wanted: int = 4 * CONNECTION_LIMIT) -> int:
 
 class ServeRuntime:
     """One serving process: the app under uvicorn, the engine loaded on a background thread, a watchdog on
-    the generation thread, and the drain on SIGTERM/SIGINT (SPEC.md §3.1).
+    the generation thread, and the drain on SIGTERM/SIGINT (docs/api.md#engine-semantics).
 
     Exit codes from `run()`: 0 after a signal-initiated drain, 1 when loading failed, the generation
     thread died, or the address could not be bound. `started` is set once the socket listens (`port` is

@@ -1,4 +1,4 @@
-"""The rolling, content-free record of request shapes `autotune --workload recorded` replays (SPEC.md §5.6b).
+"""The rolling, content-free record of request shapes `autotune --workload recorded` replays (docs/autotune.md#objectives-and-workloads).
 
 `WorkloadRecorder(path).track(handle, ...)` wraps an engine handle: when the request's final chunk arrives
 it appends one `macprovider.workload.RequestShape` (token counts, the cached prefix the engine reused,
