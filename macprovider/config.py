@@ -71,7 +71,6 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     kv_bits: Literal[4, 8] | None = None
-    kv_quantized_start: int = 0
     max_context_override: int | None = None
     max_concurrency_override: int = 1
     max_queue_depth: int = 64
@@ -91,12 +90,6 @@ class Settings(BaseModel):
     parallel: Literal["pipeline", "tensor"] | None = None
     hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
     rank_timeout_s: float = 60.0
-
-    @property
-    def queue_depth(self) -> int:
-        """Requests that may wait for a batch slot before 429: `max_queue_depth` (docs/api.md#engine-semantics, default 64; a
-        queued request holds only its token ids — Ollama's OLLAMA_MAX_QUEUE default is 512)."""
-        return self.max_queue_depth
 
 
 @dataclass(frozen=True)
@@ -317,7 +310,6 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("host", "MACPROVIDER_HOST", _text, "--host"),
     SettingSpec("port", "MACPROVIDER_PORT", _int_in(1, 65535), "--port"),
     SettingSpec("kv_bits", "MACPROVIDER_KV_BITS", _optional(_kv_bits), "--kv-bits"),
-    SettingSpec("kv_quantized_start", "MACPROVIDER_KV_QUANTIZED_START", _int_in(0)),
     SettingSpec(
         "max_context_override", "MACPROVIDER_MAX_CONTEXT_OVERRIDE", _optional(_int_in(1, 10_000_000)), "--max-context"
     ),

@@ -32,7 +32,7 @@ def test_precedence_cli_over_env_over_yaml_over_default(isolated_env):
     assert resolved.sources["max_concurrency_override"] == f"yaml:{path}"
     assert resolved.sources["host"] == "default"
     assert (s.max_context_override, resolved.sources["max_context_override"]) == (50_000, "ram-tier")
-    assert s.queue_depth == 64  # docs/api.md#engine-semantics: not tied to max-batch
+    assert s.max_queue_depth == 64  # docs/api.md#engine-semantics: not tied to max-batch
 
 
 @pytest.mark.parametrize("ram, expected", [(8, 20_000), (12, 20_000), (16, 50_000), (24, 50_000), (32, 120_000), (48, 120_000), (64, 200_000)])

@@ -5,7 +5,7 @@ This is the only serve-path module that imports MLX (docs/architecture.md#thread
 - Continuous batching (docs/api.md#engine-semantics): up to `max_batch` sequences are decoded together by
   `mlx_lm.generate.BatchGenerator`; a new request is inserted into the running batch as soon as a slot is
   free (its prompt is prefilled in chunks interleaved with the running decode steps). Further requests
-  wait in a FIFO of `queue_depth`; beyond that `submit` raises 429 with Retry-After.
+  wait in a FIFO of `max_queue_depth`; beyond that `submit` raises 429 with Retry-After.
 - kv-bits: every sequence gets `kvcache.QuantizedKVCache` layers, which merge into a
   `kvcache.BatchQuantizedKVCache` — quantized from the first token, and batching stays on.
 - max-context C: a prompt longer than C is refused (413); `max_tokens` is clamped to C − prompt tokens,
@@ -75,7 +75,7 @@ class Engine:
         self.max_batch = settings.max_concurrency_override
         self.kv_bits = settings.kv_bits
         self.weights_dtype = settings.weights_dtype  # the setting; after load(), what was applied
-        self.queue_depth = settings.queue_depth
+        self.max_queue_depth = settings.max_queue_depth
         # Prefix reuse is per rank and byte-bounded: ranks holding different layers would evict differently.
         self.prompt_cache_bytes = settings.prompt_cache_bytes if lockstep is None else 0
         # Its disk tier (engine/disk_cache.py) sits under the memory tier: off with it (prompt_cache_bytes 0 means
@@ -243,11 +243,11 @@ class Engine:
         if request.grammar is not None and not self._grammar_ok:
             raise ApiError(400, "invalid_request", "this model's tokenizer does not support response_format (constrained decoding needs a fast tokenizer)", param="response_format")
         with self._lock:
-            if not internal and self._admitted >= self.max_batch + self.queue_depth:
+            if not internal and self._admitted >= self.max_batch + self.max_queue_depth:
                 raise ApiError(
                     429,
                     "rate_limit_exceeded",
-                    f"all {self.max_batch} batch slots and {self.queue_depth} queue places are taken; retry shortly",
+                    f"all {self.max_batch} batch slots and {self.max_queue_depth} queue places are taken; retry shortly",
                     headers={"Retry-After": "1"},
                 )
             self._admitted += 1
