@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -342,7 +343,7 @@ class Paths:
     cache_dir: Path = Path(".cache/macprovider")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Paths":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Paths:
         env = os.environ if env is None else env
         home = Path(env.get("HOME") or Path.home())
         base = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"

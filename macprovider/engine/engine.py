@@ -34,17 +34,26 @@ import threading
 import time
 from typing import Any
 
-from macprovider.engine.isolation import fault_report, guard, record_fault
 from macprovider.engine.distributed import FAILURE_ANNOUNCE_S, Lockstep, LockstepBatch, SamplerSpec, follow
+from macprovider.engine.isolation import fault_report, guard, record_fault
 from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, ServePlan, TokenLogprob
-from macprovider.errors import ApiError, ModelError
 from macprovider.engine.sequence import OutputText, SequenceHandle, SequenceState
+from macprovider.errors import ApiError, ModelError
 
 log = logging.getLogger("macprovider.engine.engine")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback piece
 
 # Text of end-of-turn tokens of common chat formats; any of them in the vocabulary ends generation.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>", "<|return|>")
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+    "<|return|>",
+)
 PROMPT_CACHE_ENTRIES = 64
 # Fewer shared tokens than this are not worth a wait: chat templates alone share their opening tokens.
 SHARED_PREFIX_MIN_TOKENS = 32
@@ -118,7 +127,11 @@ class Engine:
             self._state = "ready"
         log.info(
             "engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s weights=%s",
-            self.model_id, self.max_batch, self.max_context, self.kv_bits, self.weights_dtype,
+            self.model_id,
+            self.max_batch,
+            self.max_context,
+            self.kv_bits,
+            self.weights_dtype,
         )
 
     def _self_test(self) -> None:
@@ -188,7 +201,12 @@ class Engine:
 
                     tokens = tokenizer.encode(convert_chat(messages))
         except Exception as exc:  # jinja raises for e.g. roles the template does not accept
-            raise ApiError(400, "invalid_request", f"the model's chat template rejected the messages: {_describe(exc)}", param="messages") from None
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"the model's chat template rejected the messages: {_describe(exc)}",
+                param="messages",
+            ) from None
         return list(tokens)
 
     @property
@@ -241,7 +259,12 @@ class Engine:
         if not prompt:
             raise ApiError(400, "invalid_request", "the prompt is empty", param="messages")
         if request.grammar is not None and not self._grammar_ok:
-            raise ApiError(400, "invalid_request", "this model's tokenizer does not support response_format (constrained decoding needs a fast tokenizer)", param="response_format")
+            raise ApiError(
+                400,
+                "invalid_request",
+                "this model's tokenizer does not support response_format (constrained decoding needs a fast tokenizer)",
+                param="response_format",
+            )
         with self._lock:
             if not internal and self._admitted >= self.max_batch + self.max_queue_depth:
                 raise ApiError(
@@ -282,7 +305,12 @@ class Engine:
             state = self._state
             if state == "ready" and self._counters["active"] >= self.max_batch:
                 state = "busy"
-            if self._thread is not None and not self._thread.is_alive() and not self._stopping and self._loaded.is_set():
+            if (
+                self._thread is not None
+                and not self._thread.is_alive()
+                and not self._stopping
+                and self._loaded.is_set()
+            ):
                 state = "unavailable"
         if self.lockstep is not None and self._group_failed():
             state = "unavailable"
@@ -392,6 +420,7 @@ class Engine:
         from mlx_lm import load
         from mlx_lm.generate import BatchGenerator, make_stop_sequences
         from mlx_lm.models.cache import LRUPromptCache
+
         from macprovider.engine.kvcache import kv_group_size, make_cache_factory
 
         mx.set_cache_limit(MLX_CACHE_LIMIT_BYTES)
@@ -437,10 +466,17 @@ class Engine:
         self._prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=max(self.prompt_cache_bytes, 0))
         from macprovider.engine.disk_cache import model_revision, open_disk_cache
 
-        self._disk = open_disk_cache(self.prompt_cache_dir, self.prompt_cache_disk_bytes, {
-            "model": self.model_id, "revision": model_revision(self.model_path),
-            "weights_dtype": str(self.weights_dtype), "kv_bits": str(self.kv_bits), "kv_group_size": str(group_size),
-        })
+        self._disk = open_disk_cache(
+            self.prompt_cache_dir,
+            self.prompt_cache_disk_bytes,
+            {
+                "model": self.model_id,
+                "revision": model_revision(self.model_path),
+                "weights_dtype": str(self.weights_dtype),
+                "kv_bits": str(self.kv_bits),
+                "kv_group_size": str(group_size),
+            },
+        )
         self._batch = BatchGenerator(
             model,
             completion_batch_size=self.max_batch,
@@ -644,7 +680,9 @@ class Engine:
         if pieces is None:
             hf_tokenizer = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
             piece = hf_tokenizer.convert_ids_to_tokens(token)
-            pieces = self._token_pieces[token] = token_bytes(piece if isinstance(piece, str) else "", self._token_text(token))
+            pieces = self._token_pieces[token] = token_bytes(
+                piece if isinstance(piece, str) else "", self._token_text(token)
+            )
         return pieces
 
     def _token_logprob(self, token: int, logprobs: Any, top: int) -> TokenLogprob:
@@ -660,11 +698,22 @@ class Engine:
             values = row[ids]
             order = mx.argsort(-values)
             ids_list, values_list = ids[order].tolist(), values[order].tolist()
-            alternatives = tuple((self._token_text(i), float(v), self._token_bytes(i)) for i, v in zip(ids_list, values_list))
+            alternatives = tuple(
+                (self._token_text(i), float(v), self._token_bytes(i)) for i, v in zip(ids_list, values_list)
+            )
         return TokenLogprob(self._token_text(token), float(row[token].item()), alternatives, self._token_bytes(token))
 
-    def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None,
-                error_status: int = 500, error_param: str | None = None) -> None:
+    def _finish(
+        self,
+        sequence: SequenceState,
+        reason: str,
+        *,
+        error: str | None = None,
+        finished_by_batch: bool = False,
+        response: Any = None,
+        error_status: int = 500,
+        error_param: str | None = None,
+    ) -> None:
         """End a sequence: leave the batch (saving its KV for prefix reuse), send the final chunk."""
         if sequence.uid is not None and sequence.uid in self._active:
             del self._active[sequence.uid]
@@ -688,8 +737,16 @@ class Engine:
         with self._lock:
             self._admitted -= 1
         stop_sequence = sequence.output.stop_sequence if reason == "stop" else None
-        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error, stop_sequence=stop_sequence,
-                                                error_status=error_status, error_param=error_param))
+        sequence.handle.deliver(
+            GenerationChunk(
+                finish_reason=reason,
+                usage=sequence.usage(),
+                error=error,
+                stop_sequence=stop_sequence,
+                error_status=error_status,
+                error_param=error_param,
+            )
+        )
 
     def _fail_everything(self, message: str) -> None:
         for sequence in list(self._pending) + list(self._active.values()):
@@ -708,7 +765,11 @@ class Engine:
     def _publish_gauges(self) -> None:
         kv_bytes = self._batch.prompt_cache_nbytes if self._active else 0
         mx = self._mx
-        peak_memory, active_memory, cache_memory = int(mx.get_peak_memory()), int(mx.get_active_memory()), int(mx.get_cache_memory())
+        peak_memory, active_memory, cache_memory = (
+            int(mx.get_peak_memory()),
+            int(mx.get_active_memory()),
+            int(mx.get_cache_memory()),
+        )
         with self._lock:
             counters = self._counters
             counters["active"] = len(self._active)
@@ -775,7 +836,6 @@ def _describe(exc: BaseException) -> str:
     """A one-line, path-free description of an exception for logs and client messages."""
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{exc.__class__.__name__}: {text}"[:300] if text else exc.__class__.__name__
-
 
 
 def token_bytes(piece: str, text: str) -> bytes:

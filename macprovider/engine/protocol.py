@@ -14,10 +14,11 @@ Flow of one request:
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
@@ -263,7 +264,7 @@ class EmbeddingEngineProtocol(Protocol):
         of an id outside the vocabulary. Lengths are not checked here."""
         ...
 
-    def embed(self, token_lists: Sequence[Sequence[int]]) -> "Future[numpy.ndarray]":
+    def embed(self, token_lists: Sequence[Sequence[int]]) -> Future[numpy.ndarray]:
         """Queue the inputs for the engine's worker thread (batched with other requests' inputs); the future
         resolves to a float32 array (inputs, dimensions): one pooled (and, per the model, L2-normalized)
         vector per input, in order, or to

@@ -15,8 +15,9 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any
 
 from mlx_lm.generate import TextStateMachine
 
@@ -76,7 +77,7 @@ class SequenceHandle:
     Without a running event loop at creation (the engine's self-test), `wait()` collects synchronously.
     """
 
-    def __init__(self, on_cancel: Callable[["SequenceHandle"], None]):
+    def __init__(self, on_cancel: Callable[[SequenceHandle], None]):
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

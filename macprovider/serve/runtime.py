@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 from macprovider.config import Settings
 from macprovider.engine.protocol import EngineProtocol, ServePlan
@@ -57,7 +58,7 @@ def _uvicorn_server_class() -> Any:
         """uvicorn.Server whose signals start our drain instead of uvicorn's own shutdown, and which does not
         re-raise the captured signal after a graceful exit (uvicorn does, which would turn exit 0 into −15)."""
 
-        runtime: "ServeRuntime"
+        runtime: ServeRuntime
 
         @contextlib.contextmanager
         def capture_signals(self):  # type: ignore[override]
@@ -274,14 +275,19 @@ class ServeRuntime:
             others = f" (+{len(self.fleet.models) - 1} more on demand)" if len(self.fleet.models) > 1 else ""
             log.info(
                 "ready: serving %s%s at %s (max_batch=%d, max_context=%d, kv_bits=%s)",
-                primary.id, others, self.url, primary.max_batch, primary.max_context, primary.kv_bits,
+                primary.id,
+                others,
+                self.url,
+                primary.max_batch,
+                primary.max_context,
+                primary.kv_bits,
             )
 
     async def _wait_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self.state.idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def begin_shutdown(self, reason: str) -> None:
@@ -290,7 +296,12 @@ class ServeRuntime:
             return
         self.shutting_down = True
         self.state.draining = True
-        log.info("%s: draining, %d request(s) in flight (up to %g s)", reason, self.state.in_flight, self.settings.drain_timeout_s)
+        log.info(
+            "%s: draining, %d request(s) in flight (up to %g s)",
+            reason,
+            self.state.in_flight,
+            self.settings.drain_timeout_s,
+        )
         for engine in self._engines():
             try:
                 engine.start_draining()

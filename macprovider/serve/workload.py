@@ -15,9 +15,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from macprovider.workload import RECORD_LIMIT, RequestShape, shapes_jsonl
 
