@@ -1,6 +1,6 @@
 """macprovider: a local OpenAI-compatible inference provider on MLX.
 
-`__version__` is the `binary_version` of autotune reports and of the recipe hash (SPEC.md §5.9).
+`__version__` is the `binary_version` of autotune reports and of the recipe hash (docs/autotune.md#report).
 This module has no side effects and imports nothing heavy.
 """
 

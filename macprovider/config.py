@@ -1,4 +1,4 @@
-"""Configuration: one resolver, CLI flag > environment variable > YAML > built-in default (SPEC.md §2).
+"""Configuration: one resolver, CLI flag > environment variable > YAML > built-in default (docs/configuration.md).
 
 `resolve()` is the only place a setting's value is decided. It returns the frozen `Settings` together
 with where each value came from (`cli`, `env:NAME`, `yaml:PATH`, `default`, `ram-tier`), which
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -71,7 +72,6 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     kv_bits: Literal[4, 8] | None = None
-    kv_quantized_start: int = 0
     max_context_override: int | None = None
     max_concurrency_override: int = 1
     max_queue_depth: int = 64
@@ -91,12 +91,6 @@ class Settings(BaseModel):
     parallel: Literal["pipeline", "tensor"] | None = None
     hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
     rank_timeout_s: float = 60.0
-
-    @property
-    def queue_depth(self) -> int:
-        """Requests that may wait for a batch slot before 429: `max_queue_depth` (SPEC.md §3.1, default 64; a
-        queued request holds only its token ids — Ollama's OLLAMA_MAX_QUEUE default is 512)."""
-        return self.max_queue_depth
 
 
 @dataclass(frozen=True)
@@ -317,7 +311,6 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("host", "MACPROVIDER_HOST", _text, "--host"),
     SettingSpec("port", "MACPROVIDER_PORT", _int_in(1, 65535), "--port"),
     SettingSpec("kv_bits", "MACPROVIDER_KV_BITS", _optional(_kv_bits), "--kv-bits"),
-    SettingSpec("kv_quantized_start", "MACPROVIDER_KV_QUANTIZED_START", _int_in(0)),
     SettingSpec(
         "max_context_override", "MACPROVIDER_MAX_CONTEXT_OVERRIDE", _optional(_int_in(1, 10_000_000)), "--max-context"
     ),
@@ -342,7 +335,7 @@ SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
 
 @dataclass(frozen=True)
 class Paths:
-    """Where macprovider keeps its files, from `$HOME` and `$XDG_CONFIG_HOME` (SPEC.md §2)."""
+    """Where macprovider keeps its files, from `$HOME` and `$XDG_CONFIG_HOME` (docs/configuration.md)."""
 
     config_dir: Path
     config_file: Path
@@ -350,7 +343,7 @@ class Paths:
     cache_dir: Path = Path(".cache/macprovider")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Paths":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Paths:
         env = os.environ if env is None else env
         home = Path(env.get("HOME") or Path.home())
         base = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"
@@ -383,7 +376,7 @@ class ResolvedConfig:
 
 
 def default_max_context(ram_gb: float) -> int:
-    """Default max context (tokens) by physical RAM tier, SPEC.md §2: ≤12→20000, ≤24→50000, ≤48→120000."""
+    """Default max context (tokens) by physical RAM tier, docs/configuration.md: ≤12→20000, ≤24→50000, ≤48→120000."""
     if ram_gb <= 12:
         return 20_000
     if ram_gb <= 24:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import platform
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import psutil
 
@@ -100,5 +100,5 @@ class MachineFacts:
     os_version: str
 
     @classmethod
-    def detect(cls) -> "MachineFacts":
+    def detect(cls) -> MachineFacts:
         return cls(physical_ram_gb(), chip_name(), os_version())

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from macprovider.errors import ConfigError
 
@@ -56,7 +57,11 @@ def split_problem(config: Mapping[str, Any], world_size: int, parallel: str) -> 
         return None
     heads, kv_heads = get("num_attention_heads"), get("num_key_value_heads") or get("num_attention_heads")
     width = get("intermediate_size")
-    for name, value in (("attention heads", heads), ("key/value heads", kv_heads), ("MLP width (intermediate_size)", width)):
+    for name, value in (
+        ("attention heads", heads),
+        ("key/value heads", kv_heads),
+        ("MLP width (intermediate_size)", width),
+    ):
         if isinstance(value, int) and value % world_size:
             return f"{value} {name} are not divisible by {world_size}"
     return None
@@ -91,13 +96,29 @@ def layers_per_rank(n_layers: int, budgets_by_rank: Sequence[float]) -> list[int
     return split_layers(n_layers, list(budgets_by_rank)[::-1])[::-1]
 
 
-def launch_argv(hostfile: str, model: str, parallel: str, serve_args: Sequence[str], python: str, backend: str | None) -> list[str]:
+def launch_argv(
+    hostfile: str, model: str, parallel: str, serve_args: Sequence[str], python: str, backend: str | None
+) -> list[str]:
     """The `mlx.launch` command (the one beside this interpreter) that starts `python -m macprovider serve
     --model MODEL --parallel PARALLEL SERVE_ARGS…` on every host of `hostfile`, with `--backend` when given."""
     launcher = str(Path(sys.executable).parent / "mlx.launch")
     backend_args = ["--backend", backend] if backend else []
-    return [launcher, "--hostfile", hostfile, *backend_args, "--", python, "-m", "macprovider", "serve",
-            "--model", model, "--parallel", parallel, *serve_args]
+    return [
+        launcher,
+        "--hostfile",
+        hostfile,
+        *backend_args,
+        "--",
+        python,
+        "-m",
+        "macprovider",
+        "serve",
+        "--model",
+        model,
+        "--parallel",
+        parallel,
+        *serve_args,
+    ]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

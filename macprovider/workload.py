@@ -17,9 +17,10 @@ theirs.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 RECORD_VERSION = 1
 RECORD_LIMIT = 1000  # newest shapes kept in workload.jsonl
@@ -47,7 +48,7 @@ class RequestShape:
         return {"v": RECORD_VERSION, **asdict(self)}
 
     @classmethod
-    def from_record(cls, obj: Any, where: str) -> "RequestShape":
+    def from_record(cls, obj: Any, where: str) -> RequestShape:
         """Validate one JSON object. Raises WorkloadError naming `where` and the field."""
         if not isinstance(obj, dict):
             raise WorkloadError(f"{where}: a request shape must be a JSON object")

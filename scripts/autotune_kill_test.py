@@ -49,7 +49,11 @@ def kill_orphans(port: int) -> int:
     killed = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         argv = proc.info["cmdline"] or []
-        if "serve" in argv and "--port" in argv and argv[argv.index("--port") + 1 : argv.index("--port") + 2] == [str(port)]:
+        if (
+            "serve" in argv
+            and "--port" in argv
+            and argv[argv.index("--port") + 1 : argv.index("--port") + 2] == [str(port)]
+        ):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -68,8 +72,9 @@ def is_applied(text: str) -> bool:
 
     try:
         data = yaml.safe_load(text)
-        values = owned_values(data["model"], data.get("kv_bits"), data["max_concurrency_override"],
-                              data["max_context_override"])
+        values = owned_values(
+            data["model"], data.get("kv_bits"), data["max_concurrency_override"], data["max_context_override"]
+        )
     except Exception:  # noqa: BLE001 - unparsable or incomplete: torn
         return False
     return text == render_config(ORIGINAL, values)
@@ -93,9 +98,31 @@ def main() -> int:
     config.parent.mkdir()
 
     def argv(port: int) -> list[str]:
-        return [sys.executable, "-c", HIDE_FOREGROUND, "autotune", "--candidate-models", "kill/tiny", "--target-context",
-                "128", "--stage2-replicates", "1", "--kv-bits-axis", "unset,8", "--max-batch-axis", "1",
-                "--apply", "--config", str(config), "--db-path", str(db), "--port", str(port), "--retain-runs", "5"]
+        return [
+            sys.executable,
+            "-c",
+            HIDE_FOREGROUND,
+            "autotune",
+            "--candidate-models",
+            "kill/tiny",
+            "--target-context",
+            "128",
+            "--stage2-replicates",
+            "1",
+            "--kv-bits-axis",
+            "unset,8",
+            "--max-batch-axis",
+            "1",
+            "--apply",
+            "--config",
+            str(config),
+            "--db-path",
+            str(db),
+            "--port",
+            str(port),
+            "--retain-runs",
+            "5",
+        ]
 
     config.write_text(ORIGINAL)
     port = free_port()
@@ -141,12 +168,16 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - report, keep going
             reopened = f"FAILED {exc}"
             opened_fail += 1
-        print(f"run {i + 1:2d}: kill at {at:5.2f} s, {outcome}, orphans killed {orphans}, "
-              f"integrity_check {check}, store reopen {reopened}, config {state}")
+        print(
+            f"run {i + 1:2d}: kill at {at:5.2f} s, {outcome}, orphans killed {orphans}, "
+            f"integrity_check {check}, store reopen {reopened}, config {state}"
+        )
     runs = sqlite3.connect(db).execute("SELECT exit_reason, COUNT(*) FROM tune_runs GROUP BY exit_reason").fetchall()
-    print(f"\nsummary: {args.runs} runs; integrity_check failures {bad_db}; store reopen failures {opened_fail}; "
-          f"torn configs {torn}; config original {states['original']}, applied {states['applied']}; "
-          f"retained run rows by exit_reason {dict(runs)}")
+    print(
+        f"\nsummary: {args.runs} runs; integrity_check failures {bad_db}; store reopen failures {opened_fail}; "
+        f"torn configs {torn}; config original {states['original']}, applied {states['applied']}; "
+        f"retained run rows by exit_reason {dict(runs)}"
+    )
     return 1 if (bad_db or torn or opened_fail) else 0
 
 

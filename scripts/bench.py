@@ -75,18 +75,52 @@ class Server:
     """A server child process in its own process group; `stop()` kills the group."""
 
     def __init__(
-        self, kind: str, model: str, port: int, streams: int, kv_bits: int | None, env: dict[str, str],
+        self,
+        kind: str,
+        model: str,
+        port: int,
+        streams: int,
+        kv_bits: int | None,
+        env: dict[str, str],
         weights_dtype: str | None = None,
     ):
         self.kind, self.port = kind, port
         if kind.startswith("ours"):
-            argv = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(port), "--max-batch", str(streams), "--log-level", "warning"]
+            argv = [
+                sys.executable,
+                "-m",
+                "macprovider",
+                "serve",
+                "--model",
+                model,
+                "--port",
+                str(port),
+                "--max-batch",
+                str(streams),
+                "--log-level",
+                "warning",
+            ]
             if kv_bits:
                 argv += ["--kv-bits", str(kv_bits)]
             if weights_dtype:
                 argv += ["--weights-dtype", weights_dtype]
         else:
-            argv = [sys.executable, "-m", "mlx_lm", "server", "--model", model, "--port", str(port), "--decode-concurrency", str(streams), "--prompt-concurrency", str(streams), "--log-level", "WARNING"]
+            argv = [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "server",
+                "--model",
+                model,
+                "--port",
+                str(port),
+                "--decode-concurrency",
+                str(streams),
+                "--prompt-concurrency",
+                str(streams),
+                "--log-level",
+                "WARNING",
+            ]
             if kv_bits:
                 argv += ["--kv-bits", str(kv_bits), "--quantized-kv-start", "0"]
         self.log = tempfile.TemporaryFile()
@@ -105,22 +139,29 @@ class Server:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.kind} server not listening after {timeout:.0f} s (--ready-timeout)") from None
+                    raise RuntimeError(
+                        f"{self.kind} server not listening after {timeout:.0f} s (--ready-timeout)"
+                    ) from None
                 time.sleep(0.25)  # polling the port of a starting child process
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         while True:  # ours listens while it loads and answers 503 model_not_loaded until then
             try:
                 response = httpx.post(
-                    f"http://127.0.0.1:{self.port}/v1/chat/completions", json=body,
+                    f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                    json=body,
                     timeout=httpx.Timeout(max(1.0, deadline - time.monotonic()), connect=10),
                 )
             except httpx.HTTPError as exc:
                 self._check_alive()
-                raise RuntimeError(f"{self.kind} server: no first completion within {timeout:.0f} s (--ready-timeout): {exc!r}") from None
+                raise RuntimeError(
+                    f"{self.kind} server: no first completion within {timeout:.0f} s (--ready-timeout): {exc!r}"
+                ) from None
             if response.status_code == 200:
                 return
             if response.status_code != 503 or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.kind} server: first completion answered {response.status_code}: {response.text[:500]}")
+                raise RuntimeError(
+                    f"{self.kind} server: first completion answered {response.status_code}: {response.text[:500]}"
+                )
             self._check_alive()
             time.sleep(0.5)  # polling a loading server
 
@@ -169,7 +210,9 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
     return {"start": start, "chunk_times": chunk_times, "tokens": tokens, "end": time.perf_counter()}
 
 
-async def measure_burst(client: httpx.AsyncClient, url: str, model: str, streams: int, prompt: str, max_tokens: int) -> dict:
+async def measure_burst(
+    client: httpx.AsyncClient, url: str, model: str, streams: int, prompt: str, max_tokens: int
+) -> dict:
     """`streams` identical streamed requests at once: wall seconds, aggregate tokens/s, TTFT median (ms)."""
     tic = time.perf_counter()
     results = await asyncio.gather(*(stream_one(client, url, model, prompt, max_tokens) for _ in range(streams)))
@@ -182,7 +225,16 @@ async def measure_burst(client: httpx.AsyncClient, url: str, model: str, streams
     }
 
 
-async def measure(server: Server, model: str, streams: int, prompt_words: int, max_tokens: int, round_index: int, single_repeats: int, burst: bool = False) -> dict:
+async def measure(
+    server: Server,
+    model: str,
+    streams: int,
+    prompt_words: int,
+    max_tokens: int,
+    round_index: int,
+    single_repeats: int,
+    burst: bool = False,
+) -> dict:
     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
     prompt = lambda i: f"Request {round_index}-{i}. " + FILLER * max(1, prompt_words // 16)  # noqa: E731
     async with httpx.AsyncClient(timeout=600) as client:
@@ -227,7 +279,9 @@ async def measure(server: Server, model: str, streams: int, prompt_words: int, m
         "aggregate_tps": sum(r["tokens"] for r in results) / wall,
         "ttft_median_ms": statistics.median(ttfts) if ttfts else float("nan"),
         "ttft_p95_ms": p95(ttfts) if ttfts else float("nan"),
-        "health_p99_ms": sorted(health_latencies)[max(0, math.ceil(0.99 * len(health_latencies)) - 1)] if health_latencies else None,
+        "health_p99_ms": sorted(health_latencies)[max(0, math.ceil(0.99 * len(health_latencies)) - 1)]
+        if health_latencies
+        else None,
         "peak_kv_cache_bytes": (health or {}).get("engine", {}).get("peak_kv_cache_bytes"),
         "completion_tokens": sum(r["tokens"] for r in results),
         **burst_figures,
@@ -242,7 +296,12 @@ async def probe_kv_bytes(server: Server, model: str, prompts: int, prompt_tokens
 
     async def one(client: httpx.AsyncClient, words: int, max_tokens: int = 8, tag: int = -1) -> int:
         text = f"Request {tag}: " + " ".join(filler[i % len(filler)] for i in range(words))
-        body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         response = await client.post(url, json=body)
         response.raise_for_status()
         return response.json()["usage"]["prompt_tokens"]
@@ -263,8 +322,23 @@ def build_models(hf_home: Path, names: list[str], dtype: str) -> dict[str, str]:
     from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
     specs = {
-        "tiny": TinyModelSpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256, dtype=dtype),
-        "small": TinyModelSpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512, vocab_size=2048, dtype=dtype),
+        "tiny": TinyModelSpec(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=256,
+            dtype=dtype,
+        ),
+        "small": TinyModelSpec(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=512,
+            vocab_size=2048,
+            dtype=dtype,
+        ),
     }
     ids = {}
     for name in names:
@@ -279,20 +353,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="benchmark this cached model id or local directory instead of built ones")
     parser.add_argument("--models", default="tiny,small", help="built models to run: tiny,small")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weights of built models")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weights of built models"
+    )
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams (and --max-batch of ours)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per server (medians reported)")
     parser.add_argument("--single-repeats", type=int, default=3, help="single-stream requests per round (median)")
     parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache on both servers")
-    parser.add_argument("--probe-prompts", type=int, default=4, help="kv-bits mode: concurrent prompts of the KV-bytes probe")
-    parser.add_argument("--probe-prompt-tokens", type=int, default=600, help="kv-bits mode: tokens per probe prompt")
-    parser.add_argument("--ready-timeout", type=float, default=900, help="seconds a server may take to listen and answer its first 1-token completion")
-    parser.add_argument("--weights-dtype", help="ours: serve --weights-dtype (default: serve's own, auto)")
-    parser.add_argument("--burst", action="store_true", help="also send --streams identical cold prompts at once (shared-prefix burst)")
     parser.add_argument(
-        "--compare-weights-dtype", metavar="DTYPE",
+        "--probe-prompts", type=int, default=4, help="kv-bits mode: concurrent prompts of the KV-bytes probe"
+    )
+    parser.add_argument("--probe-prompt-tokens", type=int, default=600, help="kv-bits mode: tokens per probe prompt")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=900,
+        help="seconds a server may take to listen and answer its first 1-token completion",
+    )
+    parser.add_argument("--weights-dtype", help="ours: serve --weights-dtype (default: serve's own, auto)")
+    parser.add_argument(
+        "--burst", action="store_true", help="also send --streams identical cold prompts at once (shared-prefix burst)"
+    )
+    parser.add_argument(
+        "--compare-weights-dtype",
+        metavar="DTYPE",
         help="also run ours with serve --weights-dtype DTYPE (e.g. native: the checkpoint's quantized weights) and print ours / that",
     )
     args = parser.parse_args()
@@ -318,8 +404,16 @@ def main() -> int:
             "prompt_words": args.prompt_words,
             "kv_bits": args.kv_bits,
             "dtype": None if args.model else args.dtype,
-            "weights_dtype": {"ours": args.weights_dtype or "auto (serve default)", "ours_alt": args.compare_weights_dtype},
-            "environment": {"LD_PRELOAD": os.environ.get("LD_PRELOAD"), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "cpus": os.cpu_count()},
+            "weights_dtype": {
+                "ours": args.weights_dtype or "auto (serve default)",
+                "ours_alt": args.compare_weights_dtype,
+            },
+            "environment": {
+                "LD_PRELOAD": os.environ.get("LD_PRELOAD"),
+                "mlx": mx.__version__,
+                "mlx_lm": mlx_lm.__version__,
+                "cpus": os.cpu_count(),
+            },
             "models": {},
         }
         for name, model_id in models.items():
@@ -331,27 +425,55 @@ def main() -> int:
                     server = Server(kind, model_id, free_port(), args.streams, bits, env, dtype)
                     try:
                         server.wait_ready(model_id, args.ready_timeout)
-                        samples[kind].append(asyncio.run(measure(server, model_id, args.streams, args.prompt_words, args.max_tokens, round_index, args.single_repeats, args.burst)))
-                        print(f"round {round_index} {kind}: {json.dumps(samples[kind][-1])}", flush=True)  # kept if the run is cut short
+                        samples[kind].append(
+                            asyncio.run(
+                                measure(
+                                    server,
+                                    model_id,
+                                    args.streams,
+                                    args.prompt_words,
+                                    args.max_tokens,
+                                    round_index,
+                                    args.single_repeats,
+                                    args.burst,
+                                )
+                            )
+                        )
+                        print(
+                            f"round {round_index} {kind}: {json.dumps(samples[kind][-1])}", flush=True
+                        )  # kept if the run is cut short
                     finally:
                         server.stop()
             summary = {}
             for kind, runs in samples.items():
-                summary[kind] = {key: statistics.median([r[key] for r in runs if r[key] is not None]) if any(r[key] is not None for r in runs) else None for key in runs[0]}
+                summary[kind] = {
+                    key: statistics.median([r[key] for r in runs if r[key] is not None])
+                    if any(r[key] is not None for r in runs)
+                    else None
+                    for key in runs[0]
+                }
             compared = ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms")
             if args.burst:
                 compared += ("burst_wall_s", "burst_aggregate_tps", "burst_ttft_median_ms")
             ratios = {key: summary["ours"][key] / summary["peer"][key] for key in compared if summary["peer"][key]}
             entry = {**summary, "ratios_ours_over_peer": ratios}
-            print(f"\n== {name} ({model_id}) streams={args.streams} kv_bits={args.kv_bits or 'unset'} rounds={args.rounds}")
+            print(
+                f"\n== {name} ({model_id}) streams={args.streams} kv_bits={args.kv_bits or 'unset'} rounds={args.rounds}"
+            )
             print(f"{'metric':<22}{'ours':>12}{'mlx_lm.server':>16}{'ours/peer':>12}")
             for key in compared:
-                print(f"{key:<22}{summary['ours'][key]:>12.1f}{summary['peer'][key]:>16.1f}{ratios.get(key, float('nan')):>12.2f}")
-            print(f"health p99 (ours, during {args.streams} streams): {summary['ours']['health_p99_ms']:.1f} ms; peak KV bytes (ours): {summary['ours']['peak_kv_cache_bytes']}")
+                print(
+                    f"{key:<22}{summary['ours'][key]:>12.1f}{summary['peer'][key]:>16.1f}{ratios.get(key, float('nan')):>12.2f}"
+                )
+            print(
+                f"health p99 (ours, during {args.streams} streams): {summary['ours']['health_p99_ms']:.1f} ms; peak KV bytes (ours): {summary['ours']['peak_kv_cache_bytes']}"
+            )
             if args.compare_weights_dtype:
                 alt = summary["ours_alt"]
                 entry["weights_dtype_ratio"] = {
-                    key: summary["ours"][key] / alt[key] for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms") if alt[key]
+                    key: summary["ours"][key] / alt[key]
+                    for key in ("single_decode_tps", "aggregate_tps", "ttft_median_ms")
+                    if alt[key]
                 }
                 print(
                     f"ours weights {args.weights_dtype or 'auto'} / ours weights {args.compare_weights_dtype}: single-stream decode "
@@ -370,10 +492,15 @@ def main() -> int:
                     server = Server(kind, model_id, free_port(), args.probe_prompts, bits, env, args.weights_dtype)
                     try:
                         server.wait_ready(model_id, args.ready_timeout)
-                        probes[kind] = asyncio.run(probe_kv_bytes(server, model_id, args.probe_prompts, args.probe_prompt_tokens))
+                        probes[kind] = asyncio.run(
+                            probe_kv_bytes(server, model_id, args.probe_prompts, args.probe_prompt_tokens)
+                        )
                     finally:
                         server.stop()
-                entry["kv_bytes_probe"] = {**probes, "ratio": probes["ours"]["peak_kv_cache_bytes"] / probes["ours_full"]["peak_kv_cache_bytes"]}
+                entry["kv_bytes_probe"] = {
+                    **probes,
+                    "ratio": probes["ours"]["peak_kv_cache_bytes"] / probes["ours_full"]["peak_kv_cache_bytes"],
+                }
                 print(
                     f"ours kv-bits {args.kv_bits} / ours full precision: single-stream decode "
                     f"{entry['kv_bits_over_full']['single_decode_tps']:.2f}x ({summary['ours']['single_decode_tps']:.1f} vs {full['single_decode_tps']:.1f} tok/s), "

@@ -32,7 +32,9 @@ async def run(engine, prompt, n_free: int, n_constrained: int, tokens: int, gram
     from macprovider.engine.protocol import GenerationRequest
 
     async def one(g):
-        handle = engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=tokens, temperature=0.8, seed=7, grammar=g))
+        handle = engine.submit(
+            GenerationRequest(prompt_tokens=prompt, max_tokens=tokens, temperature=0.8, seed=7, grammar=g)
+        )
         chunks = [c async for c in handle]
         usage = chunks[-1].usage
         return g is not None, usage.generation_ms / max(1, usage.generated_tokens - 1), usage.generated_tokens
@@ -59,16 +61,30 @@ def main() -> None:
         from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
         source = Path(tmp) / "src"
-        build_model_files(source, TinyModelSpec(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.hidden * 2))
+        build_model_files(
+            source,
+            TinyModelSpec(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.hidden * 2),
+        )
         model = "bench/constrained-llama"
         install_in_hub_cache(source, model, Path(tmp) / "hub")
 
     from macprovider import config as cfg
+    from macprovider.engine.constrained import grammar_for
     from macprovider.engine.engine import Engine
     from macprovider.serve.preflight import plan_serve
-    from macprovider.engine.constrained import grammar_for
 
-    engine = Engine(plan_serve(cfg.resolve({"model": model, "max_context_override": 2048, "max_concurrency_override": args.batch, "prompt_cache_bytes": 0})))
+    engine = Engine(
+        plan_serve(
+            cfg.resolve(
+                {
+                    "model": model,
+                    "max_context_override": 2048,
+                    "max_concurrency_override": args.batch,
+                    "prompt_cache_bytes": 0,
+                }
+            )
+        )
+    )
     engine.load()
     grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "b", "schema": SCHEMA}})
     prompt = engine.encode_chat([{"role": "user", "content": "List a few things about the sea as JSON"}])
@@ -76,7 +92,7 @@ def main() -> None:
     asyncio.run(run(engine, prompt, 1, 1, 8, grammar))  # warm-up (builds the llguidance tokenizer)
     free_a, free_b, constrained_b, constrained_tokens = [], [], [], []
     for _ in range(args.repeats):
-        for is_c, ms, _n in asyncio.run(run(engine, prompt, args.batch, 0, args.tokens, grammar)):
+        for _is_c, ms, _n in asyncio.run(run(engine, prompt, args.batch, 0, args.tokens, grammar)):
             free_a.append(ms)
         for is_c, ms, n in asyncio.run(run(engine, prompt, args.batch - half, half, args.tokens, grammar)):
             (constrained_b if is_c else free_b).append(ms)
@@ -84,16 +100,23 @@ def main() -> None:
                 constrained_tokens.append(n)
     engine.close()
     a, fb, cb = statistics.median(free_a), statistics.median(free_b), statistics.median(constrained_b)
-    print(json.dumps({
-        "model": model, "batch": args.batch, "tokens": args.tokens,
-        "A_unconstrained_ms_per_token": round(a, 3),
-        "B_unconstrained_ms_per_token": round(fb, 3),
-        "B_constrained_ms_per_token": round(cb, 3),
-        "B_constrained_tokens_median": statistics.median(constrained_tokens),
-        "ratio_constrained_vs_A": round(cb / a, 3),
-        "ratio_B_unconstrained_vs_A": round(fb / a, 3),
-        "target_ratio": 1.5,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": model,
+                "batch": args.batch,
+                "tokens": args.tokens,
+                "A_unconstrained_ms_per_token": round(a, 3),
+                "B_unconstrained_ms_per_token": round(fb, 3),
+                "B_constrained_ms_per_token": round(cb, 3),
+                "B_constrained_tokens_median": statistics.median(constrained_tokens),
+                "ratio_constrained_vs_A": round(cb / a, 3),
+                "ratio_B_unconstrained_vs_A": round(fb / a, 3),
+                "target_ratio": 1.5,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,19 @@ def start(model: str, ranks: int, parallel: str, port: int, log: Path) -> subpro
     serve = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(port)]
     if ranks > 1:
         launch = str(Path(sys.executable).parent / "mlx.launch")
-        serve = [launch, "-n", str(ranks), "--backend", "ring", "-p", str(free_port()), "--", *serve, "--parallel", parallel]
+        serve = [
+            launch,
+            "-n",
+            str(ranks),
+            "--backend",
+            "ring",
+            "-p",
+            str(free_port()),
+            "--",
+            *serve,
+            "--parallel",
+            parallel,
+        ]
     return subprocess.Popen(serve, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -76,8 +88,14 @@ def one_request(client: openai.OpenAI, model: str, max_tokens: int) -> tuple[str
     first = None
     text = ""
     usage = None
-    stream = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=max_tokens, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=PROMPT,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
@@ -154,11 +172,24 @@ def main() -> int:
         }
         results.append(row)
         control = f"{row['control_round_ms']:.3f} ms" if row["control_round_ms"] is not None else "-"
-        print(f"ranks={ranks} decode={row['decode_tok_s']:.1f} tok/s ttft={row['ttft_s'] * 1000:.0f} ms control_round={control} "
-              f"bytes/token={row['bytes_per_token']['total']:.0f} rank0_active_mem={(row['rank0_active_memory_bytes'] or 0) / 2**20:.0f} MiB "
-              f"same_text={row['same_greedy_text']}", flush=True)
-    print("BENCH_JSON " + json.dumps({"model": args.model, "max_tokens": args.max_tokens, "activation_bytes": activation_bytes,
-                                      "ld_preload": os.environ.get("LD_PRELOAD"), "results": results}))
+        print(
+            f"ranks={ranks} decode={row['decode_tok_s']:.1f} tok/s ttft={row['ttft_s'] * 1000:.0f} ms control_round={control} "
+            f"bytes/token={row['bytes_per_token']['total']:.0f} rank0_active_mem={(row['rank0_active_memory_bytes'] or 0) / 2**20:.0f} MiB "
+            f"same_text={row['same_greedy_text']}",
+            flush=True,
+        )
+    print(
+        "BENCH_JSON "
+        + json.dumps(
+            {
+                "model": args.model,
+                "max_tokens": args.max_tokens,
+                "activation_bytes": activation_bytes,
+                "ld_preload": os.environ.get("LD_PRELOAD"),
+                "results": results,
+            }
+        )
+    )
     return 0 if all(r["same_greedy_text"] for r in results) else 1
 
 

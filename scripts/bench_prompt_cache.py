@@ -61,13 +61,25 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
-        full_env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HOME=str(home), MACPROVIDER_WEIGHTS_DTYPE="float32",
-                        **env)
+        full_env.update(
+            HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HOME=str(home), MACPROVIDER_WEIGHTS_DTYPE="float32", **env
+        )
         self.log = open(home / f"serve-{self.port}.log", "wb")  # noqa: SIM115 - the child's stderr until stop()
-        argv = [sys.executable, "-m", "macprovider", "serve", "--model", MODEL_ID, "--port", str(self.port),
-                "--max-context", str(max_context)]
-        self.process = subprocess.Popen(argv, env=full_env, stdout=subprocess.DEVNULL, stderr=self.log,
-                                        start_new_session=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "macprovider",
+            "serve",
+            "--model",
+            MODEL_ID,
+            "--port",
+            str(self.port),
+            "--max-context",
+            str(max_context),
+        ]
+        self.process = subprocess.Popen(
+            argv, env=full_env, stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True
+        )
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 600
         while True:
@@ -85,8 +97,14 @@ class Server:
 
     def complete(self, prompt: str, max_tokens: int) -> dict:
         """Stream one greedy completion; returns text, ttft_s, total_s and usage."""
-        body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": MODEL_ID,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         start = time.perf_counter()
         ttft, text, usage = None, [], None
         with httpx.stream("POST", self.base + "/v1/completions", json=body, timeout=3600) as response:
@@ -94,15 +112,19 @@ class Server:
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or ():
                     if ttft is None:
                         ttft = time.perf_counter() - start
                     text.append(choice.get("text") or "")
-        return {"text": "".join(text), "ttft_s": round(ttft or 0.0, 3),
-                "total_s": round(time.perf_counter() - start, 3), "usage": usage}
+        return {
+            "text": "".join(text),
+            "ttft_s": round(ttft or 0.0, 3),
+            "total_s": round(time.perf_counter() - start, 3),
+            "usage": usage,
+        }
 
     def wait_disk_entries(self, at_least: int, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout

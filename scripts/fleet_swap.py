@@ -54,11 +54,28 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
-    env.update(HOME=str(root), XDG_CONFIG_HOME=str(root / ".config"), MACPROVIDER_MEMORY_BUDGET_GB=f"{budget_gb:.6f}",
-               MACPROVIDER_KEEP_ALIVE=str(args.keep_alive), MACPROVIDER_PROMPT_CACHE_BYTES=str(256 * 2**20),
-               MACPROVIDER_RECORD_WORKLOAD="false")
-    argv = [sys.executable, "-m", "macprovider", "serve", "--model", DEMO_MODEL_ID, "--model", second_id,
-            "--max-context", "512", "--port", str(port)]
+    env.update(
+        HOME=str(root),
+        XDG_CONFIG_HOME=str(root / ".config"),
+        MACPROVIDER_MEMORY_BUDGET_GB=f"{budget_gb:.6f}",
+        MACPROVIDER_KEEP_ALIVE=str(args.keep_alive),
+        MACPROVIDER_PROMPT_CACHE_BYTES=str(256 * 2**20),
+        MACPROVIDER_RECORD_WORKLOAD="false",
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "macprovider",
+        "serve",
+        "--model",
+        DEMO_MODEL_ID,
+        "--model",
+        second_id,
+        "--max-context",
+        "512",
+        "--port",
+        str(port),
+    ]
     server = subprocess.Popen(argv, env=env, stderr=open(root / "serve.log", "wb"))
     base = f"http://127.0.0.1:{port}"
     try:
@@ -71,8 +88,11 @@ def main() -> None:
                 time.sleep(0.2)
         process = psutil.Process(server.pid)
         print(f"ready, nothing loaded: rss {process.memory_info().rss / 2**20:.0f} MiB", flush=True)
-        body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
-                "temperature": 0}
+        body = {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
         stop, health_s = threading.Event(), []
 
         def poll_health() -> None:
@@ -90,16 +110,25 @@ def main() -> None:
             reply = httpx.post(base + "/v1/chat/completions", json={**body, "model": model}, timeout=300)
             wall = time.perf_counter() - start
             text = reply.json()["choices"][0]["message"]["content"] if reply.status_code == 200 else reply.text
-            print(f"request {index} {model:<36} {reply.status_code} {wall:6.2f} s  rss "
-                  f"{process.memory_info().rss / 2**20:5.0f} MiB  {text!r}", flush=True)
+            print(
+                f"request {index} {model:<36} {reply.status_code} {wall:6.2f} s  rss "
+                f"{process.memory_info().rss / 2**20:5.0f} MiB  {text!r}",
+                flush=True,
+            )
         stop.set()
         poller.join()
         health_s.sort()
-        print(f"/v1/health during the swaps: {len(health_s)} answers, median {health_s[len(health_s) // 2] * 1000:.0f} ms,"
-              f" max {health_s[-1] * 1000:.0f} ms", flush=True)
+        print(
+            f"/v1/health during the swaps: {len(health_s)} answers, median {health_s[len(health_s) // 2] * 1000:.0f} ms,"
+            f" max {health_s[-1] * 1000:.0f} ms",
+            flush=True,
+        )
         for entry in httpx.get(base + "/v1/health").json()["models"]:
-            print(f"{entry['id']:<36} loads {entry['loads']} unloads {entry['unloads']} last load "
-                  f"{entry['load_seconds']:.2f} s  measured {entry['memory_measured_bytes'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"{entry['id']:<36} loads {entry['loads']} unloads {entry['unloads']} last load "
+                f"{entry['load_seconds']:.2f} s  measured {entry['memory_measured_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
         deadline = time.monotonic() + args.keep_alive + 30
         while time.monotonic() < deadline:
             if all(m["state"] == "unloaded" for m in httpx.get(base + "/v1/health").json()["models"]):

@@ -94,9 +94,11 @@ def main() -> int:
             dense = importer.import_gguf(path, f"kl/{type_name}-f32", dtype="float32", cache_dir=work / "hub")
             ours = importer.import_gguf(path, f"kl/{type_name}", cache_dir=work / "hub")
             mean, worst = next_token_kl(dense.snapshot, ours.snapshot, PROMPTS)
-            row = (f"{type_name:6} {'ffn_down' if k_quant else 'all 2-D':9} {size * 8 / block:8.3f} "
-                   f"{layer_bits(ours.snapshot, modules, weights):10.3f} {f'{exact}/{total}':>14} "
-                   f"{mean:9.2e} {worst:9.2e}")
+            row = (
+                f"{type_name:6} {'ffn_down' if k_quant else 'all 2-D':9} {size * 8 / block:8.3f} "
+                f"{layer_bits(ours.snapshot, modules, weights):10.3f} {f'{exact}/{total}':>14} "
+                f"{mean:9.2e} {worst:9.2e}"
+            )
             if args.before:
                 repack = importer.ggml_affine_groups
                 importer.ggml_affine_groups = lambda blocks, kind, repack=repack: (

@@ -60,14 +60,20 @@ def main() -> int:
         big_text = "lorem ipsum dolor sit amet " * int(args.mib * 2**20 / 27)
         big = {"model": engine.model_id, "max_tokens": 4, "messages": [{"role": "user", "content": big_text}]}
         small = {"model": engine.model_id, "messages": [{"role": "user", "content": "hello"}]}
-        print(f"model {model}: vocab {engine.vocab_size}, longest piece {engine.max_token_chars} chars, "
-              f"max_context {engine.max_context}; body {len(big_text) / 2**20:.1f} MiB", flush=True)
+        print(
+            f"model {model}: vocab {engine.vocab_size}, longest piece {engine.max_token_chars} chars, "
+            f"max_context {engine.max_context}; body {len(big_text) / 2**20:.1f} MiB",
+            flush=True,
+        )
         with httpx.Client(base_url=runtime.url, timeout=600) as client:
             for route in ("/v1/messages", "/v1/messages/count_tokens"):
                 started = time.perf_counter()
                 response = client.post(route, json=big)
-                print(f"{route}: {response.status_code} in {(time.perf_counter() - started) * 1000:.0f} ms "
-                      f"({response.text[:120]})", flush=True)
+                print(
+                    f"{route}: {response.status_code} in {(time.perf_counter() - started) * 1000:.0f} ms "
+                    f"({response.text[:120]})",
+                    flush=True,
+                )
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 slow = pool.submit(client.post, "/v1/messages/count_tokens", json=big)
                 time.sleep(0.05)

@@ -45,9 +45,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import FILLER, Server, build_models, free_port  # noqa: E402
 
 WORDS = FILLER.split()
-SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"], "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -113,7 +126,13 @@ async def one_request(client: httpx.AsyncClient, model: str, rnd: random.Random,
     max_tokens = rnd.randint(4, 64)
     roll = rnd.random()
     if roll < 0.40:  # streamed chat, some hang up mid-stream
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         hang_up = rnd.random() < args.disconnect
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -127,16 +146,28 @@ async def one_request(client: httpx.AsyncClient, model: str, rnd: random.Random,
             tally.record("stream", 200)
         return
     if roll < 0.65:
-        kind, path, body = "chat", "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": max_tokens}
+        kind, path, body = (
+            "chat",
+            "/v1/chat/completions",
+            {"model": model, "messages": messages, "max_tokens": max_tokens},
+        )
     elif roll < 0.80:
         kind, path = "structured", "/v1/chat/completions"
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens,
-                "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}}
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}},
+        }
     elif roll < 0.92:
         kind, path = "tools", "/v1/chat/completions"
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "tools": TOOLS}
     else:
-        kind, path, body = "completion", "/v1/completions", {"model": model, "prompt": messages[0]["content"], "max_tokens": max_tokens}
+        kind, path, body = (
+            "completion",
+            "/v1/completions",
+            {"model": model, "prompt": messages[0]["content"], "max_tokens": max_tokens},
+        )
     response = await client.post(path, json=body)
     tally.record(kind, response.status_code, response.content)
 
@@ -183,7 +214,7 @@ class Watcher:
                         self.health_ms.append(float("inf"))
                 try:
                     await asyncio.wait_for(self.stop.wait(), 0.25)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             self.rss.append(self.rss_now())
 
@@ -194,7 +225,11 @@ async def settle(base: str, timeout: float = 30) -> dict:
     async with httpx.AsyncClient(base_url=base, timeout=10, trust_env=False) as client:
         while True:
             health = (await client.get("/v1/health")).json()
-            if (health["requests_in_flight"], health["requests_queued"], health["engine"]["active_sequences"]) == (0, 0, 0):
+            if (health["requests_in_flight"], health["requests_queued"], health["engine"]["active_sequences"]) == (
+                0,
+                0,
+                0,
+            ):
                 return health
             if time.monotonic() >= deadline:
                 return health
@@ -239,15 +274,25 @@ async def queue_phase(server: Server, model: str, args) -> dict:
     base = f"http://127.0.0.1:{server.port}"
     total = args.max_batch + args.queue_depth + 8
     body = {"model": model, "messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 16}
-    async with httpx.AsyncClient(base_url=base, timeout=600, trust_env=False,
-                                 limits=httpx.Limits(max_connections=total + 4)) as client:
+    async with httpx.AsyncClient(
+        base_url=base, timeout=600, trust_env=False, limits=httpx.Limits(max_connections=total + 4)
+    ) as client:
         responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(total)))
     codes = collections.Counter(r.status_code for r in responses)
     retry_after = all(r.headers.get("retry-after", "").isdigit() for r in responses if r.status_code == 429)
     health = await settle(base)
-    drained = (health["requests_in_flight"], health["requests_queued"], health["engine"]["active_sequences"]) == (0, 0, 0)
-    return {"sent": total, "statuses": dict(codes), "retry_after_on_429": retry_after, "drained": drained,
-            "ok": codes[200] + codes[429] == total and codes[200] >= args.max_batch and drained and retry_after}
+    drained = (health["requests_in_flight"], health["requests_queued"], health["engine"]["active_sequences"]) == (
+        0,
+        0,
+        0,
+    )
+    return {
+        "sent": total,
+        "statuses": dict(codes),
+        "retry_after_on_429": retry_after,
+        "drained": drained,
+        "ok": codes[200] + codes[429] == total and codes[200] >= args.max_batch and drained and retry_after,
+    }
 
 
 async def chat_load(server: Server, model: str, args, with_health: bool) -> dict:
@@ -263,8 +308,12 @@ async def chat_load(server: Server, model: str, args, with_health: bool) -> dict
         rnd = random.Random(seed)
         async with httpx.AsyncClient(base_url=base, timeout=300, trust_env=False) as client:
             while time.monotonic() < until:
-                body = {"model": model, "messages": [{"role": "user", "content": prompt_text(rnd)}],
-                        "max_tokens": rnd.randint(4, 64), "stream": rnd.random() < 0.5}
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt_text(rnd)}],
+                    "max_tokens": rnd.randint(4, 64),
+                    "stream": rnd.random() < 0.5,
+                }
                 async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                     await response.aread()
                     statuses[response.status_code] += 1
@@ -272,22 +321,36 @@ async def chat_load(server: Server, model: str, args, with_health: bool) -> dict
     await asyncio.gather(*(one_client(args.seed + 1000 + i) for i in range(8)))
     watcher.stop.set()
     await watch
-    return {"requests": sum(statuses.values()), "statuses": dict(statuses), "rss_start_mib": start_rss / 2**20,
-            "rss_peak_mib": max(watcher.rss) / 2**20, "rss_end_mib": watcher.rss[-1] / 2**20,
-            "prompt_cache_bytes_max": watcher.max_prompt_cache if with_health else None,
-            "mlx_active_bytes_max": watcher.max_active if with_health else None,
-            "mlx_cache_bytes_max": watcher.max_cache if with_health else None}
+    return {
+        "requests": sum(statuses.values()),
+        "statuses": dict(statuses),
+        "rss_start_mib": start_rss / 2**20,
+        "rss_peak_mib": max(watcher.rss) / 2**20,
+        "rss_end_mib": watcher.rss[-1] / 2**20,
+        "prompt_cache_bytes_max": watcher.max_prompt_cache if with_health else None,
+        "mlx_active_bytes_max": watcher.max_active if with_health else None,
+        "mlx_cache_bytes_max": watcher.max_cache if with_health else None,
+    }
 
 
 def print_soak(soak: dict, model: str, args) -> None:
     """The soak phase's summary, printed as soon as it ends (a later phase failing loses nothing)."""
     print(f"\n== soak: {args.clients} clients x {args.minutes:g} min on {model}, --max-batch {args.max_batch}")
-    print(f"requests {soak['requests']}  statuses {soak['statuses']}  disconnected mid-stream {soak['disconnected_mid_stream']}")
-    print(f"5xx {soak['server_errors_5xx']}  bad error bodies {len(soak['bad_error_bodies'])}  transport errors {soak['transport_errors']}  stuck sequences {soak['stuck_sequences']}")
-    print(f"/v1/health p50 {soak['health_p50_ms']:.1f} ms  p99 {soak['health_p99_ms']:.1f} ms ({soak['health_samples']} samples)")
-    print(f"RSS start {soak['rss_start_mib']:.0f} MiB  peak {soak['rss_peak_mib']:.0f}  end {soak['rss_end_mib']:.0f}; "
-          f"prompt cache max {soak['prompt_cache_bytes_max'] / 2**20:.1f} MiB (cap {args.prompt_cache_mib}); "
-          f"MLX active max {soak['mlx_active_bytes_max'] / 2**20:.0f} MiB, buffer cache max {soak['mlx_cache_bytes_max'] / 2**20:.0f} MiB", flush=True)
+    print(
+        f"requests {soak['requests']}  statuses {soak['statuses']}  disconnected mid-stream {soak['disconnected_mid_stream']}"
+    )
+    print(
+        f"5xx {soak['server_errors_5xx']}  bad error bodies {len(soak['bad_error_bodies'])}  transport errors {soak['transport_errors']}  stuck sequences {soak['stuck_sequences']}"
+    )
+    print(
+        f"/v1/health p50 {soak['health_p50_ms']:.1f} ms  p99 {soak['health_p99_ms']:.1f} ms ({soak['health_samples']} samples)"
+    )
+    print(
+        f"RSS start {soak['rss_start_mib']:.0f} MiB  peak {soak['rss_peak_mib']:.0f}  end {soak['rss_end_mib']:.0f}; "
+        f"prompt cache max {soak['prompt_cache_bytes_max'] / 2**20:.1f} MiB (cap {args.prompt_cache_mib}); "
+        f"MLX active max {soak['mlx_active_bytes_max'] / 2**20:.0f} MiB, buffer cache max {soak['mlx_cache_bytes_max'] / 2**20:.0f} MiB",
+        flush=True,
+    )
 
 
 def start(kind: str, model: str, args, env: dict[str, str]) -> Server:
@@ -306,7 +369,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--queue-depth", type=int, default=64, help="what the server is told (MACPROVIDER_MAX_QUEUE_DEPTH)")
+    parser.add_argument(
+        "--queue-depth", type=int, default=64, help="what the server is told (MACPROVIDER_MAX_QUEUE_DEPTH)"
+    )
     parser.add_argument("--prompt-cache-mib", type=int, default=64, help="MACPROVIDER_PROMPT_CACHE_BYTES in MiB")
     parser.add_argument("--disconnect", type=float, default=0.2, help="fraction of streams that hang up mid-stream")
     parser.add_argument("--hostile", type=float, default=0.05, help="fraction of hostile request bodies")
@@ -314,9 +379,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MACPROVIDER_PROMPT_CACHE_BYTES=str(args.prompt_cache_mib * 2**20),
-               MACPROVIDER_MAX_QUEUE_DEPTH=str(args.queue_depth))
-    report: dict = {"args": vars(args), "environment": {"LD_PRELOAD": os.environ.get("LD_PRELOAD"), "cpus": os.cpu_count()}}
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        MACPROVIDER_PROMPT_CACHE_BYTES=str(args.prompt_cache_mib * 2**20),
+        MACPROVIDER_MAX_QUEUE_DEPTH=str(args.queue_depth),
+    )
+    report: dict = {
+        "args": vars(args),
+        "environment": {"LD_PRELOAD": os.environ.get("LD_PRELOAD"), "cpus": os.cpu_count()},
+    }
     with tempfile.TemporaryDirectory(prefix="macprovider-soak-") as tmp:
         model = args.model
         if model is None:
@@ -328,7 +400,10 @@ def main() -> int:
             report["soak"] = soak = asyncio.run(soak_phase(server, model, args))
             print_soak(soak, model, args)
             report["queue"] = queue = asyncio.run(queue_phase(server, model, args))
-            print(f"queue: {queue['sent']} at once -> {queue['statuses']}, Retry-After on every 429: {queue['retry_after_on_429']}, drained: {queue['drained']}", flush=True)
+            print(
+                f"queue: {queue['sent']} at once -> {queue['statuses']}, Retry-After on every 429: {queue['retry_after_on_429']}, drained: {queue['drained']}",
+                flush=True,
+            )
         finally:
             server.stop()
         if args.peer_seconds > 0:
@@ -341,15 +416,25 @@ def main() -> int:
                     print(f"memory ({kind}): {error}", flush=True)
                     continue
                 try:
-                    report["memory"][kind] = mem = asyncio.run(chat_load(server, model, args, with_health=kind == "ours"))
+                    report["memory"][kind] = mem = asyncio.run(
+                        chat_load(server, model, args, with_health=kind == "ours")
+                    )
                 finally:
                     server.stop()
-                print(f"memory ({kind}, 8 chat clients x {args.peer_seconds:g} s, {mem['requests']} requests {mem['statuses']}): "
-                      f"RSS {mem['rss_start_mib']:.0f} -> peak {mem['rss_peak_mib']:.0f} -> end {mem['rss_end_mib']:.0f} MiB", flush=True)
+                print(
+                    f"memory ({kind}, 8 chat clients x {args.peer_seconds:g} s, {mem['requests']} requests {mem['statuses']}): "
+                    f"RSS {mem['rss_start_mib']:.0f} -> peak {mem['rss_peak_mib']:.0f} -> end {mem['rss_end_mib']:.0f} MiB",
+                    flush=True,
+                )
 
     print("SOAK_JSON " + json.dumps(report))
-    passed = (soak["server_errors_5xx"] == 0 and not soak["bad_error_bodies"] and soak["stuck_sequences"] == 0
-              and soak["prompt_cache_bytes_max"] <= soak["prompt_cache_cap_bytes"] and queue["ok"])
+    passed = (
+        soak["server_errors_5xx"] == 0
+        and not soak["bad_error_bodies"]
+        and soak["stuck_sequences"] == 0
+        and soak["prompt_cache_bytes_max"] <= soak["prompt_cache_cap_bytes"]
+        and queue["ok"]
+    )
     print("PASS" if passed else "FAIL")
     return 0 if passed else 1
 

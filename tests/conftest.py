@@ -1,13 +1,13 @@
 """Shared fixtures. Every test runs with HOME, XDG_CONFIG_HOME and HF_HOME pinned to temporary
 directories, MACPROVIDER_* scrubbed and HF_HUB_OFFLINE=1, so no test touches the developer's files or
-the network. Tiny models are built once per session into a session Hub cache (SPEC.md §9).
+the network. Tiny models are built once per session into a session Hub cache (docs/architecture.md#tests).
 
 The shell's own settings never reach a test: libraries read some variables once, at import
 (`huggingface_hub.constants` reads HF_HUB_OFFLINE, HF_HOME, HF_ENDPOINT, ... when first imported), where a
 per-test monkeypatch cannot reach them. So this module removes every variable named by `SHELL_PREFIXES` /
 `SHELL_NAMES` from the process environment *before* importing anything that imports those libraries; the
 suite then behaves the same with `HF_HUB_OFFLINE=1` (or `MACPROVIDER_KV_BITS=8`) exported as in a clean
-shell (issue 14).
+shell.
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ PIP_CACHE_DIR = os.environ.get("PIP_CACHE_DIR") or os.path.join(
 _scrub_shell_environment()
 # Import now, in the clean environment, what reads it at import: a first import inside a test would freeze
 # that test's HF_HUB_OFFLINE=1 (set below) into huggingface_hub.constants for every later test.
-import huggingface_hub.constants  # noqa: E402,F401
-
 from pathlib import Path  # noqa: E402
 
+import huggingface_hub.constants  # noqa: E402,F401
 import pytest  # noqa: E402
 
-from macprovider.models.demo import TinyModelSpec, install_in_hub_cache, build_model_files  # noqa: E402
+from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache  # noqa: E402
 
 TINY_MODEL_ID = "macprovider-test/tiny-chat"
 REAL_MODEL_ID = "macprovider-test/smollm2-135m"
@@ -140,7 +139,9 @@ def real_tools_server(real_model, real_model_dir, hf_home, tmp_path_factory):
         shutil.copyfile(path.resolve(), source / path.name)
     (source / "chat_template.jinja").write_text(TEMPLATE)
     install_in_hub_cache(source, real_model + "-tools", hf_home / "hub")
-    server = ServeProcess(real_model + "-tools", hf_home, tmp_path_factory.mktemp("real-tools-home"), "--max-context", "1024")
+    server = ServeProcess(
+        real_model + "-tools", hf_home, tmp_path_factory.mktemp("real-tools-home"), "--max-context", "1024"
+    )
     try:
         server.wait_ready(timeout=300)
         yield server

@@ -17,13 +17,13 @@ import contextlib
 import json
 import socket
 import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 
 from macprovider.config import Settings
-
 from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, TokenLogprob, Usage
 from macprovider.errors import ApiError
 from macprovider.serve.runtime import ServeRuntime
@@ -63,7 +63,7 @@ JSON_TOOL_MARKUP = ("<tool_call>", "</tool_call>", parse_json_tool_call)
 class FakeHandle:
     """One submitted sequence. `cancelled` is a threading.Event a test can wait on."""
 
-    def __init__(self, engine: "FakeEngine", request: GenerationRequest):
+    def __init__(self, engine: FakeEngine, request: GenerationRequest):
         self.engine = engine
         self.request = request
         self.loop = asyncio.get_running_loop()
@@ -126,7 +126,9 @@ class FakeHandle:
                 generation_ms=script.generation_ms,
                 generated_tokens=sent + 1,
             )
-            yield GenerationChunk(finish_reason=finish, usage=usage, stop_sequence=script.stop_sequence if finish == "stop" else None)
+            yield GenerationChunk(
+                finish_reason=finish, usage=usage, stop_sequence=script.stop_sequence if finish == "stop" else None
+            )
 
 
 @dataclass
@@ -307,7 +309,9 @@ def _complete(data: bytes) -> bool:
 
 
 @contextlib.contextmanager
-def serving(engine: FakeEngine | None = None, *, api_key: str | None = None, load: bool = False, **overrides: Any) -> Iterator[Served]:
+def serving(
+    engine: FakeEngine | None = None, *, api_key: str | None = None, load: bool = False, **overrides: Any
+) -> Iterator[Served]:
     """A running server over `engine`; shut down (drained) on exit."""
     engine = engine or FakeEngine()
     overrides.setdefault("drain_timeout_s", 5.0)
@@ -332,7 +336,7 @@ def sse_events(text: str) -> list[Any]:
     events = []
     for block in text.strip("\n").split("\n\n"):
         assert block.startswith("data: "), block
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 

@@ -43,7 +43,11 @@ def gguf_name(hf_name: str) -> str:
 
 def permute(weights: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py LlamaModel.permute."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def llama3_rope_freqs(config: dict) -> np.ndarray:
@@ -52,7 +56,9 @@ def llama3_rope_freqs(config: dict) -> np.ndarray:
     config's top level with default 8192, as the converter does)."""
     scaling = config["rope_scaling"]
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    freqs = 1.0 / (np.float32(config.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    freqs = 1.0 / (
+        np.float32(config.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    )
     factor = scaling.get("factor", 8.0)
     low_freq_factor = scaling.get("low_freq_factor", 1.0)
     high_freq_factor = scaling.get("high_freq_factor", 4.0)
@@ -73,7 +79,10 @@ def llama3_rope_freqs(config: dict) -> np.ndarray:
 
 
 def write_llama_gguf(
-    model_dir: Path, path: Path, types: dict[str, str] | None = None, default_type: str = "F32",
+    model_dir: Path,
+    path: Path,
+    types: dict[str, str] | None = None,
+    default_type: str = "F32",
     rope_freqs: np.ndarray | None = None,
 ) -> Path:
     """Write `model_dir` (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) as a GGUF.
@@ -159,11 +168,14 @@ def pack_q4_k(d, dmin, sc, mn, q, q5: bool = False) -> np.ndarray:
     < 32): weight = d·sc_j·q − dmin·m_j. Scale bytes as `get_scale_min_k4` reads them: bytes 0–3 / 4–7 hold
     scales / mins 0–3 and the top 2 bits of 4–7, bytes 8–11 the low nibbles of scales / mins 4–7."""
     sc, mn, q = (np.asarray(x, dtype=np.uint8) for x in (sc, mn, q))
-    scales = np.concatenate([
-        sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
-        mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
-        (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
-    ], axis=1)
+    scales = np.concatenate(
+        [
+            sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+            mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
+        ],
+        axis=1,
+    )
     sub = q.reshape(-1, 4, 2, 32)  # chunk c of 64 weights: sub-block 2c in low nibbles, 2c+1 in high
     qs = ((sub[:, :, 0] & 0x0F) | ((sub[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
     parts = [_half(d), _half(dmin), scales]
@@ -192,10 +204,13 @@ def pack_q3_k(d, sc, q) -> np.ndarray:
     a high bit (hmask bit t of byte l: weight 32t + l); scales + 32 as 6 bits (bytes 0–7 low nibbles, 8–11 top
     2 bits)."""
     u = (np.asarray(sc, dtype=np.int16) + 32).astype(np.uint8)
-    scales = np.concatenate([
-        (u[:, :8] & 0x0F) | ((u[:, 8:] & 0x0F) << 4),
-        ((u >> 4).reshape(-1, 4, 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=1).astype(np.uint8),
-    ], axis=1)
+    scales = np.concatenate(
+        [
+            (u[:, :8] & 0x0F) | ((u[:, 8:] & 0x0F) << 4),
+            ((u >> 4).reshape(-1, 4, 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=1).astype(np.uint8),
+        ],
+        axis=1,
+    )
     v = (np.asarray(q, dtype=np.int16) + 4).astype(np.uint8)
     low = (v & 3).reshape(-1, 2, 4, 32)
     qs = (low << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=2).astype(np.uint8).reshape(-1, 64)

@@ -43,7 +43,7 @@ def _registry() -> Registry:
     return Registry().with_resource(BASE, Resource.from_contents(contents, default_specification=DRAFT202012))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def validator(name: str) -> Draft202012Validator:
     """A validator for the component schema `name` (KeyError-free: a missing name fails on first use)."""
     return Draft202012Validator({"$ref": f"{BASE}#/components/schemas/{name}"}, registry=_registry())

@@ -12,11 +12,15 @@ import anthropic
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_agents_tools import WEATHER, tools_model  # noqa: E402,F401 - the session fixture is used below
 from test_agents_logprobs import real_server  # noqa: E402
+from test_agents_tools import WEATHER, tools_model  # noqa: E402,F401 - the session fixture is used below
 
 RESPONSES_WEATHER = {"type": "function", **WEATHER["function"]}
-ANTHROPIC_WEATHER = {"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER["function"]["parameters"]}
+ANTHROPIC_WEATHER = {
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "input_schema": WEATHER["function"]["parameters"],
+}
 
 
 @pytest.fixture
@@ -27,20 +31,41 @@ def server(tools_model):  # noqa: F811
 
 def test_responses_function_tool_round_trip(server):
     client, model = server
-    first = client.responses.create(model=model, input="What is the weather in Paris?", tools=[RESPONSES_WEATHER],
-                                    tool_choice={"type": "function", "name": "get_weather"}, temperature=0, max_output_tokens=200)
+    first = client.responses.create(
+        model=model,
+        input="What is the weather in Paris?",
+        tools=[RESPONSES_WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+        temperature=0,
+        max_output_tokens=200,
+    )
     assert first.status == "completed"
     [call] = [item for item in first.output if item.type == "function_call"]
     assert call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"}
 
-    second = client.responses.create(model=model, previous_response_id=first.id, tools=[RESPONSES_WEATHER], tool_choice="none",
-                                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 18}'}],
-                                     temperature=0, max_output_tokens=8)
+    second = client.responses.create(
+        model=model,
+        previous_response_id=first.id,
+        tools=[RESPONSES_WEATHER],
+        tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 18}'}],
+        temperature=0,
+        max_output_tokens=8,
+    )
     assert second.status in ("completed", "incomplete") and second.usage.input_tokens > first.usage.input_tokens
     assert "<tool_call>" not in second.output_text
 
-    events = list(client.responses.create(model=model, input="Weather?", tools=[RESPONSES_WEATHER], tool_choice="required",
-                                          temperature=0, max_output_tokens=200, stream=True))
+    events = list(
+        client.responses.create(
+            model=model,
+            input="Weather?",
+            tools=[RESPONSES_WEATHER],
+            tool_choice="required",
+            temperature=0,
+            max_output_tokens=200,
+            stream=True,
+        )
+    )
     assert [e.sequence_number for e in events] == list(range(len(events)))
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert len(done) == 1 and set(json.loads(done[0].arguments)) == {"city"}
@@ -49,24 +74,46 @@ def test_responses_function_tool_round_trip(server):
 
 def test_anthropic_forced_tool_use_round_trip(server):
     openai_client, model = server
-    client = anthropic.Anthropic(base_url=str(openai_client.base_url).removesuffix("/v1/"), api_key="unused", max_retries=0, timeout=60)
+    client = anthropic.Anthropic(
+        base_url=str(openai_client.base_url).removesuffix("/v1/"), api_key="unused", max_retries=0, timeout=60
+    )
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.messages.create(model=model, max_tokens=200, messages=ask, tools=[ANTHROPIC_WEATHER],
-                                   tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    first = client.messages.create(
+        model=model,
+        max_tokens=200,
+        messages=ask,
+        tools=[ANTHROPIC_WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body={"temperature": 0},
+    )
     assert first.stop_reason == "tool_use"
     [use] = [block for block in first.content if block.type == "tool_use"]
     assert use.name == "get_weather" and set(use.input) == {"city"}
 
-    history = ask + [{"role": "assistant", "content": [use.model_dump()]},
-                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": '{"temp_c": 18}'}]}]
-    with client.messages.stream(model=model, max_tokens=8, messages=history, tools=[ANTHROPIC_WEATHER],
-                                tool_choice={"type": "none"}, extra_body={"temperature": 0}) as stream:
+    history = ask + [
+        {"role": "assistant", "content": [use.model_dump()]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": '{"temp_c": 18}'}]},
+    ]
+    with client.messages.stream(
+        model=model,
+        max_tokens=8,
+        messages=history,
+        tools=[ANTHROPIC_WEATHER],
+        tool_choice={"type": "none"},
+        extra_body={"temperature": 0},
+    ) as stream:
         final = stream.get_final_message()
     assert final.stop_reason in ("end_turn", "max_tokens")
     assert all(block.type == "text" and "<tool_call>" not in block.text for block in final.content)
 
-    with client.messages.stream(model=model, max_tokens=200, messages=ask, tools=[ANTHROPIC_WEATHER],
-                                tool_choice={"type": "any"}, extra_body={"temperature": 0}) as stream:
+    with client.messages.stream(
+        model=model,
+        max_tokens=200,
+        messages=ask,
+        tools=[ANTHROPIC_WEATHER],
+        tool_choice={"type": "any"},
+        extra_body={"temperature": 0},
+    ) as stream:
         streamed = stream.get_final_message()
     assert streamed.stop_reason == "tool_use" and set(streamed.content[-1].input) == {"city"}
 
@@ -89,8 +136,12 @@ def test_openai_agents_sdk_on_its_default_responses_model(server):
 
     agents.set_tracing_disabled(True)
     agent = agents.Agent(
-        name="forecaster", instructions="Answer with the weather.", tools=[get_weather], model=model,
-        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=200), tool_use_behavior="stop_on_first_tool",
+        name="forecaster",
+        instructions="Answer with the weather.",
+        tools=[get_weather],
+        model=model,
+        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=200),
+        tool_use_behavior="stop_on_first_tool",
     )
     client = openai.AsyncOpenAI(base_url=str(openai_client.base_url), api_key="unused", max_retries=0, timeout=60)
     run_config = agents.RunConfig(model_provider=agents.OpenAIProvider(openai_client=client, use_responses=True))

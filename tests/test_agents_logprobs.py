@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -22,7 +22,9 @@ MESSAGES = [{"role": "user", "content": "Write a short poem about the sea"}]
 
 @contextlib.contextmanager
 def real_server(model: str) -> Iterator[tuple[openai.OpenAI, str]]:
-    engine = Engine(plan_serve(cfg.resolve({"model": model, "max_context_override": 2048, "max_concurrency_override": 4})))
+    engine = Engine(
+        plan_serve(cfg.resolve({"model": model, "max_context_override": 2048, "max_concurrency_override": 4}))
+    )
     engine.load()
     settings = Settings(model=engine.model_id, host="127.0.0.1", port=0, drain_timeout_s=5.0)
     runtime = ServeRuntime(engine, settings, None, load=False)
@@ -59,7 +61,9 @@ def _check_entries(entries, top: int) -> None:
 
 def test_chat_logprobs_stream_and_not(server):
     client, model = server
-    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
     choice = reply.choices[0]
     entries = choice.logprobs.content
     assert len(entries) == reply.usage.completion_tokens
@@ -88,7 +92,7 @@ def test_completion_logprobs_and_seed(server):
     lp = reply.choices[0].logprobs
     n = reply.usage.completion_tokens
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
-    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for _token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert len(top) <= 2 and value <= 0.0
         assert max(top.values()) == pytest.approx(value, abs=1e-5)
     assert lp.text_offset == sorted(lp.text_offset)
@@ -107,5 +111,7 @@ def test_completion_top_logprobs_keep_the_best_of_candidates_with_the_same_text(
     from macprovider.engine.protocol import TokenLogprob
     from macprovider.serve.openai_schemas import completion_logprobs
 
-    entry = TokenLogprob("\ufffd", -0.5, (("\ufffd", -0.5, b"\xf0"), ("\ufffd", -0.9, b"\x9f"), ("a", -1.2, b"a")), b"\xf0")
+    entry = TokenLogprob(
+        "\ufffd", -0.5, (("\ufffd", -0.5, b"\xf0"), ("\ufffd", -0.9, b"\x9f"), ("a", -1.2, b"a")), b"\xf0"
+    )
     assert completion_logprobs([entry])["top_logprobs"] == [{"\ufffd": -0.5, "a": -1.2}]

@@ -29,8 +29,10 @@ SCHEMA = {
 def _valid(value: dict) -> bool:
     return (
         set(value) == {"city", "population", "coastal"}
-        and isinstance(value["city"], str) and len(value["city"]) <= 12
-        and isinstance(value["population"], int) and 0 <= value["population"] <= 100000
+        and isinstance(value["city"], str)
+        and len(value["city"]) <= 12
+        and isinstance(value["population"], int)
+        and 0 <= value["population"] <= 100000
         and isinstance(value["coastal"], bool)
     )
 
@@ -46,7 +48,11 @@ def test_schema_valid_output_next_to_unconstrained_streams(server):
 
     def constrained(seed: int) -> dict:
         reply = client.chat.completions.create(
-            model=model, messages=MESSAGES, max_tokens=200, temperature=1.0, seed=seed,
+            model=model,
+            messages=MESSAGES,
+            max_tokens=200,
+            temperature=1.0,
+            seed=seed,
             response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}},
         )
         assert reply.choices[0].finish_reason == "stop"
@@ -54,7 +60,9 @@ def test_schema_valid_output_next_to_unconstrained_streams(server):
 
     def free(i: int) -> str:
         text = ""
-        for chunk in client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=40, temperature=0, stream=True):
+        for chunk in client.chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=40, temperature=0, stream=True
+        ):
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
         return text
@@ -67,13 +75,17 @@ def test_schema_valid_output_next_to_unconstrained_streams(server):
     assert all(texts)  # the unconstrained streams still produced text
 
 
-
 def test_json_object_is_an_object(server):
     client, model = server
     # Random weights may keep a string open until max_tokens; a finished answer is always a JSON object.
     for seed in (1, 2, 3):
         reply = client.chat.completions.create(
-            model=model, messages=MESSAGES, max_tokens=40, temperature=1.0, seed=seed, response_format={"type": "json_object"}
+            model=model,
+            messages=MESSAGES,
+            max_tokens=40,
+            temperature=1.0,
+            seed=seed,
+            response_format={"type": "json_object"},
         )
         choice = reply.choices[0]
         assert choice.message.content.startswith("{")

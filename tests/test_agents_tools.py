@@ -20,19 +20,40 @@ TOOLS_MODEL_ID = "macprovider-test/tiny-tools-chat"
 TEMPLATE = (
     "{%- if tools %}<|im_start|>system\nYou may call functions.\n<tools>\n"
     "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n"
-    "Answer a call as <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n{%- endif %}"
+    'Answer a call as <tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n{%- endif %}'
     "{%- for message in messages %}"
     "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
     "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
-    "\n<tool_call>\n{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    '\n<tool_call>\n{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n'
     "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>\n"
     "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -57,7 +78,11 @@ def server(tools_model):
 def test_tool_call_round_trip(server):
     client, model = server
     first = client.chat.completions.create(
-        model=model, messages=ASK, tools=[WEATHER, TIME], max_tokens=200, temperature=0,
+        model=model,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        max_tokens=200,
+        temperature=0,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     choice = first.choices[0]
@@ -72,7 +97,9 @@ def test_tool_call_round_trip(server):
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 18})},
     ]
-    answer = client.chat.completions.create(model=model, messages=history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=12, temperature=0)
+    answer = client.chat.completions.create(
+        model=model, messages=history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=12, temperature=0
+    )
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert "<tool_call>" not in (answer.choices[0].message.content or "")
 
@@ -80,7 +107,9 @@ def test_tool_call_round_trip(server):
 def test_streamed_tool_call_assembled_by_the_client(server):
     client, model = server
     contents = []
-    with client.chat.completions.stream(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200, temperature=0) as stream:
+    with client.chat.completions.stream(
+        model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200, temperature=0
+    ) as stream:
         for event in stream:
             if event.type == "content.delta":
                 contents.append(event.delta)
@@ -100,5 +129,7 @@ def test_tools_on_a_model_without_tool_support_is_400(tiny_model):
             client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER])
         assert info.value.body["param"] == "tools"
         with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(model=model, messages=ASK, tools=[{"type": "function", "function": {"name": "a b"}}])
+            client.chat.completions.create(
+                model=model, messages=ASK, tools=[{"type": "function", "function": {"name": "a b"}}]
+            )
         assert info.value.body["param"] == "tools.0.function.name"

@@ -9,22 +9,30 @@ import pytest
 from llguidance import LLMatcher
 from mlx_lm.tool_parsers import json_tools
 
-from macprovider.errors import ApiError
 from macprovider.engine.tool_calls import ToolCallSplitter, check_tools, tool_call_grammar
+from macprovider.errors import ApiError
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
-@pytest.mark.parametrize("tools, choice, param", [
-    ("x", None, "tools"),
-    ([{"type": "web"}], None, "tools.0.type"),
-    ([{"type": "function", "function": {"name": "bad name"}}], None, "tools.0.function.name"),
-    ([WEATHER, WEATHER], None, "tools.1.function.name"),
-    ([WEATHER], "sometimes", "tool_choice"),
-    ([], "required", "tool_choice"),
-    ([WEATHER], {"type": "function", "function": {"name": "other"}}, "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "tools, choice, param",
+    [
+        ("x", None, "tools"),
+        ([{"type": "web"}], None, "tools.0.type"),
+        ([{"type": "function", "function": {"name": "bad name"}}], None, "tools.0.function.name"),
+        ([WEATHER, WEATHER], None, "tools.1.function.name"),
+        ([WEATHER], "sometimes", "tool_choice"),
+        ([], "required", "tool_choice"),
+        ([WEATHER], {"type": "function", "function": {"name": "other"}}, "tool_choice"),
+    ],
+)
 def test_bad_tools_name_the_field(tools, choice, param):
     with pytest.raises(ApiError) as info:
         check_tools(tools, choice)
@@ -42,7 +50,7 @@ def test_splitter_keeps_markup_out_of_content_across_fragments():
     text = 'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     content, calls = "", []
     for i in range(0, len(text), 3):  # 3-character fragments split the markup
-        c, k = splitter.feed(text[i:i + 3])
+        c, k = splitter.feed(text[i : i + 3])
         content, calls = content + c, calls + k
     c, k = splitter.finish()
     content, calls = content + c, calls + k

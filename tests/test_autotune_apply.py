@@ -95,7 +95,11 @@ def test_missing_config_is_created_without_backup(tmp_path):
     config = tmp_path / "sub" / "config.yaml"
     result = apply_recommendation(config, owned_values("org/m", None, 1, 100))
     assert result.changed and result.backup is None
-    assert yaml.safe_load(config.read_text()) == {"model": "org/m", "max_context_override": 100, "max_concurrency_override": 1}
+    assert yaml.safe_load(config.read_text()) == {
+        "model": "org/m",
+        "max_context_override": 100,
+        "max_concurrency_override": 1,
+    }
     assert "new file" in summary_line(owned_values("org/m", None, 1, 100), result)
 
 

@@ -11,7 +11,13 @@ import uuid
 import psutil
 import pytest
 
-from macprovider.autotune.conflict import LAUNCHD_LABEL, detect, find_foreground_servers, is_serve_argv, parse_launchctl_list
+from macprovider.autotune.conflict import (
+    LAUNCHD_LABEL,
+    detect,
+    find_foreground_servers,
+    is_serve_argv,
+    parse_launchctl_list,
+)
 
 LAUNCHCTL_LIST = "PID\tStatus\tLabel\n-\t0\tcom.apple.x\n512\t0\tlive.streamvc.macprovider\n"
 

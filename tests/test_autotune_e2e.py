@@ -40,10 +40,22 @@ SPECS = {
     "e2e/big": TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=4, intermediate_size=1024),
     "e2e/huge": TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=4, intermediate_size=8192),
     # KV and prefill activations large beside the runtime baseline (16 KiB of KV a token): the replay test
-    "e2e/kvheavy": TinyModelSpec(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=8,
-                                 intermediate_size=1024, vocab_size=1024),
-    "e2e/mid": TinyModelSpec(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
-                             intermediate_size=1024, vocab_size=2048),
+    "e2e/kvheavy": TinyModelSpec(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=8,
+        intermediate_size=1024,
+        vocab_size=1024,
+    ),
+    "e2e/mid": TinyModelSpec(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        intermediate_size=1024,
+        vocab_size=2048,
+    ),
 }
 NO_FOREGROUND = (
     "import sys; from macprovider.autotune import conflict; "
@@ -83,16 +95,31 @@ def budget_between(models, fits: str, too_big: str) -> str:
 
     def est(repo):
         config = json.loads((models[repo] / "config.json").read_text())
-        return memory.estimate(models[repo], config, max_context=256, max_batch=2, kv_bits=None, budget=0,
-                               baseline=baseline).total
+        return memory.estimate(
+            models[repo], config, max_context=256, max_batch=2, kv_bits=None, budget=0, baseline=baseline
+        ).total
+
     low, high = est(fits), est(too_big)
     assert low < high
     return f"{(low + high) / 2 / memory.GIB:.6f}"
 
 
 def autotune_cli(tmp_path, *args, timeout=840, target_context=256):
-    argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
-            "--target-context", str(target_context), "--stage2-replicates", "1", "--port", str(free_port()), *args]
+    argv = [
+        sys.executable,
+        "-c",
+        NO_FOREGROUND,
+        "autotune",
+        "--db-path",
+        str(tmp_path / "at.sqlite"),
+        "--target-context",
+        str(target_context),
+        "--stage2-replicates",
+        "1",
+        "--port",
+        str(free_port()),
+        *args,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
@@ -107,11 +134,22 @@ def test_biggest_feasible_under_the_memory_budget_then_knobs_then_apply(tmp_path
     config.write_text("# keep me\nport: 9000\n")
     budget = budget_between(e2e_models, "e2e/big", "e2e/huge")
     result = autotune_cli(
-        tmp_path, "--candidate-models", "e2e/huge,e2e/big,e2e/small", "--memory-budget-gb", budget,
-        "--kv-bits-axis", "unset", "--max-batch-axis", "1,2", "--json", "--apply", "--config", str(config),
+        tmp_path,
+        "--candidate-models",
+        "e2e/huge,e2e/big,e2e/small",
+        "--memory-budget-gb",
+        budget,
+        "--kv-bits-axis",
+        "unset",
+        "--max-batch-axis",
+        "1,2",
+        "--json",
+        "--apply",
+        "--config",
+        str(config),
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     rec = report["recommendation"]
     assert rec["model"] == "e2e/big" and report["alternates"] == ["e2e/small"]
     assert report["infeasible"][0]["model"] == "e2e/huge"
@@ -119,15 +157,23 @@ def test_biggest_feasible_under_the_memory_budget_then_knobs_then_apply(tmp_path
     assert rec["tps_median"] > 0 and rec["ttft_p95_ms"] > 0 and rec["replicates"] == 1
     assert report["exit_reason"] == "ok" and report["recipe_hash"].startswith("sha256:")
     trials = db_rows(tmp_path, "SELECT * FROM tune_trials ORDER BY id")
-    assert [(t["stage"], t["model"]) for t in trials] == [(1, "e2e/huge"), (1, "e2e/big"), (2, "e2e/big"), (2, "e2e/big")]
+    assert [(t["stage"], t["model"]) for t in trials] == [
+        (1, "e2e/huge"),
+        (1, "e2e/big"),
+        (2, "e2e/big"),
+        (2, "e2e/big"),
+    ]
     assert trials[0]["fits"] == 0 and trials[0]["memory_estimate_bytes"] > 0
     assert all(t["memory_estimate_bytes"] > 0 for t in trials[1:])
     assert trials[1]["measured_prompt_tokens"] is not None and trials[1]["measured_prompt_tokens"] <= 256
     assert sum(t["kept"] for t in trials) == 1 and [t["kept"] for t in trials if t["stage"] == 1] == [0, 0]
     assert_memory_estimates_within(tmp_path, expect=3)
     assert yaml.safe_load(config.read_text()) == {
-        "port": 9000, "model": "e2e/big", "max_concurrency_override": rec["knobs"]["max_concurrency_override"],
-        "max_context_override": 256}
+        "port": 9000,
+        "model": "e2e/big",
+        "max_concurrency_override": rec["knobs"]["max_concurrency_override"],
+        "max_context_override": 256,
+    }
     assert config.read_text().startswith("# keep me\nport: 9000\n")
     assert "applied: model=e2e/big" in result.stdout
 
@@ -147,13 +193,15 @@ def assert_memory_estimates_within(tmp_path, tolerance=0.10, expect=1):
 
 
 def test_memory_estimate_within_ten_percent_with_and_without_kv_bits(tmp_path, e2e_models):
-    result = autotune_cli(tmp_path, "--candidate-models", "e2e/mid", "--kv-bits-axis", "unset,8,4",
-                          "--max-batch-axis", "1,2", "--json")
+    result = autotune_cli(
+        tmp_path, "--candidate-models", "e2e/mid", "--kv-bits-axis", "unset,8,4", "--max-batch-axis", "1,2", "--json"
+    )
     assert result.returncode == 0, result.stderr
     rows = assert_memory_estimates_within(tmp_path, expect=7)
     assert {(r["kv_bits"], r["max_batch"]) for r in rows if r["stage"] == 2} == {
-        (kv, b) for kv in (None, 8, 4) for b in (1, 2)}
-    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+        (kv, b) for kv in (None, 8, 4) for b in (1, 2)
+    }
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     assert len(report["trials"]) == 7
     for trial in report["trials"]:
         assert abs(trial["memory_estimate_error"]) <= 0.10
@@ -173,15 +221,27 @@ def test_memory_estimate_within_ten_percent_on_the_real_model(tmp_path, real_mod
 
     shapes = tmp_path / "shapes.jsonl"
     shapes.write_text(shapes_jsonl([RequestShape(40, 0, 2, 2)] * 2))
-    result = autotune_cli(tmp_path, "--candidate-models", real_model, "--kv-bits-axis", "unset,8",
-                          "--max-batch-axis", "1,2", "--workload", str(shapes), "--json", target_context=96)
+    result = autotune_cli(
+        tmp_path,
+        "--candidate-models",
+        real_model,
+        "--kv-bits-axis",
+        "unset,8",
+        "--max-batch-axis",
+        "1,2",
+        "--workload",
+        str(shapes),
+        "--json",
+        target_context=96,
+    )
     assert result.returncode == 0, result.stderr
     rows = assert_memory_estimates_within(tmp_path, expect=5)
     assert {(r["kv_bits"], r["max_batch"]) for r in rows if r["stage"] == 2} == {
-        (kv, b) for kv in (None, 8) for b in (1, 2)}
+        (kv, b) for kv in (None, 8) for b in (1, 2)
+    }
     # the real model's weights dominate: float32 copy of 135 M parameters (> 500 MiB), as served
     assert all(r["memory_weights_bytes"] > 500 * memory.MIB for r in rows)
-    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     assert all(abs(t["memory_estimate_error"]) <= 0.10 for t in report["trials"])
 
 
@@ -189,12 +249,32 @@ def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tm
     from macprovider.workload import RequestShape, shapes_jsonl
 
     shapes = tmp_path / "shapes.jsonl"  # an agent's long prompts sharing a prefix, two at a time, then a short one
-    shapes.write_text(shapes_jsonl([RequestShape(200, 120, 8, 1), RequestShape(210, 120, 8, 2),
-                                    RequestShape(200, 120, 8, 2), RequestShape(30, 0, 4, 1)]))
-    result = autotune_cli(tmp_path, "--candidate-models", "e2e/small", "--kv-bits-axis", "unset",
-                          "--max-batch-axis", "1,2", "--workload", str(shapes), "--objective", "latency", "--json")
+    shapes.write_text(
+        shapes_jsonl(
+            [
+                RequestShape(200, 120, 8, 1),
+                RequestShape(210, 120, 8, 2),
+                RequestShape(200, 120, 8, 2),
+                RequestShape(30, 0, 4, 1),
+            ]
+        )
+    )
+    result = autotune_cli(
+        tmp_path,
+        "--candidate-models",
+        "e2e/small",
+        "--kv-bits-axis",
+        "unset",
+        "--max-batch-axis",
+        "1,2",
+        "--workload",
+        str(shapes),
+        "--objective",
+        "latency",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     workload = report["inputs"]["workload"]
     assert (workload["kind"], workload["source"], workload["replayed"]) == ("file", str(shapes), 4)
     assert report["inputs"]["objective"] == "latency"
@@ -205,8 +285,11 @@ def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tm
     first, second = stage2
     ttft_gain = (first["ttft_p95_ms"] - second["ttft_p95_ms"]) / first["ttft_p95_ms"]
     tie = abs(ttft_gain) <= 0.02  # --tps-tie-epsilon: a TTFT tie goes to the higher throughput
-    expected = (second if second["tps_median"] > first["tps_median"] else first) if tie else (
-        second if ttft_gain > 0 else first)
+    expected = (
+        (second if second["tps_median"] > first["tps_median"] else first)
+        if tie
+        else (second if ttft_gain > 0 else first)
+    )
     rec = report["recommendation"]
     assert rec["knobs"] == expected["knobs"] and rec["ttft_p95_ms"] == expected["ttft_p95_ms"]
     assert "on the file workload the winner reused" in rec["why"]
@@ -223,23 +306,36 @@ def test_memory_estimate_within_ten_percent_replaying_eight_concurrent_agents(tm
 
     shapes = tmp_path / "agents.jsonl"
     shapes.write_text(shapes_jsonl([RequestShape(400, 300, 16, 8)] * 8))
-    result = autotune_cli(tmp_path, "--candidate-models", "e2e/kvheavy", "--kv-bits-axis", "unset",
-                          "--max-batch-axis", "8", "--workload", str(shapes), "--json", target_context=512)
+    result = autotune_cli(
+        tmp_path,
+        "--candidate-models",
+        "e2e/kvheavy",
+        "--kv-bits-axis",
+        "unset",
+        "--max-batch-axis",
+        "8",
+        "--workload",
+        str(shapes),
+        "--json",
+        target_context=512,
+    )
     assert result.returncode == 0, result.stderr
     rows = assert_memory_estimates_within(tmp_path, expect=2)
     (batch8,) = [r for r in rows if r["stage"] == 2]
     assert batch8["max_batch"] == 8
     # the variable terms matter here: KV, prompt cache and prefill are over a third of the estimate
     assert batch8["memory_kv_bytes"] + batch8["memory_prompt_cache_bytes"] + batch8["memory_prefill_bytes"] > (
-        batch8["memory_estimate_bytes"] / 3)
-    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+        batch8["memory_estimate_bytes"] / 3
+    )
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     stage2 = [t for t in report["trials"] if t["stage"] == 2]
     assert stage2[0]["cached_prompt_tokens"] >= 8 * 250  # the prefixes really came from the cache
 
 
 def test_operator_order_is_honoured(tmp_path, e2e_models):
-    result = autotune_cli(tmp_path, "--candidate-models", "e2e/small,e2e/big", "--kv-bits-axis", "8",
-                          "--max-batch-axis", "1", "-v")
+    result = autotune_cli(
+        tmp_path, "--candidate-models", "e2e/small,e2e/big", "--kv-bits-axis", "8", "--max-batch-axis", "1", "-v"
+    )
     assert result.returncode == 0, result.stderr
     assert "model:           e2e/small" in result.stdout and "  - e2e/big" in result.stdout
     models = [r["model"] for r in db_rows(tmp_path, "SELECT model FROM tune_trials")]
@@ -259,10 +355,18 @@ def test_truncated_safetensors_aborts_with_integrity_failure(tmp_path, e2e_model
 
 def test_all_infeasible_lists_smallest_first(tmp_path, e2e_models):
     budget = budget_between(e2e_models, "e2e/small", "e2e/big")
-    result = autotune_cli(tmp_path, "--candidate-models", "e2e/huge,e2e/big,e2e/small", "--memory-budget-gb", budget,
-                          "--gate-ttft-ms", "0.001", "--json")
+    result = autotune_cli(
+        tmp_path,
+        "--candidate-models",
+        "e2e/huge,e2e/big,e2e/small",
+        "--memory-budget-gb",
+        budget,
+        "--gate-ttft-ms",
+        "0.001",
+        "--json",
+    )
     assert result.returncode == 1
-    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     assert report["exit_reason"] == "no_feasible" and report["recommendation"] is None
     assert [i["model"] for i in report["infeasible"]] == ["e2e/small", "e2e/big", "e2e/huge"]
     assert "ttft p95" in report["infeasible"][0]["reason"]
@@ -271,8 +375,22 @@ def test_all_infeasible_lists_smallest_first(tmp_path, e2e_models):
 
 def test_max_duration_is_enforced_inside_a_slow_trial(tmp_path, e2e_models):
     port = free_port()
-    argv = [sys.executable, "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
-            "--target-context", "256", "--candidate-models", "e2e/small", "--port", str(port), "--max-duration", "1.5"]
+    argv = [
+        sys.executable,
+        "-c",
+        NO_FOREGROUND,
+        "autotune",
+        "--db-path",
+        str(tmp_path / "at.sqlite"),
+        "--target-context",
+        "256",
+        "--candidate-models",
+        "e2e/small",
+        "--port",
+        str(port),
+        "--max-duration",
+        "1.5",
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "budget_exhausted_no_model_selected" in result.stdout
@@ -302,8 +420,24 @@ def _listening_serve_child(pid: int, port: int) -> psutil.Process | None:
 def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, e2e_models, sig):
     port = free_port()
     # -X faulthandler: if the tuner does not exit, SIGABRT makes it print every thread's stack (in the failure).
-    argv = [sys.executable, "-X", "faulthandler", "-c", NO_FOREGROUND, "autotune", "--db-path", str(tmp_path / "at.sqlite"),
-            "--target-context", "256", "--candidate-models", "e2e/small", "--port", str(port), "--drain-grace", "5"]
+    argv = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-c",
+        NO_FOREGROUND,
+        "autotune",
+        "--db-path",
+        str(tmp_path / "at.sqlite"),
+        "--target-context",
+        "256",
+        "--candidate-models",
+        "e2e/small",
+        "--port",
+        str(port),
+        "--drain-grace",
+        "5",
+    ]
     tie = die_with_parent()
 
     def as_from_a_terminal() -> None:
@@ -314,7 +448,9 @@ def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
         if tie is not None:
             tie()
 
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal
+    )
     try:
         deadline = time.monotonic() + 90
         # The first trial's candidate listens: a trial is in flight. Freeze it (SIGSTOP) so the trial cannot
@@ -334,7 +470,9 @@ def test_signal_records_the_trial_in_flight_and_leaves_nothing_behind(tmp_path, 
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)
             out, err = proc.communicate(timeout=30)
-            raise AssertionError(f"autotune did not exit within 60 s of signal {sig}; its threads:\n{err[-6000:]}") from None
+            raise AssertionError(
+                f"autotune did not exit within 60 s of signal {sig}; its threads:\n{err[-6000:]}"
+            ) from None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -355,8 +493,10 @@ def foreground_serve(e2e_models, tmp_path):
     """A real `macprovider serve` started detached (not our child), like an operator's terminal would."""
     port = free_port()
     log = tmp_path / "fg.log"
-    cmd = (f"'{sys.executable}' -m macprovider serve --model e2e/small --port {port} --max-context 512 "
-           f">'{log}' 2>&1 & echo $!")
+    cmd = (
+        f"'{sys.executable}' -m macprovider serve --model e2e/small --port {port} --max-context 512 "
+        f">'{log}' 2>&1 & echo $!"
+    )
     pid = int(subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=True).stdout.strip())
     deadline = time.monotonic() + 90
     while not port_is_listening(port):
@@ -371,9 +511,21 @@ def foreground_serve(e2e_models, tmp_path):
 def test_conflict_with_a_foreground_serve_refuses_then_drains_and_restarts(tmp_path, e2e_models, foreground_serve):
     pid, fg_port = foreground_serve
     refused = subprocess.run(
-        [sys.executable, "-m", "macprovider", "autotune", "--db-path", str(tmp_path / "at.sqlite"),
-         "--candidate-models", "e2e/small", "--port", str(free_port())],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "macprovider",
+            "autotune",
+            "--db-path",
+            str(tmp_path / "at.sqlite"),
+            "--candidate-models",
+            "e2e/small",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert refused.returncode == 1
     assert f"foreground-PID-{pid}" in refused.stderr and "rerun with --drain" in refused.stderr
@@ -384,10 +536,20 @@ def test_conflict_with_a_foreground_serve_refuses_then_drains_and_restarts(tmp_p
         found.foreground = [s for s in found.foreground if s.pid == pid]
         return found
 
-    inputs = parse_inputs({"db_path": str(tmp_path / "at.sqlite"), "candidate_models": "e2e/small",
-                           "target_context": "256", "stage2_replicates": "1", "kv_bits_axis": "unset",
-                           "max_batch_axis": "1", "port": str(free_port()), "drain": True,
-                           "restart_foreground": True, "drain_grace": "10"})
+    inputs = parse_inputs(
+        {
+            "db_path": str(tmp_path / "at.sqlite"),
+            "candidate_models": "e2e/small",
+            "target_context": "256",
+            "stage2_replicates": "1",
+            "kv_bits_axis": "unset",
+            "max_batch_axis": "1",
+            "port": str(free_port()),
+            "drain": True,
+            "restart_foreground": True,
+            "drain_grace": "10",
+        }
+    )
     outcome = run(inputs, Deps(detect_conflicts=only_mine, out=io.StringIO(), err=io.StringIO()))
     assert outcome.exit_reason == "ok"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

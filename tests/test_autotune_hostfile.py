@@ -7,8 +7,8 @@ from __future__ import annotations
 import io
 import json
 import shlex
-import sqlite3
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +24,13 @@ from macprovider.autotune import memory
 from macprovider.autotune.apply import owned_values, render_config
 from macprovider.autotune.preflight import ClusterHosts, parse_inputs
 from macprovider.autotune.provider import Deadline, port_is_listening
-from macprovider.autotune.report import Recommendation, build_report, recipe_domain, recipe_hash, render_terminal, verify_recipe_hash
+from macprovider.autotune.report import (
+    Recommendation,
+    recipe_domain,
+    recipe_hash,
+    render_terminal,
+    verify_recipe_hash,
+)
 from macprovider.autotune.runner import Deps, run
 from macprovider.autotune.search import Knobs, Trial
 from macprovider.autotune.trial import RealEvaluator
@@ -33,7 +39,8 @@ from macprovider.hardware import MachineFacts
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 from macprovider.parallel import failed_rank_line, layers_per_rank
 from tests.test_autotune_e2e import NO_FOREGROUND, _listening_serve_child, free_port
-from tests.test_autotune_report import CANDIDATES, PINNED_HASH, REC, report as base_report
+from tests.test_autotune_report import CANDIDATES, PINNED_HASH, REC
+from tests.test_autotune_report import report as base_report
 from tests.test_autotune_run import FakeConflicts, Script, feasible
 
 GIB = memory.GIB
@@ -42,7 +49,9 @@ SPLIT_ID = "hostfile/split4"  # 4 layers, 2 KV heads: pipeline and tensor both s
 
 @pytest.fixture(scope="session")
 def split_dir(hf_home, tmp_path_factory) -> Path:
-    source = build_model_files(tmp_path_factory.mktemp("split4"), TinyModelSpec(num_hidden_layers=4, num_key_value_heads=2))
+    source = build_model_files(
+        tmp_path_factory.mktemp("split4"), TinyModelSpec(num_hidden_layers=4, num_key_value_heads=2)
+    )
     return install_in_hub_cache(source, SPLIT_ID, hf_home / "hub")
 
 
@@ -82,8 +91,13 @@ def test_every_rank_share_must_fit_its_own_host():
 
 
 def _evaluator(tmp_path, budgets, **flags) -> RealEvaluator:
-    raw = {"candidate_models": SPLIT_ID, "target_context": "128", "db_path": str(tmp_path / "t.sqlite"),
-           "config": str(tmp_path / "c.yaml"), **flags}
+    raw = {
+        "candidate_models": SPLIT_ID,
+        "target_context": "128",
+        "db_path": str(tmp_path / "t.sqlite"),
+        "config": str(tmp_path / "c.yaml"),
+        **flags,
+    }
     cluster = ClusterHosts(str(tmp_path / "hosts.json"), ("hostA", "hostB"), tuple(budgets), "ring")
     inputs = replace(parse_inputs(raw), cluster=cluster)
     evaluator = RealEvaluator(inputs, Deadline(600), budget=lambda: 64 * GIB)
@@ -114,8 +128,14 @@ def test_a_failed_rank_is_a_failed_trial_naming_it(tmp_path, split_dir, monkeypa
     # A stand-in for mlx.launch that does what it does when a rank dies while loading: prints which one in
     # colour, then exits 0 itself.
     line = "\x1b[33m[WARN] Node with rank 1 exited with code 1 \x1b[0m"
-    launcher = [sys.executable, "-c", f"import sys; print('loading', file=sys.stderr); print({line!r}, file=sys.stderr)"]
-    monkeypatch.setattr(RealEvaluator, "launch", lambda self, model, knobs, cluster: {"argv": launcher, "host": "127.0.0.1"})
+    launcher = [
+        sys.executable,
+        "-c",
+        f"import sys; print('loading', file=sys.stderr); print({line!r}, file=sys.stderr)",
+    ]
+    monkeypatch.setattr(
+        RealEvaluator, "launch", lambda self, model, knobs, cluster: {"argv": launcher, "host": "127.0.0.1"}
+    )
     trial = _evaluator(tmp_path, [64 * GIB] * 2)(SPLIT_ID, Knobs(None, 1, 128, "pipeline"), 1)
     assert not trial.fits and trial.failure_class == "infeasible"
     assert trial.notes == "provider exited with code 0 while loading: [WARN] Node with rank 1 exited with code 1"
@@ -124,19 +144,34 @@ def test_a_failed_rank_is_a_failed_trial_naming_it(tmp_path, split_dir, monkeypa
 
 # ---------------------------------------------------------------------------------------------- run with fakes
 def _go(tmp_path, modes, **flags):
-    raw = {"target_context": "100", "candidate_models": "org/big-7B,org/small-1B", "kv_bits_axis": "unset",
-           "max_batch_axis": "1", "stage2_replicates": "1", "db_path": str(tmp_path / "t.sqlite"),
-           "config": str(tmp_path / "config.yaml"), **flags}
+    raw = {
+        "target_context": "100",
+        "candidate_models": "org/big-7B,org/small-1B",
+        "kv_bits_axis": "unset",
+        "max_batch_axis": "1",
+        "stage2_replicates": "1",
+        "db_path": str(tmp_path / "t.sqlite"),
+        "config": str(tmp_path / "config.yaml"),
+        **flags,
+    }
     cluster = ClusterHosts(str(tmp_path / "hosts.json"), ("mac-a", "mac-b"), (48 * GIB, 16 * GIB), "ring")
     inputs = replace(parse_inputs(raw), cluster=cluster)
     layers = {"pipeline": (24, 8), "tensor": None}
-    by_knobs = {Knobs(None, 1, 100, "pipeline"): replace(feasible(tps=10.0), layers_per_rank=(24, 8)),
-                Knobs(None, 1, 100, "tensor"): feasible(tps=30.0)}
+    by_knobs = {
+        Knobs(None, 1, 100, "pipeline"): replace(feasible(tps=10.0), layers_per_rank=(24, 8)),
+        Knobs(None, 1, 100, "tensor"): feasible(tps=30.0),
+    }
     script = Script({"org/big-7B": replace(feasible(), layers_per_rank=layers["pipeline"])}, by_knobs)
     asked = []
-    deps = Deps(machine=MachineFacts(24, "Test Chip", "Linux test"), binary_version="0.1.0",
-                detect_conflicts=lambda port, restart: FakeConflicts(), evaluate=script, out=io.StringIO(),
-                err=io.StringIO(), parallel_modes=lambda model, size: asked.append((model, size)) or modes)
+    deps = Deps(
+        machine=MachineFacts(24, "Test Chip", "Linux test"),
+        binary_version="0.1.0",
+        detect_conflicts=lambda port, restart: FakeConflicts(),
+        evaluate=script,
+        out=io.StringIO(),
+        err=io.StringIO(),
+        parallel_modes=lambda model, size: asked.append((model, size)) or modes,
+    )
     return run(inputs, deps), script, asked, deps.out.getvalue()
 
 
@@ -145,10 +180,18 @@ def test_stage1_runs_pipeline_and_stage2_only_the_modes_that_split_the_model(tmp
     assert asked == [("org/big-7B", 2)]
     assert [(stage, knobs.parallel) for _, knobs, stage in script.calls] == [(1, "pipeline"), (2, "pipeline")]
     rec = outcome.report["recommendation"]
-    assert rec["knobs"]["parallel"] == "pipeline" and rec["hosts"] == ["mac-a", "mac-b"] and rec["layers_per_rank"] == [24, 8]
+    assert (
+        rec["knobs"]["parallel"] == "pipeline"
+        and rec["hosts"] == ["mac-a", "mac-b"]
+        and rec["layers_per_rank"] == [24, 8]
+    )
     assert outcome.report["inputs"]["hosts"] == [
-        {"rank": 0, "host": "mac-a", "memory_budget_bytes": 48 * GIB}, {"rank": 1, "host": "mac-b", "memory_budget_bytes": 16 * GIB}]
-    assert rec["serve_command"].startswith(f"macprovider cluster serve {tmp_path / 'hosts.json'} --model org/big-7B --parallel pipeline")
+        {"rank": 0, "host": "mac-a", "memory_budget_bytes": 48 * GIB},
+        {"rank": 1, "host": "mac-b", "memory_budget_bytes": 16 * GIB},
+    ]
+    assert rec["serve_command"].startswith(
+        f"macprovider cluster serve {tmp_path / 'hosts.json'} --model org/big-7B --parallel pipeline"
+    )
     assert "  rank 0: mac-a (24 layers)" in out and "  rank 1: mac-b (8 layers)" in out
     assert verify_recipe_hash(outcome.report)
 
@@ -164,8 +207,14 @@ def test_stage2_parallel_axis_keeps_the_faster_mode_and_apply_writes_it(tmp_path
     stored = sqlite3.connect(tmp_path / "t.sqlite").execute("SELECT stage, parallel, kept FROM tune_trials ORDER BY id")
     assert stored.fetchall() == [(1, "pipeline", 0), (2, "pipeline", 0), (2, "tensor", 1)]
     written = yaml.safe_load(config.read_text())
-    assert written == {"port": 9000, "model": "org/big-7B", "max_context_override": 100, "max_concurrency_override": 1,
-                       "parallel": "tensor", "hostfile": str(tmp_path / "hosts.json")}
+    assert written == {
+        "port": 9000,
+        "model": "org/big-7B",
+        "max_context_override": 100,
+        "max_concurrency_override": 1,
+        "parallel": "tensor",
+        "hostfile": str(tmp_path / "hosts.json"),
+    }
     assert config.read_text().startswith("# mine\n")
     assert "macprovider cluster serve --config" in out
     # `cluster print` (like `cluster serve`) starts what was applied: hostfile, model, parallel and knobs.
@@ -173,15 +222,30 @@ def test_stage2_parallel_axis_keeps_the_faster_mode_and_apply_writes_it(tmp_path
     printed = CliRunner().invoke(app, ["cluster", "print", "--config", str(config), "--", "--log-level", "debug"])
     assert printed.exit_code == 0, printed.output
     argv = shlex.split(printed.output)
-    assert argv[argv.index("serve"):] == ["serve", "--model", "org/big-7B", "--parallel", "tensor", "--max-context", "100",
-                                          "--max-batch", "1", "--log-level", "debug"]
+    assert argv[argv.index("serve") :] == [
+        "serve",
+        "--model",
+        "org/big-7B",
+        "--parallel",
+        "tensor",
+        "--max-context",
+        "100",
+        "--max-batch",
+        "1",
+        "--log-level",
+        "debug",
+    ]
     assert argv[1:3] == ["--hostfile", str(tmp_path / "hosts.json")]
 
 
 def test_a_one_machine_apply_removes_a_stale_split():
     text = "model: old\nparallel: pipeline\nhostfile: /h.json\nport: 1\n"
     assert yaml.safe_load(render_config(text, owned_values("org/m", None, 1, 100))) == {
-        "model": "org/m", "port": 1, "max_context_override": 100, "max_concurrency_override": 1}
+        "model": "org/m",
+        "port": 1,
+        "max_context_override": 100,
+        "max_concurrency_override": 1,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- hash stability
@@ -191,25 +255,59 @@ def test_hostfile_fields_enter_the_hash_only_with_a_hostfile():
     assert "parallel" not in base_report(trials=[trial])["trials"][0]["knobs"]
     cluster = ClusterHosts("/h.json", ("mac-a", "mac-b"), (GIB, GIB))
     placed = replace(REC, parallel="pipeline", hostfile="/h.json", hosts=("mac-a", "mac-b"), layers_per_rank=(20, 12))
-    domain = recipe_domain(binary_version="0.1.0", candidate_models=CANDIDATES, chip="Apple M2 Pro", ram_gb=32, rec=placed)
-    assert domain["knobs"]["parallel"] == "pipeline" and domain["hosts"] == ["mac-a", "mac-b"] and domain["layers_per_rank"] == [20, 12]
+    domain = recipe_domain(
+        binary_version="0.1.0", candidate_models=CANDIDATES, chip="Apple M2 Pro", ram_gb=32, rec=placed
+    )
+    assert (
+        domain["knobs"]["parallel"] == "pipeline"
+        and domain["hosts"] == ["mac-a", "mac-b"]
+        and domain["layers_per_rank"] == [20, 12]
+    )
     hashes = {PINNED_HASH, recipe_hash(domain)}
-    for other in (replace(placed, layers_per_rank=(16, 16)), replace(placed, parallel="tensor", layers_per_rank=None),
-                  replace(placed, hosts=("mac-a", "mac-c"))):
+    for other in (
+        replace(placed, layers_per_rank=(16, 16)),
+        replace(placed, parallel="tensor", layers_per_rank=None),
+        replace(placed, hosts=("mac-a", "mac-c")),
+    ):
         report = base_report(rec=other, inputs={**base_report()["inputs"], "hosts": cluster.describe()})
         assert verify_recipe_hash(report)
         hashes.add(report["recipe_hash"])
     assert len(hashes) == 5
     assert "  parallel:                   pipeline" in render_terminal(base_report(rec=placed))
-    assert Recommendation.from_trial(replace(trial, knobs=Knobs(8, 2, 4096, "tensor")), 2000, cluster).hosts == ("mac-a", "mac-b")
+    assert Recommendation.from_trial(replace(trial, knobs=Knobs(8, 2, 4096, "tensor")), 2000, cluster).hosts == (
+        "mac-a",
+        "mac-b",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- end to end
 def _autotune_argv(tmp_path, model: str, port: int, *extra: str) -> list[str]:
     hostfile = _hostfile(tmp_path / "hosts.json", ["127.0.0.1", "127.0.0.1"])
-    return [sys.executable, "-c", NO_FOREGROUND, "autotune", "--hostfile", hostfile, "--candidate-models", model,
-            "--target-context", "128", "--kv-bits-axis", "unset", "--max-batch-axis", "1", "--stage2-replicates", "1",
-            "--db-path", str(tmp_path / "at.sqlite"), "--port", str(port), "--drain-grace", "5", *extra]
+    return [
+        sys.executable,
+        "-c",
+        NO_FOREGROUND,
+        "autotune",
+        "--hostfile",
+        hostfile,
+        "--candidate-models",
+        model,
+        "--target-context",
+        "128",
+        "--kv-bits-axis",
+        "unset",
+        "--max-batch-axis",
+        "1",
+        "--stage2-replicates",
+        "1",
+        "--db-path",
+        str(tmp_path / "at.sqlite"),
+        "--port",
+        str(port),
+        "--drain-grace",
+        "5",
+        *extra,
+    ]
 
 
 def _is_rank(argv: list[str], model: str) -> bool:
@@ -230,11 +328,14 @@ def test_autotune_hostfile_on_two_loopback_ranks(tmp_path, tiny_model):
     argv = _autotune_argv(tmp_path, tiny_model, free_port(), "--json", "--apply", "--config", str(config))
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr + result.stdout
-    report = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    report = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     rec = report["recommendation"]
     assert rec["knobs"]["parallel"] == "pipeline" and rec["layers_per_rank"] == [1, 1]
     assert rec["hosts"] == ["127.0.0.1", "127.0.0.1"] and rec["tps_median"] > 0
-    assert [(t["stage"], t["knobs"]["parallel"], t["fits"]) for t in report["trials"]] == [(1, "pipeline", True), (2, "pipeline", True)]
+    assert [(t["stage"], t["knobs"]["parallel"], t["fits"]) for t in report["trials"]] == [
+        (1, "pipeline", True),
+        (2, "pipeline", True),
+    ]
     assert all(t["memory_estimate_bytes"] > 0 and t["peak_memory_bytes"] > 0 for t in report["trials"])
     assert "  rank 0: 127.0.0.1 (1 layers)" in result.stdout
     assert yaml.safe_load(config.read_text())["parallel"] == "pipeline"
@@ -248,7 +349,9 @@ def test_a_signal_mid_trial_leaves_no_rank_running(tmp_path, tiny_model, sig):
     """SIGTERM: autotune stops the trial's launcher group (exit 130). SIGKILL: nothing in autotune runs, yet
     the launcher dies with it and the ranks stop with the launcher (macprovider.processes)."""
     port = free_port()
-    proc = subprocess.Popen(_autotune_argv(tmp_path, tiny_model, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _autotune_argv(tmp_path, tiny_model, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while (rank0 := _listening_serve_child(proc.pid, port)) is None:  # the Stage 1 trial is in flight
@@ -273,7 +376,9 @@ def test_a_relative_hostfile_is_recorded_absolute(tmp_path, monkeypatch):
     # --apply writes it to the config, which `cluster serve` reads from any directory.
     _hostfile(tmp_path / "hosts.json", ["127.0.0.1"])
     monkeypatch.chdir(tmp_path)
-    inputs = parse_inputs({"hostfile": "hosts.json", "db_path": str(tmp_path / "t.sqlite"), "config": str(tmp_path / "c.yaml")})
+    inputs = parse_inputs(
+        {"hostfile": "hosts.json", "db_path": str(tmp_path / "t.sqlite"), "config": str(tmp_path / "c.yaml")}
+    )
     assert inputs.hostfile == str(tmp_path / "hosts.json")
     with pytest.raises(Exception, match="invalid --hostfile 'missing.json': no such file"):
         parse_inputs({"hostfile": "missing.json", "db_path": str(tmp_path / "t.sqlite")})

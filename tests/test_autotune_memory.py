@@ -35,9 +35,16 @@ def test_weights_bytes_are_exact_from_headers(tmp_path):
     b = write_safetensors(tmp_path / "model-00002-of-00002.safetensors", {"u": ("U32", [2, 2, 2])})
     assert a == 3 * 5 * 4 + 7 * 2 and b == 32
     (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 999}, "weight_map": {
-            "w": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
-            "u": "model-00002-of-00002.safetensors"}})
+        json.dumps(
+            {
+                "metadata": {"total_size": 999},
+                "weight_map": {
+                    "w": "model-00001-of-00002.safetensors",
+                    "b": "model-00001-of-00002.safetensors",
+                    "u": "model-00002-of-00002.safetensors",
+                },
+            }
+        )
     )
     assert weights_bytes(tmp_path) == a + b
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
@@ -58,8 +65,15 @@ def test_malformed_header_is_detected(tmp_path):
 
 
 def test_kv_bytes_formula():
-    shape = KvShape.from_config({"num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                                 "hidden_size": 3584, "torch_dtype": "bfloat16"})
+    shape = KvShape.from_config(
+        {
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "hidden_size": 3584,
+            "torch_dtype": "bfloat16",
+        }
+    )
     assert (shape.layers, shape.kv_heads, shape.head_dim, shape.dtype_bytes) == (28, 4, 128, 2)
     assert kv_bytes(shape, 1000, None) == 2 * 28 * 4 * 128 * 2 * 1000
     assert kv_bytes(shape, 1000, 8) == int(2 * 28 * 4 * 128 * 1.0625 * 1000)
@@ -75,8 +89,12 @@ def test_memory_precheck_rejects_quickly_without_loading(model_src):
     config = json.loads((model_src / "config.json").read_text())
     est = memory.estimate(model_src, config, max_context=100_000, max_batch=2, kv_bits=None, budget=128 * memory.MIB)
     assert not est.fits and est.note().startswith("memory estimate ")
-    assert est.weights == (model_src / "model.safetensors").stat().st_size - 8 - struct.unpack(
-        "<Q", (model_src / "model.safetensors").read_bytes()[:8])[0]
+    assert (
+        est.weights
+        == (model_src / "model.safetensors").stat().st_size
+        - 8
+        - struct.unpack("<Q", (model_src / "model.safetensors").read_bytes()[:8])[0]
+    )
     roomy = memory.estimate(model_src, config, max_context=256, max_batch=1, kv_bits=4, budget=2 * memory.GIB)
     assert roomy.fits
 
@@ -141,34 +159,89 @@ def test_quantized_kv_bytes_follow_the_activation_dtype_and_group_size():
 def test_estimate_terms_add_up(model_src):
     config = json.loads((model_src / "config.json").read_text())
     shape = KvShape.from_config(config)
-    est = memory.estimate(model_src, config, max_context=300, max_batch=2, kv_bits=8, budget=memory.GIB,
-                          baseline=100 * memory.MIB, cached_tokens=1000)
+    est = memory.estimate(
+        model_src,
+        config,
+        max_context=300,
+        max_batch=2,
+        kv_bits=8,
+        budget=memory.GIB,
+        baseline=100 * memory.MIB,
+        cached_tokens=1000,
+    )
     assert est.kv == kv_bytes(shape, 2 * 512, 8)  # 300 tokens allocate two steps of 256
     assert est.prompt_cache == kv_bytes(shape, 1000, 8) and est.baseline == 100 * memory.MIB
     assert est.prefill == shape.prefill_bytes(300, 2) > 0
     assert est.total == sum(est.terms().values())
-    capped = memory.estimate(model_src, config, max_context=300, max_batch=2, kv_bits=8, budget=memory.GIB,
-                             cached_tokens=10**6, prompt_cache_bytes=1234)
+    capped = memory.estimate(
+        model_src,
+        config,
+        max_context=300,
+        max_batch=2,
+        kv_bits=8,
+        budget=memory.GIB,
+        cached_tokens=10**6,
+        prompt_cache_bytes=1234,
+    )
     assert capped.prompt_cache == 1234
     # a workload that never fills the context or the batch: only what it uses
-    light = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
-                            sequence_tokens=300, prompt_tokens=200, live_sequences=2)
+    light = memory.estimate(
+        model_src,
+        config,
+        max_context=2000,
+        max_batch=4,
+        kv_bits=None,
+        budget=memory.GIB,
+        sequence_tokens=300,
+        prompt_tokens=200,
+        live_sequences=2,
+    )
     assert light.kv == kv_bytes(shape, 2 * 512, None) and light.prefill == shape.prefill_bytes(200, 2)
-    worst = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
-                            sequence_tokens=9000, prompt_tokens=9000, live_sequences=9)
+    worst = memory.estimate(
+        model_src,
+        config,
+        max_context=2000,
+        max_batch=4,
+        kv_bits=None,
+        budget=memory.GIB,
+        sequence_tokens=9000,
+        prompt_tokens=9000,
+        live_sequences=9,
+    )
     assert worst.kv == kv_bytes(shape, 4 * 2048, None) and worst.prefill == shape.prefill_bytes(2000, 4)
     # a replay: four short requests in flight together (50 uncached tokens of 100 each), then a 400-token
     # prompt alone, 300 of it from the prefix cache. Live KV: the larger window (4 × 256 > 1 × 512 tokens);
     # prefill: one whole prompt (the warm-up) or a window's rows prefilling their uncached rest together.
     windows = [[(120, 50)], [(120, 50), (120, 50)], [(120, 50)] * 3, [(120, 50)] * 4, [(420, 100)]]
-    replay = memory.estimate(model_src, config, max_context=2000, max_batch=4, kv_bits=None, budget=memory.GIB,
-                             sequence_tokens=420, prompt_tokens=400, live_sequences=4, live_windows=windows)
+    replay = memory.estimate(
+        model_src,
+        config,
+        max_context=2000,
+        max_batch=4,
+        kv_bits=None,
+        budget=memory.GIB,
+        sequence_tokens=420,
+        prompt_tokens=400,
+        live_sequences=4,
+        live_windows=windows,
+    )
     assert replay.kv == kv_bytes(shape, 4 * 256, None) < kv_bytes(shape, 4 * 512, None)
-    assert replay.prefill == max(shape.prefill_bytes(400, 1), shape.prefill_bytes(50, 4, keys=400),
-                                 shape.prefill_bytes(100, 1, keys=400))
+    assert replay.prefill == max(
+        shape.prefill_bytes(400, 1), shape.prefill_bytes(50, 4, keys=400), shape.prefill_bytes(100, 1, keys=400)
+    )
     assert replay.prefill < shape.prefill_bytes(400, 4)  # what counting four whole prompts gave
-    narrow = memory.estimate(model_src, config, max_context=2000, max_batch=2, kv_bits=None, budget=memory.GIB,
-                             sequence_tokens=420, prompt_tokens=400, live_sequences=4, live_windows=windows)
+    narrow = memory.estimate(
+        model_src,
+        config,
+        max_context=2000,
+        max_batch=2,
+        kv_bits=None,
+        budget=memory.GIB,
+        sequence_tokens=420,
+        prompt_tokens=400,
+        live_sequences=4,
+        live_windows=windows,
+    )
     assert narrow.kv == kv_bytes(shape, 512, None)  # max-batch 2 holds two of the four: 2 × 256 = 1 × 512
     assert shape.prefill_bytes(50, 4, keys=400) > shape.prefill_bytes(50, 4)  # the scores span the whole prompt
     assert replace_budget(est).note().startswith("memory estimate ") and "baseline 0.10" in replace_budget(est).note()
@@ -232,12 +305,22 @@ def test_bare_runtime_child_reports_a_plausible_footprint():
 def test_served_weights_follow_the_weights_dtype_serve_will_apply(tmp_path):
     """A 4-bit checkpoint (group 32): 8 packed words per row hold 64 weights; on MLX's CPU backend `auto`
     serves float32, so the stored weights, the float32 copy and the largest float16 tensor are counted."""
-    stored = write_safetensors(tmp_path / "model.safetensors", {
-        "layers.0.mlp.weight": ("U32", [16, 8]), "layers.0.mlp.scales": ("F16", [16, 2]),
-        "layers.0.mlp.biases": ("F16", [16, 2]), "norm.weight": ("F16", [64]),
-    })
-    config = {"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 64, "torch_dtype": "float16",
-              "quantization": {"group_size": 32, "bits": 4}}
+    stored = write_safetensors(
+        tmp_path / "model.safetensors",
+        {
+            "layers.0.mlp.weight": ("U32", [16, 8]),
+            "layers.0.mlp.scales": ("F16", [16, 2]),
+            "layers.0.mlp.biases": ("F16", [16, 2]),
+            "norm.weight": ("F16", [64]),
+        },
+    )
+    config = {
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "hidden_size": 64,
+        "torch_dtype": "float16",
+        "quantization": {"group_size": 32, "bits": 4},
+    }
     assert memory.parameter_counts(tmp_path, config) == (16 * 64 + 64, 16 * 64)
     params = 16 * 64 + 64
     on_cpu = memory.served_weights(tmp_path, config, on_cpu=True, available_bytes=memory.GIB)[1]
@@ -247,7 +330,9 @@ def test_served_weights_follow_the_weights_dtype_serve_will_apply(tmp_path):
     half = 16 * 2 * 2 + 64
     assert memory.half_precision_elements(tmp_path) == half
     assert memory.served_weights(tmp_path, config, on_cpu=True, available_bytes=params * 4)[1] == stored + half * 4
-    assert memory.served_weights(tmp_path, config, on_cpu=True, available_bytes=params * 4, setting="native")[1] == stored
+    assert (
+        memory.served_weights(tmp_path, config, on_cpu=True, available_bytes=params * 4, setting="native")[1] == stored
+    )
     eight_bit = {**config, "quantization": {"group_size": 32, "bits": 4, "layers.0.mlp": {"group_size": 32, "bits": 8}}}
     assert memory.parameter_counts(tmp_path, eight_bit)[0] == 16 * 32 + 64
     plain = {**config, "torch_dtype": "float32"}
@@ -267,7 +352,9 @@ def test_kv_and_activations_count_the_dtype_serve_computes_in(model_src):
     """A float16 checkpoint that `auto` serves in float32 on MLX's CPU backend holds float32 KV and
     activations (MLX computes in the weights' dtype): twice the bytes the checkpoint's dtype would give."""
     config = {**json.loads((model_src / "config.json").read_text()), "torch_dtype": "float16"}
-    common = dict(max_context=512, max_batch=2, kv_bits=None, budget=memory.GIB, cached_tokens=300, available_bytes=memory.GIB)
+    common = dict(
+        max_context=512, max_batch=2, kv_bits=None, budget=memory.GIB, cached_tokens=300, available_bytes=memory.GIB
+    )
     on_gpu = memory.estimate(model_src, config, on_cpu=False, **common)
     on_cpu = memory.estimate(model_src, config, on_cpu=True, **common)
     assert on_gpu.kv > 0 and on_cpu.kv == 2 * on_gpu.kv and on_cpu.prompt_cache == 2 * on_gpu.prompt_cache

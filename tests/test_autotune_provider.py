@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from macprovider.autotune.probe import StreamResult, Workload, aggregate_throughput, judge, measure, Measurement
+from macprovider.autotune.probe import Measurement, StreamResult, Workload, aggregate_throughput, judge, measure
 from macprovider.autotune.provider import (
     CandidateProvider,
     Deadline,
@@ -38,7 +38,9 @@ def fake(tmp_path):
 
     def make(mode="ok", text="hello world", **kw):
         port = free_port()
-        return CandidateProvider("fake", port, max_context=256, argv=[sys.executable, str(script), str(port), mode, text], **kw)
+        return CandidateProvider(
+            "fake", port, max_context=256, argv=[sys.executable, str(script), str(port), mode, text], **kw
+        )
 
     return make
 
@@ -46,9 +48,24 @@ def fake(tmp_path):
 def test_serve_argv_is_the_contract(tmp_path):
     argv = serve_argv("org/m", 18080, max_batch=2, max_context=4096, kv_bits=8, config_path=tmp_path / "c.yaml")
     assert argv[:4] == [sys.executable, "-m", "macprovider", "serve"]
-    assert argv[4:] == ["--model", "org/m", "--port", "18080", "--host", "127.0.0.1", "--max-batch", "2",
-                        "--max-context", "4096", "--kv-bits", "8", "--config", str(tmp_path / "c.yaml"),
-                        "--log-level", "warning"]
+    assert argv[4:] == [
+        "--model",
+        "org/m",
+        "--port",
+        "18080",
+        "--host",
+        "127.0.0.1",
+        "--max-batch",
+        "2",
+        "--max-context",
+        "4096",
+        "--kv-bits",
+        "8",
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--log-level",
+        "warning",
+    ]
     assert "--kv-bits" not in serve_argv("org/m", 1, max_batch=1, max_context=2, kv_bits=None, config_path=tmp_path)
 
 
@@ -149,13 +166,19 @@ def test_http_errors_make_the_trial_infeasible(fake, workload):
 
 
 def test_aggregate_throughput_does_not_credit_serialised_streams():
-    overlapped = [StreamResult(True, generated_tokens=10, generation_ms=1000, end_s=1.0),
-                  StreamResult(True, generated_tokens=10, generation_ms=1000, end_s=1.0)]
-    serial = [StreamResult(True, generated_tokens=10, generation_ms=1000, end_s=1.0),
-              StreamResult(True, generated_tokens=10, generation_ms=1000, end_s=2.0)]
+    overlapped = [
+        StreamResult(True, generated_tokens=10, generation_ms=1000, end_s=1.0),
+        StreamResult(True, generated_tokens=10, generation_ms=1000, end_s=1.0),
+    ]
+    serial = [
+        StreamResult(True, generated_tokens=10, generation_ms=1000, end_s=1.0),
+        StreamResult(True, generated_tokens=10, generation_ms=1000, end_s=2.0),
+    ]
     assert aggregate_throughput(overlapped) == pytest.approx(20.0)
     assert aggregate_throughput(serial) == pytest.approx(10.0)
-    assert aggregate_throughput([StreamResult(True, generated_tokens=64, generation_ms=500, end_s=9.0)]) == pytest.approx(128.0)
+    assert aggregate_throughput(
+        [StreamResult(True, generated_tokens=64, generation_ms=500, end_s=9.0)]
+    ) == pytest.approx(128.0)
 
 
 def test_judge_rejects_empty_output_and_zero_throughput():

@@ -19,8 +19,12 @@ from macprovider.autotune.search import Infeasible
 CANDIDATES = ["mlx-community/Qwen2.5-14B-Instruct-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit"]
 MACHINE = {"ram_gb": 32, "chip": "Apple M2 Pro", "os_version": "macOS 15.1", "binary_version": "0.1.0"}
 INPUTS = {
-    "target_context": 2000, "candidate_models": CANDIDATES, "stage1_replicates": 1, "stage2_replicates": 3,
-    "gate_ttft_ms": 60000, "tps_tie_epsilon": 0.02,
+    "target_context": 2000,
+    "candidate_models": CANDIDATES,
+    "stage1_replicates": 1,
+    "stage2_replicates": 3,
+    "gate_ttft_ms": 60000,
+    "tps_tie_epsilon": 0.02,
 }
 REC = Recommendation(CANDIDATES[0], 2000, 8, 2, 4096, 23.456, 812.4, 3)
 # Pinned vector: the canonical (RFC 8785) domain text and its SHA-256, computed independently of the code.
@@ -35,9 +39,16 @@ PINNED_HASH = "sha256:a9e5ee9206c399a31c99269716e6f06edf38a62aee40e0999039d3ae36
 
 def report(rec=REC, **kw):
     args = dict(
-        run_id="11111111-2222-3333-4444-555555555555", started_at="2026-01-01T00:00:00.000Z",
-        ended_at="2026-01-01T00:10:00.000Z", machine=MACHINE, inputs=INPUTS, recommendation=rec,
-        infeasible=[], alternates=CANDIDATES[1:], db_path="/db.sqlite", exit_reason="ok" if rec else "no_feasible",
+        run_id="11111111-2222-3333-4444-555555555555",
+        started_at="2026-01-01T00:00:00.000Z",
+        ended_at="2026-01-01T00:10:00.000Z",
+        machine=MACHINE,
+        inputs=INPUTS,
+        recommendation=rec,
+        infeasible=[],
+        alternates=CANDIDATES[1:],
+        db_path="/db.sqlite",
+        exit_reason="ok" if rec else "no_feasible",
     )
     args.update(kw)
     return build_report(**args)
@@ -70,16 +81,39 @@ def test_recipe_hash_ignores_measurements_but_not_machine_version_or_inputs():
 def test_json_report_has_every_key_with_yaml_knob_names():
     r = report(infeasible=[Infeasible("a/b", 1, "memory estimate 9 GiB")])
     assert set(r) >= {
-        "spec_version", "run_id", "started_at", "ended_at", "machine", "inputs", "recommendation", "alternates",
-        "infeasible", "recipe_hash", "db_path", "exit_reason",
+        "spec_version",
+        "run_id",
+        "started_at",
+        "ended_at",
+        "machine",
+        "inputs",
+        "recommendation",
+        "alternates",
+        "infeasible",
+        "recipe_hash",
+        "db_path",
+        "exit_reason",
     }
     assert set(r["machine"]) == {"ram_gb", "chip", "os_version", "binary_version"}
-    assert set(r["inputs"]) == {"target_context", "candidate_models", "stage1_replicates", "stage2_replicates",
-                                "gate_ttft_ms", "tps_tie_epsilon"}
+    assert set(r["inputs"]) == {
+        "target_context",
+        "candidate_models",
+        "stage1_replicates",
+        "stage2_replicates",
+        "gate_ttft_ms",
+        "tps_tie_epsilon",
+    }
     rec = r["recommendation"]
     assert set(rec) >= {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates", "serve_command"}
-    assert set(rec) - {"model", "target_context", "knobs", "tps_median", "ttft_p95_ms", "replicates",
-                       "serve_command"} == {"memory_estimate_bytes", "peak_memory_bytes", "why"}  # the additions
+    assert set(rec) - {
+        "model",
+        "target_context",
+        "knobs",
+        "tps_median",
+        "ttft_p95_ms",
+        "replicates",
+        "serve_command",
+    } == {"memory_estimate_bytes", "peak_memory_bytes", "why"}  # the additions
     assert rec["knobs"] == {"kv_bits": 8, "max_concurrency_override": 2, "max_context_override": 4096}
     assert rec["serve_command"] == (
         "macprovider serve --model mlx-community/Qwen2.5-14B-Instruct-4bit --kv-bits 8 --max-batch 2 --max-context 4096"
@@ -123,7 +157,11 @@ def test_terminal_block_unset_kv_and_no_alternates():
 
 def test_no_recommendation_block_lists_ranked_reasons():
     text = render_terminal(
-        report(rec=None, alternates=[], infeasible=[Infeasible("s/1B", 2, "ttft"), Infeasible("b/32B", 1, "memory estimate")])
+        report(
+            rec=None,
+            alternates=[],
+            infeasible=[Infeasible("s/1B", 2, "ttft"), Infeasible("b/32B", 1, "memory estimate")],
+        )
     )
     assert "NO RECOMMENDATION" in text.splitlines()[0] and len(text.splitlines()[0]) == 72
     assert "  rank 2 s/1B: ttft\n  rank 1 b/32B: memory estimate\n" in text
@@ -143,19 +181,48 @@ def test_default_objective_and_workload_keep_the_pinned_hash_and_others_change_i
     assert len(hashes) == 5
     for r in (latency, balanced, replay, other):
         assert verify_recipe_hash(r)
-    domain = recipe_domain(binary_version="0.1.0", candidate_models=CANDIDATES, chip="Apple M2 Pro", ram_gb=32,
-                           rec=REC, objective="latency", workload=recorded)
+    domain = recipe_domain(
+        binary_version="0.1.0",
+        candidate_models=CANDIDATES,
+        chip="Apple M2 Pro",
+        ram_gb=32,
+        rec=REC,
+        objective="latency",
+        workload=recorded,
+    )
     assert domain["objective"] == "latency" and domain["workload"] == {"kind": "recorded", "digest": "sha256:ab"}
     # same inputs, other measurements: same hash
-    assert report(inputs={**default_inputs, "objective": "latency"},
-                  rec=Recommendation(CANDIDATES[0], 2000, 8, 2, 4096, 1.0, 99999.0, 1))["recipe_hash"] == latency["recipe_hash"]
+    assert (
+        report(
+            inputs={**default_inputs, "objective": "latency"},
+            rec=Recommendation(CANDIDATES[0], 2000, 8, 2, 4096, 1.0, 99999.0, 1),
+        )["recipe_hash"]
+        == latency["recipe_hash"]
+    )
 
 
 def test_terminal_block_names_a_non_default_objective_workload_and_why():
-    rec = Recommendation(CANDIDATES[0], 2000, 8, 1, 4096, 10.0, 812.4, 3, 400 * 1024**2, 420 * 1024**2,
-                         why="objective latency: kv_bits=8 max_batch=1 max_context=4096 gave ttft p95 812 ms")
-    recorded = {"kind": "recorded", "source": "/cfg/workload.jsonl", "shapes": 40, "replayed": 16,
-                "max_concurrency": 4, "digest": "sha256:ab"}
+    rec = Recommendation(
+        CANDIDATES[0],
+        2000,
+        8,
+        1,
+        4096,
+        10.0,
+        812.4,
+        3,
+        400 * 1024**2,
+        420 * 1024**2,
+        why="objective latency: kv_bits=8 max_batch=1 max_context=4096 gave ttft p95 812 ms",
+    )
+    recorded = {
+        "kind": "recorded",
+        "source": "/cfg/workload.jsonl",
+        "shapes": 40,
+        "replayed": 16,
+        "max_concurrency": 4,
+        "digest": "sha256:ab",
+    }
     text = render_terminal(report(rec=rec, inputs={**INPUTS, "objective": "latency", "workload": recorded}))
     assert "objective:         latency\n" in text
     assert "workload:          recorded (16 of 40 shapes from /cfg/workload.jsonl, concurrency up to 4)\n" in text

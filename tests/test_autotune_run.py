@@ -62,14 +62,27 @@ class Script:
 
 
 def go(tmp_path, evaluate, conflicts=None, **flags):
-    raw = {"target_context": "100", "candidate_models": "org/big-7B,org/small-1B", "kv_bits_axis": "unset,8",
-           "max_batch_axis": "1,2", "stage2_replicates": "1", "db_path": str(tmp_path / "t.sqlite"),
-           "config": str(tmp_path / "config.yaml"), **flags}
+    raw = {
+        "target_context": "100",
+        "candidate_models": "org/big-7B,org/small-1B",
+        "kv_bits_axis": "unset,8",
+        "max_batch_axis": "1,2",
+        "stage2_replicates": "1",
+        "db_path": str(tmp_path / "t.sqlite"),
+        "config": str(tmp_path / "config.yaml"),
+        **flags,
+    }
     inputs = parse_inputs(raw)
     out, err = io.StringIO(), io.StringIO()
     conflicts = conflicts or FakeConflicts()
-    deps = Deps(machine=MACHINE, binary_version="0.1.0", detect_conflicts=lambda port, restart: conflicts,
-                evaluate=evaluate, out=out, err=err)
+    deps = Deps(
+        machine=MACHINE,
+        binary_version="0.1.0",
+        detect_conflicts=lambda port, restart: conflicts,
+        evaluate=evaluate,
+        out=out,
+        err=err,
+    )
     outcome = run(inputs, deps)
     db = sqlite3.connect(tmp_path / "t.sqlite")
     db.row_factory = sqlite3.Row
@@ -77,27 +90,39 @@ def go(tmp_path, evaluate, conflicts=None, **flags):
 
 
 def test_ok_run_records_every_trial_and_exactly_one_kept(tmp_path):
-    script = Script({"org/big-7B": infeasible("memory estimate 9 GiB"), "org/small-1B": feasible()},
-                    {Knobs(8, 2, 100): feasible(tps=20.0)})
+    script = Script(
+        {"org/big-7B": infeasible("memory estimate 9 GiB"), "org/small-1B": feasible()},
+        {Knobs(8, 2, 100): feasible(tps=20.0)},
+    )
     outcome, out, err, db = go(tmp_path, script, json="1")
     assert (outcome.exit_code, outcome.exit_reason) == (0, "ok")
     rec = outcome.report["recommendation"]
-    assert rec["model"] == "org/small-1B" and rec["knobs"] == {"kv_bits": 8, "max_concurrency_override": 2,
-                                                                "max_context_override": 100}
+    assert rec["model"] == "org/small-1B" and rec["knobs"] == {
+        "kv_bits": 8,
+        "max_concurrency_override": 2,
+        "max_context_override": 100,
+    }
     assert outcome.report["infeasible"] == [{"model": "org/big-7B", "rank": 1, "reason": "memory estimate 9 GiB"}]
     assert outcome.report["alternates"] == []
     assert verify_recipe_hash(outcome.report)
     trials = db.execute("SELECT stage, model, kv_bits, max_batch, kept FROM tune_trials ORDER BY id").fetchall()
     assert [tuple(t) for t in trials] == [
-        (1, "org/big-7B", None, 1, 0), (1, "org/small-1B", None, 1, 0),
-        (2, "org/small-1B", None, 1, 0), (2, "org/small-1B", None, 2, 0),
-        (2, "org/small-1B", 8, 1, 0), (2, "org/small-1B", 8, 2, 1),
+        (1, "org/big-7B", None, 1, 0),
+        (1, "org/small-1B", None, 1, 0),
+        (2, "org/small-1B", None, 1, 0),
+        (2, "org/small-1B", None, 2, 0),
+        (2, "org/small-1B", 8, 1, 0),
+        (2, "org/small-1B", 8, 2, 1),
     ]
     run_row = db.execute("SELECT * FROM tune_runs").fetchone()
-    assert run_row["exit_reason"] == "ok" and run_row["ended_at_utc"] and run_row["recipe_hash"] == outcome.report["recipe_hash"]
+    assert (
+        run_row["exit_reason"] == "ok"
+        and run_row["ended_at_utc"]
+        and run_row["recipe_hash"] == outcome.report["recipe_hash"]
+    )
     assert json.loads(run_row["recommendation_json"]) == outcome.report
     assert "RECOMMENDATION" in out and out.rstrip().endswith("}")
-    assert json.loads(out[out.index("{"):]) == outcome.report
+    assert json.loads(out[out.index("{") :]) == outcome.report
 
 
 def test_alternates_are_the_entries_after_the_chosen_one(tmp_path):
@@ -119,13 +144,15 @@ def test_all_infeasible_exits_1_listing_smallest_first(tmp_path):
 
 def test_no_feasible_stage2_cell(tmp_path):
     cells_bad = {Knobs(kv, b, 100): infeasible() for kv in (None, 8) for b in (1, 2)}
-    outcome, *_ , db = go(tmp_path, Script({"org/big-7B": feasible(), "org/small-1B": feasible()}, cells_bad))
+    outcome, *_, db = go(tmp_path, Script({"org/big-7B": feasible(), "org/small-1B": feasible()}, cells_bad))
     assert outcome.exit_reason == "no_feasible" and outcome.report["recommendation"] is None
     assert db.execute("SELECT COUNT(*) FROM tune_trials WHERE kept = 1").fetchone()[0] == 0
 
 
 def test_integrity_failure_aborts_after_recording(tmp_path):
-    script = Script({"org/big-7B": infeasible("pre-warm integrity failure: x", "integrity"), "org/small-1B": feasible()})
+    script = Script(
+        {"org/big-7B": infeasible("pre-warm integrity failure: x", "integrity"), "org/small-1B": feasible()}
+    )
     outcome, _, err, db = go(tmp_path, script)
     assert (outcome.exit_code, outcome.exit_reason) == (1, "pre_warm_integrity_failure")
     assert [c[0] for c in script.calls] == ["org/big-7B"]
@@ -140,7 +167,9 @@ def test_budget_in_stage1_and_in_stage2(tmp_path):
     script = Script({"org/big-7B": feasible()}, {Knobs(None, 2, 100): BudgetExhausted(infeasible("budget"))})
     outcome, out, _, db = go(tmp_path, script)
     assert (outcome.exit_code, outcome.exit_reason) == (1, "budget_exhausted_with_partial_recommendation")
-    assert outcome.report["partial"] is True and outcome.report["recommendation"]["knobs"]["max_concurrency_override"] == 1
+    assert (
+        outcome.report["partial"] is True and outcome.report["recommendation"]["knobs"]["max_concurrency_override"] == 1
+    )
     assert "partial:" in out
 
 
@@ -150,7 +179,8 @@ def test_interrupt_records_the_trial_in_flight_and_exits_130(tmp_path):
     outcome, _, _, db = go(tmp_path, script, conflicts=conflicts, drain=True)
     assert (outcome.exit_code, outcome.exit_reason) == (130, "interrupted")
     assert [tuple(r) for r in db.execute("SELECT stage, model, fits, notes FROM tune_trials")] == [
-        (1, "org/big-7B", 0, "interrupted")]
+        (1, "org/big-7B", 0, "interrupted")
+    ]
     assert db.execute("SELECT exit_reason FROM tune_runs").fetchone()[0] == "interrupted"
     assert conflicts.drained and conflicts.restored  # restore runs however the run ends
 
@@ -175,9 +205,15 @@ def test_apply_writes_the_recommendation_and_prints_the_summary(tmp_path):
     outcome, out, _, db = go(tmp_path, Script({"org/big-7B": feasible()}), apply=True)
     assert outcome.exit_code == 0 and outcome.report["applied"] is True
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {
-        "port": 9000, "model": "org/big-7B", "max_context_override": 100, "max_concurrency_override": 1}
+        "port": 9000,
+        "model": "org/big-7B",
+        "max_context_override": 100,
+        "max_concurrency_override": 1,
+    }
     assert (tmp_path / "config.yaml").read_text().startswith("# mine\nport: 9000\n")
-    assert "applied: model=org/big-7B kv_bits=unset max_concurrency_override=1 max_context_override=100 (backup at" in out
+    assert (
+        "applied: model=org/big-7B kv_bits=unset max_concurrency_override=1 max_context_override=100 (backup at" in out
+    )
     assert "launchctl kickstart" in out
     assert db.execute("SELECT applied FROM tune_runs").fetchone()[0] == 1
 
@@ -237,10 +273,25 @@ def test_bad_flags_exit_2_before_touching_the_database(tmp_path, args, needle):
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
     db = tmp_path / "never.sqlite"
     result = CliRunner().invoke(
-        app, ["autotune", "--dry-run", "--db-path", str(db), "--max-model-size", "8B", "--min-model-size", "3B",
-              "--max-context-axis", "8000,4000"])
+        app,
+        [
+            "autotune",
+            "--dry-run",
+            "--db-path",
+            str(db),
+            "--max-model-size",
+            "8B",
+            "--min-model-size",
+            "3B",
+            "--max-context-axis",
+            "8000,4000",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert "1. mlx-community/Qwen2.5-Coder-7B-Instruct-4bit\n    2. mlx-community/Llama-3.2-3B-Instruct-4bit\n" in result.output
+    assert (
+        "1. mlx-community/Qwen2.5-Coder-7B-Instruct-4bit\n    2. mlx-community/Llama-3.2-3B-Instruct-4bit\n"
+        in result.output
+    )
     assert "1B" not in result.output.split("stage 2")[0].split("candidates")[1]
     assert "max_context: 4000,8000" in result.output and "cells:       12" in result.output
     assert not db.exists()
@@ -269,9 +320,13 @@ def test_objective_and_recorded_workload_reach_the_run_row_the_report_and_the_pl
     plan = CliRunner().invoke(app, ["autotune", "--dry-run", "--objective", "latency", "--workload", "recorded"])
     assert "objective:          latency" in plan.output
     assert f"workload:           recorded (2 shapes from {record})" in plan.output
-    slow_batch = {Knobs(None, 2, 100): feasible(tps=10.35, ttft=200.0), Knobs(8, 2, 100): feasible(tps=10.4, ttft=210.0)}
-    outcome, out, _, db = go(tmp_path, Script({"org/big-7B": feasible()}, slow_batch),
-                             objective="latency", workload="recorded", json=True)
+    slow_batch = {
+        Knobs(None, 2, 100): feasible(tps=10.35, ttft=200.0),
+        Knobs(8, 2, 100): feasible(tps=10.4, ttft=210.0),
+    }
+    outcome, out, _, db = go(
+        tmp_path, Script({"org/big-7B": feasible()}, slow_batch), objective="latency", workload="recorded", json=True
+    )
     assert outcome.exit_reason == "ok"
     report = outcome.report
     assert report["inputs"]["objective"] == "latency"

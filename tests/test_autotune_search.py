@@ -27,7 +27,7 @@ from macprovider.autotune.search import (
 )
 
 
-def trial(model="m", tps=None, ttft=None, fits=True, stage=2, knobs=Knobs(None, 1, 100), **kw) -> Trial:
+def trial(model="m", tps=None, ttft=None, fits=True, stage=2, knobs=Knobs(None, 1, 100), **kw) -> Trial:  # noqa: B008 - Knobs is frozen
     return Trial(stage, model, 100, knobs, 64, fits=fits, throughput_tps=tps, ttft_p95_ms=ttft, **kw)
 
 
@@ -204,14 +204,17 @@ def test_objectives_on_the_issue_15_run(objective, winner):
     assert "next best" in why
 
 
-@pytest.mark.parametrize("new, best, expected", [
-    (trial(tps=5, ttft=900), trial(tps=9, ttft=1000), True),  # 10 % lower TTFT beats more tokens/s
-    (trial(tps=9, ttft=1010), trial(tps=5, ttft=1000), True),  # within ε: higher throughput breaks the tie
-    (trial(tps=4, ttft=1010), trial(tps=5, ttft=1000), False),
-    (trial(tps=9, ttft=1100), trial(tps=5, ttft=1000), False),
-    (trial(tps=9, ttft=None), None, False),  # no TTFT: never best
-    (trial(tps=1, ttft=5), None, True),
-])
+@pytest.mark.parametrize(
+    "new, best, expected",
+    [
+        (trial(tps=5, ttft=900), trial(tps=9, ttft=1000), True),  # 10 % lower TTFT beats more tokens/s
+        (trial(tps=9, ttft=1010), trial(tps=5, ttft=1000), True),  # within ε: higher throughput breaks the tie
+        (trial(tps=4, ttft=1010), trial(tps=5, ttft=1000), False),
+        (trial(tps=9, ttft=1100), trial(tps=5, ttft=1000), False),
+        (trial(tps=9, ttft=None), None, False),  # no TTFT: never best
+        (trial(tps=1, ttft=5), None, True),
+    ],
+)
 def test_latency_keep_best_rule(new, best, expected):
     assert keep_best_rule("latency")(new, best, 0.02) is expected
 

@@ -11,14 +11,43 @@ from macprovider.autotune.store import Store
 from macprovider.errors import StoreError
 
 SPEC_TRIAL_COLUMNS = [
-    "id", "ts_utc", "run_id", "stage", "model", "target_context", "measured_prompt_tokens", "max_tokens",
-    "agg_throughput_tps", "ttft_p95_ms", "fits", "n_err", "kept", "notes", "kv_bits", "max_context_cap",
-    "max_batch", "replicates_n",
+    "id",
+    "ts_utc",
+    "run_id",
+    "stage",
+    "model",
+    "target_context",
+    "measured_prompt_tokens",
+    "max_tokens",
+    "agg_throughput_tps",
+    "ttft_p95_ms",
+    "fits",
+    "n_err",
+    "kept",
+    "notes",
+    "kv_bits",
+    "max_context_cap",
+    "max_batch",
+    "replicates_n",
 ]
 SPEC_RUN_COLUMNS = [
-    "run_id", "started_at_utc", "ended_at_utc", "spec_version", "binary_version", "machine_ram_gb",
-    "machine_chip", "machine_os_version", "target_context", "candidate_models_json", "stage1_replicates",
-    "stage2_replicates", "gate_ttft_ms", "tps_tie_epsilon", "recommendation_json", "recipe_hash", "applied",
+    "run_id",
+    "started_at_utc",
+    "ended_at_utc",
+    "spec_version",
+    "binary_version",
+    "machine_ram_gb",
+    "machine_chip",
+    "machine_os_version",
+    "target_context",
+    "candidate_models_json",
+    "stage1_replicates",
+    "stage2_replicates",
+    "gate_ttft_ms",
+    "tps_tie_epsilon",
+    "recommendation_json",
+    "recipe_hash",
+    "applied",
     "exit_reason",
 ]
 PROTOTYPE_SCHEMA = """
@@ -44,9 +73,18 @@ INSERT INTO tune_trials (ts_utc, run_id, model, target_context, max_tokens, agg_
 
 def run_row(run_id: str, started: str) -> dict:
     return {
-        "run_id": run_id, "started_at_utc": started, "spec_version": "1", "binary_version": "0.1.0",
-        "machine_ram_gb": 24, "machine_chip": "chip", "machine_os_version": "os", "target_context": 100,
-        "candidate_models_json": "[]", "stage1_replicates": 1, "stage2_replicates": 3, "gate_ttft_ms": 60000,
+        "run_id": run_id,
+        "started_at_utc": started,
+        "spec_version": "1",
+        "binary_version": "0.1.0",
+        "machine_ram_gb": 24,
+        "machine_chip": "chip",
+        "machine_os_version": "os",
+        "target_context": 100,
+        "candidate_models_json": "[]",
+        "stage1_replicates": 1,
+        "stage2_replicates": 3,
+        "gate_ttft_ms": 60000,
         "tps_tie_epsilon": 0.02,
     }
 
@@ -66,9 +104,16 @@ def test_fresh_database_has_the_spec_tables_wal_and_indexes(tmp_path):
     store.close()
     assert columns(db, "tune_runs") == SPEC_RUN_COLUMNS + ["objective", "workload"]
     assert columns(db, "tune_trials") == SPEC_TRIAL_COLUMNS + [
-        "memory_estimate_bytes", "peak_memory_bytes", "memory_weights_bytes", "memory_kv_bytes",
-        "memory_prompt_cache_bytes", "memory_prefill_bytes", "memory_baseline_bytes", "mlx_peak_memory_bytes",
-        "parallel"]
+        "memory_estimate_bytes",
+        "peak_memory_bytes",
+        "memory_weights_bytes",
+        "memory_kv_bytes",
+        "memory_prompt_cache_bytes",
+        "memory_prefill_bytes",
+        "memory_baseline_bytes",
+        "mlx_peak_memory_bytes",
+        "parallel",
+    ]
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     indexed = {r[2] for r in conn.execute("SELECT * FROM sqlite_master WHERE type='index'").fetchall() if r[2]}
@@ -104,9 +149,17 @@ def test_run_row_lifecycle_and_trial_fields(tmp_path):
     store.insert_run(run_row("r1", "2026-01-01T00:00:00Z"))
     run = store.rows("SELECT * FROM tune_runs")[0]
     assert run["exit_reason"] == "internal_error" and run["ended_at_utc"] is None
-    t1 = store.insert_trial("r1", "2026-01-01T00:00:01Z", a_trial(
-        stage=1, memory_estimate_bytes=5, peak_memory_bytes=4, mlx_peak_memory_bytes=3,
-        memory_terms={"weights": 1, "kv": 1, "prompt_cache": 0, "prefill": 1, "baseline": 2}))
+    t1 = store.insert_trial(
+        "r1",
+        "2026-01-01T00:00:01Z",
+        a_trial(
+            stage=1,
+            memory_estimate_bytes=5,
+            peak_memory_bytes=4,
+            mlx_peak_memory_bytes=3,
+            memory_terms={"weights": 1, "kv": 1, "prompt_cache": 0, "prefill": 1, "baseline": 2},
+        ),
+    )
     t2 = store.insert_trial("r1", "2026-01-01T00:00:02Z", a_trial())
     t3 = store.insert_trial("r1", "2026-01-01T00:00:03Z", a_trial())
     store.mark_kept("r1", t3)
@@ -117,15 +170,37 @@ def test_run_row_lifecycle_and_trial_fields(tmp_path):
     store.mark_kept("r1", t2)
     assert [tuple(k) for k in store.rows("SELECT id, stage FROM tune_trials WHERE kept = 1")] == [(t2, 2)]
     row = store.rows("SELECT * FROM tune_trials WHERE id = ?", (t1,))[0]
-    assert (row["stage"], row["kv_bits"], row["max_batch"], row["max_context_cap"], row["replicates_n"]) == (1, 8, 2, 300, 3)
+    assert (row["stage"], row["kv_bits"], row["max_batch"], row["max_context_cap"], row["replicates_n"]) == (
+        1,
+        8,
+        2,
+        300,
+        3,
+    )
     assert (row["memory_estimate_bytes"], row["peak_memory_bytes"], row["mlx_peak_memory_bytes"]) == (5, 4, 3)
-    assert (row["memory_weights_bytes"], row["memory_kv_bytes"], row["memory_prompt_cache_bytes"],
-            row["memory_prefill_bytes"], row["memory_baseline_bytes"]) == (1, 1, 0, 1, 2)
+    assert (
+        row["memory_weights_bytes"],
+        row["memory_kv_bytes"],
+        row["memory_prompt_cache_bytes"],
+        row["memory_prefill_bytes"],
+        row["memory_baseline_bytes"],
+    ) == (1, 1, 0, 1, 2)
     assert store.rows("SELECT memory_kv_bytes FROM tune_trials WHERE id = ?", (t2,))[0][0] is None
-    store.finish_run("r1", ended_at_utc="2026-01-01T00:01:00Z", exit_reason="ok", report={"a": 1},
-                     recipe_hash="sha256:x", applied=True)
+    store.finish_run(
+        "r1",
+        ended_at_utc="2026-01-01T00:01:00Z",
+        exit_reason="ok",
+        report={"a": 1},
+        recipe_hash="sha256:x",
+        applied=True,
+    )
     run = store.rows("SELECT * FROM tune_runs")[0]
-    assert (run["exit_reason"], run["recipe_hash"], run["applied"], run["recommendation_json"]) == ("ok", "sha256:x", 1, '{"a": 1}')
+    assert (run["exit_reason"], run["recipe_hash"], run["applied"], run["recommendation_json"]) == (
+        "ok",
+        "sha256:x",
+        1,
+        '{"a": 1}',
+    )
 
 
 def test_retention_keeps_the_newest_runs_and_drops_their_trials(tmp_path):

@@ -1,5 +1,5 @@
 """The client libraries people point at an OpenAI-compatible server, used as their docs say, against
-`macprovider serve` on the real SmolLM2-135M-Instruct model (issue 12 "Done when"): langchain-openai,
+`macprovider serve` on the real SmolLM2-135M-Instruct model: langchain-openai,
 litellm, llm (Simon Willison's), pydantic-ai, the Agents SDK, and a Claude Code-shaped request through the
 `anthropic` SDK. (The `openai` SDK and the `anthropic` SDK's own round trips are in tests/test_real_model.py.)
 
@@ -50,8 +50,15 @@ def server(real_tools_server):
 def chat_openai(server, max_tokens: int):
     from langchain_openai import ChatOpenAI
 
-    return ChatOpenAI(model=server.model, base_url=server.base + "/v1", api_key="unused", max_tokens=max_tokens, temperature=0,
-                      max_retries=0, timeout=120)
+    return ChatOpenAI(
+        model=server.model,
+        base_url=server.base + "/v1",
+        api_key="unused",
+        max_tokens=max_tokens,
+        temperature=0,
+        max_retries=0,
+        timeout=120,
+    )
 
 
 def test_langchain_openai_invoke_stream_tools_and_structured_output(server):
@@ -88,7 +95,14 @@ def litellm(monkeypatch):
 
 
 def test_litellm_completion_stream_tools_and_response_format(server, litellm):
-    settings = dict(model="openai/" + server.model, api_base=server.base + "/v1", api_key="unused", temperature=0, num_retries=0, timeout=120)
+    settings = dict(
+        model="openai/" + server.model,
+        api_base=server.base + "/v1",
+        api_key="unused",
+        temperature=0,
+        num_retries=0,
+        timeout=120,
+    )
     ask = [{"role": "user", "content": QUESTION}]
     answer = litellm.completion(messages=ask, max_tokens=SHORT, **settings)
     text = answer.choices[0].message.content
@@ -96,20 +110,41 @@ def test_litellm_completion_stream_tools_and_response_format(server, litellm):
     streamed = asyncio.run(_litellm_stream_text(litellm, ask, settings))
     assert streamed == text
 
-    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
     ask_weather = [{"role": "user", "content": WEATHER_QUESTION}]
-    first = litellm.completion(messages=ask_weather, tools=[weather], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                               max_tokens=LONG, **settings)
+    first = litellm.completion(
+        messages=ask_weather,
+        tools=[weather],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=LONG,
+        **settings,
+    )
     assert first.choices[0].finish_reason == "tool_calls"
     message = first.choices[0].message
     [call] = message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
-    history = ask_weather + [message.model_dump(), {"role": "tool", "tool_call_id": call.id, "content": get_weather(**json.loads(call.function.arguments))}]
+    history = ask_weather + [
+        message.model_dump(),
+        {"role": "tool", "tool_call_id": call.id, "content": get_weather(**json.loads(call.function.arguments))},
+    ]
     final = litellm.completion(messages=history, tools=[weather], tool_choice="none", max_tokens=SHORT, **settings)
     assert final.choices[0].message.content and not final.choices[0].message.tool_calls
 
-    structured = litellm.completion(messages=[{"role": "user", "content": JSON_QUESTION}], response_format=Capital, max_tokens=LONG, **settings)
+    structured = litellm.completion(
+        messages=[{"role": "user", "content": JSON_QUESTION}], response_format=Capital, max_tokens=LONG, **settings
+    )
     assert Capital.model_validate_json(structured.choices[0].message.content).city == "Paris"
 
 
@@ -128,8 +163,16 @@ def llm_model(server, tmp_path, monkeypatch):
     the user directory (LLM_USER_PATH), one entry on chat completions, one on the Responses API."""
     import yaml
 
-    entry = {"model_name": server.model, "api_base": server.base + "/v1", "supports_tools": True, "supports_schema": True}
-    models = [{"model_id": "macprovider-chat", **entry}, {"model_id": "macprovider-responses", "responses": True, **entry}]
+    entry = {
+        "model_name": server.model,
+        "api_base": server.base + "/v1",
+        "supports_tools": True,
+        "supports_schema": True,
+    }
+    models = [
+        {"model_id": "macprovider-chat", **entry},
+        {"model_id": "macprovider-responses", "responses": True, **entry},
+    ]
     (tmp_path / "extra-openai-models.yaml").write_text(yaml.safe_dump(models))
     monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
     for key in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "LLM_OPENAI_SHOW_RESPONSES"):
@@ -139,8 +182,12 @@ def llm_model(server, tmp_path, monkeypatch):
     return llm.get_model
 
 
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}}, "required": ["city", "country"],
-          "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
 
 
 @pytest.mark.parametrize("model_id", ["macprovider-chat", "macprovider-responses"])
@@ -178,8 +225,12 @@ def test_pydantic_ai_run_stream_and_output_types(server):
     assert asyncio.run(stream()) == result.output
 
     settings = ModelSettings(max_tokens=LONG, temperature=0)
-    by_tool = Agent(model, output_type=Capital, model_settings=settings).run_sync(JSON_QUESTION).output  # pydantic-ai's default: an output tool
-    native = Agent(model, output_type=NativeOutput(Capital), model_settings=settings).run_sync(JSON_QUESTION).output  # response_format json_schema
+    by_tool = (
+        Agent(model, output_type=Capital, model_settings=settings).run_sync(JSON_QUESTION).output
+    )  # pydantic-ai's default: an output tool
+    native = (
+        Agent(model, output_type=NativeOutput(Capital), model_settings=settings).run_sync(JSON_QUESTION).output
+    )  # response_format json_schema
     assert by_tool.city == native.city == "Paris"
 
 
@@ -198,7 +249,11 @@ def test_pydantic_ai_tool_round_trip(server):
             return lambda ctx: ModelSettings(tool_choice=["get_weather"] if ctx.run_step == 1 else "none")
 
     cities = []
-    agent = Agent(pydantic_ai_model(server), model_settings=ModelSettings(max_tokens=LONG, temperature=0), capabilities=[WeatherFirst()])
+    agent = Agent(
+        pydantic_ai_model(server),
+        model_settings=ModelSettings(max_tokens=LONG, temperature=0),
+        capabilities=[WeatherFirst()],
+    )
 
     @agent.tool_plain
     def get_weather(city: str) -> str:
@@ -223,17 +278,33 @@ def test_a_claude_code_request_and_output_config_on_real_weights(server):
     from tests.test_anthropic_api import CLAUDE_CODE_TOOLS, claude_code_request
 
     client = anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0, timeout=120)
-    body = claude_code_request(model=server.model, max_tokens=SHORT, tools=CLAUDE_CODE_TOOLS[:3],
-                               messages=[{"role": "user", "content": [{"type": "text", "text": "<system-reminder>cwd /tmp</system-reminder>\n"},
-                                                                      {"type": "text", "text": QUESTION, "cache_control": {"type": "ephemeral"}}]}])
+    body = claude_code_request(
+        model=server.model,
+        max_tokens=SHORT,
+        tools=CLAUDE_CODE_TOOLS[:3],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "<system-reminder>cwd /tmp</system-reminder>\n"},
+                    {"type": "text", "text": QUESTION, "cache_control": {"type": "ephemeral"}},
+                ],
+            }
+        ],
+    )
     extra = {key: body.pop(key) for key in ("context_management", "temperature", "stream")}
     with client.messages.stream(**body, extra_body={**extra, "temperature": 0}) as stream:
         message = stream.get_final_message()
     assert [block.type for block in message.content] == ["text"] and message.content[0].text.strip()
     assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 0
 
-    answer = client.messages.create(model=server.model, max_tokens=LONG, messages=[{"role": "user", "content": JSON_QUESTION}],
-                                    output_config={"format": {"type": "json_schema", "schema": SCHEMA}}, extra_body={"temperature": 0})
+    answer = client.messages.create(
+        model=server.model,
+        max_tokens=LONG,
+        messages=[{"role": "user", "content": JSON_QUESTION}],
+        output_config={"format": {"type": "json_schema", "schema": SCHEMA}},
+        extra_body={"temperature": 0},
+    )
     assert Capital.model_validate_json(answer.content[0].text).city == "Paris"
 
 
@@ -253,8 +324,12 @@ def test_openai_agents_tool_round_trip_on_real_weights(server):
         return json.dumps(WEATHER_REPORT)
 
     agents.set_tracing_disabled(True)
-    agent = agents.Agent(name="forecaster", tools=[get_weather], model=server.model,
-                         model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=LONG))
+    agent = agents.Agent(
+        name="forecaster",
+        tools=[get_weather],
+        model=server.model,
+        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=LONG),
+    )
     client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
     run_config = agents.RunConfig(model_provider=agents.OpenAIProvider(openai_client=client, use_responses=True))
     result = agents.Runner.run_sync(agent, WEATHER_QUESTION, run_config=run_config, max_turns=3)
@@ -267,7 +342,11 @@ def test_openai_agents_tool_round_trip_on_real_weights(server):
 # `embedding_server` (tests/conftest.py): `macprovider serve` on the real all-MiniLM-L6-v2. Each library's
 # vectors are held to the openai SDK's `embeddings.create` on the same texts (itself held to an independent
 # forward in tests/test_embeddings.py).
-DOCUMENTS = ["Paris is the capital of France.", "The mitochondria is the powerhouse of the cell.", "東京は日本の首都です。"]
+DOCUMENTS = [
+    "Paris is the capital of France.",
+    "The mitochondria is the powerhouse of the cell.",
+    "東京は日本の首都です。",
+]
 QUERY = "What is the capital of France?"
 
 
@@ -303,8 +382,13 @@ def test_langchain_openai_embeddings_with_text_and_with_its_default_token_arrays
     from langchain_openai import OpenAIEmbeddings
     from tokenizers import Tokenizer
 
-    settings = {"model": embedding_server.model, "base_url": embedding_server.base + "/v1", "api_key": "unused",
-                "max_retries": 0, "timeout": 120}
+    settings = {
+        "model": embedding_server.model,
+        "base_url": embedding_server.base + "/v1",
+        "api_key": "unused",
+        "max_retries": 0,
+        "timeout": 120,
+    }
     text_path = OpenAIEmbeddings(check_embedding_ctx_length=False, **settings)
     assert_same_vectors(text_path.embed_documents(DOCUMENTS) + [text_path.embed_query(QUERY)], reference_vectors)
 
@@ -331,8 +415,13 @@ def test_langchain_openai_embeddings_with_text_and_with_its_default_token_arrays
 
 
 def test_litellm_embedding(embedding_server, reference_vectors, litellm):
-    response = litellm.embedding(model="openai/" + embedding_server.model, input=DOCUMENTS + [QUERY],
-                                 api_base=embedding_server.base + "/v1", api_key="unused", timeout=120)
+    response = litellm.embedding(
+        model="openai/" + embedding_server.model,
+        input=DOCUMENTS + [QUERY],
+        api_base=embedding_server.base + "/v1",
+        api_key="unused",
+        timeout=120,
+    )
     assert_same_vectors([item["embedding"] for item in response.data], reference_vectors)
     assert response.usage.prompt_tokens > len(DOCUMENTS)
 

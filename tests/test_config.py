@@ -1,4 +1,4 @@
-"""Settings resolution (SPEC.md §2) and serve preflight (§2, §3.5, §4)."""
+"""Settings resolution (docs/configuration.md) and serve preflight (docs/configuration.md, docs/api.md#security, README.md#models)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,12 @@ def write_config(home, text: str):
 
 def test_precedence_cli_over_env_over_yaml_over_default(isolated_env):
     path = write_config(isolated_env, "kv_bits: 4\nmax_concurrency_override: 3\nport: 9000\n")
-    env = {"HOME": str(isolated_env), "XDG_CONFIG_HOME": str(isolated_env / ".config"), "MACPROVIDER_KV_BITS": "8", "MACPROVIDER_PORT": "9100"}
+    env = {
+        "HOME": str(isolated_env),
+        "XDG_CONFIG_HOME": str(isolated_env / ".config"),
+        "MACPROVIDER_KV_BITS": "8",
+        "MACPROVIDER_PORT": "9100",
+    }
     resolved = cfg.resolve({"port": "9200"}, env, ram_gb=16)
     s = resolved.settings
     assert (s.port, s.kv_bits, s.max_concurrency_override, s.host) == (9200, 8, 3, "127.0.0.1")
@@ -32,10 +37,13 @@ def test_precedence_cli_over_env_over_yaml_over_default(isolated_env):
     assert resolved.sources["max_concurrency_override"] == f"yaml:{path}"
     assert resolved.sources["host"] == "default"
     assert (s.max_context_override, resolved.sources["max_context_override"]) == (50_000, "ram-tier")
-    assert s.queue_depth == 64  # SPEC.md §3.1: not tied to max-batch
+    assert s.max_queue_depth == 64  # docs/api.md#engine-semantics: not tied to max-batch
 
 
-@pytest.mark.parametrize("ram, expected", [(8, 20_000), (12, 20_000), (16, 50_000), (24, 50_000), (32, 120_000), (48, 120_000), (64, 200_000)])
+@pytest.mark.parametrize(
+    "ram, expected",
+    [(8, 20_000), (12, 20_000), (16, 50_000), (24, 50_000), (32, 120_000), (48, 120_000), (64, 200_000)],
+)
 def test_ram_tier_default_max_context(ram, expected):
     assert cfg.default_max_context(ram) == expected
 
@@ -82,7 +90,10 @@ def test_xdg_config_home_replaces_dot_config(tmp_path):
     paths = cfg.Paths.from_env({"HOME": str(tmp_path / "h"), "XDG_CONFIG_HOME": str(tmp_path / "x")})
     assert paths.config_file == tmp_path / "x" / "macprovider" / "config.yaml"
     assert paths.autotune_db == tmp_path / "x" / "macprovider" / "autotune.sqlite"
-    assert cfg.Paths.from_env({"HOME": str(tmp_path / "h")}).config_file == tmp_path / "h" / ".config" / "macprovider" / "config.yaml"
+    assert (
+        cfg.Paths.from_env({"HOME": str(tmp_path / "h")}).config_file
+        == tmp_path / "h" / ".config" / "macprovider" / "config.yaml"
+    )
 
 
 def test_api_key_sources_and_file_mode(tmp_path):
@@ -107,7 +118,9 @@ def test_preflight(tiny_model, isolated_env):
 
     with pytest.raises(ConfigError, match="API key"):
         plan_serve(cfg.resolve({"model": tiny_model, "host": "0.0.0.0"}, env), env)
-    exposed = plan_serve(cfg.resolve({"model": tiny_model, "host": "0.0.0.0"}, env), {**env, "MACPROVIDER_API_KEY": "k"})
+    exposed = plan_serve(
+        cfg.resolve({"model": tiny_model, "host": "0.0.0.0"}, env), {**env, "MACPROVIDER_API_KEY": "k"}
+    )
     assert exposed.api_key == "k"
 
     with pytest.raises(InvalidModelId):

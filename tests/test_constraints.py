@@ -5,12 +5,12 @@ checked with llguidance's own matcher on the tiny test tokenizer, and through th
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import pytest
+from fake_engine import JSON_TOOL_MARKUP, FakeEngine, serving
 from pydantic import BaseModel
 
-from fake_engine import JSON_TOOL_MARKUP, FakeEngine, serving
 from macprovider.engine.tool_calls import hoist_definitions, tool_call_grammar
 from macprovider.errors import ApiError
 from macprovider.models.demo import train_tokenizer
@@ -18,7 +18,7 @@ from macprovider.models.demo import train_tokenizer
 
 class Loc(BaseModel):
     city: str
-    country: Optional[str] = None
+    country: str | None = None
 
 
 class Weather(BaseModel):
@@ -58,8 +58,15 @@ def call_tokens(tokenizer, arguments: dict[str, Any]) -> list[int]:
 def test_forced_call_grammar_names_the_markup_token(qwen_like_tokenizer):
     tokenizer = qwen_like_tokenizer
     start, end = tokenizer.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
-    tools = [{"type": "function", "function": {"name": "weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
     grammar = tool_call_grammar(tools, "required", "<tool_call>\n", "\n</tool_call>", start_token=start, end_token=end)
     matcher = matcher_for(tokenizer, grammar)
     assert matcher.consume_tokens(call_tokens(tokenizer, {"city": "Paris"})), matcher.get_error()
@@ -69,8 +76,9 @@ def test_forced_call_grammar_names_the_markup_token(qwen_like_tokenizer):
 def test_forced_call_grammar_accepts_nested_pydantic_models(qwen_like_tokenizer):
     tokenizer = qwen_like_tokenizer
     start, end = tokenizer.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
-    grammar = tool_call_grammar(tools_with_defs(), "weather", "<tool_call>\n", "\n</tool_call>",
-                                start_token=start, end_token=end)
+    grammar = tool_call_grammar(
+        tools_with_defs(), "weather", "<tool_call>\n", "\n</tool_call>", start_token=start, end_token=end
+    )
     matcher = matcher_for(tokenizer, grammar)
     arguments = {"where": {"city": "Oslo", "country": None}, "stops": [{"city": "Bergen"}]}
     assert matcher.consume_tokens(call_tokens(tokenizer, arguments)), matcher.get_error()
@@ -84,8 +92,9 @@ def test_text_markup_grammar_still_compiles_with_defs():
 
 def test_hoisting_keeps_two_tools_same_named_models_apart():
     first, first_defs = hoist_definitions({"$defs": {"A": {"type": "string"}}, "$ref": "#/$defs/A"}, "tool0_")
-    second, second_defs = hoist_definitions({"definitions": {"A": {"type": "integer"}},
-                                             "properties": {"a": {"$ref": "#/definitions/A"}}}, "tool1_")
+    second, second_defs = hoist_definitions(
+        {"definitions": {"A": {"type": "integer"}}, "properties": {"a": {"$ref": "#/definitions/A"}}}, "tool1_"
+    )
     assert first == {"$ref": "#/$defs/tool0_A"} and first_defs == {"tool0_A": {"type": "string"}}
     assert second["properties"]["a"] == {"$ref": "#/$defs/tool1_A"} and second_defs == {"tool1_A": {"type": "integer"}}
     recursive, defs = hoist_definitions({"type": "object", "properties": {"child": {"$ref": "#"}}}, "tool2_")
@@ -94,22 +103,35 @@ def test_hoisting_keeps_two_tools_same_named_models_apart():
 
 def test_a_schema_llguidance_cannot_use_is_still_a_400():
     with pytest.raises(ApiError) as caught:
-        tool_call_grammar([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/Missing"}}}],
-                          "required", "<tool_call>\n", "\n</tool_call>")
+        tool_call_grammar(
+            [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/Missing"}}}],
+            "required",
+            "<tool_call>\n",
+            "\n</tool_call>",
+        )
     assert caught.value.status == 400 and caught.value.param == "tools"
 
 
 ROUTE_BODIES = {
     "/v1/chat/completions": lambda model: {
-        "model": model, "messages": [{"role": "user", "content": "weather?"}], "tool_choice": "required",
-        "tools": tools_with_defs()},
+        "model": model,
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tool_choice": "required",
+        "tools": tools_with_defs(),
+    },
     "/v1/responses": lambda model: {
-        "model": model, "input": "weather?", "tool_choice": "required",
-        "tools": [{"type": "function", "name": "weather", "parameters": Weather.model_json_schema()}]},
+        "model": model,
+        "input": "weather?",
+        "tool_choice": "required",
+        "tools": [{"type": "function", "name": "weather", "parameters": Weather.model_json_schema()}],
+    },
     "/v1/messages": lambda model: {
-        "model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "weather?"}],
+        "model": model,
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "weather?"}],
         "tool_choice": {"type": "any"},
-        "tools": [{"name": "weather", "input_schema": Weather.model_json_schema()}]},
+        "tools": [{"name": "weather", "input_schema": Weather.model_json_schema()}],
+    },
 }
 
 
@@ -122,11 +144,14 @@ def test_defs_schemas_work_under_a_forced_tool_choice_on_every_api(route):
     assert engine.submitted and engine.submitted[-1].grammar
 
 
-@pytest.mark.parametrize("schema", [
-    {"type": "object", "properties": {"t": {"const": "<|im_end|>"}}, "required": ["t"]},
-    {"type": "object", "properties": {"t": {"enum": ["a<|im_end|>b", "<|endoftext|>"]}}, "required": ["t"]},
-    {"type": "object", "properties": {"t": {"const": "<tool_call>"}}, "required": ["t"]},
-])
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"t": {"const": "<|im_end|>"}}, "required": ["t"]},
+        {"type": "object", "properties": {"t": {"enum": ["a<|im_end|>b", "<|endoftext|>"]}}, "required": ["t"]},
+        {"type": "object", "properties": {"t": {"const": "<tool_call>"}}, "required": ["t"]},
+    ],
+)
 def test_special_token_text_inside_json_never_ends_the_answer_early(tiny_model, schema):
     """Special-token text in a JSON string is ordinary text: the answer is the whole JSON with `stop`, or it
     ends with `length` / an error — never `stop` on JSON that does not parse."""
@@ -145,8 +170,12 @@ def test_special_token_text_inside_json_never_ends_the_answer_early(tiny_model, 
         grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
 
         async def one():
-            chunks = [c async for c in engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=60,
-                                                                       temperature=0.0, grammar=grammar))]
+            chunks = [
+                c
+                async for c in engine.submit(
+                    GenerationRequest(prompt_tokens=prompt, max_tokens=60, temperature=0.0, grammar=grammar)
+                )
+            ]
             return "".join(c.text for c in chunks), chunks[-1]
 
         text, final = asyncio.run(asyncio.wait_for(one(), 120))

@@ -72,8 +72,15 @@ class FakeManager:
     def start(self) -> None:
         self.starts += 1
         log = open(self.log_dir / f"serve-{self.starts}.log", "wb")
-        self.process = subprocess.Popen(list(self.spec.program_arguments), env=self.env, cwd=self.spec.working_directory,
-                                        stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent())
+        self.process = subprocess.Popen(
+            list(self.spec.program_arguments),
+            env=self.env,
+            cwd=self.spec.working_directory,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         log.close()
 
     def log(self) -> str:
@@ -89,9 +96,13 @@ def managed(tiny_model, hf_home, isolated_env, tmp_path):
     port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(f"model: {tiny_model}\nport: {port}\nmax_context_override: 4096\ndrain_timeout_s: 5\n")
-    spec = service.build_spec(python=sys.executable,
-                              config_path=config, home=isolated_env, drain_timeout_s=5,
-                              environment={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    spec = service.build_spec(
+        python=sys.executable,
+        config_path=config,
+        home=isolated_env,
+        drain_timeout_s=5,
+        environment={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"},
+    )
     env = {"PATH": os.environ["PATH"], "HOME": str(isolated_env), **dict(spec.environment)}
     manager = FakeManager(spec, env, port, tmp_path)
     yield manager
@@ -107,7 +118,12 @@ def test_kill_9_mid_stream_then_the_rendered_rules_restart_it_on_the_same_port_b
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{managed.port}/v1", api_key="unused", max_retries=0, timeout=60)
     model = httpx.get(f"http://127.0.0.1:{managed.port}/v1/models").json()["data"][0]["id"]
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=4000, temperature=0, stream=True)
+        model=model,
+        messages=[{"role": "user", "content": "Tell me about the sea."}],
+        max_tokens=4000,
+        temperature=0,
+        stream=True,
+    )
     # 4,000 tokens: still decoding when the kill comes (a 450-token stream could end first on a loaded machine)
     chunks = iter(stream)
     next(c for c in chunks if c.choices and c.choices[0].delta.content)  # decoding now

@@ -136,8 +136,12 @@ def test_damaged_entry_is_deleted_and_the_request_answered(engines, tmp_path, ca
 def test_full_disk_degrades_to_memory_only(engines, tmp_path, caplog):
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {mounted.stderr.strip()}")
     try:
@@ -179,8 +183,14 @@ def test_disk_budget_holds_under_a_stream_of_distinct_prompts(engines, tmp_path)
 def _cli(home: Path, directory: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
     env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), MACPROVIDER_PROMPT_CACHE_DIR=str(directory))
-    return subprocess.run([sys.executable, "-m", "macprovider", "cache", *args], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "macprovider", "cache", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _complete(server) -> dict:
@@ -291,7 +301,7 @@ def test_a_write_cut_short_never_reads_as_an_entry(engines, tmp_path):
     engine = engines(tmp_path / "kv")
     namespace = engine._disk.directory
     path = namespace / (disk_cache.TMP_PREFIX + "123-0123456789ab" + disk_cache.SUFFIX)
-    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"__metadata__\":")  # half a header
+    path.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"__metadata__":')  # half a header
     stale = time.time() - disk_cache.STALE_TMP_S - 60
     os.utime(path, (stale, stale))
     prompt = engine.encode_text(LONG)
@@ -305,8 +315,11 @@ def test_a_write_cut_short_never_reads_as_an_entry(engines, tmp_path):
 def test_clear_and_listing_touch_only_the_caches_own_files(tmp_path):
     """`prompt_cache_dir` pointed at a directory with other files (weights are .safetensors too) keeps them."""
     root = tmp_path / "shared"
-    foreign = [root / "models" / "model.safetensors", root / "0123456789abcdef" / "weights.safetensors",
-               root / "0123456789abcdef" / "notes.txt"]
+    foreign = [
+        root / "models" / "model.safetensors",
+        root / "0123456789abcdef" / "weights.safetensors",
+        root / "0123456789abcdef" / "notes.txt",
+    ]
     for path in foreign:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"not a cache entry")

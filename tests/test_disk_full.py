@@ -31,8 +31,9 @@ def small_disk(tmp_path):
     """A 256 KiB tmpfs; yields its path, unmounted afterwards."""
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {result.stderr.strip()}")
     try:
@@ -61,10 +62,16 @@ def file_hub():
                 path = self.path.split("?")[0]
                 status, body, headers = 404, b"{}", {"Content-Type": "application/json"}
                 if path.startswith("/api/models/") and "/revision/" in path:
-                    repo = path[len("/api/models/"):].split("/revision/")[0]
-                    status, body = 200, json.dumps({"id": repo, "sha": COMMIT, "siblings": [{"rfilename": n} for n in files]}).encode()
+                    repo = path[len("/api/models/") :].split("/revision/")[0]
+                    status, body = (
+                        200,
+                        json.dumps({"id": repo, "sha": COMMIT, "siblings": [{"rfilename": n} for n in files]}).encode(),
+                    )
                 elif path.startswith("/api/models/") and "/tree/" in path:
-                    entries = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()} for n, d in files.items()]
+                    entries = [
+                        {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                        for n, d in files.items()
+                    ]
                     status, body = 200, json.dumps(entries).encode()
                 elif "/resolve/" in path and path.split("/resolve/")[1].split("/", 1)[1] in files:
                     body = files[path.split("/resolve/")[1].split("/", 1)[1]]
@@ -110,8 +117,13 @@ def fill(directory: Path, leave: int = 0) -> None:
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "macprovider", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "macprovider", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def test_models_import_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk, tmp_path):
@@ -130,8 +142,12 @@ def test_models_import_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk,
 
 def test_models_pull_on_a_full_disk_is_one_line_and_keeps_no_partial_model(small_disk, file_hub):
     endpoint = file_hub({"config.json": b'{"model_type": "llama"}', "model.safetensors": os.urandom(1 << 20)})
-    result = cli("models", "pull", "org/too-big", env={"HF_HOME": str(small_disk), "HF_HUB_OFFLINE": "0",
-                                                      "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1"})
+    result = cli(
+        "models",
+        "pull",
+        "org/too-big",
+        env={"HF_HOME": str(small_disk), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1"},
+    )
     assert result.returncode == 1, result.stdout
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]  # above it: huggingface_hub's progress bar and free-space warning
@@ -152,12 +168,16 @@ def test_autotune_apply_on_a_full_config_directory_keeps_the_old_config(small_di
 
 
 def test_serve_refuses_weights_truncated_after_download_naming_the_file(hf_home, tmp_path):
-    snapshot = install_in_hub_cache(build_model_files(tmp_path / "src", TinyModelSpec(seed=6)), "e2e/cut-short", hf_home / "hub")
+    snapshot = install_in_hub_cache(
+        build_model_files(tmp_path / "src", TinyModelSpec(seed=6)), "e2e/cut-short", hf_home / "hub"
+    )
     blob = (snapshot / "model.safetensors").resolve()
     blob.write_bytes(blob.read_bytes()[:-4096])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = cli("serve", "--model", "e2e/cut-short", "--port", str(port), env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    result = cli(
+        "serve", "--model", "e2e/cut-short", "--port", str(port), env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    )
     assert result.returncode != 0
     assert "model.safetensors" in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -62,7 +62,16 @@ def split_model(hf_home, tmp_path_factory) -> str:
 class Group:
     """`ranks` processes of `macprovider serve` (1 = plain one-process serve); rank 0 serves HTTP."""
 
-    def __init__(self, model: str, hf_home: Path, home: Path, ranks: int, *extra: str, launcher: bool = False, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model: str,
+        hf_home: Path,
+        home: Path,
+        ranks: int,
+        *extra: str,
+        launcher: bool = False,
+        env: dict[str, str] | None = None,
+    ):
         self.port = _free_ports(1)[0]
         self.home = home
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MACPROVIDER_", "MLX_"))} | (env or {})
@@ -86,7 +95,11 @@ class Group:
     def _spawn(self, argv: list[str], env: dict[str, str], name: str) -> None:
         log = self.home / f"{name}.log"
         with open(log, "wb") as stderr:
-            self.processes.append(subprocess.Popen(argv, env=env, stdout=stderr, stderr=stderr, start_new_session=True, preexec_fn=die_with_parent()))
+            self.processes.append(
+                subprocess.Popen(
+                    argv, env=env, stdout=stderr, stderr=stderr, start_new_session=True, preexec_fn=die_with_parent()
+                )
+            )
         self.logs.append(log)
 
     def text(self) -> str:
@@ -125,7 +138,9 @@ class Group:
 def start(split_model, hf_home, tmp_path_factory):
     groups: list[Group] = []
 
-    def start_group(ranks: int, *extra: str, launcher: bool = False, wait: bool = True, env: dict[str, str] | None = None) -> Group:
+    def start_group(
+        ranks: int, *extra: str, launcher: bool = False, wait: bool = True, env: dict[str, str] | None = None
+    ) -> Group:
         group = Group(split_model, hf_home, tmp_path_factory.mktemp("ranks"), ranks, *extra, launcher=launcher, env=env)
         groups.append(group)
         if wait:
@@ -138,13 +153,19 @@ def start(split_model, hf_home, tmp_path_factory):
 
 
 def _chat(group: Group, max_tokens: int = 24, **extra) -> str:
-    reply = group.client().chat.completions.create(model=SPLIT_MODEL_ID, messages=MESSAGES, max_tokens=max_tokens, temperature=0, **extra)
+    reply = group.client().chat.completions.create(
+        model=SPLIT_MODEL_ID, messages=MESSAGES, max_tokens=max_tokens, temperature=0, **extra
+    )
     return reply.choices[0].message.content
 
 
 def _schema_answer(group: Group, seed: int) -> str:
     reply = group.client().chat.completions.create(
-        model=SPLIT_MODEL_ID, messages=MESSAGES, max_tokens=120, temperature=1.0, seed=seed,
+        model=SPLIT_MODEL_ID,
+        messages=MESSAGES,
+        max_tokens=120,
+        temperature=1.0,
+        seed=seed,
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}},
     )
     return reply.choices[0].message.content
@@ -153,7 +174,11 @@ def _schema_answer(group: Group, seed: int) -> str:
 def _stream(group: Group, content: str, max_tokens: int, started: threading.Event | None = None) -> str:
     text = ""
     stream = group.client().chat.completions.create(
-        model=SPLIT_MODEL_ID, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0, stream=True
+        model=SPLIT_MODEL_ID,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -191,7 +216,11 @@ def test_pipeline_under_mlx_launch_answers_like_one_process_and_stops_with_its_l
     # the long one once ended before the short one was admitted under stress-ng, peak 1).
     results: dict[str, str] = {}
     long_started = threading.Event()
-    runner = threading.Thread(target=lambda: results.setdefault("long", _stream(group, "Write a short poem about the sea.", 400, long_started)))
+    runner = threading.Thread(
+        target=lambda: results.setdefault(
+            "long", _stream(group, "Write a short poem about the sea.", 400, long_started)
+        )
+    )
     runner.start()
     assert long_started.wait(60)
     results["short"] = _stream(group, "Numbers:", 12)
@@ -233,7 +262,9 @@ def _anthropic_text(group: Group, max_tokens: int, started: threading.Event | No
     client = anthropic.Anthropic(base_url=group.base, api_key="unused", max_retries=0, timeout=120)
     text = ""
     # This SDK release takes the sampling fields only as extra body fields; the server reads them as before.
-    with client.messages.stream(model=SPLIT_MODEL_ID, max_tokens=max_tokens, messages=MESSAGES, extra_body=sampling) as stream:
+    with client.messages.stream(
+        model=SPLIT_MODEL_ID, max_tokens=max_tokens, messages=MESSAGES, extra_body=sampling
+    ) as stream:
         for piece in stream.text_stream:
             text += piece
             if started is not None and text:
@@ -252,7 +283,9 @@ def test_top_k_reaches_rank_0_and_mixed_top_k_batches_stay_in_lockstep(start):
     assert _anthropic_text(group, 24, temperature=1.0, top_k=1) == expected
     results: dict[str, str] = {}
     started = threading.Event()
-    runner = threading.Thread(target=lambda: results.setdefault("open", _anthropic_text(group, 400, started, temperature=1.0)))
+    runner = threading.Thread(
+        target=lambda: results.setdefault("open", _anthropic_text(group, 400, started, temperature=1.0))
+    )
     runner.start()
     assert started.wait(60)
     results["top_k"] = _anthropic_text(group, 24, temperature=1.0, top_k=1)
@@ -281,7 +314,9 @@ def test_three_ranks_then_sigterm_drains_and_stops_every_rank(start):
     assert _chat(group) == expected
     results: dict[str, str] = {}
     started = threading.Event()
-    runner = threading.Thread(target=lambda: results.setdefault("long", _stream(group, "Write a short poem about the sea.", 80, started)))
+    runner = threading.Thread(
+        target=lambda: results.setdefault("long", _stream(group, "Write a short poem about the sea.", 80, started))
+    )
     runner.start()
     assert started.wait(60)
     group.processes[0].send_signal(signal.SIGTERM)  # rank 0: drain, then tell the others to stop
@@ -309,7 +344,9 @@ def test_killed_rank_fails_requests_and_the_group_exits_nonzero(start):
     assert started.wait(60)
     group.processes[1].kill()
     runner.join(60)
-    assert errors and ("peer was lost" in errors[0] or "did not answer" in errors[0]), errors  # the error event says why
+    assert errors and ("peer was lost" in errors[0] or "did not answer" in errors[0]), (
+        errors
+    )  # the error event says why
     assert group.wait_exit(30, ranks=1) == [1], group.text()
     assert "exiting with status 1" in group.text()
 
@@ -318,10 +355,13 @@ def test_stalled_rank_turns_health_503_naming_it_and_exits(start):
     group = start(2, "--parallel", "pipeline", env={"MACPROVIDER_RANK_TIMEOUT_S": "3"})
     started = threading.Event()
     # A stream in flight when the rank stalls: its step never returns, the engine fails it from outside.
-    threading.Thread(target=lambda: _ignore_errors(_stream, group, "Write a short poem about the sea.", 400, started), daemon=True).start()
+    threading.Thread(
+        target=lambda: _ignore_errors(_stream, group, "Write a short poem about the sea.", 400, started), daemon=True
+    ).start()
     assert started.wait(60)
     os.kill(group.processes[1].pid, signal.SIGSTOP)
     try:
+
         def unavailable():
             try:
                 response = group.health()
@@ -364,7 +404,9 @@ def test_real_model_pipeline_under_mlx_launch_answers_like_one_process(real_mode
     messages = [{"role": "user", "content": "What is the capital of France?"}]
 
     def greedy(group: Group) -> str:
-        reply = group.client().chat.completions.create(model=real_model, messages=messages, max_tokens=16, temperature=0)
+        reply = group.client().chat.completions.create(
+            model=real_model, messages=messages, max_tokens=16, temperature=0
+        )
         return reply.choices[0].message.content
 
     groups = [Group(real_model, hf_home, tmp_path_factory.mktemp("one"), 1, *args)]
@@ -372,7 +414,11 @@ def test_real_model_pipeline_under_mlx_launch_answers_like_one_process(real_mode
         groups[0].wait_ready(300)
         expected = greedy(groups[0])
         groups[0].kill()
-        groups.append(Group(real_model, hf_home, tmp_path_factory.mktemp("two"), 2, "--parallel", "pipeline", *args, launcher=True))
+        groups.append(
+            Group(
+                real_model, hf_home, tmp_path_factory.mktemp("two"), 2, "--parallel", "pipeline", *args, launcher=True
+            )
+        )
         groups[1].wait_ready(300)
         assert groups[1].health().json()["distributed"]["layers_per_stage"] == [15, 15]
         assert expected and greedy(groups[1]) == expected

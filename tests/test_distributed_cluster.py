@@ -49,7 +49,9 @@ def fake_ssh(tmp_path, monkeypatch) -> Path:
 
 
 def test_check_two_loopback_hosts_plans_the_split(tmp_path, tiny_model):
-    result = CliRunner().invoke(app, ["cluster", "check", _hostfile(tmp_path, ["127.0.0.1", "127.0.0.1"]), "--model", tiny_model, "--json"])
+    result = CliRunner().invoke(
+        app, ["cluster", "check", _hostfile(tmp_path, ["127.0.0.1", "127.0.0.1"]), "--model", tiny_model, "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["ok"] is True
@@ -74,7 +76,9 @@ def test_check_names_unreachable_hosts_and_version_mismatches(tmp_path, tiny_mod
 
 
 def test_check_reports_a_model_missing_on_a_host(tmp_path):
-    result = CliRunner().invoke(app, ["cluster", "check", _hostfile(tmp_path, ["127.0.0.1"]), "--model", "org/absent", "--json"])
+    result = CliRunner().invoke(
+        app, ["cluster", "check", _hostfile(tmp_path, ["127.0.0.1"]), "--model", "org/absent", "--json"]
+    )
     assert result.exit_code == 1
     (host,) = json.loads(result.output)["hosts"]
     assert host["problems"] == ["model org/absent not cached"]
@@ -82,18 +86,35 @@ def test_check_reports_a_model_missing_on_a_host(tmp_path):
 
 def test_print_builds_the_mlx_launch_command(tmp_path):
     hostfile = _hostfile(tmp_path, ["127.0.0.1", "127.0.0.1"], backend="jaccl")
-    result = CliRunner().invoke(app, ["cluster", "print", hostfile, "--model", "org/m", "--parallel", "tensor", "--max-batch", "4"])
+    result = CliRunner().invoke(
+        app, ["cluster", "print", hostfile, "--model", "org/m", "--parallel", "tensor", "--max-batch", "4"]
+    )
     assert result.exit_code == 0, result.output
     argv = shlex.split(result.output)
     assert Path(argv[0]).name == "mlx.launch"
     assert argv[1:5] == ["--hostfile", hostfile, "--backend", "jaccl"]
-    assert argv[5:] == ["--", sys.executable, "-m", "macprovider", "serve", "--model", "org/m", "--parallel", "tensor", "--max-batch", "4"]
+    assert argv[5:] == [
+        "--",
+        sys.executable,
+        "-m",
+        "macprovider",
+        "serve",
+        "--model",
+        "org/m",
+        "--parallel",
+        "tensor",
+        "--max-batch",
+        "4",
+    ]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--parallel", "data"], "invalid parallel 'data'"),
-    ([], "invalid hostfile"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--parallel", "data"], "invalid parallel 'data'"),
+        ([], "invalid hostfile"),
+    ],
+)
 def test_print_refuses_bad_settings(tmp_path, args, message):
     hostfile = _hostfile(tmp_path, ["127.0.0.1"]) if args else str(tmp_path / "missing.json")
     result = CliRunner().invoke(app, ["cluster", "print", hostfile, "--model", "org/m", *args])
@@ -101,11 +122,14 @@ def test_print_refuses_bad_settings(tmp_path, args, message):
     assert message in result.output
 
 
-@pytest.mark.parametrize("stderr, expected", [
-    ("[INFO] Node with rank 0 completed", 0),
-    ("\x1b[33m[WARN] Node with rank 1 exited with code 1 \x1b[0m", 1),
-    ("\x1b[33m[WARN] Node with rank 2 was killed \x1b[0m", 1),
-])
+@pytest.mark.parametrize(
+    "stderr, expected",
+    [
+        ("[INFO] Node with rank 0 completed", 0),
+        ("\x1b[33m[WARN] Node with rank 1 exited with code 1 \x1b[0m", 1),
+        ("\x1b[33m[WARN] Node with rank 2 was killed \x1b[0m", 1),
+    ],
+)
 def test_serve_exits_nonzero_when_a_rank_failed_although_mlx_launch_exits_zero(stderr, expected, capfd):
     launcher = [sys.executable, "-c", f"import sys; print({stderr!r}, file=sys.stderr)"]
     assert cluster.run_launch(launcher) == expected

@@ -10,7 +10,13 @@ from macprovider import parallel
 from macprovider.engine import distributed as dist
 from macprovider.errors import ConfigError
 
-LLAMA_30 = {"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
+LLAMA_30 = {
+    "model_type": "llama",
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+}
 
 
 def test_split_layers_equal_budgets_give_mlx_lm_even_split():
@@ -41,7 +47,13 @@ def test_check_split_refuses_tensor_on_nine_heads_and_names_pipeline():
 
 
 def test_check_split_pipeline_needs_a_layer_per_rank():
-    config = {**LLAMA_30, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 64}
+    config = {
+        **LLAMA_30,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 64,
+    }
     with pytest.raises(ConfigError, match=r"2 layers cannot give each of 4 ranks a layer; --parallel tensor fits"):
         parallel.check_split(config, 4, "pipeline")
     with pytest.raises(ConfigError, match="no parallel mode fits"):
@@ -56,7 +68,10 @@ def test_check_split_reads_nested_text_config():
 
 def test_control_messages_are_fixed_size_and_carry_long_prompts():
     prompt = list(range(1000, 1000 + 700))  # longer than one message's payload
-    ops = dist.InsertOp(7, 33, dist.SamplerSpec(0.7, 0.9, 2**64 - 1, 40), prompt).encode() + dist.RemoveOp([3, 5]).encode()
+    ops = (
+        dist.InsertOp(7, 33, dist.SamplerSpec(0.7, 0.9, 2**64 - 1, 40), prompt).encode()
+        + dist.RemoveOp([3, 5]).encode()
+    )
     messages = dist.encode_control(ops, dist.ACTION_STEP)
     assert len(messages) == -(-len(ops) // dist.PAYLOAD_INTS) >= 3
     assert all(len(m) == dist.CONTROL_INTS for m in messages)

@@ -68,7 +68,11 @@ def test_rows_match_the_code():
             "serve flag": spec.cli_flag or NO_FLAG,
             "default": rendered_default(Settings.model_fields[spec.name].default),
         }
-        found = {"environment variable": first_code(cells[1]), "serve flag": first_code(cells[2]), "default": first_code(cells[3])}
+        found = {
+            "environment variable": first_code(cells[1]),
+            "serve flag": first_code(cells[2]),
+            "default": first_code(cells[3]),
+        }
         for column, value in expected.items():
             if found[column] != value:
                 wrong.append(f"{spec.name}: {column} is {found[column]!r} in the doc, {value!r} in the code")

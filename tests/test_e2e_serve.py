@@ -43,7 +43,14 @@ class ServeProcess:
         argv = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(self.port), *extra]
         self.stderr_path = home / f"serve-{self.port}.log"
         self._stderr = open(self.stderr_path, "wb")
-        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True, preexec_fn=die_with_parent())
+        self.process = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         self.base = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -93,7 +100,7 @@ def server(serve_factory) -> ServeProcess:
 
 @pytest.fixture(scope="session")
 def serial_server(serve_factory) -> ServeProcess:
-    """One batch slot and two queue places (the default queue is 64 deep, SPEC.md §3.1)."""
+    """One batch slot and two queue places (the default queue is 64 deep, docs/api.md#engine-semantics)."""
     return serve_factory("--max-batch", "1", "--max-context", "512", env={"MACPROVIDER_MAX_QUEUE_DEPTH": "2"})
 
 
@@ -112,13 +119,21 @@ def test_chat_non_stream_and_stream_agree_under_greedy(server):
     assert full.id.startswith("chatcmpl-") and full.object == "chat.completion"
     choice = full.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    assert full.usage.prompt_tokens > 0 and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert (
+        full.usage.prompt_tokens > 0
+        and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    )
     extra = full.usage.model_extra
     assert extra["macprovider_generated_completion_tokens"] >= full.usage.completion_tokens
     assert extra["macprovider_generation_ms"] >= 0
 
     stream = client.chat.completions.create(
-        model=server.model, messages=MESSAGES, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+        model=server.model,
+        messages=MESSAGES,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -132,10 +147,14 @@ def test_chat_non_stream_and_stream_agree_under_greedy(server):
 
 
 def test_text_completions(server):
-    result = server.client().completions.create(model=server.model, prompt="Once upon a time", max_tokens=12, temperature=0)
+    result = server.client().completions.create(
+        model=server.model, prompt="Once upon a time", max_tokens=12, temperature=0
+    )
     assert result.object == "text_completion" and result.choices[0].finish_reason in ("stop", "length")
     assert result.usage.completion_tokens <= 12
-    streamed = server.client().completions.create(model=server.model, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True)
+    streamed = server.client().completions.create(
+        model=server.model, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True
+    )
     text = "".join(c.choices[0].text for c in streamed if c.choices)
     assert text == result.choices[0].text
 
@@ -151,13 +170,18 @@ def test_error_envelopes(server):
     assert too_long.value.status_code == 413
     body = too_long.value.body
     assert body["code"] == "context_length_exceeded" and body["param"] == "messages" and body["n_ctx"] == 512
-    assert body["message"] == f"Prompt length ({body['n_prompt_tokens']} tokens) exceeds this provider's safe capacity (512 tokens)."
+    assert (
+        body["message"]
+        == f"Prompt length ({body['n_prompt_tokens']} tokens) exceeds this provider's safe capacity (512 tokens)."
+    )
 
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=server.model, messages=MESSAGES, n=2)
     assert bad.value.body["param"] == "n"
 
-    raw = httpx.post(server.base + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    raw = httpx.post(
+        server.base + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
     assert "Traceback" not in raw.text
 
@@ -168,7 +192,9 @@ def _streams_sent_at_once(server: ServeProcess, count: int, max_tokens: int = 45
     (connect() completes from the listen backlog without the process), then SIGCONT. Opening the streams one by
     one raced under load — the first could finish its tokens before the last was even sent. Each response is
     read to its end on its own thread; returns (status, headers, body) per request, in sending order."""
-    body = json.dumps({"model": server.model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    body = json.dumps(
+        {"model": server.model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    ).encode()
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
@@ -225,7 +251,11 @@ def test_queue_full_answers_429_with_retry_after_then_drains(serial_server):
     while (health := serial_server.health())["requests_in_flight"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert (health["requests_in_flight"], health["requests_queued"], health["engine"]["active_sequences"]) == (0, 0, 0)
-    again = httpx.post(serial_server.base + "/v1/chat/completions", json={"model": serial_server.model, "messages": MESSAGES, "max_tokens": 4}, timeout=30)
+    again = httpx.post(
+        serial_server.base + "/v1/chat/completions",
+        json={"model": serial_server.model, "messages": MESSAGES, "max_tokens": 4},
+        timeout=30,
+    )
     assert again.status_code == 200
 
 
@@ -252,10 +282,17 @@ def test_client_disconnect_frees_the_slot_within_a_second(serve_factory):
 def test_prefix_reuse_reports_cached_tokens(server):
     client = server.client()
     long_system = {"role": "system", "content": "You are a helpful assistant who loves the sea. " * 12}
-    first = client.chat.completions.create(model=server.model, messages=[long_system, {"role": "user", "content": "Hi"}], max_tokens=6, temperature=0)
+    first = client.chat.completions.create(
+        model=server.model, messages=[long_system, {"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
+    )
     second = client.chat.completions.create(
         model=server.model,
-        messages=[long_system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "More?"}],
+        messages=[
+            long_system,
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "More?"},
+        ],
         max_tokens=6,
         temperature=0,
     )
@@ -284,7 +321,9 @@ def test_sigterm_drains_and_exits_zero(serve_factory):
     result: dict = {}
 
     def long_request():
-        result["response"] = client.chat.completions.create(model=draining.model, messages=MESSAGES, max_tokens=60, temperature=0)
+        result["response"] = client.chat.completions.create(
+            model=draining.model, messages=MESSAGES, max_tokens=60, temperature=0
+        )
 
     worker = threading.Thread(target=long_request)
     worker.start()
@@ -300,17 +339,35 @@ def test_sigterm_drains_and_exits_zero(serve_factory):
 def test_preflight_errors_exit_before_loading(tiny_model, hf_home, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_")}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", MACPROVIDER_KV_BITS="7")
-    run = subprocess.run([sys.executable, "-m", "macprovider", "serve", "--model", tiny_model], env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "macprovider", "serve", "--model", tiny_model],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2
     assert "kv_bits" in run.stderr and "'7'" in run.stderr and "env:MACPROVIDER_KV_BITS" in run.stderr
     assert "Traceback" not in run.stderr
 
     env.pop("MACPROVIDER_KV_BITS")
-    missing = subprocess.run([sys.executable, "-m", "macprovider", "serve", "--model", "nobody/absent-model"], env=env, capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "-m", "macprovider", "serve", "--model", "nobody/absent-model"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode != 0
     assert "not in the local Hugging Face cache" in missing.stderr and "models pull" in missing.stderr
 
-    exposed = subprocess.run([sys.executable, "-m", "macprovider", "serve", "--model", tiny_model, "--host", "0.0.0.0"], env=env, capture_output=True, text=True, timeout=60)
+    exposed = subprocess.run(
+        [sys.executable, "-m", "macprovider", "serve", "--model", tiny_model, "--host", "0.0.0.0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert exposed.returncode == 2 and "API key" in exposed.stderr
 
 
@@ -319,6 +376,14 @@ def test_models_json_shape_matches_spec(server):
     assert payload["object"] == "list"
     entry = payload["data"][0]
     # OpenAI's four fields plus the extension fields clients size requests by (context length, load state, aliases)
-    assert set(entry) == {"id", "object", "created", "owned_by", "context_length", "macprovider_state", "macprovider_aliases"}
+    assert set(entry) == {
+        "id",
+        "object",
+        "created",
+        "owned_by",
+        "context_length",
+        "macprovider_state",
+        "macprovider_aliases",
+    }
     assert entry["object"] == "model" and entry["context_length"] == 512 and entry["macprovider_state"] == "loaded"
     assert json.loads(json.dumps(payload)) == payload

@@ -87,7 +87,9 @@ def test_batched_greedy_outputs_equal_one_at_a_time(tiny_model, engines, kv_bits
     async def together():
         # PROMPTS[1:] run the full 24 tokens on the test model; PROMPTS[0] (greedy: 6 tokens, then EOS)
         # joins the running batch once the others are decoding.
-        first = [asyncio.create_task(collect(batched, p, max_tokens=24, temperature=0, top_logprobs=0)) for p in prompts[1:]]
+        first = [
+            asyncio.create_task(collect(batched, p, max_tokens=24, temperature=0, top_logprobs=0)) for p in prompts[1:]
+        ]
         while batched.stats().generated_tokens_total < 6:
             await asyncio.sleep(0.01)
         late = asyncio.create_task(collect(batched, prompts[0], max_tokens=24, temperature=0, top_logprobs=0))
@@ -190,8 +192,12 @@ def test_kv_bits_sequence_cancelled_mid_batch_leaves_the_others_exact(tiny_model
 
     async def scenario():
         # PROMPTS[1] under greedy decoding runs for hundreds of tokens on the test model: it cannot end first.
-        doomed = engine.submit(GenerationRequest(prompt_tokens=chat(engine, PROMPTS[1]), max_tokens=2000, temperature=0))
-        survivors = [asyncio.create_task(collect(engine, p, max_tokens=24, temperature=0, top_logprobs=0)) for p in prompts]
+        doomed = engine.submit(
+            GenerationRequest(prompt_tokens=chat(engine, PROMPTS[1]), max_tokens=2000, temperature=0)
+        )
+        survivors = [
+            asyncio.create_task(collect(engine, p, max_tokens=24, temperature=0, top_logprobs=0)) for p in prompts
+        ]
         iterator = doomed.__aiter__()
         # Cancel once all four have decoded together (the survivors need 24 tokens each, so they still run).
         while engine.stats().peak_active_sequences < 4 or engine.stats().generated_tokens_total < 8:
@@ -212,7 +218,9 @@ def test_queue_limit_answers_429_with_retry_after(tiny_model, engines):
     prompt = chat(engine, PROMPTS[1])  # greedy: hundreds of tokens before any EOS on the test model
 
     async def scenario():
-        handles = [engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=500, temperature=0)) for _ in range(3)]
+        handles = [
+            engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=500, temperature=0)) for _ in range(3)
+        ]
         with pytest.raises(ApiError) as info:
             engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=5))
         for handle in handles:
@@ -292,12 +300,14 @@ def test_added_special_tokens_are_hidden_even_outside_the_special_tokens_map(tin
     engine = engines(tiny_model)
     vocab = engine.tokenizer.get_vocab()
     assert vocab["<|im_start|>"] not in engine.tokenizer.all_special_ids
-    assert {vocab[token] for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")} <= _special_token_ids(engine.tokenizer)
+    assert {vocab[token] for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")} <= _special_token_ids(
+        engine.tokenizer
+    )
 
 
 def test_prompt_cache_entries_hold_only_their_own_bytes(tiny_model, engines):
     """A finished sequence's KV, kept for prefix reuse, owns just its rows: MLX's live memory grows by what
-    the prompt cache counts, not by the batch buffers the rows were cut from (issue 14: lazily extracted
+    the prompt cache counts, not by the batch buffers the rows were cut from (lazily extracted
     rows kept every batch buffer alive, ~5x the counted bytes)."""
     import mlx.core as mx
 
@@ -306,7 +316,9 @@ def test_prompt_cache_entries_hold_only_their_own_bytes(tiny_model, engines):
     before = mx.get_active_memory()
 
     async def scenario():
-        return await asyncio.gather(*(collect(engine, p, max_tokens=8 + 4 * (i % 5), temperature=0) for i, p in enumerate(prompts)))
+        return await asyncio.gather(
+            *(collect(engine, p, max_tokens=8 + 4 * (i % 5), temperature=0) for i, p in enumerate(prompts))
+        )
 
     asyncio.run(scenario())
     engine.close()  # the generation thread is done with MLX: what is live now is what the engine keeps

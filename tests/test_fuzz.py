@@ -1,4 +1,4 @@
-"""Fuzz the HTTP API with schemathesis (issue 14): every operation of the app's own OpenAPI document, with the
+"""Fuzz the HTTP API with schemathesis: every operation of the app's own OpenAPI document, with the
 real request models as request bodies, in positive and negative modes, against a running server on the fake
 engine. Any 5xx, any error answer that is not JSON in the OpenAI error envelope, or a crash is a defect.
 
@@ -15,15 +15,14 @@ import json
 import os
 
 import pytest
-
 import schemathesis
+from fake_engine import FakeEngine, serving
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 
-from fake_engine import FakeEngine, serving
 from macprovider.config import Settings
-from macprovider.serve.app import create_app
 from macprovider.serve.anthropic_schemas import MessagesRequest
+from macprovider.serve.app import create_app
 from macprovider.serve.openai_schemas import ChatCompletionRequest, CompletionRequest
 from macprovider.serve.responses_schemas import ResponsesRequest
 
@@ -58,8 +57,18 @@ def openapi_document() -> dict:
             body["properties"]["input"] = {"type": "string"}
             body["required"] = ["model", "input"]
         if path.startswith("/v1/messages"):
-            body["properties"]["messages"] = {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"], "properties": {
-                "role": {"type": "string", "enum": ["user", "assistant"]}, "content": {"type": "string"}}}}
+            body["properties"]["messages"] = {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["role", "content"],
+                    "properties": {
+                        "role": {"type": "string", "enum": ["user", "assistant"]},
+                        "content": {"type": "string"},
+                    },
+                },
+            }
             body["required"] = ["model", "messages", "max_tokens"]
         components[model.__name__] = body
         message = components.get("ChatMessage")
@@ -75,8 +84,9 @@ def openapi_document() -> dict:
 
 schema = schemathesis.openapi.from_dict(openapi_document())
 # No example database (it would be written into the checkout); derandomized, so a run is reproducible.
-schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=EXAMPLES,
-                                database="none")
+schema.config.generation.update(
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=EXAMPLES, database="none"
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +119,9 @@ def test_no_5xx_and_every_error_is_the_json_envelope(case, server):
         body = json.loads(response.text)
         error = body["error"]
         assert isinstance(error["message"], str) and error["message"]
-        if case.path.startswith("/v1/messages"):  # Anthropic's envelope: {"type": "error", "error": {"type", "message"}}
+        if case.path.startswith(
+            "/v1/messages"
+        ):  # Anthropic's envelope: {"type": "error", "error": {"type", "message"}}
             assert body["type"] == "error" and isinstance(error["type"], str) and set(error) == {"type", "message"}
         else:
             assert isinstance(error["type"], str) and isinstance(error["code"], str)

@@ -1,4 +1,4 @@
-"""`macprovider models import` (SPEC.md §4) on small GGUF files written like llama.cpp's converter writes them
+"""`macprovider models import` (README.md#models) on small GGUF files written like llama.cpp's converter writes them
 (tests/gguf_files.py): exact round trip of float tensors (q/k un-permuted), quantized tensors kept with
 per-layer bits, the tokenizer rebuilt from metadata, bad input, and Ollama's manifest tree."""
 
@@ -42,8 +42,10 @@ def f32_gguf(tiny_source, tmp_path_factory) -> Path:
 def quant_gguf(tiny_source, tmp_path_factory) -> Path:
     """Q8_0 embedding, Q5_0 down projections, Q4_1 output, Q4_0 elsewhere."""
     return write_llama_gguf(
-        tiny_source, tmp_path_factory.mktemp("gguf") / "tiny-q4.gguf",
-        types={"token_embd": "Q8_0", "ffn_down": "Q5_0", "output": "Q4_1"}, default_type="Q4_0",
+        tiny_source,
+        tmp_path_factory.mktemp("gguf") / "tiny-q4.gguf",
+        types={"token_embd": "Q8_0", "ffn_down": "Q5_0", "output": "Q4_1"},
+        default_type="Q4_0",
     )
 
 
@@ -75,9 +77,9 @@ def test_float_gguf_imports_exactly(f32_gguf, tiny_source, hf_home):
     text = "Hello! What is the capital of France? def main(): return 1000"
     assert tokenizer.encode(text) == reference_tokenizer.encode(text)
     messages = [{"role": "user", "content": "Hello"}]
-    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == reference_tokenizer.apply_chat_template(
+    assert tokenizer.apply_chat_template(
         messages, add_generation_prompt=True
-    )
+    ) == reference_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert tokenizer.eos_token == "<|im_end|>"
 
 
@@ -172,10 +174,17 @@ def test_from_ollama_finds_the_blob_through_the_manifest(f32_gguf, tmp_path, mon
     os.link(f32_gguf, store / "blobs" / f"sha256-{digest}")
     manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "q4"
     manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
-        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 3},
-        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 1},
-    ]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "layers": [
+                    {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 3},
+                    {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 1},
+                ],
+            }
+        )
+    )
     env = {"OLLAMA_MODELS": str(store)}
     assert importer.ollama_gguf_path("tiny:q4", env) == store / "blobs" / f"sha256-{digest}"
     assert importer.ollama_repo_id("tiny:q4") == "ollama/tiny-q4"
@@ -194,7 +203,9 @@ def test_repacked_blocks_equal_mlx_own_gguf_reader(tiny_source, tmp_path):
     import mlx.core as mx
     import numpy as np
 
-    path = write_llama_gguf(tiny_source, tmp_path / "mixed.gguf", types={"token_embd": "Q8_0", "output": "Q4_1"}, default_type="Q4_0")
+    path = write_llama_gguf(
+        tiny_source, tmp_path / "mixed.gguf", types={"token_embd": "Q8_0", "output": "Q4_1"}, default_type="Q4_0"
+    )
     reference = mx.load(str(path))
     _, tensors = importer.read_gguf(path)
     checked = 0
@@ -209,10 +220,20 @@ def test_repacked_blocks_equal_mlx_own_gguf_reader(tiny_source, tmp_path):
     assert checked == 16
 
 
-LLAMA_3_2_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192}
-UNPUBLISHED_ROPE = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 0.5, "high_freq_factor": 8.0,
-                    "original_max_position_embeddings": 8192}
+LLAMA_3_2_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+UNPUBLISHED_ROPE = {
+    "rope_type": "llama3",
+    "factor": 16.0,
+    "low_freq_factor": 0.5,
+    "high_freq_factor": 8.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _with_rope_scaling(source: Path, destination: Path, rope_scaling: dict | None) -> Path:
@@ -244,12 +265,18 @@ def test_llama3_rope_freqs_become_rope_scaling(rope_scaling, tiny_source, tmp_pa
     path = write_llama_gguf(source, tmp_path / "llama3.gguf")
     _, tensors = importer.read_gguf(path)
     assert "rope_freqs.weight" in tensors
-    result = importer.import_gguf(path, f"gguf-test/llama3-rope-{rope_scaling['factor']:g}", dtype="float32", cache_dir=hf_home / "hub")
+    result = importer.import_gguf(
+        path, f"gguf-test/llama3-rope-{rope_scaling['factor']:g}", dtype="float32", cache_dir=hf_home / "hub"
+    )
     config = json.loads((result.snapshot / "config.json").read_text())
     assert config["rope_scaling"]["rope_type"] == "llama3"
     assert config["rope_scaling"] == pytest.approx(rope_scaling)
     assert config["head_dim"] == 64 and config["rope_theta"] == 500000.0
-    assert np.allclose(importer.llama3_rope_factors(config["rope_scaling"], 64, 500000.0), llama3_rope_freqs(json.loads((source / "config.json").read_text())), rtol=1e-6)
+    assert np.allclose(
+        importer.llama3_rope_factors(config["rope_scaling"], 64, 500000.0),
+        llama3_rope_freqs(json.loads((source / "config.json").read_text())),
+        rtol=1e-6,
+    )
 
     prompt = mx.array([[(7 * i + 3) % 500 for i in range(300)]])
     ours = load(str(result.snapshot))[0](prompt)[0].astype(mx.float32)
@@ -291,13 +318,24 @@ def test_qwen_gguf_imports_exactly(arch, tiny_source, tmp_path, hf_home):
     source = tmp_path / arch
     shutil.copytree(tiny_source, source)
     config = json.loads((source / "config.json").read_text())
-    config.update(model_type=arch, architectures=[f"{arch.capitalize()}ForCausalLM"], tie_word_embeddings=True, rope_theta=1000000.0)
+    config.update(
+        model_type=arch,
+        architectures=[f"{arch.capitalize()}ForCausalLM"],
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    )
     if arch == "qwen3":
         config["head_dim"] = 32
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     mx.random.seed(5)
     model = module.Model(module.ModelArgs.from_dict(config))
-    weights = {k: (mx.random.normal(v.shape) * (0.3 if k.endswith(("q_proj.weight", "k_proj.weight")) else 0.05) + (1 if "norm" in k else 0)) for k, v in tree_flatten(model.parameters())}
+    weights = {
+        k: (
+            mx.random.normal(v.shape) * (0.3 if k.endswith(("q_proj.weight", "k_proj.weight")) else 0.05)
+            + (1 if "norm" in k else 0)
+        )
+        for k, v in tree_flatten(model.parameters())
+    }
     assert any(k.endswith("q_proj.bias") for k in weights) == (arch == "qwen2")
     assert any(k.endswith("self_attn.q_norm.weight") for k in weights) == (arch == "qwen3")
     mx.save_safetensors(str(source / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -466,9 +504,13 @@ def test_demo_model_reencoded_to_q5_1_imports_exactly(smollm2_gguf, tmp_path, hf
             module = importer.hf_tensor_name(name).rpartition(".")[0]
             assert sum(stored[f"{module}.{part}"].nbytes for part in ("weight", "scales", "biases")) == tensor.n_bytes
     assert sum(array.nbytes for array in stored.values()) <= sum(int(t.n_bytes) for t in tensors.values())
-    mean, worst = next_token_kl(dense.snapshot, quantized.snapshot, [
-        "The capital of France is Paris, and the capital of Germany is",
-        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
-    ])
+    mean, worst = next_token_kl(
+        dense.snapshot,
+        quantized.snapshot,
+        [
+            "The capital of France is Paris, and the capital of Germany is",
+            "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+        ],
+    )
     print(f"Q5_1 import: next-token KL mean {mean:.2e}, max {worst:.2e} nats")
     assert mean <= 0.002 and worst <= 0.01

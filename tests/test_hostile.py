@@ -11,12 +11,13 @@ import itertools
 import json
 import math
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
-
 from fake_engine import FakeEngine, serving
+
 from macprovider import config as cfg
 from macprovider.config import Settings
 from macprovider.engine.engine import Engine
@@ -29,11 +30,15 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messa
 
 @contextlib.contextmanager
 def real_server(model: str, **settings: Any) -> Iterator[tuple[str, Engine]]:
-    engine = Engine(plan_serve(cfg.resolve({"model": model, "max_context_override": 256,
-                                            "max_concurrency_override": 4, **settings})))
+    engine = Engine(
+        plan_serve(
+            cfg.resolve({"model": model, "max_context_override": 256, "max_concurrency_override": 4, **settings})
+        )
+    )
     engine.load()
-    runtime = ServeRuntime(engine, Settings(model=engine.model_id, host="127.0.0.1", port=0, drain_timeout_s=5.0),
-                           None, load=False)
+    runtime = ServeRuntime(
+        engine, Settings(model=engine.model_id, host="127.0.0.1", port=0, drain_timeout_s=5.0), None, load=False
+    )
     thread = threading.Thread(target=runtime.run, daemon=True)
     thread.start()
     assert runtime.started.wait(15), "server did not start"
@@ -67,8 +72,11 @@ def post(client: httpx.Client, route: str, body: dict[str, Any]) -> tuple[int, A
     content = json.dumps(body, allow_nan=True)  # NaN / Infinity as a hostile client writes them
     response = client.post(route, content=content, headers={"content-type": "application/json"})
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        events = [json.loads(line[6:]) for line in response.text.splitlines()
-                  if line.startswith("data: ") and line != "data: [DONE]"]
+        events = [
+            json.loads(line[6:])
+            for line in response.text.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"
+        ]
         return response.status_code, events
     return response.status_code, response.json()
 
@@ -80,10 +88,24 @@ def stream_failed(events: list[Any]) -> bool:
 
 
 SWEEP_PARAMS = {
-    "/v1/chat/completions": ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "max_tokens",
-                             "top_logprobs"),
-    "/v1/completions": ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "max_tokens",
-                        "logprobs"),
+    "/v1/chat/completions": (
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "max_tokens",
+        "top_logprobs",
+    ),
+    "/v1/completions": (
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "max_tokens",
+        "logprobs",
+    ),
     "/v1/responses": ("temperature", "top_p", "max_output_tokens"),
     "/v1/messages": ("temperature", "top_p", "top_k", "max_tokens"),
 }
@@ -100,8 +122,12 @@ def test_every_sampling_parameter_at_its_boundaries_is_answered_or_refused_by_na
     url, engine = server
     vocab = engine.vocab_size
     assert vocab > 2
-    cases = [(route, param, value) for route, params in SWEEP_PARAMS.items() for param in params
-             for value in sweep_values(vocab)]
+    cases = [
+        (route, param, value)
+        for route, params in SWEEP_PARAMS.items()
+        for param in params
+        for value in sweep_values(vocab)
+    ]
     modes = itertools.cycle([(False, None), (True, None), (False, 11), (True, 11)])
     with httpx.Client(base_url=url, timeout=120) as client:
         for (route, param, value), (stream, seed) in zip(cases, modes):
@@ -132,8 +158,11 @@ def test_messages_top_k_at_the_vocabulary_is_no_truncation(server):
     with httpx.Client(base_url=url, timeout=120) as client:
         for top_k in (engine.vocab_size, engine.vocab_size + 1, 5000, 10_000_000):
             for stream in (False, True):
-                status, answer = post(client, "/v1/messages", body_for("/v1/messages", engine.model_id, top_k=top_k,
-                                                                       temperature=1.0, stream=stream))
+                status, answer = post(
+                    client,
+                    "/v1/messages",
+                    body_for("/v1/messages", engine.model_id, top_k=top_k, temperature=1.0, stream=stream),
+                )
                 assert status == 200, answer
                 assert not stream or not stream_failed(answer)
     assert engine.is_alive()
@@ -143,8 +172,10 @@ HOSTILE_BATTERY: list[tuple[str, dict[str, Any]]] = [
     ("/v1/messages", {"top_k": 5000, "temperature": 1.0}),
     ("/v1/messages", {"top_k": 10_000_000, "temperature": 1.0, "stream": True}),
     ("/v1/chat/completions", {"temperature": 2.0, "top_p": 1e-9, "seed": 2**64 - 1}),
-    ("/v1/chat/completions", {"presence_penalty": 2.0, "frequency_penalty": -2.0, "logprobs": True,
-                              "top_logprobs": 20}),
+    (
+        "/v1/chat/completions",
+        {"presence_penalty": 2.0, "frequency_penalty": -2.0, "logprobs": True, "top_logprobs": 20},
+    ),
     ("/v1/completions", {"logprobs": 20, "seed": -(2**63), "stream": True}),
     ("/v1/responses", {"metadata": {"k": "\udc00"}, "stream": True}),
     ("/v1/responses", {"user": "\ud800x"}),
@@ -159,8 +190,13 @@ def test_four_streams_survive_a_battery_of_hostile_requests(server):
     stream then ends as it does alone, with the same text and no error event, and every hostile request
     gets an answer (never a 5xx)."""
     url, engine = server
-    long_body = {"model": engine.model_id, "messages": [{"role": "user", "content": "Tell me a story"}],
-                 "max_tokens": 200, "temperature": 0.0, "stream": True}
+    long_body = {
+        "model": engine.model_id,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 200,
+        "temperature": 0.0,
+        "stream": True,
+    }
 
     def text_and_finish(events: list[Any]) -> tuple[str, str]:
         choices = [e["choices"][0] for e in events if e.get("choices")]
@@ -177,8 +213,11 @@ def test_four_streams_survive_a_battery_of_hostile_requests(server):
                 first = next(lines)
                 started.wait()
                 text = "\n".join([first, *lines])
-            events = [json.loads(line[6:]) for line in text.splitlines()
-                      if line.startswith("data: ") and line != "data: [DONE]"]
+            events = [
+                json.loads(line[6:])
+                for line in text.splitlines()
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
             return response.status_code, events
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -197,13 +236,24 @@ def test_four_streams_survive_a_battery_of_hostile_requests(server):
 
 
 # ------------------------------------------------------------------------------- fake engine: text hygiene
-@pytest.mark.parametrize("host,name", [
-    ("localhost", "localhost"), ("localhost:8080", "localhost"), ("127.0.0.1:80", "127.0.0.1"),
-    ("[::1]", "[::1]"), ("[::1]:8080", "[::1]"), ("LOCALHOST:1", "localhost"),
-    ("[::1]evil.com", "[::1]evil.com"), ("[::1]:80evil", "[::1]:80evil"), ("localhost:80:80", "localhost:80:80"),
-    ("localhost:8o", "localhost:8o"), ("localhost.evil.com", "localhost.evil.com"), ("[::1", "[::1"),
-    ("localhost:\u0661", "localhost:\u0661"),
-])
+@pytest.mark.parametrize(
+    "host,name",
+    [
+        ("localhost", "localhost"),
+        ("localhost:8080", "localhost"),
+        ("127.0.0.1:80", "127.0.0.1"),
+        ("[::1]", "[::1]"),
+        ("[::1]:8080", "[::1]"),
+        ("LOCALHOST:1", "localhost"),
+        ("[::1]evil.com", "[::1]evil.com"),
+        ("[::1]:80evil", "[::1]:80evil"),
+        ("localhost:80:80", "localhost:80:80"),
+        ("localhost:8o", "localhost:8o"),
+        ("localhost.evil.com", "localhost.evil.com"),
+        ("[::1", "[::1"),
+        ("localhost:\u0661", "localhost:\u0661"),
+    ],
+)
 def test_host_header_is_parsed_not_prefix_matched(host, name):
     assert host_name(host) == name
 
@@ -233,13 +283,20 @@ SURROGATE_CASES = [
 @pytest.mark.parametrize("route,fields,param", SURROGATE_CASES)
 def test_lone_surrogates_are_a_400_naming_the_field(route, fields, param, stream):
     engine = FakeEngine()
-    base = {"model": engine.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-            "prompt": "hi", "input": "hi", "stream": stream}
+    base = {
+        "model": engine.model_id,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "prompt": "hi",
+        "input": "hi",
+        "stream": stream,
+    }
     if route == "/v1/messages/count_tokens":
         base.pop("stream")
     with serving(engine) as served, served.http() as client:
-        response = client.post(route, content=json.dumps({**base, **fields}),
-                               headers={"content-type": "application/json"})
+        response = client.post(
+            route, content=json.dumps({**base, **fields}), headers={"content-type": "application/json"}
+        )
     assert response.status_code == 400, response.text[:300]
     error = response.json()["error"]
     if route.startswith("/v1/messages"):
@@ -252,9 +309,13 @@ def test_lone_surrogates_are_a_400_naming_the_field(route, fields, param, stream
 def test_a_surrogate_pair_is_ordinary_text():
     engine = FakeEngine()
     with serving(engine) as served, served.http() as client:
-        response = client.post("/v1/responses", content=json.dumps(
-            {"model": engine.model_id, "input": "smile \U0001F600", "metadata": {"k": "\U0001F600"}}),
-            headers={"content-type": "application/json"})
+        response = client.post(
+            "/v1/responses",
+            content=json.dumps(
+                {"model": engine.model_id, "input": "smile \U0001f600", "metadata": {"k": "\U0001f600"}}
+            ),
+            headers={"content-type": "application/json"},
+        )
     assert response.status_code == 200, response.text[:300]
 
 
@@ -280,6 +341,8 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(route):
 def test_a_prompt_under_the_bound_is_tokenized_and_counted_exactly():
     engine = FakeEngine(max_context=64, max_token_chars=4)
     with serving(engine) as served, served.http() as client:
-        response = client.post("/v1/messages/count_tokens", json={
-            "model": engine.model_id, "messages": [{"role": "user", "content": "a few words"}]})
+        response = client.post(
+            "/v1/messages/count_tokens",
+            json={"model": engine.model_id, "messages": [{"role": "user", "content": "a few words"}]},
+        )
     assert response.status_code == 200 and response.json()["input_tokens"] > 0

@@ -1,5 +1,5 @@
 """The HTTP layer over a fake engine, on real sockets: shapes, streaming order, errors, limits, auth,
-Host/Origin rules, disconnect → cancel (SPEC.md §3.2–§3.5)."""
+Host/Origin rules, disconnect → cancel (docs/api.md#routes, #security)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import threading
 import httpx
 import openai
 import pytest
-
 from fake_engine import FakeEngine, Script, chat_body, serving, sse_events
+
 from macprovider.errors import ApiError
 
 
@@ -52,9 +52,14 @@ def test_models_lists_the_served_model(served):
     raw = httpx.get(served.base + "/v1/models").json()
     assert raw["object"] == "list"
     assert raw["data"][0] == {
-        "id": served.engine.model_id, "object": "model", "created": raw["data"][0]["created"], "owned_by": "macprovider",
+        "id": served.engine.model_id,
+        "object": "model",
+        "created": raw["data"][0]["created"],
+        "owned_by": "macprovider",
         # extension fields: what clients need to size requests, and whether the model is loaded
-        "context_length": served.engine.max_context, "macprovider_state": "loaded", "macprovider_aliases": [],
+        "context_length": served.engine.max_context,
+        "macprovider_state": "loaded",
+        "macprovider_aliases": [],
     }
     assert isinstance(raw["data"][0]["created"], int)
 
@@ -62,7 +67,10 @@ def test_models_lists_the_served_model(served):
 def test_chat_non_stream_with_the_openai_client(served):
     result = _client(served).chat.completions.create(
         model=served.engine.model_id,
-        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}],
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+        ],
         max_completion_tokens=9,
         max_tokens=50,
         temperature=0.5,
@@ -80,7 +88,10 @@ def test_chat_non_stream_with_the_openai_client(served):
     assert result.usage.prompt_tokens_details.cached_tokens == 2
     assert result.usage.model_extra == {"macprovider_generation_ms": 12.5, "macprovider_generated_completion_tokens": 5}
     # what reached the engine
-    assert served.engine.encoded[-1] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    assert served.engine.encoded[-1] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi there"},
+    ]
     request = served.engine.submitted[-1]
     assert request.max_tokens == 9  # max_completion_tokens wins over max_tokens
     assert (request.temperature, request.top_p, request.presence_penalty) == (0.5, 0.9, 0.5)
@@ -110,14 +121,19 @@ def test_chat_stream_exact_event_order(served):
 def test_chat_stream_has_no_usage_chunk_unless_asked(served, options):
     """OpenAI's canonical loop `chunk.choices[0].delta.content` must not hit an empty `choices`."""
     extra = {} if options is None else {"stream_options": options}
-    stream = _client(served).chat.completions.create(model=served.engine.model_id, messages=[{"role": "user", "content": "hi"}], stream=True, **extra)
+    stream = _client(served).chat.completions.create(
+        model=served.engine.model_id, messages=[{"role": "user", "content": "hi"}], stream=True, **extra
+    )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert text == "Hello, world"
 
 
 def test_chat_stream_with_include_usage_ends_with_usage(served):
     stream = _client(served).chat.completions.create(
-        model=served.engine.model_id, messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True}
+        model=served.engine.model_id,
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello, world"
@@ -133,7 +149,10 @@ def test_text_completion_stream_and_non_stream(served):
     assert result.usage.prompt_tokens == 4
     assert served.engine.encoded[-1] == "once upon a time"
 
-    texts = [chunk.choices[0].text for chunk in client.completions.create(model=served.engine.model_id, prompt="a b", stream=True)]
+    texts = [
+        chunk.choices[0].text
+        for chunk in client.completions.create(model=served.engine.model_id, prompt="a b", stream=True)
+    ]
     assert texts == ["Hello", ",", " world", ""]  # no usage chunk: the canonical loop works
     body = {"model": served.engine.model_id, "prompt": "a b", "stream": True, "stream_options": {"include_usage": True}}
     response = httpx.post(served.base + "/v1/completions", json=body)
@@ -162,7 +181,14 @@ def test_engine_error_mid_stream_is_one_error_event_then_done():
         response = httpx.post(server.base + "/v1/chat/completions", json=chat_body(server.engine, stream=True))
         events = sse_events(response.text)
         assert events[-1] == "[DONE]"
-        assert events[-2] == {"error": {"message": "the generation engine failed: boom", "type": "server_error", "param": None, "code": "internal_error"}}
+        assert events[-2] == {
+            "error": {
+                "message": "the generation engine failed: boom",
+                "type": "server_error",
+                "param": None,
+                "code": "internal_error",
+            }
+        }
         assert [e["choices"][0]["delta"].get("content") for e in events[1:-2]] == ["Hello", ",", " world"]
 
         plain = httpx.post(server.base + "/v1/chat/completions", json=chat_body(server.engine))
@@ -180,7 +206,12 @@ def test_tokenizing_runs_off_the_event_loop(served):
 
 # ---------------------------------------------------------------------------------------------- errors
 def test_unknown_model_and_path_and_method(served):
-    _error(httpx.post(served.base + "/v1/chat/completions", json={**chat_body(served.engine), "model": "other/model"}), 404, "model_not_found", "model")
+    _error(
+        httpx.post(served.base + "/v1/chat/completions", json={**chat_body(served.engine), "model": "other/model"}),
+        404,
+        "model_not_found",
+        "model",
+    )
     _error(httpx.get(served.base + "/v1/nothing"), 404, "path_not_found")
     wrong = httpx.get(served.base + "/v1/chat/completions")
     _error(wrong, 405, "method_not_allowed")
@@ -190,7 +221,12 @@ def test_unknown_model_and_path_and_method(served):
 
 def test_context_length_exceeded_has_the_exact_message(served):
     long = {"role": "user", "content": "word " * 70}
-    error = _error(httpx.post(served.base + "/v1/chat/completions", json={**chat_body(served.engine), "messages": [long]}), 413, "context_length_exceeded", "messages")
+    error = _error(
+        httpx.post(served.base + "/v1/chat/completions", json={**chat_body(served.engine), "messages": [long]}),
+        413,
+        "context_length_exceeded",
+        "messages",
+    )
     assert error["message"] == "Prompt length (71 tokens) exceeds this provider's safe capacity (64 tokens)."
     assert (error["n_prompt_tokens"], error["n_ctx"]) == (71, 64)
     text = httpx.post(served.base + "/v1/completions", json={"model": served.engine.model_id, "prompt": "w " * 65})
@@ -199,9 +235,15 @@ def test_context_length_exceeded_has_the_exact_message(served):
 
 
 def test_encode_errors_are_relayed():
-    engine = FakeEngine(encode_error=ApiError(400, "invalid_request", "the model's chat template rejected the messages", param="messages"))
+    engine = FakeEngine(
+        encode_error=ApiError(
+            400, "invalid_request", "the model's chat template rejected the messages", param="messages"
+        )
+    )
     with serving(engine) as server:
-        _error(httpx.post(server.base + "/v1/chat/completions", json=chat_body(engine)), 400, "invalid_request", "messages")
+        _error(
+            httpx.post(server.base + "/v1/chat/completions", json=chat_body(engine)), 400, "invalid_request", "messages"
+        )
 
 
 def test_unexpected_exception_is_a_bare_500():
@@ -225,7 +267,13 @@ M = [{"role": "user", "content": "hi"}]
         ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"model": "m", "messages": [{"content": "hi"}]}, "messages.0.role"),
         ({"model": "m", "messages": [M[0], {"role": "user", "content": 5}]}, "messages.1.content"),
-        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content"),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            },
+            "messages.0.content",
+        ),
         ({"model": "m", "messages": [{"role": "user", "content": None}]}, "messages.0.content"),
         ({"model": "m", "messages": M, "temperature": 2.5}, "temperature"),
         ({"model": "m", "messages": M, "temperature": -0.1}, "temperature"),
@@ -250,7 +298,14 @@ M = [{"role": "user", "content": "hi"}]
         ({"model": "m", "messages": M, "tool_choice": "auto"}, "tool_choice"),
         ({"model": "m", "messages": M, "response_format": {"type": "xml"}}, "response_format.type"),
         ({"model": "m", "messages": M, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-        ({"model": "m", "messages": M, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format.json_schema.schema"),
+        (
+            {
+                "model": "m",
+                "messages": M,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+            },
+            "response_format.json_schema.schema",
+        ),
         ({"model": "m", "messages": M, "logprobs": 1}, "logprobs"),
         ({"model": "m", "messages": M, "top_logprobs": 3}, "top_logprobs"),
         ({"model": "m", "messages": M, "logprobs": False, "top_logprobs": 3}, "top_logprobs"),
@@ -290,7 +345,16 @@ def test_invalid_completion_requests_name_the_param(shared, extra, param):
 
 
 def test_unknown_fields_and_accepted_features_pass(served):
-    body = chat_body(served.engine, whatever={"deep": [1, 2]}, tool_choice="none", tools=[], response_format={"type": "text"}, n=1, user="u1", logprobs=False)
+    body = chat_body(
+        served.engine,
+        whatever={"deep": [1, 2]},
+        tool_choice="none",
+        tools=[],
+        response_format={"type": "text"},
+        n=1,
+        user="u1",
+        logprobs=False,
+    )
     assert httpx.post(served.base + "/v1/chat/completions", json=body).status_code == 200
 
 
@@ -310,19 +374,27 @@ def test_unknown_fields_and_accepted_features_pass(served):
     ],
 )
 def test_hostile_bodies(shared, raw, code):
-    response = httpx.post(shared.base + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    response = httpx.post(
+        shared.base + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
     _error(response, 400, code)
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
 def test_wrong_content_type_is_415(shared, content_type):
     headers = {"content-type": content_type} if content_type else {}
-    response = httpx.post(shared.base + "/v1/chat/completions", content=json.dumps(chat_body(shared.engine)), headers=headers)
+    response = httpx.post(
+        shared.base + "/v1/chat/completions", content=json.dumps(chat_body(shared.engine)), headers=headers
+    )
     _error(response, 415, "unsupported_media_type")
 
 
 def test_json_with_charset_is_accepted(served):
-    response = httpx.post(served.base + "/v1/chat/completions", content=json.dumps(chat_body(served.engine)), headers={"content-type": "application/json; charset=utf-8"})
+    response = httpx.post(
+        served.base + "/v1/chat/completions",
+        content=json.dumps(chat_body(served.engine)),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
     assert response.status_code == 200
 
 
@@ -346,9 +418,15 @@ def test_chunked_body_growing_past_the_cap_is_refused():
             for _ in range(6):
                 yield b" " * 1000
 
-        response = httpx.post(server.base + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+        response = httpx.post(
+            server.base + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
         _error(response, 413, "request_too_large")
-        small = httpx.post(server.base + "/v1/chat/completions", content=iter([json.dumps(chat_body(server.engine)).encode()]), headers={"content-type": "application/json"})
+        small = httpx.post(
+            server.base + "/v1/chat/completions",
+            content=iter([json.dumps(chat_body(server.engine)).encode()]),
+            headers={"content-type": "application/json"},
+        )
         assert small.status_code == 200
 
 
@@ -369,7 +447,11 @@ def test_loading_answers_503_model_not_loaded():
     engine = FakeEngine(state="loading", load_gate=gate)
     with serving(engine, load=True) as server:
         health = httpx.get(server.base + "/v1/health")
-        assert health.status_code == 503 and health.json()["status"] == "loading" and health.json()["model_loaded"] is False
+        assert (
+            health.status_code == 503
+            and health.json()["status"] == "loading"
+            and health.json()["model_loaded"] is False
+        )
         _error(httpx.get(server.base + "/v1/models"), 503, "model_not_loaded")
         _error(httpx.post(server.base + "/v1/chat/completions", json=chat_body(engine)), 503, "model_not_loaded")
         gate.set()
@@ -386,13 +468,28 @@ def test_health_body_and_counters(served):
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {
-        "status", "model", "model_loaded", "uptime_s", "requests_total", "requests_in_flight", "requests_queued",
-        "errors_total", "memory_rss_mb", "capacity", "engine", "models",
+        "status",
+        "model",
+        "model_loaded",
+        "uptime_s",
+        "requests_total",
+        "requests_in_flight",
+        "requests_queued",
+        "errors_total",
+        "memory_rss_mb",
+        "capacity",
+        "engine",
+        "models",
     }
     assert body["status"] == "ready" and body["model"] == served.engine.model_id and body["model_loaded"] is True
     assert (body["requests_total"], body["errors_total"], body["requests_in_flight"]) == (2, 1, 0)
     assert body["memory_rss_mb"] > 1 and body["uptime_s"] >= 0
-    assert body["capacity"] == {"ram_gb": body["capacity"]["ram_gb"], "max_context_tokens": 64, "max_batch": 2, "kv_bits": None}
+    assert body["capacity"] == {
+        "ram_gb": body["capacity"]["ram_gb"],
+        "max_context_tokens": 64,
+        "max_batch": 2,
+        "kv_bits": None,
+    }
     assert isinstance(body["capacity"]["ram_gb"], int) and body["capacity"]["ram_gb"] > 0
     assert body["engine"]["peak_kv_cache_bytes"] == 4096 and body["engine"]["prompt_tokens_total"] == 3
 
@@ -405,7 +502,11 @@ def test_busy_is_200_and_counts_in_flight_and_queued():
         assert engine.wait_active(2)
         health = httpx.get(server.base + "/v1/health")
         assert health.status_code == 200
-        assert health.json()["status"] == "busy" and health.json()["requests_in_flight"] == 2 and health.json()["requests_queued"] == 1
+        assert (
+            health.json()["status"] == "busy"
+            and health.json()["requests_in_flight"] == 2
+            and health.json()["requests_queued"] == 1
+        )
         engine.release_all()
         for stream, response in zip(streams, responses):
             assert sse_events(response.read().decode())[-1] == "[DONE]"
@@ -421,7 +522,9 @@ def test_metrics_is_prometheus_text(served):
     assert samples["macprovider_requests_total"] == "1"
     assert samples["macprovider_engine_generated_tokens_total"] == "11"
     assert samples["macprovider_ready"] == "1"
-    assert "# TYPE macprovider_requests_total counter" in lines and "# TYPE macprovider_requests_in_flight gauge" in lines
+    assert (
+        "# TYPE macprovider_requests_total counter" in lines and "# TYPE macprovider_requests_in_flight gauge" in lines
+    )
     for name in samples:
         base = name.split("{")[0]
         assert f"# HELP {base} " in response.text and f"# TYPE {base} " in response.text
@@ -452,12 +555,16 @@ def test_api_key_rules():
             assert httpx.get(server.base + open_path).status_code == 200
 
 
-@pytest.mark.parametrize("host", ["localhost", "localhost:8080", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:8080", "LOCALHOST:9"])
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:8080", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:8080", "LOCALHOST:9"]
+)
 def test_loopback_host_headers_are_accepted(shared, host):
     assert httpx.get(shared.base + "/v1/models", headers={"host": host}).status_code == 200
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", "localhost.evil", "10.0.0.1", "[::2]"])
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", "localhost.evil", "10.0.0.1", "[::2]"]
+)
 def test_other_host_headers_are_403_on_a_loopback_bind(shared, host):
     _error(httpx.get(shared.base + "/v1/models", headers={"host": host}), 403, "forbidden_host")
     _error(httpx.get(shared.base + "/v1/health", headers={"host": host}), 403, "forbidden_host")
@@ -481,19 +588,42 @@ def test_origin_rules_without_cors_configured(served):
 def test_configured_cors_origin_gets_headers_and_preflight():
     with serving(cors_allowed_origins=("https://app.example",), api_key="k") as server:
         url = server.base + "/v1/chat/completions"
-        preflight = httpx.options(url, headers={"origin": "https://app.example", "access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"})
+        preflight = httpx.options(
+            url,
+            headers={
+                "origin": "https://app.example",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization,content-type",
+            },
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
-        allowed = httpx.post(url, json=chat_body(server.engine), headers={"origin": "https://app.example", "authorization": "Bearer k"})
+        allowed = httpx.post(
+            url, json=chat_body(server.engine), headers={"origin": "https://app.example", "authorization": "Bearer k"}
+        )
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
-        _error(httpx.post(url, json=chat_body(server.engine), headers={"origin": "https://other.example", "authorization": "Bearer k"}), 403, "forbidden_origin")
+        _error(
+            httpx.post(
+                url,
+                json=chat_body(server.engine),
+                headers={"origin": "https://other.example", "authorization": "Bearer k"},
+            ),
+            403,
+            "forbidden_origin",
+        )
 
 
 def test_non_loopback_bind_accepts_any_host_but_not_foreign_origins():
     with serving(host="0.0.0.0", api_key="k") as server:
         ok = httpx.get(server.base + "/v1/models", headers={"host": "my-mac.local:8080", "authorization": "Bearer k"})
         assert ok.status_code == 200
-        _error(httpx.get(server.base + "/v1/models", headers={"origin": "http://localhost:3000", "authorization": "Bearer k"}), 403, "forbidden_origin")
+        _error(
+            httpx.get(
+                server.base + "/v1/models", headers={"origin": "http://localhost:3000", "authorization": "Bearer k"}
+            ),
+            403,
+            "forbidden_origin",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- disconnects

@@ -1,4 +1,4 @@
-"""The serving process around the HTTP layer (SPEC.md §3.1): background load, drain on shutdown (in-flight
+"""The serving process around the HTTP layer (docs/api.md#engine-semantics): background load, drain on shutdown (in-flight
 requests finish, new ones get 503, the rest are cancelled after drain_timeout_s), exit codes, real signals
 (SIGTERM → drain → 0; a second SIGINT exits at once), and engine death → health 503 and a non-zero exit."""
 
@@ -13,8 +13,8 @@ import sys
 import textwrap
 
 import httpx
-
 from fake_engine import FakeEngine, Script, chat_body, serving, sse_events
+
 from macprovider.errors import ModelError
 from macprovider.processes import die_with_parent
 
@@ -24,7 +24,9 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones():
     engine = FakeEngine(script=Script(hold_after=1))
     with serving(engine, drain_timeout_s=30) as server, server.http() as http:
-        with http.stream("POST", "/v1/chat/completions", json=chat_body(engine, stream=True, stream_options={"include_usage": True})) as stream:
+        with http.stream(
+            "POST", "/v1/chat/completions", json=chat_body(engine, stream=True, stream_options={"include_usage": True})
+        ) as stream:
             assert engine.wait_active(1)
             server.runtime.request_shutdown("test")
             health = httpx.get(server.base + "/v1/health")
@@ -43,7 +45,9 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones():
 def test_drain_timeout_cancels_the_rest_with_a_final_error_event():
     engine = FakeEngine(script=Script(hold_after=1))
     with serving(engine, drain_timeout_s=0.2) as server, server.http() as http:
-        with http.stream("POST", "/v1/chat/completions", json=chat_body(engine, stream=True, stream_options={"include_usage": True})) as stream:
+        with http.stream(
+            "POST", "/v1/chat/completions", json=chat_body(engine, stream=True, stream_options={"include_usage": True})
+        ) as stream:
             assert engine.wait_active(1)
             server.runtime.request_shutdown("test")
             events = sse_events(stream.read().decode())
@@ -81,7 +85,9 @@ def test_successful_load_logs_ready_with_the_url(caplog):
             assert server.engine.loaded.wait(5)
             assert httpx.get(server.base + "/v1/health").status_code == 200
         assert server.exit_code() == 0
-    assert any(r.getMessage().startswith("ready: serving fake-org/fake-model at http://127.0.0.1:") for r in caplog.records)
+    assert any(
+        r.getMessage().startswith("ready: serving fake-org/fake-model at http://127.0.0.1:") for r in caplog.records
+    )
 
 
 # ---------------------------------------------------------------------------------------------- real signals
@@ -107,13 +113,23 @@ SERVER_SCRIPT = textwrap.dedent(
 class FakeServerProcess:
     def __init__(self, hold: int | None, drain: float):
         script = SERVER_SCRIPT.format(tests=TESTS_DIR, hold=hold, drain=drain)
-        self.process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=die_with_parent(),
+        )
         line = self.process.stdout.readline()
         assert line.strip().isdigit(), self.process.stderr.read()
         self.base = f"http://127.0.0.1:{int(line)}"
 
     def open_stream(self, http: httpx.Client):
-        stream = http.stream("POST", "/v1/chat/completions", json={"model": "fake-org/fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        stream = http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": "fake-org/fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        )
         response = stream.__enter__()
         lines = response.iter_lines()
         assert '"role":"assistant"' in next(lines)
@@ -136,7 +152,7 @@ def test_sigterm_drains_cancels_after_timeout_and_exits_zero():
         rest = [line for line in lines if line]
         stream.__exit__(None, None, None)
     assert rest[-1] == "data: [DONE]"
-    assert json.loads(rest[-2][len("data: "):])["error"]["code"] == "draining"
+    assert json.loads(rest[-2][len("data: ") :])["error"]["code"] == "draining"
     code, stderr = server.finish()
     assert code == 0, stderr
     assert "SIGTERM: draining" in stderr and "Traceback" not in stderr

@@ -23,8 +23,16 @@ from macprovider import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = (
-    "model", "host", "port", "kv_bits", "max_context_override", "max_concurrency_override",
-    "max_request_body_bytes", "log_level", "api_key_file", "drain_timeout_s",
+    "model",
+    "host",
+    "port",
+    "kv_bits",
+    "max_context_override",
+    "max_concurrency_override",
+    "max_request_body_bytes",
+    "log_level",
+    "api_key_file",
+    "drain_timeout_s",
 )
 
 
@@ -39,7 +47,11 @@ def checkout_copy(tmp_path: Path) -> Path:
 
 
 def environment(tmp_path: Path, extra_path: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MACPROVIDER_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MACPROVIDER_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")
+    }
     env.update(
         HOME=str(tmp_path / "home"),
         XDG_DATA_HOME=str(tmp_path / "data"),
@@ -57,7 +69,11 @@ def environment(tmp_path: Path, extra_path: Path | None = None) -> dict[str, str
 def install_sh(src: Path, env: dict[str, str], *args: str, timeout: int = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(src / "install.sh"), *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=env["HOME"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=env["HOME"],
     )
 
 
@@ -79,7 +95,10 @@ def test_install_sh_fresh_home_then_second_run_changes_nothing(tmp_path):
     assert (venv / "pyvenv.cfg").is_file() and (venv / "bin" / "python").exists()
     location = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import macprovider; print(macprovider.__file__)"],
-        capture_output=True, text=True, env=env, cwd=tmp_path / "home",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path / "home",
     ).stdout
     assert location.startswith(str(venv)), location  # installed into the venv, not borrowed from elsewhere
 
@@ -133,7 +152,13 @@ def test_install_sh_unsupported_platform(tmp_path):
 
 def test_install_sh_missing_python(tmp_path):
     result = install_sh(
-        REPO, environment(tmp_path), "--no-service", "--allow-root", "--python", str(tmp_path / "no-python3"), timeout=30
+        REPO,
+        environment(tmp_path),
+        "--no-service",
+        "--allow-root",
+        "--python",
+        str(tmp_path / "no-python3"),
+        timeout=30,
     )
     assert result.returncode == 4
     assert "is not a python >= 3.11" in result.stderr

@@ -26,8 +26,18 @@ class Boom(RuntimeError):
 
 @pytest.fixture
 def engine(tiny_model):
-    made = Engine(plan_serve(cfg.resolve({"model": tiny_model, "max_context_override": 512,
-                                          "max_concurrency_override": 4, "prompt_cache_bytes": 0})))
+    made = Engine(
+        plan_serve(
+            cfg.resolve(
+                {
+                    "model": tiny_model,
+                    "max_context_override": 512,
+                    "max_concurrency_override": 4,
+                    "prompt_cache_bytes": 0,
+                }
+            )
+        )
+    )
     made.load()
     yield made
     made.close()
@@ -40,6 +50,7 @@ def requests(engine: Engine) -> list[GenerationRequest]:
 
 async def run(engine: Engine, batch: list[GenerationRequest]) -> list[tuple[str, object]]:
     """(text, final chunk) of each request, all submitted together."""
+
     async def one(request: GenerationRequest):
         chunks = [chunk async for chunk in engine.submit(request)]
         return "".join(c.text for c in chunks), chunks[-1]
@@ -77,8 +88,9 @@ def test_a_raising_logits_processor_fails_only_its_own_sequence(engine, monkeypa
         return logits
 
     original = Engine._logits_processors
-    monkeypatch.setattr(Engine, "_logits_processors",
-                        staticmethod(lambda r: [processor] if r.presence_penalty == MARK else original(r)))
+    monkeypatch.setattr(
+        Engine, "_logits_processors", staticmethod(lambda r: [processor] if r.presence_penalty == MARK else original(r))
+    )
     batch = requests(engine)
     batch[1] = hostile(batch[1])
     together = asyncio.run(run(engine, batch))
@@ -95,6 +107,7 @@ def test_a_raising_sampler_fails_only_its_own_sequence(engine, monkeypatch):
 
         def sample(logprobs):
             raise Boom("sampler exploded for this request only")
+
         return sample
 
     monkeypatch.setattr(Engine, "_sampler", sampler_for)
@@ -130,8 +143,10 @@ def test_top_k_at_or_above_the_vocabulary_means_no_truncation(engine, seed):
     base = requests(engine)[0]
     import dataclasses
 
-    batch = [dataclasses.replace(base, temperature=1.0, top_k=k, seed=seed, max_tokens=4)
-             for k in (engine.vocab_size - 1, engine.vocab_size, engine.vocab_size + 1, 2**31)]
+    batch = [
+        dataclasses.replace(base, temperature=1.0, top_k=k, seed=seed, max_tokens=4)
+        for k in (engine.vocab_size - 1, engine.vocab_size, engine.vocab_size + 1, 2**31)
+    ]
     results = asyncio.run(run(engine, batch))
     assert all(final.finish_reason in ("stop", "length") for _, final in results), results
     assert engine.is_alive()

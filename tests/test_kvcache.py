@@ -23,7 +23,9 @@ def _pair(length: int, seed: int, bits: int = 8) -> tuple[QuantizedKVCache, KVCa
     quantized = QuantizedKVCache(group_size=64, bits=bits)
     quantized.update_and_fetch(keys, values)
     reference = KVCache()
-    reference.update_and_fetch(_dequantize(quantized.keys, bits)[..., :length, :], _dequantize(quantized.values, bits)[..., :length, :])
+    reference.update_and_fetch(
+        _dequantize(quantized.keys, bits)[..., :length, :], _dequantize(quantized.values, bits)[..., :length, :]
+    )
     return quantized, reference
 
 

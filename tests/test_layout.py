@@ -1,4 +1,4 @@
-"""The package layout keeps its dependency directions (issue "Layout: one subpackage per family").
+"""The package layout keeps its dependency directions (docs/architecture.md#import-contracts).
 
 The contracts live in pyproject.toml (`[tool.importlinter]`): cli -> commands -> serve | autotune |
 service -> engine -> models; serve never imports the engine's MLX modules; autotune never imports the
@@ -20,8 +20,16 @@ HEAVY = ("mlx", "mlx_lm")
 
 def test_import_contracts_hold():
     result = subprocess.run(
-        [sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()", "--no-cache"],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-c",
+            "from importlinter.cli import lint_imports_command; lint_imports_command()",
+            "--no-cache",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout, result.stdout
@@ -34,10 +42,20 @@ def test_a_broken_direction_is_caught(tmp_path):
     shutil.copytree(REPO / "macprovider", tmp_path / "macprovider", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     app = tmp_path / "macprovider" / "serve" / "app.py"
-    app.write_text(app.read_text() + "\n\ndef _bad():\n    from macprovider.engine.engine import Engine  # noqa: F401\n")
+    app.write_text(
+        app.read_text() + "\n\ndef _bad():\n    from macprovider.engine.engine import Engine  # noqa: F401\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, '.'); from importlinter.cli import lint_imports_command; lint_imports_command()", "--no-cache"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, '.'); from importlinter.cli import lint_imports_command; lint_imports_command()",
+            "--no-cache",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode != 0
     assert "macprovider.serve.app -> macprovider.engine.engine" in result.stdout, result.stdout
@@ -55,9 +73,10 @@ def test_serving_http_loads_no_mlx():
         with serving(engine) as served, served.http() as http:
             reply = http.post("/v1/chat/completions", json=body)
         print("STATUS", reply.status_code)
-        print("HEAVY", sorted(m for m in sys.modules if m.split(".")[0] in %r))
-        """ % (HEAVY,)
+        print("HEAVY", sorted(m for m in sys.modules if m.split(".")[0] in HEAVY))
+        """
     )
+    code = f"HEAVY = {HEAVY!r}\n" + code
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "STATUS 200" in result.stdout, result.stdout + result.stderr
     assert "HEAVY []" in result.stdout, result.stdout

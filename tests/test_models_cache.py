@@ -158,7 +158,10 @@ def pull(repo_id: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **env}
     return subprocess.run(
         [sys.executable, "-m", "macprovider", "models", "pull", repo_id],
-        capture_output=True, text=True, env=full, timeout=60,
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=60,
     )
 
 

@@ -1,4 +1,4 @@
-"""The real-model tier (SPEC.md §8, §9): SmolLM2-135M-Instruct imported by our importer (`real_model`
+"""The real-model tier (docs/architecture.md#tests): SmolLM2-135M-Instruct imported by our importer (`real_model`
 fixture), served by `macprovider serve` and judged against outside oracles — mlx-lm's own greedy generation
 on the same directory, `jsonschema`, the model's own tokenizer. Kept short: 16 generated tokens a request."""
 
@@ -25,7 +25,9 @@ QUESTIONS = [
 
 @pytest.fixture(scope="session")
 def real_server(real_model, hf_home, tmp_path_factory):
-    server = ServeProcess(real_model, hf_home, tmp_path_factory.mktemp("real-serve-home"), "--max-batch", "4", "--max-context", "1024")
+    server = ServeProcess(
+        real_model, hf_home, tmp_path_factory.mktemp("real-serve-home"), "--max-batch", "4", "--max-context", "1024"
+    )
     try:
         server.wait_ready(timeout=300)
         yield server
@@ -54,7 +56,9 @@ def oracle_greedy(oracle, question: str, max_tokens: int = MAX_TOKENS) -> tuple[
     model, tokenizer = oracle
     prompt = tokenizer.apply_chat_template(messages(question), add_generation_prompt=True)
     generated = []
-    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, axis=-1)):
+    for token, _ in generate_step(
+        mx.array(prompt), model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, axis=-1)
+    ):
         token = int(token)
         if token in tokenizer.eos_token_ids:
             break
@@ -117,7 +121,9 @@ def test_streaming_equals_non_streaming_byte_for_byte_with_emoji_and_cjk(real_se
     full = client.completions.create(model=real_server.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
     streamed = "".join(
         chunk.choices[0].text
-        for chunk in client.completions.create(model=real_server.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        for chunk in client.completions.create(
+            model=real_server.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
         if chunk.choices
     )
     text = full.choices[0].text
@@ -163,7 +169,8 @@ def test_kv_bits_next_token_kl_divergence_is_bounded(oracle):
 
     model, tokenizer = oracle
     prompt = tokenizer.apply_chat_template(
-        messages("Write a short paragraph about why the sea is salty, and what lives in it."), add_generation_prompt=True
+        messages("Write a short paragraph about why the sea is salty, and what lives in it."),
+        add_generation_prompt=True,
     )
     tokens = mx.array([prompt])
 
@@ -187,7 +194,11 @@ def test_forced_tool_call_round_trip_on_real_weights(real_tools_server):
 
     client, model = real_tools_server.client(), real_tools_server.model
     first = client.chat.completions.create(
-        model=model, messages=ASK, tools=[WEATHER, TIME], max_tokens=48, temperature=0,
+        model=model,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        max_tokens=48,
+        temperature=0,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     choice = first.choices[0]
@@ -199,7 +210,9 @@ def test_forced_tool_call_round_trip_on_real_weights(real_tools_server):
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 18, "sky": "sunny"})},
     ]
-    answer = client.chat.completions.create(model=model, messages=history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=MAX_TOKENS, temperature=0)
+    answer = client.chat.completions.create(
+        model=model, messages=history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=MAX_TOKENS, temperature=0
+    )
     text = answer.choices[0].message.content
     assert text and "<tool_call>" not in text
 
@@ -215,22 +228,41 @@ def test_responses_api_on_real_weights(real_server):
     """`responses.create` answers the demo question; the stream carries the same text; a continuation by
     `previous_response_id` sees the first turn (its prompt grows by it)."""
     client = real_server.client()
-    first = client.responses.create(model=real_server.model, input="What is the capital of France?", max_output_tokens=MAX_TOKENS, temperature=0)
+    first = client.responses.create(
+        model=real_server.model, input="What is the capital of France?", max_output_tokens=MAX_TOKENS, temperature=0
+    )
     assert "Paris" in first.output_text
-    events = list(client.responses.create(model=real_server.model, input="What is the capital of France?", max_output_tokens=MAX_TOKENS,
-                                          temperature=0, stream=True))
+    events = list(
+        client.responses.create(
+            model=real_server.model,
+            input="What is the capital of France?",
+            max_output_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+        )
+    )
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == first.output_text
     assert events[-1].type in ("response.completed", "response.incomplete")
-    second = client.responses.create(model=real_server.model, previous_response_id=first.id, input="And of Italy?", max_output_tokens=MAX_TOKENS, temperature=0)
+    second = client.responses.create(
+        model=real_server.model,
+        previous_response_id=first.id,
+        input="And of Italy?",
+        max_output_tokens=MAX_TOKENS,
+        temperature=0,
+    )
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
 
 
 def test_anthropic_messages_on_real_weights(real_server):
     client = anthropic_client(real_server)
     ask = [{"role": "user", "content": "What is the capital of France?"}]
-    message = client.messages.create(model=real_server.model, max_tokens=MAX_TOKENS, messages=ask, extra_body={"temperature": 0})
+    message = client.messages.create(
+        model=real_server.model, max_tokens=MAX_TOKENS, messages=ask, extra_body={"temperature": 0}
+    )
     assert "Paris" in message.content[0].text and message.stop_reason in ("end_turn", "max_tokens")
-    with client.messages.stream(model=real_server.model, max_tokens=MAX_TOKENS, messages=ask, extra_body={"temperature": 0}) as stream:
+    with client.messages.stream(
+        model=real_server.model, max_tokens=MAX_TOKENS, messages=ask, extra_body={"temperature": 0}
+    ) as stream:
         streamed = "".join(stream.text_stream)
     assert streamed == message.content[0].text
 
@@ -241,26 +273,67 @@ def test_responses_and_anthropic_tool_round_trips_on_real_weights(real_tools_ser
     server = real_tools_server
     client = server.client()
     tool = {"type": "function", **WEATHER["function"]}
-    first = client.responses.create(model=server.model, input=ASK[0]["content"], tools=[tool], tool_choice={"type": "function", "name": "get_weather"},
-                                    max_output_tokens=48, temperature=0)
+    first = client.responses.create(
+        model=server.model,
+        input=ASK[0]["content"],
+        tools=[tool],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=48,
+        temperature=0,
+    )
     [call] = first.output
     assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
-    answer = client.responses.create(model=server.model, previous_response_id=first.id, tools=[tool], tool_choice="none", temperature=0,
-                                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temp_c": 18, "sky": "sunny"})}],
-                                     max_output_tokens=MAX_TOKENS)
+    answer = client.responses.create(
+        model=server.model,
+        previous_response_id=first.id,
+        tools=[tool],
+        tool_choice="none",
+        temperature=0,
+        input=[
+            {
+                "type": "function_call_output",
+                "call_id": call.call_id,
+                "output": json.dumps({"temp_c": 18, "sky": "sunny"}),
+            }
+        ],
+        max_output_tokens=MAX_TOKENS,
+    )
     assert answer.output_text and "<tool_call>" not in answer.output_text
 
-    anthropic_tool = {"name": "get_weather", "description": WEATHER["function"]["description"], "input_schema": WEATHER["function"]["parameters"]}
+    anthropic_tool = {
+        "name": "get_weather",
+        "description": WEATHER["function"]["description"],
+        "input_schema": WEATHER["function"]["parameters"],
+    }
     messages = anthropic_client(server)
-    use_message = messages.messages.create(model=server.model, max_tokens=48, messages=ASK, tools=[anthropic_tool],
-                                           tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    use_message = messages.messages.create(
+        model=server.model,
+        max_tokens=48,
+        messages=ASK,
+        tools=[anthropic_tool],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body={"temperature": 0},
+    )
     assert use_message.stop_reason == "tool_use"
     [use] = use_message.content
     assert use.type == "tool_use" and use.input == {"city": "Paris"}
-    history = ASK + [{"role": "assistant", "content": [use.model_dump()]},
-                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": json.dumps({"temp_c": 18, "sky": "sunny"})}]}]
-    reply = messages.messages.create(model=server.model, max_tokens=MAX_TOKENS, messages=history, tools=[anthropic_tool],
-                                     tool_choice={"type": "none"}, extra_body={"temperature": 0})
+    history = ASK + [
+        {"role": "assistant", "content": [use.model_dump()]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": use.id, "content": json.dumps({"temp_c": 18, "sky": "sunny"})}
+            ],
+        },
+    ]
+    reply = messages.messages.create(
+        model=server.model,
+        max_tokens=MAX_TOKENS,
+        messages=history,
+        tools=[anthropic_tool],
+        tool_choice={"type": "none"},
+        extra_body={"temperature": 0},
+    )
     assert reply.content[0].type == "text" and reply.content[0].text and "<tool_call>" not in reply.content[0].text
 
 
@@ -270,14 +343,26 @@ def test_quantized_float32_weights_answer_as_the_dequantized_ones_in_a_fraction_
     """The Q4_1 checkpoint served with its scales in float32 (`--weights-dtype quantized-float32`, what `auto`
     picks on MLX's CPU backend when the float32 copy does not fit) gives the same greedy text as the
     float32-dequantized import of the same GGUF: the same weight values, computed in float32 both ways."""
-    server = ServeProcess(real_q4_model, hf_home, tmp_path_factory.mktemp("q4-home"), "--weights-dtype", "quantized-float32",
-                          "--max-context", "512", "--log-level", "info")
+    server = ServeProcess(
+        real_q4_model,
+        hf_home,
+        tmp_path_factory.mktemp("q4-home"),
+        "--weights-dtype",
+        "quantized-float32",
+        "--max-context",
+        "512",
+        "--log-level",
+        "info",
+    )
     try:
         server.wait_ready(timeout=300)
         assert "weights=quantized-float32" in server.stderr()
         question = [{"role": "user", "content": "What is the capital of France?"}]
         answers = [
-            s.client().chat.completions.create(model=s.model, messages=question, max_tokens=8, temperature=0).choices[0].message.content
+            s.client()
+            .chat.completions.create(model=s.model, messages=question, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
             for s in (server, real_server)
         ]
         assert answers[0] == answers[1] and "Paris" in answers[0]

@@ -9,20 +9,26 @@ import json
 import httpx
 import openai
 import pytest
-
 from fake_engine import JSON_TOOL_MARKUP, FakeEngine, Script, serving
-from macprovider.errors import ApiError
-from macprovider.serve.responses_api import ResponseStore
 from openapi_schemas import check
 
+from macprovider.errors import ApiError
+from macprovider.serve.responses_api import ResponseStore
+
 MODEL = "fake-org/fake-model"
-WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 CALL = ("<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', "</tool_call>")
 
 
 def client_for(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=10, _strict_response_validation=True)
+    return openai.OpenAI(
+        base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=10, _strict_response_validation=True
+    )
 
 
 def sse_typed(text: str) -> list[dict]:
@@ -31,8 +37,8 @@ def sse_typed(text: str) -> list[dict]:
     for block in text.strip("\n").split("\n\n"):
         head, data = block.split("\n", 1)
         assert head.startswith("event: ") and data.startswith("data: "), block
-        payload = json.loads(data[len("data: "):])
-        assert payload["type"] == head[len("event: "):]
+        payload = json.loads(data[len("data: ") :])
+        assert payload["type"] == head[len("event: ") :]
         events.append(payload)
     return events
 
@@ -45,11 +51,16 @@ def served():
 
 def test_text_response_with_the_sdk(served):
     client = client_for(served)
-    result = client.responses.create(model=MODEL, input="hi there", instructions="be brief", max_output_tokens=50, temperature=0.5, top_p=0.9)
+    result = client.responses.create(
+        model=MODEL, input="hi there", instructions="be brief", max_output_tokens=50, temperature=0.5, top_p=0.9
+    )
     assert result.id.startswith("resp_") and result.object == "response" and result.status == "completed"
     assert result.output_text == "Hello, world"
     assert result.usage.input_tokens == 3 + 3 and result.usage.output_tokens == 4 and result.usage.total_tokens == 10
-    assert served.engine.encoded[-1] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    assert served.engine.encoded[-1] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi there"},
+    ]
     request = served.engine.submitted[-1]
     assert (request.max_tokens, request.temperature, request.top_p) == (50, 0.5, 0.9)
     raw = httpx.get(served.base + f"/v1/responses/{result.id}").json()
@@ -60,13 +71,20 @@ def test_text_response_with_the_sdk(served):
 def test_items_input_with_developer_and_history(served):
     items = [
         {"role": "developer", "content": "terse"},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]},
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}],
+        },
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
         {"role": "user", "content": "again"},
     ]
     client_for(served).responses.create(model=MODEL, input=items)
     assert served.engine.encoded[-1] == [
-        {"role": "system", "content": "terse"}, {"role": "user", "content": "ab"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}
+        {"role": "system", "content": "terse"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "again"},
     ]
 
 
@@ -79,9 +97,17 @@ def test_stream_events_in_order_with_sequence_numbers(served):
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     kinds = [e["type"] for e in events]
     assert kinds == [
-        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
-        "response.output_text.delta", "response.output_text.delta", "response.output_text.delta",
-        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed",
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
     ]
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello, world"
     final = events[-1]["response"]
@@ -96,7 +122,11 @@ def test_max_output_tokens_is_incomplete(served):
     result = client_for(served).responses.create(model=MODEL, input="hi", max_output_tokens=2)
     assert result.status == "incomplete" and result.incomplete_details.reason == "max_output_tokens"
     assert result.output_text == "Hello,"
-    events = sse_typed(httpx.post(served.base + "/v1/responses", json={"model": MODEL, "input": "hi", "stream": True, "max_output_tokens": 2}).text)
+    events = sse_typed(
+        httpx.post(
+            served.base + "/v1/responses", json={"model": MODEL, "input": "hi", "stream": True, "max_output_tokens": 2}
+        ).text
+    )
     assert events[-1]["type"] == "response.incomplete"
     check("ResponseStreamEvent", events[-1])
 
@@ -106,39 +136,63 @@ def test_function_tool_round_trip_and_previous_response_id():
         client = client_for(server)
         first = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER], tool_choice="required")
         [call] = first.output
-        assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
-        assert server.engine.encoded_tools[-1] == [{"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}]
+        assert (
+            call.type == "function_call"
+            and call.name == "get_weather"
+            and json.loads(call.arguments) == {"city": "Paris"}
+        )
+        assert server.engine.encoded_tools[-1] == [
+            {"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}
+        ]
         assert server.engine.submitted[-1].grammar is not None  # required: forced by constrained decoding
         check("Response", httpx.get(server.base + f"/v1/responses/{first.id}").json())
 
         server.engine.script = Script(chunks=("It is sunny.",))
         second = client.responses.create(
-            model=MODEL, previous_response_id=first.id, tools=[WEATHER],
+            model=MODEL,
+            previous_response_id=first.id,
+            tools=[WEATHER],
             input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
         )
         assert second.output_text == "It is sunny." and second.previous_response_id == first.id
         conversation = server.engine.encoded[-1]
         assert conversation[0] == {"role": "user", "content": "Weather in Paris?"}
         assert conversation[1]["role"] == "assistant"
-        assert conversation[1]["tool_calls"] == [{"id": call.call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+        assert conversation[1]["tool_calls"] == [
+            {
+                "id": call.call_id,
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            }
+        ]
         assert conversation[2] == {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}
 
         # the same round trip stated statelessly, with the call as an input item
-        stateless = [{"role": "user", "content": "Weather in Paris?"}, {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
-                     {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+        stateless = [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        ]
         client.responses.create(model=MODEL, input=stateless, tools=[WEATHER], store=False)
         assert server.engine.encoded[-1][1]["tool_calls"][0]["id"] == "c1"
 
 
 def test_function_call_stream_events():
     with serving(FakeEngine(script=Script(chunks=("Checking. ",) + CALL), tool_markup=JSON_TOOL_MARKUP)) as server:
-        events = sse_typed(httpx.post(server.base + "/v1/responses", json={"model": MODEL, "input": "w?", "tools": [WEATHER], "stream": True}).text)
+        events = sse_typed(
+            httpx.post(
+                server.base + "/v1/responses", json={"model": MODEL, "input": "w?", "tools": [WEATHER], "stream": True}
+            ).text
+        )
         for event in events:
             check("ResponseStreamEvent", event)
         kinds = [e["type"] for e in events]
-        assert kinds[kinds.index("response.output_item.done") + 1:] == [
-            "response.output_item.added", "response.function_call_arguments.delta", "response.function_call_arguments.done",
-            "response.output_item.done", "response.completed",
+        assert kinds[kinds.index("response.output_item.done") + 1 :] == [
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed",
         ]
         done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
         assert json.loads(done["arguments"]) == {"city": "Paris"} and done["output_index"] == 1
@@ -146,11 +200,18 @@ def test_function_call_stream_events():
 
 
 def test_structured_output_sets_the_grammar(served):
-    fmt = {"type": "json_schema", "name": "city", "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    fmt = {
+        "type": "json_schema",
+        "name": "city",
+        "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
     result = client_for(served).responses.create(model=MODEL, input="city?", text={"format": fmt})
     assert served.engine.submitted[-1].grammar is not None
     assert result.text.format.type == "json_schema"
-    bad = httpx.post(served.base + "/v1/responses", json={"model": MODEL, "input": "x", "text": {"format": {"type": "json_schema", "name": "n", "schema": 3}}})
+    bad = httpx.post(
+        served.base + "/v1/responses",
+        json={"model": MODEL, "input": "x", "text": {"format": {"type": "json_schema", "name": "n", "schema": 3}}},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "text.format"
 
 
@@ -160,7 +221,10 @@ def test_get_delete_and_missing_ids(served):
     assert client.responses.retrieve(result.id).output_text == "Hello, world"
     deleted = httpx.delete(served.base + f"/v1/responses/{result.id}")
     assert deleted.json() == {"id": result.id, "object": "response", "deleted": True}
-    for response in (httpx.get(served.base + f"/v1/responses/{result.id}"), httpx.delete(served.base + f"/v1/responses/{result.id}")):
+    for response in (
+        httpx.get(served.base + f"/v1/responses/{result.id}"),
+        httpx.delete(served.base + f"/v1/responses/{result.id}"),
+    ):
         assert response.status_code == 404
         check("ErrorResponse", response.json())
         assert response.json()["error"]["code"] == "response_not_found"
@@ -200,7 +264,11 @@ def test_bad_requests_name_the_parameter(served, extra, param):
 def test_other_model_and_hostile_bodies(served):
     other = httpx.post(served.base + "/v1/responses", json={"model": "other", "input": "hi"})
     assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
-    for raw, code in ((b"{", "invalid_json"), (b"[]", "invalid_request"), (b'{"model": "' + MODEL.encode() + b'"}', "invalid_request")):
+    for raw, code in (
+        (b"{", "invalid_json"),
+        (b"[]", "invalid_request"),
+        (b'{"model": "' + MODEL.encode() + b'"}', "invalid_request"),
+    ):
         response = httpx.post(served.base + "/v1/responses", content=raw, headers={"content-type": "application/json"})
         assert response.status_code == 400 and response.json()["error"]["code"] == code
         check("ErrorResponse", response.json())
@@ -208,7 +276,9 @@ def test_other_model_and_hostile_bodies(served):
 
 def test_engine_error_mid_stream_is_response_failed():
     with serving(FakeEngine(script=Script(error="boom"))) as server:
-        events = sse_typed(httpx.post(server.base + "/v1/responses", json={"model": MODEL, "input": "hi", "stream": True}).text)
+        events = sse_typed(
+            httpx.post(server.base + "/v1/responses", json={"model": MODEL, "input": "hi", "stream": True}).text
+        )
         assert events[-1]["type"] == "response.failed"
         assert events[-1]["response"]["error"]["message"] == "boom"
         for event in events:
@@ -235,18 +305,34 @@ def test_store_is_bounded_by_count_and_bytes():
 def test_parallel_tool_calls_false_keeps_the_first_call_on_chat_and_responses():
     # OpenAI's `parallel_tool_calls: false`, through the same core as Anthropic's disable_parallel_tool_use.
     second = ("<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n', "</tool_call>")
-    chat_tool = {"type": "function", "function": {"name": WEATHER["name"], "description": WEATHER["description"], "parameters": WEATHER["parameters"]}}
+    chat_tool = {
+        "type": "function",
+        "function": {
+            "name": WEATHER["name"],
+            "description": WEATHER["description"],
+            "parameters": WEATHER["parameters"],
+        },
+    }
     ask = [{"role": "user", "content": "Weather in Paris and Rome?"}]
     with serving(FakeEngine(script=Script(chunks=CALL + second), tool_markup=JSON_TOOL_MARKUP)) as server:
         client = client_for(server)
         both = client.chat.completions.create(model=MODEL, messages=ask, tools=[chat_tool])
-        assert [json.loads(c.function.arguments)["city"] for c in both.choices[0].message.tool_calls] == ["Paris", "Rome"]
+        assert [json.loads(c.function.arguments)["city"] for c in both.choices[0].message.tool_calls] == [
+            "Paris",
+            "Rome",
+        ]
         one = client.chat.completions.create(model=MODEL, messages=ask, tools=[chat_tool], parallel_tool_calls=False)
         assert [json.loads(c.function.arguments)["city"] for c in one.choices[0].message.tool_calls] == ["Paris"]
         assert one.choices[0].finish_reason == "tool_calls"
-        chunks = list(client.chat.completions.create(model=MODEL, messages=ask, tools=[chat_tool], parallel_tool_calls=False, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=ask, tools=[chat_tool], parallel_tool_calls=False, stream=True
+            )
+        )
         streamed = [part for chunk in chunks if chunk.choices for part in chunk.choices[0].delta.tool_calls or []]
         assert {part.index for part in streamed} == {0}
-        response = client.responses.create(model=MODEL, input=ask[0]["content"], tools=[WEATHER], parallel_tool_calls=False)
+        response = client.responses.create(
+            model=MODEL, input=ask[0]["content"], tools=[WEATHER], parallel_tool_calls=False
+        )
         calls = [item for item in response.output if item.type == "function_call"]
         assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris"] and response.parallel_tool_calls is False

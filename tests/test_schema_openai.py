@@ -1,4 +1,4 @@
-"""The schema tier for the OpenAI routes (SPEC.md §3.3): every body and every stream chunk `serve` produces
+"""The schema tier for the OpenAI routes (docs/api.md#chat-completions): every body and every stream chunk `serve` produces
 validates against its component schema in OpenAI's published OpenAPI document, and the official `openai`
 SDK accepts it with `_strict_response_validation=True`. Fake engine, real sockets."""
 
@@ -10,18 +10,37 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
 from fake_engine import JSON_TOOL_MARKUP, FakeEngine, Script, chat_body, serving, sse_events
 from openapi_schemas import check
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 CALL = ("<tool_call>", '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', "</tool_call>")
-CUT_CALL = ("<tool_call>", '\n{"name": "get_weather", ', '"arguments": {"city": "Pa', 'ris"}}\n', "</tool_call>")  # max_tokens 3 cuts it
-JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CUT_CALL = (
+    "<tool_call>",
+    '\n{"name": "get_weather", ',
+    '"arguments": {"city": "Pa',
+    'ris"}}\n',
+    "</tool_call>",
+)  # max_tokens 3 cuts it
+JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "city",
+        "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 def strict_client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=10, _strict_response_validation=True)
+    return openai.OpenAI(
+        base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=10, _strict_response_validation=True
+    )
 
 
 def chunks_of(response: httpx.Response) -> list[dict[str, Any]]:
@@ -33,9 +52,15 @@ def chunks_of(response: httpx.Response) -> list[dict[str, Any]]:
 
 CHAT_CASES = {
     "plain": (Script(), {}),
-    "logprobs": (Script(chunks=("Hi", "\ufffd", "!"), token_bytes={"\ufffd": b"\xf0\x9f"}), {"logprobs": True, "top_logprobs": 2}),
+    "logprobs": (
+        Script(chunks=("Hi", "\ufffd", "!"), token_bytes={"\ufffd": b"\xf0\x9f"}),
+        {"logprobs": True, "top_logprobs": 2},
+    ),
     "tools": (Script(chunks=("Let me look. ",) + CALL), {"tools": [WEATHER]}),
-    "forced tool cut by max_tokens": (Script(chunks=CUT_CALL), {"tools": [WEATHER], "tool_choice": "required", "max_tokens": 3}),
+    "forced tool cut by max_tokens": (
+        Script(chunks=CUT_CALL),
+        {"tools": [WEATHER], "tool_choice": "required", "max_tokens": 3},
+    ),
     "structured output": (Script(chunks=('{"city"', ': "Paris"}')), {"response_format": JSON_SCHEMA}),
     "json_object": (Script(chunks=("{}",)), {"response_format": {"type": "json_object"}}),
     "length": (Script(), {"max_tokens": 2}),
@@ -52,8 +77,12 @@ def test_chat_bodies_and_chunks_match_the_schema(case):
         check("CreateChatCompletionResponse", body)
         assert body["choices"][0]["message"]["refusal"] is None
         for options in (None, {"include_usage": True}):
-            stream_extra = dict(extra, stream=True) if options is None else dict(extra, stream=True, stream_options=options)
-            chunks = chunks_of(httpx.post(server.base + "/v1/chat/completions", json=chat_body(server.engine, **stream_extra)))
+            stream_extra = (
+                dict(extra, stream=True) if options is None else dict(extra, stream=True, stream_options=options)
+            )
+            chunks = chunks_of(
+                httpx.post(server.base + "/v1/chat/completions", json=chat_body(server.engine, **stream_extra))
+            )
             for chunk in chunks:
                 check("CreateChatCompletionStreamResponse", chunk)
             assert (chunks[-1]["choices"] == []) == (options is not None)
@@ -63,7 +92,15 @@ def test_chat_bodies_and_chunks_match_the_schema(case):
         sdk_extra = {key: value for key, value in extra.items()}
         reply = client.chat.completions.create(model=server.engine.model_id, messages=messages, **sdk_extra)
         assert reply.choices[0].finish_reason == body["choices"][0]["finish_reason"]
-        streamed = list(client.chat.completions.create(model=server.engine.model_id, messages=messages, stream=True, stream_options={"include_usage": True}, **sdk_extra))
+        streamed = list(
+            client.chat.completions.create(
+                model=server.engine.model_id,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **sdk_extra,
+            )
+        )
         assert streamed[-1].usage is not None and streamed[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
@@ -115,7 +152,9 @@ def test_completions_bodies_and_chunks_match_the_schema():
             assert response.status_code == 200, response.text
             check("CreateCompletionResponse", response.json())
             for options in (None, {"include_usage": True}):
-                stream_extra = dict(extra, stream=True) if options is None else dict(extra, stream=True, stream_options=options)
+                stream_extra = (
+                    dict(extra, stream=True) if options is None else dict(extra, stream=True, stream_options=options)
+                )
                 chunks = chunks_of(httpx.post(server.base + "/v1/completions", json=dict(base, **stream_extra)))
                 for chunk in chunks:
                     check("CreateCompletionResponse", completion_chunk_as_body(chunk, last=chunk is chunks[-1]))
@@ -125,7 +164,9 @@ def test_completions_bodies_and_chunks_match_the_schema():
         # Streamed legacy completions carry `finish_reason: null` until the last chunk, as OpenAI's own do; the
         # SDK's strict mode (typed for bodies) refuses that null, so the stream replays in its default mode.
         loose = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=10)
-        texts = [c.choices[0].text for c in loose.completions.create(model=server.engine.model_id, prompt="a b", stream=True)]
+        texts = [
+            c.choices[0].text for c in loose.completions.create(model=server.engine.model_id, prompt="a b", stream=True)
+        ]
         assert texts == ["Hello", ",", " world", ""]
 
 
@@ -159,7 +200,12 @@ def test_developer_role_is_the_system_prompt():
     [
         ("POST", "/v1/chat/completions", {"model": "m"}, 400),
         ("POST", "/v1/chat/completions", {"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404),
-        ("POST", "/v1/chat/completions", {"model": "fake-org/fake-model", "messages": [{"role": "user", "content": "x " * 100}]}, 413),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "fake-org/fake-model", "messages": [{"role": "user", "content": "x " * 100}]},
+            413,
+        ),
         ("POST", "/v1/completions", {"model": "fake-org/fake-model", "prompt": 3}, 400),
         ("GET", "/v1/nowhere", None, 404),
         ("DELETE", "/v1/models", None, 405),
@@ -187,5 +233,10 @@ def test_tool_call_stream_reassembles_to_the_non_streamed_call():
         whole = client.chat.completions.create(**kwargs)
         assert whole.choices[0].finish_reason == "tool_calls"
         assert json.loads(whole.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
-        names = [d.function.name for c in client.chat.completions.create(stream=True, **kwargs) for d in (c.choices[0].delta.tool_calls or []) if d.function.name]
+        names = [
+            d.function.name
+            for c in client.chat.completions.create(stream=True, **kwargs)
+            for d in (c.choices[0].delta.tool_calls or [])
+            if d.function.name
+        ]
         assert names == ["get_weather"]

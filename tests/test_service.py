@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from macprovider.service import spec as service
 from macprovider.cli import app
+from macprovider.service import spec as service
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL = "live.streamvc.macprovider"
@@ -156,8 +156,11 @@ def test_print_systemd_unit(config, monkeypatch):
 
 def test_systemd_quoting_of_paths_with_spaces_and_percent():
     spec = service.build_spec(
-        python="/opt/my env/bin/python", config_path="/home/u/100%/config.yaml", home="/home/u",
-        drain_timeout_s=30, environment={"HF_HOME": "/data/hf cache"},
+        python="/opt/my env/bin/python",
+        config_path="/home/u/100%/config.yaml",
+        home="/home/u",
+        drain_timeout_s=30,
+        environment={"HF_HOME": "/data/hf cache"},
     )
     unit = service.render_systemd_unit(spec)
     assert 'ExecStart="/opt/my env/bin/python" -m macprovider serve --config /home/u/100%%/config.yaml' in unit
@@ -375,7 +378,11 @@ def test_systemd_start_stop_restart_status(fakes, config):
     fakes.log.unlink()
     for command in ("start", "stop", "restart"):
         assert cli("service", command, "--manager", "systemd").exit_code == 0
-    fakes.answer("systemctl", "show", stdout="LoadState=loaded\nActiveState=active\nSubState=running\nMainPID=999\nExecMainStatus=0\n")
+    fakes.answer(
+        "systemctl",
+        "show",
+        stdout="LoadState=loaded\nActiveState=active\nSubState=running\nMainPID=999\nExecMainStatus=0\n",
+    )
     result = cli("service", "status", "--manager", "systemd")
     assert "running:   yes (pid 999)" in result.stdout
     assert "journalctl --user -u macprovider.service" in result.stdout
@@ -383,8 +390,13 @@ def test_systemd_start_stop_restart_status(fakes, config):
         ["systemctl", "--user", "start", "macprovider.service"],
         ["systemctl", "--user", "stop", "macprovider.service"],
         ["systemctl", "--user", "restart", "macprovider.service"],
-        ["systemctl", "--user", "show", "macprovider.service",
-         "--property=LoadState,ActiveState,SubState,MainPID,ExecMainStatus"],
+        [
+            "systemctl",
+            "--user",
+            "show",
+            "macprovider.service",
+            "--property=LoadState,ActiveState,SubState,MainPID,ExecMainStatus",
+        ],
     ]
 
 

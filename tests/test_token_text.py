@@ -1,5 +1,5 @@
 """Token text details the APIs report: a logprob's `bytes` are the token's own bytes (also for part of a
-multi-byte character, SPEC.md §3.6), and the stop string that ended a sequence is named (Anthropic's
+multi-byte character, docs/api.md), and the stop string that ended a sequence is named (Anthropic's
 `stop_sequence`)."""
 
 from __future__ import annotations

@@ -32,7 +32,10 @@ def test_setting_sources_and_errors(monkeypatch):
     assert cfg.resolve({}).settings.weights_dtype == "auto"
     monkeypatch.setenv("MACPROVIDER_WEIGHTS_DTYPE", "native")
     resolved = cfg.resolve({})
-    assert resolved.settings.weights_dtype == "native" and resolved.sources["weights_dtype"] == "env:MACPROVIDER_WEIGHTS_DTYPE"
+    assert (
+        resolved.settings.weights_dtype == "native"
+        and resolved.sources["weights_dtype"] == "env:MACPROVIDER_WEIGHTS_DTYPE"
+    )
     assert cfg.resolve({"weights_dtype": "float32"}).settings.weights_dtype == "float32"
     with pytest.raises(ConfigError, match=r"invalid weights_dtype 'int8' \(from cli\): must be one of auto, native"):
         cfg.resolve({"weights_dtype": "int8"})

@@ -1,4 +1,4 @@
-"""The content-free request-shape record (serve/workload.py, macprovider/workload.py; SPEC.md §5.6b)."""
+"""The content-free request-shape record (serve/workload.py, macprovider/workload.py; docs/autotune.md#objectives-and-workloads)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import httpx
 import pytest
-
 from fake_engine import chat_body, serving
+
 from macprovider.config import Paths
 from macprovider.serve.workload import WorkloadRecorder
 from macprovider.workload import RequestShape, WorkloadError, load_shapes, parse_shapes, shapes_jsonl
@@ -65,21 +65,33 @@ def test_an_unwritable_record_never_fails_requests(tmp_path):
 
 
 def test_workload_files_parse_as_jsonl_or_json_array(tmp_path):
-    shapes = [RequestShape(prompt_tokens=100, cached_tokens=60, max_tokens=32, concurrency=2), RequestShape(prompt_tokens=5)]
+    shapes = [
+        RequestShape(prompt_tokens=100, cached_tokens=60, max_tokens=32, concurrency=2),
+        RequestShape(prompt_tokens=5),
+    ]
     assert parse_shapes(shapes_jsonl(shapes), "f") == shapes
-    assert parse_shapes(json.dumps([{"prompt_tokens": 100, "cached_tokens": 60, "max_tokens": 32, "concurrency": 2},
-                                    {"prompt_tokens": 5}]), "f") == [
-        RequestShape(prompt_tokens=100, cached_tokens=60, max_tokens=32, concurrency=2), RequestShape(prompt_tokens=5)]
+    assert parse_shapes(
+        json.dumps(
+            [{"prompt_tokens": 100, "cached_tokens": 60, "max_tokens": 32, "concurrency": 2}, {"prompt_tokens": 5}]
+        ),
+        "f",
+    ) == [
+        RequestShape(prompt_tokens=100, cached_tokens=60, max_tokens=32, concurrency=2),
+        RequestShape(prompt_tokens=5),
+    ]
     assert parse_shapes('{"prompt_tokens": 4, "cached_tokens": 9}', "f")[0].cached_tokens == 3
 
 
-@pytest.mark.parametrize("text, match", [
-    ("", "no request shapes"),
-    ('{"prompt_tokens": 0}', "line 1: prompt_tokens must be an integer >= 1"),
-    ('{"prompt_tokens": 3}\nnot json', "line 2: not valid JSON"),
-    ('[{"prompt_tokens": 3, "concurrency": "2"}]', "item 1: concurrency"),
-    ('[1]', "item 1: a request shape must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "no request shapes"),
+        ('{"prompt_tokens": 0}', "line 1: prompt_tokens must be an integer >= 1"),
+        ('{"prompt_tokens": 3}\nnot json', "line 2: not valid JSON"),
+        ('[{"prompt_tokens": 3, "concurrency": "2"}]', "item 1: concurrency"),
+        ("[1]", "item 1: a request shape must be a JSON object"),
+    ],
+)
 def test_bad_workload_files_are_named_errors(text, match):
     with pytest.raises(WorkloadError, match=match):
         parse_shapes(text, "w.jsonl")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from macprovider.autotune.runner import Deps, RunOutcome
 
 
-def run(inputs: "AutotuneInputs", deps: "Deps | None" = None) -> "RunOutcome":
+def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     """Run autotune; see `macprovider.autotune.runner.run`."""
     from macprovider.autotune.runner import run as _run
 

@@ -47,7 +47,11 @@ def yaml_scalar(value: Any) -> str:
 
 
 def owned_values(
-    model: str, kv_bits: int | None, max_batch: int, max_context: int, parallel: str | None = None,
+    model: str,
+    kv_bits: int | None,
+    max_batch: int,
+    max_context: int,
+    parallel: str | None = None,
     hostfile: str | None = None,
 ) -> dict[str, Any]:
     """The owned keys and their new values (None = remove the key: `kv_bits` unset; `parallel` and
@@ -128,7 +132,7 @@ def render_config(text: str, values: dict[str, Any]) -> str:
         if value is None or key in seen:
             continue
         seen.add(key)
-        ending = line[len(line.rstrip("\r\n")):] or newline
+        ending = line[len(line.rstrip("\r\n")) :] or newline
         out.append(f"{key}: {yaml_scalar(value)}{ending}")
     missing = [key for key in OWNED_KEYS if key not in seen and values.get(key) is not None]
     if missing and out and not out[-1].endswith(("\n", "\r")):
@@ -168,7 +172,7 @@ def _backup(path: Path, data: bytes, now: float) -> Path:
         try:
             view = memoryview(data)
             while view:  # os.write may write less than asked
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         except BaseException:
             os.close(fd)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import psutil
 
@@ -27,7 +27,7 @@ LAUNCHD_LABEL = "live.streamvc.macprovider"
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
-def default_runner(argv: list[str]) -> "subprocess.CompletedProcess[str]":
+def default_runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing text output; a missing binary is exit 127 (no launchd on Linux)."""
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=15)

@@ -69,8 +69,12 @@ def runtime_key() -> dict[str, str]:
             return "absent"
 
     return {
-        "python": sys.executable, "python_version": platform.python_version(), "machine": platform.machine(),
-        "system": platform.system(), "mlx": version("mlx"), "mlx_lm": version("mlx-lm"),
+        "python": sys.executable,
+        "python_version": platform.python_version(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "mlx": version("mlx"),
+        "mlx_lm": version("mlx-lm"),
         "macprovider": version("macprovider"),
     }
 
@@ -86,7 +90,11 @@ def measure_runtime_baseline(timeout_s: float = 120.0) -> int:
     from macprovider.autotune.provider import child_env
 
     proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE_CHILD], capture_output=True, text=True, timeout=timeout_s, env=child_env(),
+        [sys.executable, "-c", _BASELINE_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=child_env(),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"runtime baseline child exited {proc.returncode}: {proc.stderr.strip()[-300:]}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from macprovider.autotune.search import OBJECTIVES
 from macprovider.errors import ConfigError
@@ -38,7 +39,9 @@ class ClusterHosts:
 
     def describe(self) -> list[dict[str, Any]]:
         """The hosts by rank for reports: `[{rank, host, memory_budget_bytes}]`."""
-        return [{"rank": r, "host": h, "memory_budget_bytes": b} for r, (h, b) in enumerate(zip(self.hosts, self.budgets))]
+        return [
+            {"rank": r, "host": h, "memory_budget_bytes": b} for r, (h, b) in enumerate(zip(self.hosts, self.budgets))
+        ]
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,11 @@ class AutotuneInputs:
             f"  tps_tie_epsilon:    {self.tps_tie_epsilon:g}",
             f"  max_duration:       {self.max_duration_s:g} s",
             f"  memory budget:      {budget}" + (" per host" if self.hostfile and self.memory_budget_bytes else ""),
-            *([f"  hostfile:           {self.hostfile} (stage 1 pipeline; stage 2 adds parallel: pipeline, tensor)"]
-              if self.hostfile else []),
+            *(
+                [f"  hostfile:           {self.hostfile} (stage 1 pipeline; stage 2 adds parallel: pipeline, tensor)"]
+                if self.hostfile
+                else []
+            ),
             f"  port:               {self.port}",
             f"  drain:              {'yes' if self.drain else 'no'}"
             f"{' (restart foreground)' if self.restart_foreground else ''}, grace {self.drain_grace_s:g} s",
@@ -186,13 +192,9 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
             raise ConfigError(
                 f"invalid --min-model-size {raw['min_model_size']!r}: larger than --max-model-size {raw['max_model_size']!r}"
             )
-        candidates = [
-            m for m, b in CURATED if (max_b is None or b <= max_b) and (min_b is None or b >= min_b)
-        ]
+        candidates = [m for m, b in CURATED if (max_b is None or b <= max_b) and (min_b is None or b >= min_b)]
         if not candidates:
-            raise ConfigError(
-                "invalid --max-model-size/--min-model-size: the filter removes every curated candidate"
-            )
+            raise ConfigError("invalid --max-model-size/--min-model-size: the filter removes every curated candidate")
 
     kv_axis: list[int | None] = []
     for cell in _cells("--kv-bits-axis", get("kv_bits_axis", "unset,4,8")):
@@ -221,9 +223,7 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         for cell in _cells("--max-context-axis", str(ctx_raw)):
             value = _int("--max-context-axis", cell, 1, 10_000_000, cell=True)
             if value < target:
-                raise ConfigError(
-                    f"invalid --max-context-axis cell {cell!r}: below --target-context {target}"
-                )
+                raise ConfigError(f"invalid --max-context-axis cell {cell!r}: below --target-context {target}")
             if value in ctx_axis:
                 raise ConfigError(f"invalid --max-context-axis cell {cell!r}: listed twice")
             ctx_axis.append(value)
@@ -305,7 +305,9 @@ def _workload(value: str, env: Mapping[str, str]) -> tuple[str, list[Any], str |
             raise ConfigError(f"invalid --workload 'recorded': {exc}") from None
     path = Path(value).expanduser()
     if not path.is_file():
-        raise ConfigError(f"invalid --workload {value!r}: must be synthetic, recorded or an existing file of request shapes")
+        raise ConfigError(
+            f"invalid --workload {value!r}: must be synthetic, recorded or an existing file of request shapes"
+        )
     try:
         return str(path), load_shapes(path), str(path)
     except WorkloadError as exc:

@@ -21,9 +21,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from macprovider.autotune.provider import Deadline, DeadlineReached
 from macprovider.autotune.search import median, p95
@@ -81,9 +82,7 @@ class Workload:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def messages(
-        self, seed: int, target: int | None = None, prefix: str = ""
-    ) -> tuple[list[dict[str, str]], int]:
+    def messages(self, seed: int, target: int | None = None, prefix: str = "") -> tuple[list[dict[str, str]], int]:
         """A prompt with its own filler (seeded), as close to `target` tokens (default `target_tokens`) as
         possible without exceeding it (the shortest prompt when even the template alone is longer).
         `prefix` (text) starts the message, so prompts sharing it share a token prefix. Returns (messages,
@@ -126,13 +125,17 @@ class Workload:
     def memory_shape(self) -> dict[str, int | None]:
         """What the memory estimate needs of the workload (memory.estimate): prompts of `target_tokens`
         (~80 % of the target context) plus MAX_TOKENS generated, max_batch of them at once."""
-        return {"sequence_tokens": self.target_tokens + MAX_TOKENS, "prompt_tokens": self.target_tokens, "live_sequences": None}
+        return {
+            "sequence_tokens": self.target_tokens + MAX_TOKENS,
+            "prompt_tokens": self.target_tokens,
+            "live_sequences": None,
+        }
 
-    def warmup(self, seed: int) -> "ProbeRequest":
+    def warmup(self, seed: int) -> ProbeRequest:
         """The discarded warm-up request."""
         return ProbeRequest(self.messages(seed)[0], MAX_TOKENS, 1)
 
-    def round(self, replicate: int, max_batch: int, seed: int) -> list["ProbeRequest"]:
+    def round(self, replicate: int, max_batch: int, seed: int) -> list[ProbeRequest]:
         """One replicate: max_batch prompts of their own filler, all sent at once."""
         return [
             ProbeRequest(self.messages(seed + 1 + replicate * max_batch + i)[0], MAX_TOKENS, max_batch)
@@ -306,7 +309,9 @@ def _note_stream(m: Measurement, s: StreamResult, markers: Sequence[str]) -> Non
         m.prompt_tokens = s.prompt_tokens
 
 
-async def _run_round(client: Any, base_url: str, model: str, requests: Sequence[ProbeRequest], **kwargs: Any) -> list[StreamResult]:
+async def _run_round(
+    client: Any, base_url: str, model: str, requests: Sequence[ProbeRequest], **kwargs: Any
+) -> list[StreamResult]:
     """Send `requests` in order, each once fewer than its `concurrency` requests are in flight."""
     in_flight = 0
     changed = asyncio.Condition()
@@ -323,15 +328,23 @@ async def _run_round(client: Any, base_url: str, model: str, requests: Sequence[
     tasks = []
     for request in requests:
         async with changed:
-            await changed.wait_for(lambda: in_flight < max(1, request.concurrency))
+            # The predicate runs within this iteration and must read the current in_flight.
+            await changed.wait_for(lambda: in_flight < max(1, request.concurrency))  # noqa: B023
             in_flight += 1
         tasks.append(asyncio.create_task(one(request)))
     return list(await asyncio.gather(*tasks))
 
 
 async def _measure(
-    base_url: str, model: str, workload: Workload, *, max_batch: int, replicates: int, gate_ttft_ms: float,
-    deadline: Deadline | None, seed: int,
+    base_url: str,
+    model: str,
+    workload: Workload,
+    *,
+    max_batch: int,
+    replicates: int,
+    gate_ttft_ms: float,
+    deadline: Deadline | None,
+    seed: int,
 ) -> Measurement:
     import httpx
 
@@ -386,7 +399,13 @@ def measure(
     """
     return asyncio.run(
         _measure(
-            base_url, model, workload, max_batch=max_batch, replicates=replicates, gate_ttft_ms=gate_ttft_ms,
-            deadline=deadline, seed=seed,
+            base_url,
+            model,
+            workload,
+            max_batch=max_batch,
+            replicates=replicates,
+            gate_ttft_ms=gate_ttft_ms,
+            deadline=deadline,
+            seed=seed,
         )
     )

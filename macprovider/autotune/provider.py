@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from macprovider.processes import die_with_parent
 
@@ -153,8 +153,12 @@ class CandidateProvider:
         self._tmpdir = tempfile.TemporaryDirectory(prefix="macprovider-autotune-")
         self.config_path = Path(self._tmpdir.name) / "config.yaml"
         self.config_path.write_text("# empty: autotune passes every knob on the command line\n")
-        self.argv = list(argv) if argv is not None else serve_argv(
-            model, port, max_batch=max_batch, max_context=max_context, kv_bits=kv_bits, config_path=self.config_path
+        self.argv = (
+            list(argv)
+            if argv is not None
+            else serve_argv(
+                model, port, max_batch=max_batch, max_context=max_context, kv_bits=kv_bits, config_path=self.config_path
+            )
         )
         self.stderr_path = Path(self._tmpdir.name) / "stderr.log"
         self.proc: subprocess.Popen | None = None
@@ -165,7 +169,7 @@ class CandidateProvider:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "CandidateProvider":
+    def __enter__(self) -> CandidateProvider:
         self.start()
         return self
 

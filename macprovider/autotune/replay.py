@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from macprovider.autotune.probe import _WORDS, MAX_TOKENS, ProbeRequest, Workload
 from macprovider.workload import RequestShape, shapes_jsonl
@@ -36,8 +37,7 @@ def shapes_digest(shapes: Sequence[RequestShape]) -> str:
     """`sha256:<hex>` of the replayed shapes' token counts and concurrency (timestamps left out): the
     workload's identity in the report and the recipe hash."""
     canonical = [
-        RequestShape(s.prompt_tokens, s.cached_tokens, s.max_tokens, s.concurrency, endpoint=s.endpoint)
-        for s in shapes
+        RequestShape(s.prompt_tokens, s.cached_tokens, s.max_tokens, s.concurrency, endpoint=s.endpoint) for s in shapes
     ]
     return "sha256:" + hashlib.sha256(shapes_jsonl(canonical).encode()).hexdigest()
 
@@ -51,7 +51,10 @@ def workload_summary(kind: str, source: str | None, shapes: Sequence[RequestShap
     replayed = list(shapes)[-REPLAY_MAX_REQUESTS:]
     prompt = sum(s.prompt_tokens for s in replayed)
     return {
-        "kind": kind, "source": source, "shapes": len(shapes), "replayed": len(replayed),
+        "kind": kind,
+        "source": source,
+        "shapes": len(shapes),
+        "replayed": len(replayed),
         "max_concurrency": max((s.concurrency for s in replayed), default=1),
         "cached_fraction": round(sum(s.cached_tokens for s in replayed) / prompt, 4) if prompt else 0.0,
         "digest": shapes_digest(replayed),
@@ -70,7 +73,9 @@ class ReplayWorkload(Workload):
     """The probe workload replaying `shapes` (module docstring). `kind`: `recorded` or `file`; `source`:
     the file the shapes came from. Raises ValueError (tokenizer) like `Workload`."""
 
-    def __init__(self, model_dir: Path, target_context: int, shapes: Sequence[RequestShape], kind: str, source: str) -> None:
+    def __init__(
+        self, model_dir: Path, target_context: int, shapes: Sequence[RequestShape], kind: str, source: str
+    ) -> None:
         super().__init__(model_dir, target_context)
         self.name = kind
         self.source = source
@@ -117,7 +122,7 @@ class ReplayWorkload(Workload):
             "sequence_tokens": max(prompt + out for prompt, _, out in self.fits),
             "prompt_tokens": longest_prompt,
             "live_sequences": max(shape.concurrency for shape in self.shapes),
-            "live_windows": [rows[max(0, i + 1 - shape.concurrency):i + 1] for i, shape in enumerate(self.shapes)],
+            "live_windows": [rows[max(0, i + 1 - shape.concurrency) : i + 1] for i, shape in enumerate(self.shapes)],
         }
 
     def reused_tokens(self, prompt: int, cached: int) -> int:

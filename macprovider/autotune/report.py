@@ -19,8 +19,9 @@ the machine, the version, the inputs and the recommendation — never on measure
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import rfc8785
 
@@ -51,12 +52,14 @@ class Recommendation:
     layers_per_rank: tuple[int, ...] | None = None  # pipeline: decoder layers each rank holds
 
     @classmethod
-    def from_trial(cls, trial: Trial, target_context: int, cluster: Any = None) -> "Recommendation":
+    def from_trial(cls, trial: Trial, target_context: int, cluster: Any = None) -> Recommendation:
         """Build from the Stage 2 winner trial (`cluster`: the run's preflight.ClusterHosts, with --hostfile)."""
         placement: dict[str, Any] = {}
         if cluster is not None and trial.knobs.parallel:
             placement = {
-                "parallel": trial.knobs.parallel, "hostfile": cluster.hostfile, "hosts": tuple(cluster.hosts),
+                "parallel": trial.knobs.parallel,
+                "hostfile": cluster.hostfile,
+                "hosts": tuple(cluster.hosts),
                 "layers_per_rank": trial.layers_per_rank,
             }
         return cls(
@@ -100,8 +103,14 @@ class Recommendation:
 
 
 def recipe_domain(
-    *, binary_version: str, candidate_models: Sequence[str], chip: str, ram_gb: int, rec: Recommendation,
-    objective: str = "throughput", workload: dict[str, Any] | None = None,
+    *,
+    binary_version: str,
+    candidate_models: Sequence[str],
+    chip: str,
+    ram_gb: int,
+    rec: Recommendation,
+    objective: str = "throughput",
+    workload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The exact object the recipe hash covers (docs/autotune.md#report, module docstring for the additions)."""
     domain: dict[str, Any] = {
@@ -138,10 +147,19 @@ def verify_recipe_hash(report: dict[str, Any]) -> bool:
         candidate_models=report["inputs"]["candidate_models"],
         chip=report["machine"]["chip"],
         ram_gb=report["machine"]["ram_gb"],
-        rec=Recommendation(rec["model"], rec["target_context"], rec["knobs"]["kv_bits"],
-                           rec["knobs"]["max_concurrency_override"], rec["knobs"]["max_context_override"], 0, 0, 0,
-                           parallel=rec["knobs"].get("parallel"), hosts=tuple(rec.get("hosts") or ()),
-                           layers_per_rank=None if rec.get("layers_per_rank") is None else tuple(rec["layers_per_rank"])),
+        rec=Recommendation(
+            rec["model"],
+            rec["target_context"],
+            rec["knobs"]["kv_bits"],
+            rec["knobs"]["max_concurrency_override"],
+            rec["knobs"]["max_context_override"],
+            0,
+            0,
+            0,
+            parallel=rec["knobs"].get("parallel"),
+            hosts=tuple(rec.get("hosts") or ()),
+            layers_per_rank=None if rec.get("layers_per_rank") is None else tuple(rec["layers_per_rank"]),
+        ),
         objective=report["inputs"].get("objective", "throughput"),
         workload=report["inputs"].get("workload"),
     )
@@ -188,7 +206,9 @@ def build_report(
         if recommendation.parallel:  # --hostfile only: where it runs and how it is split
             rec_obj["hostfile"] = recommendation.hostfile
             rec_obj["hosts"] = list(recommendation.hosts)
-            rec_obj["layers_per_rank"] = None if recommendation.layers_per_rank is None else list(recommendation.layers_per_rank)
+            rec_obj["layers_per_rank"] = (
+                None if recommendation.layers_per_rank is None else list(recommendation.layers_per_rank)
+            )
         hash_value = recipe_hash(
             recipe_domain(
                 binary_version=machine["binary_version"],
@@ -243,8 +263,11 @@ def trial_summary(trial: Trial) -> dict[str, Any]:
         "memory_estimate_terms": dict(trial.memory_terms) if trial.memory_terms else None,
         "peak_memory_bytes": trial.peak_memory_bytes,
         "memory_estimate_error": relative_error(trial.memory_estimate_bytes, trial.peak_memory_bytes),
-        **({"layers_per_rank": list(trial.layers_per_rank) if trial.layers_per_rank else None}
-           if trial.knobs.parallel else {}),
+        **(
+            {"layers_per_rank": list(trial.layers_per_rank) if trial.layers_per_rank else None}
+            if trial.knobs.parallel
+            else {}
+        ),
     }
 
 
@@ -293,7 +316,10 @@ def _placement_lines(rec: dict[str, Any]) -> list[str]:
     layers = rec.get("layers_per_rank") or [None] * len(rec.get("hosts") or [])
     lines = [f"  parallel:                   {rec['knobs']['parallel']}", f"hosts ({rec.get('hostfile')}):"]
     for rank, (host, count) in enumerate(zip(rec.get("hosts") or [], layers)):
-        lines.append(f"  rank {rank}: {host}" + (f" ({count} layers)" if count is not None else " (tensor: every layer, 1/N of its width)"))
+        lines.append(
+            f"  rank {rank}: {host}"
+            + (f" ({count} layers)" if count is not None else " (tensor: every layer, 1/N of its width)")
+        )
     return lines
 
 

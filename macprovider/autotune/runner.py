@@ -15,28 +15,29 @@ import os
 import signal
 import sys
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 from macprovider.autotune import memory
 from macprovider.autotune.preflight import AutotuneInputs
 from macprovider.autotune.probe import MAX_TOKENS
 from macprovider.autotune.provider import Deadline
-from macprovider.autotune.trial import Progress, RealEvaluator
-from macprovider.autotune.report import SPEC_VERSION, Recommendation, build_report, render_terminal
 from macprovider.autotune.replay import workload_summary
+from macprovider.autotune.report import SPEC_VERSION, Recommendation, build_report, render_terminal
 from macprovider.autotune.search import (
     BudgetExhausted,
-    explain_choice,
     IntegrityAbort,
     Interrupted,
     Knobs,
     Trial,
+    explain_choice,
     infeasible_smallest_first,
     stage1,
     stage2,
     stage2_cells,
 )
+from macprovider.autotune.trial import Progress, RealEvaluator
 from macprovider.errors import ApplyError, ProviderConflict, StoreError
 from macprovider.parallel import PARALLEL_MODES, split_problem
 
@@ -55,7 +56,7 @@ EXIT_CODES = {
 
 def utc_now() -> str:
     """ISO-8601 UTC with a `Z` suffix, millisecond precision."""
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @dataclass
@@ -132,13 +133,21 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     deadline = Deadline(inputs.max_duration_s)
     store.insert_run(
         {
-            "run_id": run_id, "started_at_utc": started, "spec_version": SPEC_VERSION,
-            "binary_version": machine_obj["binary_version"], "machine_ram_gb": machine_obj["ram_gb"],
-            "machine_chip": machine_obj["chip"], "machine_os_version": machine_obj["os_version"],
-            "target_context": inputs.target_context, "candidate_models_json": json.dumps(list(inputs.candidate_models)),
-            "stage1_replicates": inputs.stage1_replicates, "stage2_replicates": inputs.stage2_replicates,
-            "gate_ttft_ms": int(round(inputs.gate_ttft_ms)), "tps_tie_epsilon": inputs.tps_tie_epsilon,
-            "objective": inputs.objective, "workload": json.dumps(inputs_obj["workload"], sort_keys=True),
+            "run_id": run_id,
+            "started_at_utc": started,
+            "spec_version": SPEC_VERSION,
+            "binary_version": machine_obj["binary_version"],
+            "machine_ram_gb": machine_obj["ram_gb"],
+            "machine_chip": machine_obj["chip"],
+            "machine_os_version": machine_obj["os_version"],
+            "target_context": inputs.target_context,
+            "candidate_models_json": json.dumps(list(inputs.candidate_models)),
+            "stage1_replicates": inputs.stage1_replicates,
+            "stage2_replicates": inputs.stage2_replicates,
+            "gate_ttft_ms": int(round(inputs.gate_ttft_ms)),
+            "tps_tie_epsilon": inputs.tps_tie_epsilon,
+            "objective": inputs.objective,
+            "workload": json.dumps(inputs_obj["workload"], sort_keys=True),
         }
     )
     store.retain(inputs.retain_runs)
@@ -147,7 +156,9 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     cluster = inputs.cluster
     stage1_parallel = "pipeline" if cluster is not None else None  # the split sized by the hosts' budgets
     cells = stage2_cells(
-        inputs.kv_bits_axis, inputs.max_batch_axis, inputs.max_context_axis,
+        inputs.kv_bits_axis,
+        inputs.max_batch_axis,
+        inputs.max_context_axis,
         PARALLEL_MODES if cluster is not None else (None,),
     )
     progress = Progress(err, inputs.verbose, len(inputs.candidate_models) + len(cells))
@@ -181,8 +192,11 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     messages: list[str] = []
     old_handlers: dict[int, Any] = {}
     if _in_main_thread():
-        old_handlers = {sig: signal.signal(sig, _signal_to_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
-                        if signal.getsignal(sig) != signal.SIG_IGN}  # an ignored signal stays ignored (nohup, `&`)
+        old_handlers = {
+            sig: signal.signal(sig, _signal_to_interrupt)
+            for sig in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(sig) != signal.SIG_IGN
+        }  # an ignored signal stays ignored (nohup, `&`)
     try:
         try:
             with progress:
@@ -205,7 +219,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
                         "try a smaller --target-context or other --candidate-models"
                     )
                 else:
-                    alternates = list(inputs.candidate_models[s1.rank:])
+                    alternates = list(inputs.candidate_models[s1.rank :])
                     if cluster is not None:  # Stage 2's parallel axis: the modes that can split the chosen model
                         modes = (deps.parallel_modes or possible_modes)(s1.chosen, len(cluster.hosts))
                         cells = [cell for cell in cells if cell.parallel in modes]
@@ -249,16 +263,21 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         apply_lines: list[str] = []
         if inputs.apply and exit_reason == "ok" and rec is not None:
             from macprovider.autotune.apply import apply_recommendation, owned_values, summary_line
-
             from macprovider.autotune.report import recipe_domain, recipe_hash
 
             values = owned_values(rec.model, rec.kv_bits, rec.max_batch, rec.max_context, rec.parallel, rec.hostfile)
             try:
-                hash_value = recipe_hash(recipe_domain(
-                    binary_version=machine_obj["binary_version"], candidate_models=inputs_obj["candidate_models"],
-                    chip=machine_obj["chip"], ram_gb=machine_obj["ram_gb"], rec=rec,
-                    objective=inputs_obj.get("objective", "throughput"), workload=inputs_obj.get("workload"),
-                ))
+                hash_value = recipe_hash(
+                    recipe_domain(
+                        binary_version=machine_obj["binary_version"],
+                        candidate_models=inputs_obj["candidate_models"],
+                        chip=machine_obj["chip"],
+                        ram_gb=machine_obj["ram_gb"],
+                        rec=rec,
+                        objective=inputs_obj.get("objective", "throughput"),
+                        workload=inputs_obj.get("workload"),
+                    )
+                )
                 result = apply_recommendation(inputs.config_path, values, recipe_hash=hash_value)
                 applied = True
                 apply_lines.append(summary_line(values, result))
@@ -284,15 +303,28 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
             except Exception as exc:  # noqa: BLE001 - never lose the run record over a restore failure
                 messages.append(f"autotune: could not restore the drained provider: {exc}")
     report = build_report(
-        run_id=run_id, started_at=started, ended_at=utc_now(), machine=machine_obj, inputs=inputs_obj,
-        recommendation=rec, infeasible=infeasible, alternates=alternates if rec is not None else [],
-        db_path=str(inputs.db_path), exit_reason=exit_reason, partial=partial, applied=applied,
+        run_id=run_id,
+        started_at=started,
+        ended_at=utc_now(),
+        machine=machine_obj,
+        inputs=inputs_obj,
+        recommendation=rec,
+        infeasible=infeasible,
+        alternates=alternates if rec is not None else [],
+        db_path=str(inputs.db_path),
+        exit_reason=exit_reason,
+        partial=partial,
+        applied=applied,
         trials=[replace(t, kept=t.row_id == kept_row) for t in recorded],
     )
     try:
         store.finish_run(
-            run_id, ended_at_utc=report["ended_at"], exit_reason=exit_reason, report=report,
-            recipe_hash=report["recipe_hash"], applied=applied,
+            run_id,
+            ended_at_utc=report["ended_at"],
+            exit_reason=exit_reason,
+            report=report,
+            recipe_hash=report["recipe_hash"],
+            applied=applied,
         )
     finally:
         store.close()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 FailureClass = Literal["none", "infeasible", "transient", "integrity"]
 
@@ -273,14 +274,19 @@ def stage1(
 
 
 def stage2_cells(
-    kv_bits_axis: Sequence[int | None], max_batch_axis: Sequence[int], max_context_axis: Sequence[int],
+    kv_bits_axis: Sequence[int | None],
+    max_batch_axis: Sequence[int],
+    max_context_axis: Sequence[int],
     parallel_axis: Sequence[str | None] = (None,),
 ) -> list[Knobs]:
     """Cells kv_bits × max_batch × max_context × parallel, in that nesting order (kv_bits outermost;
     `parallel_axis` is (None,) on one machine, the modes that can split the model with `--hostfile`)."""
     return [
         Knobs(kv, batch, ctx, mode)
-        for kv in kv_bits_axis for batch in max_batch_axis for ctx in max_context_axis for mode in parallel_axis
+        for kv in kv_bits_axis
+        for batch in max_batch_axis
+        for ctx in max_context_axis
+        for mode in parallel_axis
     ]
 
 
@@ -294,7 +300,11 @@ class Stage2Result:
 
 
 def stage2(
-    model: str, cells: Sequence[Knobs], evaluate: Evaluate, record: Record, epsilon: float,
+    model: str,
+    cells: Sequence[Knobs],
+    evaluate: Evaluate,
+    record: Record,
+    epsilon: float,
     objective: str = "throughput",
 ) -> Stage2Result:
     """Evaluate every cell in order and keep the best feasible one by the objective's rule
@@ -330,6 +340,7 @@ def infeasible_smallest_first(items: Sequence[Infeasible]) -> list[Infeasible]:
     Size is the weight bytes when known, else the parameter count in the name (`…-7B-…`); a candidate of
     unknown size sorts after the known ones, later input ranks (the operator's smaller ones) first.
     """
+
     def key(item: Infeasible) -> tuple[int, float, int]:
         size = item.weights_bytes if item.weights_bytes is not None else nominal_size_bytes(item.model)
         if size is None:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from macprovider.autotune.search import Trial
 from macprovider.errors import StoreError
@@ -120,7 +121,11 @@ def _m5_parallel(conn: sqlite3.Connection) -> None:
 
 
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _m1_prototype, _m2_stage_columns, _m3_memory_columns, _m4_memory_terms_objective_workload, _m5_parallel,
+    _m1_prototype,
+    _m2_stage_columns,
+    _m3_memory_columns,
+    _m4_memory_terms_objective_workload,
+    _m5_parallel,
 )
 
 
@@ -265,7 +270,8 @@ class Store:
         columns = (
             "ts_utc, run_id, stage, model, target_context, measured_prompt_tokens, max_tokens, agg_throughput_tps,"
             " ttft_p95_ms, fits, n_err, kept, notes, kv_bits, max_context_cap, max_batch, replicates_n,"
-            " memory_estimate_bytes, peak_memory_bytes, mlx_peak_memory_bytes, parallel, " + ", ".join(MEMORY_TERM_COLUMNS)
+            " memory_estimate_bytes, peak_memory_bytes, mlx_peak_memory_bytes, parallel, "
+            + ", ".join(MEMORY_TERM_COLUMNS)
         )
         marks = ", ".join("?" * len(values))
         return self._write(

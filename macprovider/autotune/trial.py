@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from macprovider.autotune import memory
 from macprovider.autotune.memory import MIB
 from macprovider.autotune.preflight import AutotuneInputs, ClusterHosts
-from macprovider.autotune.provider import CandidateProvider, Deadline, DeadlineReached, ProviderExited, ProviderTimeout, serve_args
+from macprovider.autotune.provider import (
+    CandidateProvider,
+    Deadline,
+    DeadlineReached,
+    ProviderExited,
+    ProviderTimeout,
+    serve_args,
+)
 from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial
 from macprovider.errors import ConfigError
 from macprovider.parallel import check_split, failed_rank_line, launch_argv, layers_per_rank
-
 
 BASELINE_CACHE_NAME = "runtime-baseline.json"  # in the config directory, beside autotune.sqlite
 
@@ -31,17 +38,23 @@ class Progress:
 
     def __init__(self, err: TextIO, verbose: bool, total_hint: int) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, Progress as RichProgress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
 
         self.console = Console(file=err, stderr=err is sys.stderr)
         self.verbose = verbose
         self.progress = RichProgress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), console=self.console, transient=True,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
         )
         self.task = self.progress.add_task("autotune", total=total_hint)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self.progress.start()
         return self
 
@@ -68,11 +81,14 @@ class Progress:
                 peak = "-" if trial.peak_memory_bytes is None else f"{trial.peak_memory_bytes / MIB:.0f}"
                 error = memory.relative_error(trial.memory_estimate_bytes, trial.peak_memory_bytes)
                 mem = f", memory est {trial.memory_estimate_bytes / MIB:.0f} MiB / peak {peak} MiB" + (
-                    f" ({error:+.1%})" if error is not None else "")
+                    f" ({error:+.1%})" if error is not None else ""
+                )
             self.console.print(
                 f"[stage {trial.stage}] {trial.model} kv_bits={kv} max_batch={trial.knobs.max_batch} "
                 f"max_context={trial.knobs.max_context}{split_text(trial)}: {tps}, ttft p95 {ttft}{mem} -> {verdict}",
-                markup=False, highlight=False, soft_wrap=True,
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
 
 
@@ -206,28 +222,42 @@ class RealEvaluator:
         replicates = inputs.stage1_replicates if stage == 1 else inputs.stage2_replicates
         try:
             estimate = memory.estimate(
-                path, read_model_config(path), max_context=knobs.max_context, max_batch=knobs.max_batch,
-                kv_bits=knobs.kv_bits, budget=self.budget_beside_pinned(model), baseline=self.baseline(),
+                path,
+                read_model_config(path),
+                max_context=knobs.max_context,
+                max_batch=knobs.max_batch,
+                kv_bits=knobs.kv_bits,
+                budget=self.budget_beside_pinned(model),
+                baseline=self.baseline(),
                 cached_tokens=workload.cached_tokens(knobs.max_context, knobs.max_batch, replicates),
                 **workload.memory_shape(),
             )
             if cluster is not None:
                 shares = memory.rank_estimates(
-                    estimate, memory.rank_weight_fractions(path, knobs.parallel, layers or [0] * len(cluster.hosts)),  # type: ignore[arg-type]
-                    layers, cluster.budgets,
+                    estimate,
+                    memory.rank_weight_fractions(path, knobs.parallel, layers or [0] * len(cluster.hosts)),  # type: ignore[arg-type]
+                    layers,
+                    cluster.budgets,
                 )
                 over = next((r for r, share in enumerate(shares) if not share.fits), None)
                 if over is not None:
                     note = f"rank {over} ({cluster.hosts[over]}): {shares[over].note()}"
-                    return replace(base, notes=note, failure_class="infeasible", memory_estimate_bytes=shares[0].total,
-                                   weights_bytes=estimate.weights, memory_terms=shares[over].terms())
+                    return replace(
+                        base,
+                        notes=note,
+                        failure_class="infeasible",
+                        memory_estimate_bytes=shares[0].total,
+                        weights_bytes=estimate.weights,
+                        memory_terms=shares[over].terms(),
+                    )
                 estimate = shares[0]  # rank 0's share: the rank whose peak the probe measures
         except (ValueError, KeyError, OSError, TypeError):
             estimate = None  # cannot estimate: measure instead of guessing
         est_fields: dict[str, Any] = {}
         if estimate is not None:
             est_fields = {
-                "memory_estimate_bytes": estimate.total, "weights_bytes": estimate.weights,
+                "memory_estimate_bytes": estimate.total,
+                "weights_bytes": estimate.weights,
                 "memory_terms": estimate.terms(),
             }
             if not estimate.fits:
@@ -235,23 +265,35 @@ class RealEvaluator:
         base = replace(base, **est_fields)
 
         provider = CandidateProvider(
-            model, inputs.port, max_batch=knobs.max_batch, max_context=knobs.max_context, kv_bits=knobs.kv_bits,
-            drain_grace=inputs.drain_grace_s, deadline=self.deadline,
+            model,
+            inputs.port,
+            max_batch=knobs.max_batch,
+            max_context=knobs.max_context,
+            kv_bits=knobs.kv_bits,
+            drain_grace=inputs.drain_grace_s,
+            deadline=self.deadline,
             **(self.launch(model, knobs, cluster) if cluster is not None else {}),
         )
         try:
             with provider:
                 provider.wait_ready()
                 m = probe.measure(
-                    provider.base_url, model, workload, max_batch=knobs.max_batch, replicates=replicates,
-                    gate_ttft_ms=inputs.gate_ttft_ms, deadline=self.deadline, seed=stage * 1000,
+                    provider.base_url,
+                    model,
+                    workload,
+                    max_batch=knobs.max_batch,
+                    replicates=replicates,
+                    gate_ttft_ms=inputs.gate_ttft_ms,
+                    deadline=self.deadline,
+                    seed=stage * 1000,
                 )
                 died = None if provider.alive() else provider.proc.returncode if provider.proc else None
                 tail = failed_rank_line(provider.stderr_text()) or provider.stderr_tail(lines=3)
         except ProviderExited as exc:
             hint = " (killed by a signal: out of memory?)" if (exc.returncode or 0) < 0 else ""
             return replace(
-                base, notes=f"provider exited with code {exc.returncode} while loading{hint}: "
+                base,
+                notes=f"provider exited with code {exc.returncode} while loading{hint}: "
                 f"{failed_rank_line(provider.stderr_text()) or exc.stderr_tail}",
                 failure_class="infeasible",
             )
@@ -300,9 +342,12 @@ class RealEvaluator:
         rank0 = cluster.hosts[0]
         local = rank0 in ("127.0.0.1", "localhost")
         args = serve_args(
-            self.inputs.port, max_batch=knobs.max_batch, max_context=knobs.max_context, kv_bits=knobs.kv_bits,
-            config_path=Path(os.devnull), host="127.0.0.1" if local else "0.0.0.0",
+            self.inputs.port,
+            max_batch=knobs.max_batch,
+            max_context=knobs.max_context,
+            kv_bits=knobs.kv_bits,
+            config_path=Path(os.devnull),
+            host="127.0.0.1" if local else "0.0.0.0",
         )
         argv = launch_argv(cluster.hostfile, model, knobs.parallel or "pipeline", args, sys.executable, cluster.backend)
         return {"argv": argv, "host": "127.0.0.1" if local else rank0}
-

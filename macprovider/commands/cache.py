@@ -47,9 +47,17 @@ def ls(
             "budget_bytes": budget,
             "total_bytes": total,
             "entries": [
-                {"model": e.model, "revision": e.revision, "weights_dtype": e.weights_dtype,
-                 "kv_bits": None if e.kv_bits in ("", "None") else int(e.kv_bits), "tokens": e.tokens,
-                 "size_bytes": e.size, "last_used": round(e.last_used, 3), "valid": e.valid, "path": str(e.path)}
+                {
+                    "model": e.model,
+                    "revision": e.revision,
+                    "weights_dtype": e.weights_dtype,
+                    "kv_bits": None if e.kv_bits in ("", "None") else int(e.kv_bits),
+                    "tokens": e.tokens,
+                    "size_bytes": e.size,
+                    "last_used": round(e.last_used, 3),
+                    "valid": e.valid,
+                    "path": str(e.path),
+                }
                 for e in entries
             ],
         }

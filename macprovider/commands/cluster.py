@@ -19,9 +19,9 @@ import json
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -29,7 +29,11 @@ from macprovider.commands.common import fail, user_errors
 from macprovider.errors import ConfigError
 from macprovider.parallel import PARALLEL_MODES, failed_rank_line, launch_argv, layers_per_rank, split_problem
 
-app = typer.Typer(help="Serve one model across several machines (mlx.launch + mx.distributed).", no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(
+    help="Serve one model across several machines (mlx.launch + mx.distributed).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
 LOCAL_HOST = "127.0.0.1"  # what mlx.launch runs without ssh
 PROBE_TIMEOUT_S = 60
@@ -38,7 +42,7 @@ Runner = Callable[[list[str], float], "subprocess.CompletedProcess[str]"]
 PythonOption = Annotated[str, typer.Option("--python", help="Interpreter with macprovider on the hosts.")]
 
 
-def _run(argv: list[str], timeout: float) -> "subprocess.CompletedProcess[str]":
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -96,7 +100,7 @@ def probe_facts(model: str | None) -> dict[str, Any]:
 
 
 @app.command("probe", hidden=True)
-def probe(model: Optional[str] = typer.Option(None, "--model", help="Model id to look for in this host's cache.")) -> None:
+def probe(model: str | None = typer.Option(None, "--model", help="Model id to look for in this host's cache.")) -> None:
     """Print this host's facts as one JSON line (what `cluster check` runs on every host)."""
     typer.echo(json.dumps(probe_facts(model)))
 
@@ -153,7 +157,10 @@ def split_plans(reports: list[HostReport]) -> dict[str, Any]:
     if config is None or any(r.facts is None for r in reports):
         return {}
     size = len(reports)
-    plans: dict[str, Any] = {mode: {"fits": split_problem(config, size, mode) is None, "reason": split_problem(config, size, mode)} for mode in PARALLEL_MODES}
+    plans: dict[str, Any] = {
+        mode: {"fits": split_problem(config, size, mode) is None, "reason": split_problem(config, size, mode)}
+        for mode in PARALLEL_MODES
+    }
     if plans["pipeline"]["fits"]:
         budgets = [r.facts["memory_budget_bytes"] for r in reports]  # type: ignore[index]
         plans["pipeline"]["layers_per_rank"] = layers_per_rank(config["num_hidden_layers"], budgets)
@@ -178,7 +185,7 @@ def _gib(value: Any) -> str:
 @app.command("check")
 def check(
     hostfile: str = typer.Argument(..., help="mlx hostfile (JSON; `mlx.distributed_config` writes one)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model id every host must have cached."),
+    model: str | None = typer.Option(None, "--model", help="Model id every host must have cached."),
     python: PythonOption = sys.executable,
     as_json: bool = typer.Option(False, "--json", help="Print JSON: {hosts[…], plans{…}, ok}."),
 ) -> None:
@@ -197,8 +204,18 @@ def check(
         for report, count in zip(reports, layers):
             facts = report.facts or {}
             cached = {True: "cached", False: "missing", None: "-"}[facts.get("model_cached")]
-            rows.append((str(report.rank), report.host, facts.get("macprovider") or "-", facts.get("mlx") or "-", cached,
-                         _gib(facts.get("memory_budget_bytes")), str(count) if count else "-", "; ".join(report.problems) or "ok"))
+            rows.append(
+                (
+                    str(report.rank),
+                    report.host,
+                    facts.get("macprovider") or "-",
+                    facts.get("mlx") or "-",
+                    cached,
+                    _gib(facts.get("memory_budget_bytes")),
+                    str(count) if count else "-",
+                    "; ".join(report.problems) or "ok",
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
             typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
@@ -238,7 +255,9 @@ def _checked_launch_argv(
         hostfile = hostfile or settings.hostfile
         parallel = parallel or settings.parallel or "pipeline"
     if hostfile is None:
-        raise ConfigError("no HOSTFILE: give one, or set hostfile in the config (autotune --hostfile --apply writes it)")
+        raise ConfigError(
+            "no HOSTFILE: give one, or set hostfile in the config (autotune --hostfile --apply writes it)"
+        )
     if model is None:
         raise ConfigError("no model: give --model, or set model in the config")
     if parallel not in PARALLEL_MODES:
@@ -249,10 +268,14 @@ def _checked_launch_argv(
 
 SERVE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 # `cluster print` and `cluster serve` take the same arguments (typer declares them per command).
-LaunchHostfile = Annotated[Optional[str], typer.Argument(help="mlx hostfile (JSON) [default: hostfile in the config].")]
-LaunchModel = Annotated[Optional[str], typer.Option("--model", help="Model id (cached on every host) [default: the config's model and knobs].")]
-LaunchParallel = Annotated[Optional[str], typer.Option("--parallel", help="pipeline or tensor [default: the config's, else pipeline].")]
-LaunchConfig = Annotated[Optional[str], typer.Option("--config", help="Config file the defaults come from.")]
+LaunchHostfile = Annotated[str | None, typer.Argument(help="mlx hostfile (JSON) [default: hostfile in the config].")]
+LaunchModel = Annotated[
+    str | None, typer.Option("--model", help="Model id (cached on every host) [default: the config's model and knobs].")
+]
+LaunchParallel = Annotated[
+    str | None, typer.Option("--parallel", help="pipeline or tensor [default: the config's, else pipeline].")
+]
+LaunchConfig = Annotated[str | None, typer.Option("--config", help="Config file the defaults come from.")]
 
 
 @app.command("print", context_settings=SERVE_CONTEXT)
@@ -292,7 +315,9 @@ def run_launch(argv: list[str]) -> int:
     import signal
 
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True
+        )
     except OSError as exc:
         raise fail(f"cannot run {argv[0]}: {exc.strerror}") from None
 

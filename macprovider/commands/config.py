@@ -15,7 +15,9 @@ app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True,
 @app.command("show")
 def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON: {settings, sources, config_path}."),
-    config: str | None = typer.Option(None, "--config", help="Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."),
+    config: str | None = typer.Option(
+        None, "--config", help="Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."
+    ),
 ) -> None:
     """Print every setting with its value and source (cli, env:NAME, yaml:PATH, default, ram-tier)."""
     from macprovider import config as cfg

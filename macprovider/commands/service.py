@@ -17,23 +17,27 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from macprovider.commands.common import fail, user_errors
 
-app = typer.Typer(help="Install and control the background service (launchd on macOS, systemd on Linux).", no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(
+    help="Install and control the background service (launchd on macOS, systemd on Linux).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
 _MANAGER_HELP = "launchd or systemd [default: launchd on macOS, systemd on Linux]."
 _CONFIG_HELP = "Config file the service serves with (default: MACPROVIDER_CONFIG or ~/.config/macprovider/config.yaml)."
-ManagerOption = Annotated[Optional[str], typer.Option("--manager", help=_MANAGER_HELP)]
-ConfigOption = Annotated[Optional[str], typer.Option("--config", help=_CONFIG_HELP)]
+ManagerOption = Annotated[str | None, typer.Option("--manager", help=_MANAGER_HELP)]
+ConfigOption = Annotated[str | None, typer.Option("--config", help=_CONFIG_HELP)]
 
 
 def _manager(name: str | None):
-    from macprovider.service import spec as service
     from macprovider.service import managers as service_managers
+    from macprovider.service import spec as service
 
     name = name or service.default_manager()
     if name not in ("launchd", "systemd"):
@@ -57,8 +61,8 @@ def _settings(config: str | None):
 
 
 def _spec(config_path: Path, settings):
-    from macprovider.service import spec as service
     from macprovider.config import Settings
+    from macprovider.service import spec as service
 
     home = os.environ.get("HOME") or str(Path.home())
     drain = (settings or Settings()).drain_timeout_s
@@ -155,8 +159,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Is the service installed, loaded, running (pid), on which port, and healthy? Exit 0 if running, else 3."""
-    from macprovider.service import spec as service
     from macprovider.config import Settings
+    from macprovider.service import spec as service
 
     with user_errors():
         mgr = _manager(manager)

@@ -1,4 +1,4 @@
-"""The MLX side of `macprovider serve`: one generation thread that owns the model (DESIGN.md "Serving").
+"""The MLX side of `macprovider serve`: one generation thread that owns the model (docs/architecture.md#threads).
 
 Layout:
     protocol.py     the HTTP <-> engine contract (EngineProtocol, GenerationRequest/Chunk, ServePlan); no MLX

@@ -42,7 +42,7 @@ class BertConfig:
     hidden_act: str = "gelu"
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "BertConfig":
+    def from_dict(cls, config: dict[str, Any]) -> BertConfig:
         """Raises ModelError for a model type or activation this encoder does not implement."""
         if str(config.get("model_type", "")).lower() != "bert":
             raise ModelError(f"embedding model type {config.get('model_type')!r} is not supported (BERT encoders only)")

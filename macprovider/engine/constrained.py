@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from macprovider.errors import ApiError
 
@@ -40,19 +41,41 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     elif kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise ApiError(400, "invalid_request", "response_format.json_schema needs a `name` string", param="response_format.json_schema")
+            raise ApiError(
+                400,
+                "invalid_request",
+                "response_format.json_schema needs a `name` string",
+                param="response_format.json_schema",
+            )
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
-            raise ApiError(400, "invalid_request", "response_format.json_schema.schema must be an object", param="response_format.json_schema.schema")
+            raise ApiError(
+                400,
+                "invalid_request",
+                "response_format.json_schema.schema must be an object",
+                param="response_format.json_schema.schema",
+            )
     else:
-        raise ApiError(400, "invalid_request", 'response_format type must be "text", "json_object" or "json_schema"', param="response_format.type")
+        raise ApiError(
+            400,
+            "invalid_request",
+            'response_format type must be "text", "json_object" or "json_schema"',
+            param="response_format.type",
+        )
     try:
         grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
     except Exception as exc:  # noqa: BLE001 - llguidance raises ValueError/RuntimeError with a message
-        raise ApiError(400, "invalid_request", f"the JSON schema cannot be used: {exc}", param="response_format.json_schema.schema") from None
+        raise ApiError(
+            400, "invalid_request", f"the JSON schema cannot be used: {exc}", param="response_format.json_schema.schema"
+        ) from None
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise ApiError(400, "invalid_request", f"the JSON schema cannot be used: {messages[0]}", param="response_format.json_schema.schema")
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"the JSON schema cannot be used: {messages[0]}",
+            param="response_format.json_schema.schema",
+        )
     return grammar
 
 
@@ -82,7 +105,9 @@ class TokenizerCache:
             if tokenizer is None:
                 import llguidance.hf
 
-                tokenizer = self._built[n_vocab] = llguidance.hf.from_tokenizer(self._hf, n_vocab=n_vocab, eos_token=self._eos)
+                tokenizer = self._built[n_vocab] = llguidance.hf.from_tokenizer(
+                    self._hf, n_vocab=n_vocab, eos_token=self._eos
+                )
             return tokenizer
 
 
@@ -143,7 +168,11 @@ class GrammarProcessor:
         elif self._tokenizers.eos_ids:
             allowed[[token for token in self._tokenizers.eos_ids if token < n_vocab]] = True
         if not allowed.any():
-            raise ApiError(400, "invalid_request", "the output schema can only continue with a special token "
-                           "here (its text spells one, e.g. <|im_end|>), which is never produced as text",
-                           param="response_format")
+            raise ApiError(
+                400,
+                "invalid_request",
+                "the output schema can only continue with a special token "
+                "here (its text spells one, e.g. <|im_end|>), which is never produced as text",
+                param="response_format",
+            )
         return mx.where(mx.array(allowed)[None, :], logits, mx.array(-float("inf"), dtype=logits.dtype))

@@ -53,9 +53,10 @@ import secrets
 import struct
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger("macprovider.engine.disk_cache")
 
@@ -77,8 +78,17 @@ _ENTRY = re.compile(r"[0-9a-f]{32}\.safetensors")
 _TEMPORARY = re.compile(r"\.tmp-[0-9]+-[0-9a-f]{12}\.safetensors")
 # safetensors dtype names (https://github.com/huggingface/safetensors, `Dtype`) of the MLX dtypes a KV cache holds.
 _ST_DTYPES = {
-    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "int32": "I32",
-    "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "int64": "I64", "uint64": "U64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "uint32": "U32",
+    "int32": "I32",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "int64": "I64",
+    "uint64": "U64",
 }
 
 
@@ -150,8 +160,11 @@ def _write_entry(path: Path, tensors: Mapping[str, Any], metadata: dict[str, str
     for name, array in tensors.items():
         view = views[name]
         digest.update(view)
-        header[name] = {"dtype": _ST_DTYPES[str(array.dtype).split(".")[-1]], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + view.nbytes]}
+        header[name] = {
+            "dtype": _ST_DTYPES[str(array.dtype).split(".")[-1]],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + view.nbytes],
+        }
         offset += view.nbytes
     header["__metadata__"] = dict(metadata, checksum=digest.hexdigest())
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -242,9 +255,14 @@ def scan(root: Path, *, with_metadata: bool = False) -> Iterator[DiskEntry]:
                 try:
                     metadata = read_header(entry.path)[0]["__metadata__"]
                     entry = DiskEntry(
-                        entry.path, entry.size, entry.last_used, str(metadata.get("model", "")),
-                        str(metadata.get("revision", "")), str(metadata.get("weights_dtype", "")),
-                        str(metadata.get("kv_bits", "")), int(metadata.get("n_tokens", 0)),
+                        entry.path,
+                        entry.size,
+                        entry.last_used,
+                        str(metadata.get("model", "")),
+                        str(metadata.get("revision", "")),
+                        str(metadata.get("weights_dtype", "")),
+                        str(metadata.get("kv_bits", "")),
+                        int(metadata.get("n_tokens", 0)),
                         metadata.get("format") == FORMAT,
                     )
                 except (OSError, BadEntry, ValueError):
@@ -315,8 +333,11 @@ class DiskPromptCache:
             free = budget_bytes
         self.budget = min(budget_bytes, int(BUDGET_FREE_FRACTION * (free + held)))
         if self.budget < budget_bytes:
-            log.info("prompt cache on disk: budget %d bytes (setting %d, capped to half of the free space)",
-                     self.budget, budget_bytes)
+            log.info(
+                "prompt cache on disk: budget %d bytes (setting %d, capped to half of the free space)",
+                self.budget,
+                budget_bytes,
+            )
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()  # one directory re-read at a time (generation thread, writer)
         self._index: dict[str, _Indexed] = {}
@@ -327,8 +348,13 @@ class DiskPromptCache:
         self._writer = threading.Thread(target=self._write_loop, name="macprovider-kv-writer", daemon=True)
         self._writer.start()
         self._update_totals()
-        log.info("prompt cache on disk: %s (%d entries, %d bytes, budget %d bytes)",
-                 self.directory, self._counters.entries, self._counters.bytes, self.budget)
+        log.info(
+            "prompt cache on disk: %s (%d entries, %d bytes, budget %d bytes)",
+            self.directory,
+            self._counters.entries,
+            self._counters.bytes,
+            self.budget,
+        )
 
     # -- stats --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float | int]:
@@ -336,9 +362,16 @@ class DiskPromptCache:
         loading, entries written, write errors and bad entries dropped, all since this process started."""
         with self._lock:
             c = self._counters
-            return {"entries": c.entries, "bytes": c.bytes, "hits": c.hits, "misses": c.misses,
-                    "load_seconds": round(c.load_seconds, 6), "writes": c.writes, "write_errors": c.write_errors,
-                    "dropped": c.dropped}
+            return {
+                "entries": c.entries,
+                "bytes": c.bytes,
+                "hits": c.hits,
+                "misses": c.misses,
+                "load_seconds": round(c.load_seconds, 6),
+                "writes": c.writes,
+                "write_errors": c.write_errors,
+                "dropped": c.dropped,
+            }
 
     def _update_totals(self) -> None:
         entries = list(scan(self.root))
@@ -430,7 +463,7 @@ class DiskPromptCache:
         classes = _layer_classes()
         caches = []
         for index, layer in enumerate(layers):
-            flat = [(key[len(f"{index}."):], value) for key, value in arrays.items() if key.startswith(f"{index}.")]
+            flat = [(key[len(f"{index}.") :], value) for key, value in arrays.items() if key.startswith(f"{index}.")]
             flat += [(key, value) for key, value in layer["scalars"].items()]
             state = tree_unflatten(flat)
             cache = classes[layer["class"]].from_state(tuple(state) if isinstance(state, list) else state)
@@ -554,7 +587,7 @@ class DiskPromptCache:
         wanted = np.asarray(tokens, dtype=np.int32)
         with self._lock:
             entries = list(self._index.items())
-        for other_name, other in entries:  # an entry at least this long with these tokens first covers it
+        for _name, other in entries:  # an entry at least this long with these tokens first covers it
             if len(other.tokens) >= len(wanted) and bool((other.tokens[: len(wanted)] == wanted).all()):
                 try:
                     os.utime(other.path)
@@ -571,8 +604,13 @@ class DiskPromptCache:
                 else:
                     scalars[key] = value
             described.append({"class": kind, "scalars": scalars})
-        metadata = dict(self.identity, format=FORMAT, n_tokens=str(len(tokens)), layers=json.dumps(described),
-                        created=str(int(time.time())))
+        metadata = dict(
+            self.identity,
+            format=FORMAT,
+            n_tokens=str(len(tokens)),
+            layers=json.dumps(described),
+            created=str(int(time.time())),
+        )
         size = 8 + sum(memoryview(v).nbytes for v in tensors.values()) + 4096  # header: a few KB at most
         if size > self.budget:
             return
@@ -585,8 +623,11 @@ class DiskPromptCache:
             _unlink(temporary)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._paused_until = time.monotonic() + FULL_DISK_PAUSE_S
-                log.warning("prompt cache on disk: %s is full; keeping prompts in memory only for %g s",
-                            self.directory, FULL_DISK_PAUSE_S)
+                log.warning(
+                    "prompt cache on disk: %s is full; keeping prompts in memory only for %g s",
+                    self.directory,
+                    FULL_DISK_PAUSE_S,
+                )
                 with self._lock:
                     self._counters.write_errors += 1
                 return
@@ -595,8 +636,11 @@ class DiskPromptCache:
         self._remember(name, tokens, path)
         # Shorter entries this one extends are redundant: trimming this one serves their prompts.
         for other_name, other in entries:
-            if other_name != name and len(other.tokens) < len(wanted) \
-                    and bool((wanted[: len(other.tokens)] == other.tokens).all()):
+            if (
+                other_name != name
+                and len(other.tokens) < len(wanted)
+                and bool((wanted[: len(other.tokens)] == other.tokens).all())
+            ):
                 self._forget(other_name)
                 _unlink(other.path)
         with self._lock:
@@ -629,8 +673,11 @@ class DiskPromptCache:
 def _subdirs(root: Path) -> list[str]:
     """The namespace directories under `root` (names this module makes only)."""
     try:
-        return [entry.path for entry in os.scandir(root)
-                if _NAMESPACE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)]
+        return [
+            entry.path
+            for entry in os.scandir(root)
+            if _NAMESPACE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+        ]
     except OSError:
         return []
 

@@ -1,4 +1,4 @@
-"""One model across several machines on `mx.distributed` (SPEC.md §7b): ranks in lockstep.
+"""One model across several machines on `mx.distributed` (docs/several-machines.md): ranks in lockstep.
 
 `macprovider serve --parallel pipeline|tensor` runs under `mlx.launch` (ring, JACCL or MPI backend; the
 transport is MLX's). Every rank loads its share of the model and runs the same mlx-lm `BatchGenerator`;
@@ -53,9 +53,10 @@ import signal
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from macprovider.config import WEIGHTS_DTYPES
 from macprovider.errors import ModelError
@@ -117,11 +118,17 @@ class SamplerSpec:
 
     def encode(self) -> list[int]:
         seed = self.seed or 0
-        return [float_bits(self.temperature), float_bits(self.top_p), int(self.seed is not None), _int32(seed >> 32),
-                _int32(seed), int(self.top_k)]
+        return [
+            float_bits(self.temperature),
+            float_bits(self.top_p),
+            int(self.seed is not None),
+            _int32(seed >> 32),
+            _int32(seed),
+            int(self.top_k),
+        ]
 
     @classmethod
-    def decode(cls, ints: Sequence[int]) -> "SamplerSpec":
+    def decode(cls, ints: Sequence[int]) -> SamplerSpec:
         temperature, top_p, has_seed, high, low, top_k = ints
         seed = ((high & 0xFFFFFFFF) << 32) | (low & 0xFFFFFFFF) if has_seed else None
         return cls(bits_float(temperature), bits_float(top_p), seed, top_k)
@@ -377,7 +384,9 @@ def follow(engine: Any, lockstep: Lockstep) -> int:
 WEIGHT_DTYPE_CODES = tuple(value for value in WEIGHTS_DTYPES if value != "auto")  # what apply_weights_dtype returns
 
 
-def load_sharded(model_path: Path, lockstep: Lockstep, budget_bytes: float, cast: Callable[[Any], str]) -> tuple[Any, Any]:
+def load_sharded(
+    model_path: Path, lockstep: Lockstep, budget_bytes: float, cast: Callable[[Any], str]
+) -> tuple[Any, Any]:
     """Load this rank's share of the model: (model, tokenizer), weights evaluated.
 
     Pipeline: budgets are gathered from all ranks and `split_layers` sizes the stages; the model is
@@ -391,7 +400,9 @@ def load_sharded(model_path: Path, lockstep: Lockstep, budget_bytes: float, cast
     model, tokenizer = load(str(model_path), lazy=True)
     if lockstep.parallel == "tensor":
         if not hasattr(model, "shard"):
-            raise ModelError(f"{type(model).__module__} has no tensor-parallel shard() in mlx-lm; use --parallel pipeline")
+            raise ModelError(
+                f"{type(model).__module__} has no tensor-parallel shard() in mlx-lm; use --parallel pipeline"
+            )
         model.shard(lockstep.group)
         mx.eval(model.parameters())
         chosen = cast(model)
@@ -400,7 +411,9 @@ def load_sharded(model_path: Path, lockstep: Lockstep, budget_bytes: float, cast
         by_stage = [budgets[lockstep.size - 1 - s] for s in range(lockstep.size)]  # stage s = rank N−1−s
         inner = getattr(model, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
-            raise ModelError(f"{type(model).__module__}: pipeline needs a decoder with model.embed_tokens, model.layers and model.norm")
+            raise ModelError(
+                f"{type(model).__module__}: pipeline needs a decoder with model.embed_tokens, model.layers and model.norm"
+            )
         lockstep.stages = split_layers(len(inner.layers), by_stage)
         model = PipelineStage(model, lockstep.group, lockstep.stages)
         mx.eval(model.parameters())
@@ -409,7 +422,9 @@ def load_sharded(model_path: Path, lockstep: Lockstep, budget_bytes: float, cast
     codes = lockstep.all_gather_floats(float(code))  # also: everyone loaded, nobody times out on a slow loader
     if len(set(codes)) > 1:
         names = [WEIGHT_DTYPE_CODES[int(c)] if int(c) < len(WEIGHT_DTYPE_CODES) else "other" for c in codes]
-        raise ModelError(f"the ranks chose different weights dtypes {names} (weights_dtype auto depends on each host's free memory); set --weights-dtype")
+        raise ModelError(
+            f"the ranks chose different weights dtypes {names} (weights_dtype auto depends on each host's free memory); set --weights-dtype"
+        )
     return model, tokenizer
 
 
@@ -486,7 +501,9 @@ class PipelineStage:
         for layer, layer_cache in zip(self.layers, cache):
             sliding = bool(getattr(layer, "use_sliding", False))
             if sliding not in masks:
-                masks[sliding] = create_attention_mask(h, layer_cache, window_size=self.sliding_window if sliding else None)
+                masks[sliding] = create_attention_mask(
+                    h, layer_cache, window_size=self.sliding_window if sliding else None
+                )
             h = layer(h, masks[sliding], cache=layer_cache)
         if not self.last:
             # Send now: the prompt pass evaluates only the caches, never the logits.
@@ -549,11 +566,18 @@ def run_follower(engine: Any) -> int:
                 os._exit(1)
 
     threading.Thread(target=watchdog, name="macprovider-rank-watchdog", daemon=True).start()
-    log.info("rank %d of %d: loading %s (%s parallel)", lockstep.rank, lockstep.size, engine.model_id, lockstep.parallel)
+    log.info(
+        "rank %d of %d: loading %s (%s parallel)", lockstep.rank, lockstep.size, engine.model_id, lockstep.parallel
+    )
     try:
         code = engine.follow()
     except Exception as exc:  # noqa: BLE001 - one line, then a non-zero exit for the launcher
-        log.error("rank %d stopped: %s: %s", lockstep.rank, exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.error(
+            "rank %d stopped: %s: %s",
+            lockstep.rank,
+            exc.__class__.__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return 1
     log.info("rank %d: rank 0 said stop; exiting", lockstep.rank)
     return code

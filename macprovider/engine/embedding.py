@@ -99,7 +99,7 @@ class EmbeddingEngine:
         batch = plan.settings.max_concurrency_override
         self.max_batch = batch if isinstance(batch, int) and batch > 1 else DEFAULT_MAX_BATCH
         self.kv_bits = None
-        self.queue_limit = max(1, plan.settings.queue_depth)
+        self.queue_limit = max(1, plan.settings.max_queue_depth)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._queued = 0

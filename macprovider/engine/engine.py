@@ -1,11 +1,11 @@
 """The MLX engine: one generation thread that owns the model and mlx-lm's `BatchGenerator`.
 
-This is the only serve-path module that imports MLX (DESIGN.md "Serving: one thread owns MLX").
+This is the only serve-path module that imports MLX (docs/architecture.md#threads).
 
-- Continuous batching (SPEC.md §3.1): up to `max_batch` sequences are decoded together by
+- Continuous batching (docs/api.md#engine-semantics): up to `max_batch` sequences are decoded together by
   `mlx_lm.generate.BatchGenerator`; a new request is inserted into the running batch as soon as a slot is
   free (its prompt is prefilled in chunks interleaved with the running decode steps). Further requests
-  wait in a FIFO of `queue_depth`; beyond that `submit` raises 429 with Retry-After.
+  wait in a FIFO of `max_queue_depth`; beyond that `submit` raises 429 with Retry-After.
 - kv-bits: every sequence gets `kvcache.QuantizedKVCache` layers, which merge into a
   `kvcache.BatchQuantizedKVCache` — quantized from the first token, and batching stays on.
 - max-context C: a prompt longer than C is refused (413); `max_tokens` is clamped to C − prompt tokens,
@@ -34,23 +34,32 @@ import threading
 import time
 from typing import Any
 
-from macprovider.engine.isolation import fault_report, guard, record_fault
 from macprovider.engine.distributed import FAILURE_ANNOUNCE_S, Lockstep, LockstepBatch, SamplerSpec, follow
+from macprovider.engine.isolation import fault_report, guard, record_fault
 from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, ServePlan, TokenLogprob
-from macprovider.errors import ApiError, ModelError
 from macprovider.engine.sequence import OutputText, SequenceHandle, SequenceState
+from macprovider.errors import ApiError, ModelError
 
 log = logging.getLogger("macprovider.engine.engine")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback piece
 
 # Text of end-of-turn tokens of common chat formats; any of them in the vocabulary ends generation.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>", "<|return|>")
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+    "<|return|>",
+)
 PROMPT_CACHE_ENTRIES = 64
 # Fewer shared tokens than this are not worth a wait: chat templates alone share their opening tokens.
 SHARED_PREFIX_MIN_TOKENS = 32
 # MLX keeps freed buffers for reuse (its buffer cache) up to its memory limit by default — on Linux, all of
 # RAM. Decode-step temporaries are far smaller, and mlx-lm empties the cache after every prefill chunk, so a
-# fixed cap bounds the process without costing reuse where it matters (issue 14; health reports the cache
+# fixed cap bounds the process without costing reuse where it matters (health reports the cache
 # as engine.cache_memory_bytes).
 MLX_CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 
@@ -75,7 +84,7 @@ class Engine:
         self.max_batch = settings.max_concurrency_override
         self.kv_bits = settings.kv_bits
         self.weights_dtype = settings.weights_dtype  # the setting; after load(), what was applied
-        self.queue_depth = settings.queue_depth
+        self.max_queue_depth = settings.max_queue_depth
         # Prefix reuse is per rank and byte-bounded: ranks holding different layers would evict differently.
         self.prompt_cache_bytes = settings.prompt_cache_bytes if lockstep is None else 0
         # Its disk tier (engine/disk_cache.py) sits under the memory tier: off with it (prompt_cache_bytes 0 means
@@ -118,7 +127,11 @@ class Engine:
             self._state = "ready"
         log.info(
             "engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s weights=%s",
-            self.model_id, self.max_batch, self.max_context, self.kv_bits, self.weights_dtype,
+            self.model_id,
+            self.max_batch,
+            self.max_context,
+            self.kv_bits,
+            self.weights_dtype,
         )
 
     def _self_test(self) -> None:
@@ -188,7 +201,12 @@ class Engine:
 
                     tokens = tokenizer.encode(convert_chat(messages))
         except Exception as exc:  # jinja raises for e.g. roles the template does not accept
-            raise ApiError(400, "invalid_request", f"the model's chat template rejected the messages: {_describe(exc)}", param="messages") from None
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"the model's chat template rejected the messages: {_describe(exc)}",
+                param="messages",
+            ) from None
         return list(tokens)
 
     @property
@@ -241,13 +259,18 @@ class Engine:
         if not prompt:
             raise ApiError(400, "invalid_request", "the prompt is empty", param="messages")
         if request.grammar is not None and not self._grammar_ok:
-            raise ApiError(400, "invalid_request", "this model's tokenizer does not support response_format (constrained decoding needs a fast tokenizer)", param="response_format")
+            raise ApiError(
+                400,
+                "invalid_request",
+                "this model's tokenizer does not support response_format (constrained decoding needs a fast tokenizer)",
+                param="response_format",
+            )
         with self._lock:
-            if not internal and self._admitted >= self.max_batch + self.queue_depth:
+            if not internal and self._admitted >= self.max_batch + self.max_queue_depth:
                 raise ApiError(
                     429,
                     "rate_limit_exceeded",
-                    f"all {self.max_batch} batch slots and {self.queue_depth} queue places are taken; retry shortly",
+                    f"all {self.max_batch} batch slots and {self.max_queue_depth} queue places are taken; retry shortly",
                     headers={"Retry-After": "1"},
                 )
             self._admitted += 1
@@ -282,7 +305,12 @@ class Engine:
             state = self._state
             if state == "ready" and self._counters["active"] >= self.max_batch:
                 state = "busy"
-            if self._thread is not None and not self._thread.is_alive() and not self._stopping and self._loaded.is_set():
+            if (
+                self._thread is not None
+                and not self._thread.is_alive()
+                and not self._stopping
+                and self._loaded.is_set()
+            ):
                 state = "unavailable"
         if self.lockstep is not None and self._group_failed():
             state = "unavailable"
@@ -392,6 +420,7 @@ class Engine:
         from mlx_lm import load
         from mlx_lm.generate import BatchGenerator, make_stop_sequences
         from mlx_lm.models.cache import LRUPromptCache
+
         from macprovider.engine.kvcache import kv_group_size, make_cache_factory
 
         mx.set_cache_limit(MLX_CACHE_LIMIT_BYTES)
@@ -437,10 +466,17 @@ class Engine:
         self._prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=max(self.prompt_cache_bytes, 0))
         from macprovider.engine.disk_cache import model_revision, open_disk_cache
 
-        self._disk = open_disk_cache(self.prompt_cache_dir, self.prompt_cache_disk_bytes, {
-            "model": self.model_id, "revision": model_revision(self.model_path),
-            "weights_dtype": str(self.weights_dtype), "kv_bits": str(self.kv_bits), "kv_group_size": str(group_size),
-        })
+        self._disk = open_disk_cache(
+            self.prompt_cache_dir,
+            self.prompt_cache_disk_bytes,
+            {
+                "model": self.model_id,
+                "revision": model_revision(self.model_path),
+                "weights_dtype": str(self.weights_dtype),
+                "kv_bits": str(self.kv_bits),
+                "kv_group_size": str(group_size),
+            },
+        )
         self._batch = BatchGenerator(
             model,
             completion_batch_size=self.max_batch,
@@ -644,7 +680,9 @@ class Engine:
         if pieces is None:
             hf_tokenizer = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
             piece = hf_tokenizer.convert_ids_to_tokens(token)
-            pieces = self._token_pieces[token] = token_bytes(piece if isinstance(piece, str) else "", self._token_text(token))
+            pieces = self._token_pieces[token] = token_bytes(
+                piece if isinstance(piece, str) else "", self._token_text(token)
+            )
         return pieces
 
     def _token_logprob(self, token: int, logprobs: Any, top: int) -> TokenLogprob:
@@ -660,11 +698,22 @@ class Engine:
             values = row[ids]
             order = mx.argsort(-values)
             ids_list, values_list = ids[order].tolist(), values[order].tolist()
-            alternatives = tuple((self._token_text(i), float(v), self._token_bytes(i)) for i, v in zip(ids_list, values_list))
+            alternatives = tuple(
+                (self._token_text(i), float(v), self._token_bytes(i)) for i, v in zip(ids_list, values_list)
+            )
         return TokenLogprob(self._token_text(token), float(row[token].item()), alternatives, self._token_bytes(token))
 
-    def _finish(self, sequence: SequenceState, reason: str, *, error: str | None = None, finished_by_batch: bool = False, response: Any = None,
-                error_status: int = 500, error_param: str | None = None) -> None:
+    def _finish(
+        self,
+        sequence: SequenceState,
+        reason: str,
+        *,
+        error: str | None = None,
+        finished_by_batch: bool = False,
+        response: Any = None,
+        error_status: int = 500,
+        error_param: str | None = None,
+    ) -> None:
         """End a sequence: leave the batch (saving its KV for prefix reuse), send the final chunk."""
         if sequence.uid is not None and sequence.uid in self._active:
             del self._active[sequence.uid]
@@ -676,7 +725,7 @@ class Engine:
             if cache is not None and self.prompt_cache_bytes > 0:
                 # mlx-lm extracts a row lazily (a slice of the whole batch buffer): evaluated now, the entry
                 # owns just its rows; left lazy, it kept every batch buffer it came from alive — ~5x the
-                # bytes the prompt cache counted (issue 14; measured in scripts/soak.py's memory phase).
+                # bytes the prompt cache counted (measured in scripts/soak.py's memory phase).
                 self._mx.eval([layer.state for layer in cache])
                 self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)
                 self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes)
@@ -688,8 +737,16 @@ class Engine:
         with self._lock:
             self._admitted -= 1
         stop_sequence = sequence.output.stop_sequence if reason == "stop" else None
-        sequence.handle.deliver(GenerationChunk(finish_reason=reason, usage=sequence.usage(), error=error, stop_sequence=stop_sequence,
-                                                error_status=error_status, error_param=error_param))
+        sequence.handle.deliver(
+            GenerationChunk(
+                finish_reason=reason,
+                usage=sequence.usage(),
+                error=error,
+                stop_sequence=stop_sequence,
+                error_status=error_status,
+                error_param=error_param,
+            )
+        )
 
     def _fail_everything(self, message: str) -> None:
         for sequence in list(self._pending) + list(self._active.values()):
@@ -708,7 +765,11 @@ class Engine:
     def _publish_gauges(self) -> None:
         kv_bytes = self._batch.prompt_cache_nbytes if self._active else 0
         mx = self._mx
-        peak_memory, active_memory, cache_memory = int(mx.get_peak_memory()), int(mx.get_active_memory()), int(mx.get_cache_memory())
+        peak_memory, active_memory, cache_memory = (
+            int(mx.get_peak_memory()),
+            int(mx.get_active_memory()),
+            int(mx.get_cache_memory()),
+        )
         with self._lock:
             counters = self._counters
             counters["active"] = len(self._active)
@@ -777,9 +838,8 @@ def _describe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text}"[:300] if text else exc.__class__.__name__
 
 
-
 def token_bytes(piece: str, text: str) -> bytes:
-    """A token's own bytes, for OpenAI logprob `bytes` (SPEC.md §3.6).
+    """A token's own bytes, for OpenAI logprob `bytes` (docs/api.md).
 
     piece: the vocabulary entry (`convert_ids_to_tokens`); text: the token decoded alone. When the text is
     whole (no U+FFFD) its UTF-8 is the answer. A token holding part of a multi-byte character decodes to

@@ -13,7 +13,8 @@ No MLX at import: `mx` is imported inside the wrappers (they only run on the gen
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from macprovider.engine.sequence import SequenceState
 from macprovider.errors import ApiError

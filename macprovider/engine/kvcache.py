@@ -18,7 +18,7 @@ masked out, `offset[b]` is its real length (`_idx − left_padding[b]`).
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_map, tree_reduce
@@ -36,7 +36,7 @@ class QuantizedKVCache(_MlxQuantizedKVCache):
         return self.offset
 
     @classmethod
-    def merge(cls, caches: List["QuantizedKVCache"]) -> "BatchQuantizedKVCache":
+    def merge(cls, caches: list[QuantizedKVCache]) -> BatchQuantizedKVCache:
         return BatchQuantizedKVCache.merge(caches)
 
 
@@ -62,7 +62,7 @@ class BatchQuantizedKVCache(_BaseCache):
 
     step = 256
 
-    def __init__(self, left_padding: List[int], group_size: int = 64, bits: int = 8):
+    def __init__(self, left_padding: list[int], group_size: int = 64, bits: int = 8):
         self.keys: QuantTriple | None = None
         self.values: QuantTriple | None = None
         self.left_padding = mx.array(left_padding)
@@ -180,7 +180,7 @@ class BatchQuantizedKVCache(_BaseCache):
             self._idx -= min_left_pad
             self.left_padding -= min_left_pad
 
-    def extend(self, other: "BatchQuantizedKVCache"):
+    def extend(self, other: BatchQuantizedKVCache):
         """Append the rows of `other`, right-justifying both to the longer history."""
         if self.keys is None and other.keys is None:
             self.left_padding = mx.concatenate([self.left_padding, other.left_padding])
@@ -229,7 +229,7 @@ class BatchQuantizedKVCache(_BaseCache):
         return cache
 
     @classmethod
-    def merge(cls, caches: List[Any]) -> "BatchQuantizedKVCache":
+    def merge(cls, caches: list[Any]) -> BatchQuantizedKVCache:
         """Left-pad single-sequence `QuantizedKVCache`s (possibly empty) into one batch cache."""
         group_size, bits = caches[0].group_size, caches[0].bits
         lengths = [c.offset if c.keys is not None else 0 for c in caches]
@@ -258,7 +258,7 @@ class BatchQuantizedKVCache(_BaseCache):
 
 
 def kv_group_size(head_dim: int, preferred: int = 64) -> int:
-    """Group size for quantizing a head dimension: 64 (SPEC.md §3.1) when it divides `head_dim`, else 32.
+    """Group size for quantizing a head dimension: 64 (docs/api.md#engine-semantics) when it divides `head_dim`, else 32.
 
     Raises ValueError when neither divides it (mx.quantize needs the last axis divisible by the group).
     """

@@ -14,10 +14,11 @@ Flow of one request:
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
@@ -80,7 +81,7 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts and timing of one finished sequence (SPEC.md §3.3).
+    """Token counts and timing of one finished sequence (docs/api.md#chat-completions).
 
     prompt_tokens / completion_tokens / cached_tokens: counts (cached = prompt tokens whose KV was reused).
     generation_ms: decode wall time, first generated token to last, milliseconds.
@@ -142,7 +143,7 @@ class GenerationHandle(Protocol):
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Counters and gauges for /v1/health and /metrics (SPEC.md §3.2). Bytes are integers."""
+    """Counters and gauges for /v1/health and /metrics (docs/api.md#routes). Bytes are integers."""
 
     state: EngineState
     active_sequences: int = 0
@@ -154,7 +155,7 @@ class EngineStats:
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
-    # What the process holds now (issue 14): the prompt (prefix) cache's entries, MLX's live arrays and MLX's
+    # What the process holds now: the prompt (prefix) cache's entries, MLX's live arrays and MLX's
     # buffer cache (freed buffers kept for reuse: `mx.get_active_memory` / `mx.get_cache_memory`).
     prompt_cache_bytes: int = 0
     active_memory_bytes: int = 0
@@ -263,7 +264,7 @@ class EmbeddingEngineProtocol(Protocol):
         of an id outside the vocabulary. Lengths are not checked here."""
         ...
 
-    def embed(self, token_lists: Sequence[Sequence[int]]) -> "Future[numpy.ndarray]":
+    def embed(self, token_lists: Sequence[Sequence[int]]) -> Future[numpy.ndarray]:
         """Queue the inputs for the engine's worker thread (batched with other requests' inputs); the future
         resolves to a float32 array (inputs, dimensions): one pooled (and, per the model, L2-normalized)
         vector per input, in order, or to

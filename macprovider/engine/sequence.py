@@ -1,6 +1,6 @@
 """Per-request state of one generated sequence, and the handle the HTTP layer iterates.
 
-`OutputText` turns token ids into the text a client may see (SPEC.md §3.1 "Stop handling"): mlx-lm's
+`OutputText` turns token ids into the text a client may see (docs/api.md#engine-semantics "Stop handling"): mlx-lm's
 streaming detokenizer, special tokens (EOS, end-of-turn, `<|im_start|>` …) never decoded into text, and
 request `stop` strings matched on text by mlx-lm's `TextStateMachine` — text that may be the start of a
 stop string is held back until it is resolved, a matched stop string ends the sequence and is dropped.
@@ -15,8 +15,9 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any
 
 from mlx_lm.generate import TextStateMachine
 
@@ -76,7 +77,7 @@ class SequenceHandle:
     Without a running event loop at creation (the engine's self-test), `wait()` collects synchronously.
     """
 
-    def __init__(self, on_cancel: Callable[["SequenceHandle"], None]):
+    def __init__(self, on_cancel: Callable[[SequenceHandle], None]):
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

@@ -1,4 +1,4 @@
-"""OpenAI tool calling (SPEC.md §3.3 extension, issue "Agents can use it"), used by `macprovider.serve`.
+"""OpenAI tool calling (docs/api.md#tools-structured-output-and-logprobs), used by `macprovider.serve`.
 
     check_tools(tools, tool_choice) -> (tools, choice)   ApiError 400 naming `tools.N...` / `tool_choice`
     tool_call_grammar(tools, choice, start, end) -> str  llguidance grammar forcing one well-formed call
@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from macprovider.errors import ApiError
 
@@ -60,11 +61,23 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]], Any
         if name not in names:
             raise _bad("tool_choice", f"tool_choice names function {name!r}, which is not in tools")
         return tools, name
-    raise _bad("tool_choice", 'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
+    raise _bad(
+        "tool_choice",
+        'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+    )
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], choice: str, start: str, end: str, *, start_token: int | None = None,
-                      end_token: int | None = None, start_suffix: str = "\n", end_prefix: str = "\n") -> str:
+def tool_call_grammar(
+    tools: list[dict[str, Any]],
+    choice: str,
+    start: str,
+    end: str,
+    *,
+    start_token: int | None = None,
+    end_token: int | None = None,
+    start_suffix: str = "\n",
+    end_prefix: str = "\n",
+) -> str:
     """llguidance Lark grammar: `start` + one JSON object {"name": <a tool (or `choice`)>, "arguments":
     <that tool's parameters schema>} + `end` (the Hermes/Qwen `<tool_call>` JSON format, mlx-lm's
     `json_tools` parser). Raises ApiError 400 (`tools`) if a parameters schema cannot be compiled.
@@ -84,12 +97,14 @@ def tool_call_grammar(tools: list[dict[str, Any]], choice: str, start: str, end:
             continue
         parameters, defs = hoist_definitions(function.get("parameters") or {"type": "object"}, f"tool{index}_")
         definitions.update(defs)
-        variants.append({
-            "type": "object",
-            "properties": {"name": {"const": function["name"]}, "arguments": parameters},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        })
+        variants.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     schema = dict(variants[0]) if len(variants) == 1 else {"anyOf": variants}
     if definitions:
         schema["$defs"] = definitions
@@ -124,7 +139,7 @@ def hoist_definitions(schema: dict[str, Any], prefix: str) -> tuple[dict[str, An
                 else:
                     for base in ("#/$defs/", "#/definitions/"):
                         if ref.startswith(base):
-                            out["$ref"] = f"#/$defs/{prefix}{ref[len(base):]}"
+                            out["$ref"] = f"#/$defs/{prefix}{ref[len(base) :]}"
             return out
         if isinstance(node, list):
             return [rewrite(item) for item in node]
@@ -163,7 +178,10 @@ class ToolCallSplitter:
         return {
             "id": f"call_{secrets.token_hex(12)}",
             "type": "function",
-            "function": {"name": parsed.get("name", ""), "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)},
+            "function": {
+                "name": parsed.get("name", ""),
+                "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+            },
         }
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -177,13 +195,13 @@ class ToolCallSplitter:
                 call = self._call(self._buffer[:at])
                 if call is not None:
                     calls.append(call)
-                self._buffer = self._buffer[at + len(self.end):]
+                self._buffer = self._buffer[at + len(self.end) :]
                 self._in_call = False
                 continue
             at = self._buffer.find(self.start)
             if at >= 0:
                 content += self._buffer[:at]
-                self._buffer = self._buffer[at + len(self.start):]
+                self._buffer = self._buffer[at + len(self.start) :]
                 self._in_call = True
                 continue
             keep = 0  # longest suffix of the buffer that is a prefix of `start`
@@ -192,7 +210,7 @@ class ToolCallSplitter:
                     keep = n
                     break
             content += self._buffer[: len(self._buffer) - keep]
-            self._buffer = self._buffer[len(self._buffer) - keep:]
+            self._buffer = self._buffer[len(self._buffer) - keep :]
             return content, calls
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
@@ -216,5 +234,8 @@ class ToolCallSplitter:
         return {
             "id": f"call_{secrets.token_hex(12)}",
             "type": "function",
-            "function": {"name": json.loads(f'"{name.group(1)}"'), "arguments": body[arguments.end():] if arguments else ""},
+            "function": {
+                "name": json.loads(f'"{name.group(1)}"'),
+                "arguments": body[arguments.end() :] if arguments else "",
+            },
         }

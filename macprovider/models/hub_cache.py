@@ -21,9 +21,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from macprovider.errors import InvalidModelId, ModelError, ModelNotCachedError
 from macprovider.models.ids import (
@@ -188,7 +189,7 @@ def _reason(exc: BaseException) -> str:
     return f"{inner.__class__.__name__}: {text}"[:300] if text else inner.__class__.__name__
 
 
-def _unreachable(where: str, repo_id: str, exc: BaseException, retry: str) -> "PullError":
+def _unreachable(where: str, repo_id: str, exc: BaseException, retry: str) -> PullError:
     """The transient error for a Hub that cannot be reached (DNS, refused connection, timeout)."""
     return PullError(
         f"cannot reach the Hugging Face Hub at {where} to download {repo_id} ({_reason(exc)}): check the "
@@ -405,9 +406,7 @@ def remove_model(model: str, cache_dir: Path | None = None) -> int:
         info = scan_cache_dir(cache_dir=cache_dir)
     except CacheNotFound:  # pragma: no cover - the repo dir exists, so the cache does
         info = None
-    repo = next(
-        (r for r in (info.repos if info else ()) if r.repo_type == "model" and r.repo_id == repo_id), None
-    )
+    repo = next((r for r in (info.repos if info else ()) if r.repo_type == "model" and r.repo_id == repo_id), None)
     if repo is not None and repo.revisions:
         # Restrict the scan to this repo first: delete_revisions matches commit hashes cache-wide, and two
         # repos may hold the same commit (a copy, or demo models built from the same files).
@@ -460,11 +459,15 @@ def install_in_hub_cache(source: Path, repo_id: str, cache_dir: Path | None = No
     files = list(names)
     digests = {names[path]: blob_hash(path, "sha256" if _is_lfs(path.name) else "git-sha1") for path in files}
     revision = hashlib.sha1(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-    exists = ModelError(f"model {repo_id} is already in the cache; choose another id or remove it with `macprovider models rm {repo_id}`")
+    exists = ModelError(
+        f"model {repo_id} is already in the cache; choose another id or remove it with `macprovider models rm {repo_id}`"
+    )
     if exclusive and repo_dir.exists():
         raise exists
     cache_dir.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=".macprovider-install-", dir=cache_dir)) / repo_dir.name if exclusive else repo_dir
+    build = (
+        Path(tempfile.mkdtemp(prefix=".macprovider-install-", dir=cache_dir)) / repo_dir.name if exclusive else repo_dir
+    )
     try:
         snapshot = build / "snapshots" / revision
         (build / "blobs").mkdir(parents=True, exist_ok=True)

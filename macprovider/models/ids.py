@@ -9,15 +9,26 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from macprovider.errors import InvalidModelId, ModelError, ModelNotCachedError
 
 _PART = re.compile(r"^[A-Za-z0-9._-]+$")
 
 # The files mlx-lm's loader fetches (mlx_lm/utils.py DEFAULT_ALLOW_PATTERNS).
-ALLOW_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
+ALLOW_PATTERNS = [
+    "*.json",
+    "model*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
+]
 
 
 def is_hub_id(model: str) -> bool:

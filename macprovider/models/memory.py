@@ -29,7 +29,7 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                recorded concurrency — the replay sends in order and the engine admits FIFO): the term is the
                largest window's min(size, max_batch) × its longest sequence. Four concurrent short chats and
                one long agent prompt at a time no longer count as four long sequences (measured on SmolLM2,
-               recorded workload, max-batch 4: +16.3 % before, issue 15). Allocated tokens = those tokens rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
+               recorded workload, max-batch 4: +16.3 % before). Allocated tokens = those tokens rounded up to KV_ALLOCATION_STEP (mlx_lm.models.cache.KVCache.step = 256; BatchKVCache and our
                BatchQuantizedKVCache grow by the same step). KV bytes per token = 2 (K and V) × layers ×
                kv_heads (GQA: `num_key_value_heads`) × head_dim × bytes per element, where bytes per element
                is the activation dtype size at full precision — the dtype serve computes in, so 4 when
@@ -37,7 +37,7 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                checkpoint's `torch_dtype` — and with kv-bits b it is b/8 + 2 × dtype
                size / group size (mx.quantize: b-bit codes plus one scale and one bias per group of 64, or 32
                when 64 does not divide head_dim — engine.kvcache.kv_group_size). float16 activations give
-               SPEC's 1.0625 B (8-bit) and 0.5625 B (4-bit).
+               the usual 1.0625 B (8-bit) and 0.5625 B (4-bit).
   prompt_cache finished sequences the engine keeps for prefix reuse (mlx-lm `LRUPromptCache`, at most
                PROMPT_CACHE_ENTRIES entries and `prompt_cache_bytes`, default 1 GiB; each entry is a contiguous
                copy of its tokens' KV, `BatchKVCache.extract`): the tokens the trial's workload leaves there ×
@@ -56,7 +56,7 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                of one request prefilling the longest prompt alone (the warm-up, or a cold request) and, over
                the `live_windows`, min(size, max_batch) requests prefilling the window's longest uncached rest
                together (chunk = that rest, scores against the longest prompt as keys). Counting whole prompts
-               for every live sequence measured +13.6 % at 8 in flight (issue 15).
+               for every live sequence measured +13.6 % at 8 in flight.
   baseline     the runtime's own footprint: the RSS of a bare child that imports what `macprovider serve`
                imports (MLX, mlx-lm, the HTTP server) and allocates nothing, measured once per machine and
                runtime (`autotune.memory.runtime_baseline_bytes`, cached in the config directory); the fleet in
@@ -69,9 +69,10 @@ candidate is rejected in milliseconds without loading anything.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # The safetensors header reader lives with the models (serve's preflight checks weights with it too).
 from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files  # noqa: F401
@@ -84,6 +85,8 @@ PROMPT_CACHE_ENTRIES = 64  # macprovider.engine.engine.PROMPT_CACHE_ENTRIES (pin
 KV_GROUP_SIZES = (64, 32)  # engine.kvcache.kv_group_size: 64 when it divides head_dim, else 32
 SCORE_BYTES = 4  # float32 attention scores (CPU scaled_dot_product_attention)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
 # Safetensors dtype names → bytes per element (safetensors format spec).
 def weights_bytes(model_dir: Path) -> int:
     """Exact weight bytes from the safetensors headers; the index `total_size` if a shard is unreadable.
@@ -206,7 +209,7 @@ class ModelShape:
     dtype_bytes: int
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ModelShape":
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
         """From config.json (top level or `text_config`). ValueError/KeyError when a field is missing."""
         scope = config.get("text_config") if "num_hidden_layers" not in config and config.get("text_config") else config
         layers = int(scope["num_hidden_layers"])
@@ -272,8 +275,11 @@ class MemoryEstimate:
     def terms(self) -> dict[str, int]:
         """The terms by name (for reports): weights, kv, prompt_cache, prefill, baseline."""
         return {
-            "weights": self.weights, "kv": self.kv, "prompt_cache": self.prompt_cache,
-            "prefill": self.prefill, "baseline": self.baseline,
+            "weights": self.weights,
+            "kv": self.kv,
+            "prompt_cache": self.prompt_cache,
+            "prefill": self.prefill,
+            "baseline": self.baseline,
         }
 
     def note(self) -> str:
@@ -323,7 +329,10 @@ def estimate(
 
         available_bytes = psutil.virtual_memory().available
     target, weights = served_weights(
-        model_dir, config, on_cpu=mlx_on_cpu() if on_cpu is None else on_cpu, available_bytes=available_bytes,
+        model_dir,
+        config,
+        on_cpu=mlx_on_cpu() if on_cpu is None else on_cpu,
+        available_bytes=available_bytes,
         setting=weights_dtype,
     )
     stored_shape = ModelShape.from_config(config)
@@ -340,7 +349,12 @@ def estimate(
 
 
 def resident_bytes(
-    model_dir: Path, *, max_context: int, max_batch: int, kv_bits: int | None, prompt_cache_bytes: int,
+    model_dir: Path,
+    *,
+    max_context: int,
+    max_batch: int,
+    kv_bits: int | None,
+    prompt_cache_bytes: int,
     weights_dtype: str = "auto",
 ) -> int:
     """What a model holds once a long-running server has served it at these knobs, in bytes, without the
@@ -351,15 +365,21 @@ def resident_bytes(
     from macprovider.models.ids import read_model_config
 
     return estimate(
-        model_dir, read_model_config(model_dir), max_context=max_context, max_batch=max_batch, kv_bits=kv_bits,
-        budget=0, cached_tokens=PROMPT_CACHE_ENTRIES * max_context, prompt_cache_bytes=prompt_cache_bytes,
+        model_dir,
+        read_model_config(model_dir),
+        max_context=max_context,
+        max_batch=max_batch,
+        kv_bits=kv_bits,
+        budget=0,
+        cached_tokens=PROMPT_CACHE_ENTRIES * max_context,
+        prompt_cache_bytes=prompt_cache_bytes,
         weights_dtype=weights_dtype,
     ).total
 
 
 def _live(window: Sequence[tuple[int, int]], live: int) -> Sequence[tuple[int, int]]:
     """The newest min(len(window), live) entries of a live window: what the batch can hold at once."""
-    return window[-max(1, min(len(window), live)):]
+    return window[-max(1, min(len(window), live)) :]
 
 
 def live_kv_tokens(
@@ -376,7 +396,10 @@ def live_kv_tokens(
 
 
 def prefill_term(
-    shape: ModelShape, max_context: int, live: int, prompt_tokens: int | None,
+    shape: ModelShape,
+    max_context: int,
+    live: int,
+    prompt_tokens: int | None,
     live_windows: Sequence[Sequence[tuple[int, int]]] | None,
 ) -> int:
     """The prefill term (module docstring): `live` whole prompts of the longest prompt, or, for a replay
@@ -386,10 +409,15 @@ def prefill_term(
     whole = shape.prefill_bytes(min(PREFILL_STEP_SIZE, prompt), 1)
     if not live_windows:
         return live * whole
-    return max([whole] + [
-        shape.prefill_bytes(min(PREFILL_STEP_SIZE, prompt, max(1, max(rest for _, rest in rows))), len(rows), keys=prompt)
-        for rows in (_live(w, live) for w in live_windows)
-    ])
+    return max(
+        [whole]
+        + [
+            shape.prefill_bytes(
+                min(PREFILL_STEP_SIZE, prompt, max(1, max(rest for _, rest in rows))), len(rows), keys=prompt
+            )
+            for rows in (_live(w, live) for w in live_windows)
+        ]
+    )
 
 
 def relative_error(estimate_bytes: int | None, measured_bytes: int | None) -> float | None:
@@ -459,7 +487,9 @@ def rank_weight_fractions(model_dir: Path, parallel: str, layers_per_rank: Seque
 
 
 def rank_estimates(
-    whole: MemoryEstimate, weight_fractions: Sequence[float], layers_per_rank: Sequence[int] | None,
+    whole: MemoryEstimate,
+    weight_fractions: Sequence[float],
+    layers_per_rank: Sequence[int] | None,
     budgets: Sequence[int],
 ) -> list[MemoryEstimate]:
     """Each rank's share of `whole` (the one-process estimate of the model and knobs), against its host's
@@ -472,8 +502,14 @@ def rank_estimates(
     shares = []
     for rank in range(ranks):
         kv_fraction = layers_per_rank[rank] / total_layers if layers_per_rank and total_layers else 1 / ranks
-        shares.append(MemoryEstimate(
-            weights=int(whole.weights * weight_fractions[rank]), kv=int(whole.kv * kv_fraction), prompt_cache=0,
-            prefill=whole.prefill, baseline=whole.baseline, budget=int(budgets[rank]),
-        ))
+        shares.append(
+            MemoryEstimate(
+                weights=int(whole.weights * weight_fractions[rank]),
+                kv=int(whole.kv * kv_fraction),
+                prompt_cache=0,
+                prefill=whole.prefill,
+                baseline=whole.baseline,
+                budget=int(budgets[rank]),
+            )
+        )
     return shares

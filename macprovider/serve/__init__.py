@@ -1,7 +1,7 @@
-"""`macprovider serve`, the HTTP side (SPEC.md §3): OpenAI (chat, completions, Responses) and Anthropic
+"""`macprovider serve`, the HTTP side (docs/api.md): OpenAI (chat, completions, Responses) and Anthropic
 (Messages) routes over an engine that is handed in.
 
-Layout (DESIGN.md "Shape: one subpackage per family"):
+Layout (docs/architecture.md#layers):
     app.py             create_app: middleware (Host/Origin, CORS, key, body cap), health, models, routes
     core.py            the one request/stream core: Turn -> start -> Generation deltas; EventStream
     openai_api.py      /v1/chat/completions, /v1/completions: request -> Turn, deltas -> OpenAI chunks/bodies
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from macprovider.serve.fleet import ServeFleet
 
 
-def run_server(plan: "ServePlan", engine: "EngineProtocol | ServeFleet") -> int:
+def run_server(plan: ServePlan, engine: EngineProtocol | ServeFleet) -> int:
     """Serve `engine` (or a fleet) as planned until drained; see `macprovider.serve.runtime.run_server`."""
     from macprovider.serve.runtime import run_server as _run_server
 

@@ -1,5 +1,5 @@
 """`/v1/messages` and `/v1/messages/count_tokens` (Anthropic Messages API) as a translation onto the
-request/stream core (SPEC.md §3.6).
+request/stream core (docs/api.md).
 
     prepare(data, model_id) -> (Turn, AnthropicSurface)
     AnthropicSurface.events(generation)   `event: <type>` SSE: message_start, ping, per block
@@ -12,7 +12,8 @@ request/stream core (SPEC.md §3.6).
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
@@ -23,7 +24,7 @@ from macprovider.serve.core import Generation, Turn
 from macprovider.serve.openai_api import check_model
 
 
-def prepare(data: dict[str, Any], model_id: str) -> tuple[Turn, "AnthropicSurface"]:
+def prepare(data: dict[str, Any], model_id: str) -> tuple[Turn, AnthropicSurface]:
     """A /v1/messages body → (Turn, surface). Raises ApiError 400 / 404."""
     request = shapes.parse_request(data)
     check_model(request.model, model_id)
@@ -38,7 +39,13 @@ def prepare(data: dict[str, Any], model_id: str) -> tuple[Turn, "AnthropicSurfac
         stop=tuple(request.stop_sequences or ()),
         grammar=grammar,
     )
-    turn = Turn(shapes.chat_messages(request), generation, tools=tools, tool_choice=choice, parallel_tool_calls=not request.single_tool_use)
+    turn = Turn(
+        shapes.chat_messages(request),
+        generation,
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=not request.single_tool_use,
+    )
     return turn, AnthropicSurface(request.model, bool(request.stream))
 
 
@@ -57,7 +64,7 @@ def error_response(exc: ApiError) -> Response:
 def sse(kind: str, payload: dict[str, Any]) -> bytes:
     """One `event: <kind>` server-sent event whose data carries `"type": kind`."""
     data = json.dumps({"type": kind, **payload}, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {kind}\ndata: {data}\n\n".encode("utf-8")
+    return f"event: {kind}\ndata: {data}\n\n".encode()
 
 
 class AnthropicSurface:
@@ -89,8 +96,17 @@ class AnthropicSurface:
                     yield sse("content_block_stop", {"index": index})
                     text_open = False
                 index += 1
-                yield sse("content_block_start", {"index": index, "content_block": shapes.tool_use_block(call, with_input=False)})
-                yield sse("content_block_delta", {"index": index, "delta": {"type": "input_json_delta", "partial_json": call["function"]["arguments"]}})
+                yield sse(
+                    "content_block_start",
+                    {"index": index, "content_block": shapes.tool_use_block(call, with_input=False)},
+                )
+                yield sse(
+                    "content_block_delta",
+                    {
+                        "index": index,
+                        "delta": {"type": "input_json_delta", "partial_json": call["function"]["arguments"]},
+                    },
+                )
                 yield sse("content_block_stop", {"index": index})
         if text_open:
             yield sse("content_block_stop", {"index": index})
@@ -100,7 +116,9 @@ class AnthropicSurface:
         assert generation.usage is not None
         stop = shapes.stop_reason(generation.finish_reason, generation.stop_sequence)
         usage = shapes.usage_object(generation.usage)
-        yield sse("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": generation.stop_sequence}, "usage": usage})
+        yield sse(
+            "message_delta", {"delta": {"stop_reason": stop, "stop_sequence": generation.stop_sequence}, "usage": usage}
+        )
         yield sse("message_stop", {})
 
     async def respond(self, generation: Generation) -> Response:
@@ -112,4 +130,8 @@ class AnthropicSurface:
         content = [shapes.text_block(text)] if text or not calls else []
         content += [shapes.tool_use_block(call) for call in calls]
         stop = shapes.stop_reason(generation.finish_reason, generation.stop_sequence)
-        return JSONResponse(shapes.message_object(self.id, self.model, content, stop, generation.stop_sequence, shapes.usage_object(generation.usage)))
+        return JSONResponse(
+            shapes.message_object(
+                self.id, self.model, content, stop, generation.stop_sequence, shapes.usage_object(generation.usage)
+            )
+        )

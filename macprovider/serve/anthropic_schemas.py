@@ -1,4 +1,4 @@
-"""Anthropic Messages API shapes (SPEC.md §3.6; docs.anthropic.com "Messages" and "Streaming Messages").
+"""Anthropic Messages API shapes (docs/api.md; docs.anthropic.com "Messages" and "Streaming Messages").
 Pure: no sockets, no engine.
 
     parse_request(dict, count_only) -> MessagesRequest   400 naming the parameter (`messages.0.content.1.type`);
@@ -23,7 +23,15 @@ from pydantic_core import PydanticCustomError
 
 from macprovider.engine.protocol import Usage
 from macprovider.errors import ApiError
-from macprovider.serve.openai_schemas import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, StrictRequest, TokenCount, validate_body
+from macprovider.serve.openai_schemas import (
+    MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOKENS_LIMIT,
+    StrictRequest,
+    TokenCount,
+    validate_body,
+)
 
 # What a text-only model accepts and honours or ignores (docs.anthropic.com "Messages", "Extended thinking",
 # "Structured outputs", "Context editing"). Thinking of any kind is accepted and produces no thinking blocks.
@@ -35,8 +43,16 @@ SERVICE_TIERS = ("auto", "standard_only")
 CONTEXT_EDITS = ("clear_thinking_20251015",)
 
 # Anthropic's error `type` per HTTP status (docs.anthropic.com "Errors").
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-               413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
 
 
 class MessagesRequest(StrictRequest):
@@ -80,9 +96,13 @@ class MessagesRequest(StrictRequest):
     def _stops(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
             if len(value) > MAX_STOP_STRINGS:
-                raise PydanticCustomError("stop_count", "this provider takes at most {n} stop_sequences", {"n": MAX_STOP_STRINGS})
+                raise PydanticCustomError(
+                    "stop_count", "this provider takes at most {n} stop_sequences", {"n": MAX_STOP_STRINGS}
+                )
             if any(not item or len(item) > MAX_STOP_CHARS for item in value):
-                raise PydanticCustomError("stop_len", "each stop sequence must have 1..{n} characters", {"n": MAX_STOP_CHARS})
+                raise PydanticCustomError(
+                    "stop_len", "each stop sequence must have 1..{n} characters", {"n": MAX_STOP_CHARS}
+                )
         return value
 
 
@@ -101,7 +121,9 @@ def parse_request(data: dict[str, Any], count_only: bool = False) -> MessagesReq
         raise _bad("mcp_servers", "MCP servers are not supported by this provider")
     if request.service_tier is not None and request.service_tier not in SERVICE_TIERS:
         raise _bad("service_tier", f"service_tier must be one of {', '.join(SERVICE_TIERS)}")
-    if request.tool_choice is not None and not isinstance(request.tool_choice.get("disable_parallel_tool_use", False), bool):
+    if request.tool_choice is not None and not isinstance(
+        request.tool_choice.get("disable_parallel_tool_use", False), bool
+    ):
         raise _bad("tool_choice.disable_parallel_tool_use", "disable_parallel_tool_use must be a boolean")
     if request.context_management is not None:
         _check_context_management(request.context_management)
@@ -129,8 +151,10 @@ def _check_context_management(value: dict[str, Any]) -> None:
     for index, edit in enumerate(edits):
         kind = edit.get("type") if isinstance(edit, dict) else None
         if kind not in CONTEXT_EDITS:
-            raise _bad(f"context_management.edits.{index}.type",
-                       f"context edit {kind!r} is not supported by this provider: only {', '.join(CONTEXT_EDITS)} (thinking blocks never reach the prompt here)")
+            raise _bad(
+                f"context_management.edits.{index}.type",
+                f"context edit {kind!r} is not supported by this provider: only {', '.join(CONTEXT_EDITS)} (thinking blocks never reach the prompt here)",
+            )
 
 
 def output_grammar(request: MessagesRequest) -> str | None:
@@ -174,7 +198,9 @@ def _block_text(content: Any, param: str) -> str:
     for index, block in enumerate(content):
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise _unsupported_block(f"{param}.{index}.type", kind, f"block type {kind!r} is not supported here: only text blocks are")
+            raise _unsupported_block(
+                f"{param}.{index}.type", kind, f"block type {kind!r} is not supported here: only text blocks are"
+            )
         texts.append(block["text"])
     return "".join(texts)
 
@@ -210,18 +236,36 @@ def chat_messages(request: MessagesRequest) -> list[dict[str, Any]]:
             if kind == "text" and isinstance(block.get("text"), str):
                 texts.append(block["text"])
             elif kind == "tool_use" and role == "assistant":
-                if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+                if (
+                    not isinstance(block.get("id"), str)
+                    or not isinstance(block.get("name"), str)
+                    or not isinstance(block.get("input", {}), dict)
+                ):
                     raise _bad(at, "a tool_use block needs a string id and name and an object input")
-                calls.append({"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": block.get("input", {})}})
+                calls.append(
+                    {
+                        "id": block["id"],
+                        "type": "function",
+                        "function": {"name": block["name"], "arguments": block.get("input", {})},
+                    }
+                )
             elif kind == "tool_result" and role == "user":
                 if not isinstance(block.get("tool_use_id"), str):
                     raise _bad(f"{at}.tool_use_id", "a tool_result block needs a string tool_use_id")
                 text = _block_text(block.get("content", ""), f"{at}.content")
-                results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": f"Error: {text}" if block.get("is_error") else text})
+                results.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": block["tool_use_id"],
+                        "content": f"Error: {text}" if block.get("is_error") else text,
+                    }
+                )
             elif kind in ("thinking", "redacted_thinking") and role == "assistant":
                 continue
             else:
-                raise _unsupported_block(f"{at}.type", kind, f"content block type {kind!r} is not supported in a {role} message")
+                raise _unsupported_block(
+                    f"{at}.type", kind, f"content block type {kind!r} is not supported in a {role} message"
+                )
         out.extend(results)
         if texts or calls or not results:
             item: dict[str, Any] = {"role": role, "content": "".join(texts)}
@@ -241,7 +285,10 @@ def chat_tools(request: MessagesRequest) -> tuple[list[dict[str, Any]], str]:
     for index, tool in enumerate(request.tools or []):
         if not isinstance(tool, dict) or tool.get("type", "custom") != "custom":
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise _bad(f"tools.{index}.type", f"tool type {kind!r} is not supported: only custom tools with an input_schema are")
+            raise _bad(
+                f"tools.{index}.type",
+                f"tool type {kind!r} is not supported: only custom tools with an input_schema are",
+            )
         function = {"name": tool.get("name"), "parameters": tool.get("input_schema", {"type": "object"})}
         if tool.get("description") is not None:
             function["description"] = tool["description"]
@@ -295,7 +342,12 @@ def text_block(text: str) -> dict[str, Any]:
 
 def tool_use_block(call: dict[str, Any], with_input: bool = True) -> dict[str, Any]:
     """A `tool_use` block from a core call; its JSON arguments decoded (`{}` for a call cut off mid-JSON)."""
-    block = {"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"), "name": call["function"]["name"], "input": {}}
+    block = {
+        "type": "tool_use",
+        "id": "toolu_" + call["id"].removeprefix("call_"),
+        "name": call["function"]["name"],
+        "input": {},
+    }
     if with_input:
         try:
             arguments = json.loads(call["function"]["arguments"])
@@ -305,10 +357,25 @@ def tool_use_block(call: dict[str, Any], with_input: bool = True) -> dict[str, A
     return block
 
 
-def message_object(message_id: str, model: str, content: list[dict[str, Any]], stop: str | None, stop_sequence: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+def message_object(
+    message_id: str,
+    model: str,
+    content: list[dict[str, Any]],
+    stop: str | None,
+    stop_sequence: str | None,
+    usage: dict[str, Any],
+) -> dict[str, Any]:
     """The `Message` object (also the `message_start` payload, with empty content and no stop reason)."""
-    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop, "stop_sequence": stop_sequence, "usage": usage}
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": stop_sequence,
+        "usage": usage,
+    }
 
 
 def error_body(exc: ApiError) -> dict[str, Any]:

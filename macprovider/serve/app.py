@@ -1,4 +1,4 @@
-"""The HTTP layer of `macprovider serve` (SPEC.md §3.2–§3.5): routes, SSE, auth/Host/Origin checks, limits,
+"""The HTTP layer of `macprovider serve` (docs/api.md#routes, #security): routes, SSE, auth/Host/Origin checks, limits,
 disconnect → cancel, the relay from engine chunks to OpenAI objects. The process lifecycle (uvicorn, background load, drain,
 watchdog) lives in `macprovider.serve.runtime`.
 
@@ -18,7 +18,8 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
@@ -29,12 +30,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from macprovider.serve import anthropic_api, core, embeddings_api, openai_api, responses_api
-from macprovider.serve.fleet import ServeFleet
-from macprovider.serve import openai_schemas as schemas
 from macprovider.config import Settings, is_loopback
 from macprovider.engine.protocol import EngineProtocol, EngineStats
 from macprovider.errors import ApiError
+from macprovider.serve import anthropic_api, core, embeddings_api, openai_api, responses_api
+from macprovider.serve import openai_schemas as schemas
+from macprovider.serve.fleet import ServeFleet
 
 log = logging.getLogger("macprovider.serve.app")
 
@@ -84,7 +85,7 @@ def _error_response(exc: ApiError, path: str = "") -> Response:
 
 
 class HostOriginGuard:
-    """403 `forbidden_host` for a non-loopback Host on a loopback bind (DNS rebinding, SPEC.md §3.5) and
+    """403 `forbidden_host` for a non-loopback Host on a loopback bind (DNS rebinding, docs/api.md#security) and
     403 `forbidden_origin` for a cross-site Origin (not configured, and not loopback on a loopback bind)."""
 
     def __init__(self, app: ASGIApp, settings: Settings):
@@ -221,11 +222,22 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            error = ApiError(404, "path_not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/embeddings, /v1/health")
+            error = ApiError(
+                404,
+                "path_not_found",
+                "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/embeddings, /v1/health",
+            )
         elif exc.status_code == 405:
-            error = ApiError(405, "method_not_allowed", f"method {request.method} is not allowed on this route", headers=dict(exc.headers or {}))
+            error = ApiError(
+                405,
+                "method_not_allowed",
+                f"method {request.method} is not allowed on this route",
+                headers=dict(exc.headers or {}),
+            )
         else:
-            error = ApiError(exc.status_code, "invalid_request", "the request could not be served", headers=dict(exc.headers or {}))
+            error = ApiError(
+                exc.status_code, "invalid_request", "the request could not be served", headers=dict(exc.headers or {})
+            )
         return _error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
@@ -291,7 +303,9 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(schemas.prometheus_text(health_body()), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            schemas.prometheus_text(health_body()), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     # -- models
     def require_loaded() -> None:
@@ -304,8 +318,12 @@ def create_app(
         """An OpenAI model object plus the extension fields clients need (context length, load state, aliases)."""
         model = fleet.resolve(model_id)
         return {
-            "id": model.id, "object": "model", "created": int(state.started_at), "owned_by": "macprovider",
-            "context_length": model.max_context, "macprovider_state": fleet.state(model.id),
+            "id": model.id,
+            "object": "model",
+            "created": int(state.started_at),
+            "owned_by": "macprovider",
+            "context_length": model.max_context,
+            "macprovider_state": fleet.state(model.id),
             "macprovider_aliases": list(model.aliases),
         }
 
@@ -325,7 +343,7 @@ def create_app(
         data = schemas.parse_json_body(await read_body(request))
         name = data.get("model") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name:
-            raise ApiError(400, "invalid_request", "the body must be {\"model\": \"<id or alias>\"}", param="model")
+            raise ApiError(400, "invalid_request", 'the body must be {"model": "<id or alias>"}', param="model")
         model = await (fleet.load(name) if action == "load" else fleet.unload(name))
         return JSONResponse(model_entry(model.id))
 
@@ -341,12 +359,19 @@ def create_app(
     async def read_body(request: Request) -> bytes:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
-            raise ApiError(415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
+            raise ApiError(
+                415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)"
+            )
         cap, size, parts = settings.max_request_body_bytes, 0, []
         async for part in request.stream():
             size += len(part)
             if size > cap:
-                raise ApiError(413, "request_too_large", f"the request body is larger than this server's limit of {cap} bytes", headers={"Connection": "close"})
+                raise ApiError(
+                    413,
+                    "request_too_large",
+                    f"the request body is larger than this server's limit of {cap} bytes",
+                    headers={"Connection": "close"},
+                )
             parts.append(part)
         return b"".join(parts)
 
@@ -366,8 +391,16 @@ def create_app(
             turn, surface = prepare(data, model)
             # the content-free shape record autotune replays (the chat-shaped APIs count as chat)
             endpoint = "chat" if turn.messages is not None else "completions"
-            track = None if recorder is None else lambda handle, prompt_tokens: recorder.track(
-                handle, endpoint=endpoint, prompt_tokens=prompt_tokens, max_tokens=turn.request.max_tokens, concurrency=state.in_flight + 1
+            track = (
+                None
+                if recorder is None
+                else lambda handle, prompt_tokens: recorder.track(
+                    handle,
+                    endpoint=endpoint,
+                    prompt_tokens=prompt_tokens,
+                    max_tokens=turn.request.max_tokens,
+                    concurrency=state.in_flight + 1,
+                )
             )
             lease = await fleet.acquire(model)
             try:
@@ -475,6 +508,8 @@ def create_app(
     if settings.cors_allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allowed_origins), allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_allowed_origins), allow_methods=["*"], allow_headers=["*"]
+        )
     app.add_middleware(HostOriginGuard, settings=settings)
     return app

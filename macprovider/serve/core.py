@@ -1,4 +1,4 @@
-"""The one request/stream core under every API surface (SPEC.md §3.6): OpenAI chat and completions, the
+"""The one request/stream core under every API surface (docs/api.md): OpenAI chat and completions, the
 Responses API and the Anthropic Messages API are thin translations onto it, so sampling, stop handling, tool
 parsing and constrained decoding exist once.
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -69,7 +70,9 @@ class Generation:
     "tool_calls"), `usage` and `stop_sequence` (the request stop string that ended it, if one did) are.
     `close()` cancels the sequence unless it finished (idempotent)."""
 
-    def __init__(self, handle: Any, splitter: Any, draining: Callable[[], bool], prompt_tokens: int, max_calls: int | None = None):
+    def __init__(
+        self, handle: Any, splitter: Any, draining: Callable[[], bool], prompt_tokens: int, max_calls: int | None = None
+    ):
         """max_calls: pass at most this many tool calls to the client (None: all)."""
         self.handle = handle
         self.max_calls = max_calls
@@ -141,7 +144,9 @@ class Generation:
             self.handle.cancel()
 
 
-async def start(engine: EngineProtocol, turn: Turn, draining: Callable[[], bool], track: Callable[[Any, int], Any] | None = None) -> Generation:
+async def start(
+    engine: EngineProtocol, turn: Turn, draining: Callable[[], bool], track: Callable[[Any, int], Any] | None = None
+) -> Generation:
     """Encode and submit `turn`; `track(handle, prompt_tokens)` may wrap the engine's handle (the workload
     recorder). Raises ApiError: 400 (`tools` on a model without tool support, a forced tool_choice on a
     model whose call markup is not JSON, an empty prompt, encode errors), 413 `context_length_exceeded`,
@@ -158,10 +163,21 @@ async def start(engine: EngineProtocol, turn: Turn, draining: Callable[[], bool]
         splitter = ToolCallSplitter(markup[0], markup[1], markup[2], turn.tools)
         if turn.tool_choice not in ("auto", "none"):
             if not getattr(markup[2], "__module__", "").endswith("json_tools"):
-                raise ApiError(400, "invalid_request", "a forced tool_choice needs a model with JSON tool-call markup (mlx-lm json_tools)", param="tool_choice")
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    "a forced tool_choice needs a model with JSON tool-call markup (mlx-lm json_tools)",
+                    param="tool_choice",
+                )
             token_id = getattr(engine, "special_token_id", None) or (lambda _text: None)
-            grammar = tool_call_grammar(turn.tools, turn.tool_choice, markup[0] + "\n", "\n" + markup[1],
-                                        start_token=token_id(markup[0]), end_token=token_id(markup[1]))
+            grammar = tool_call_grammar(
+                turn.tools,
+                turn.tool_choice,
+                markup[0] + "\n",
+                "\n" + markup[1],
+                start_token=token_id(markup[0]),
+                end_token=token_id(markup[1]),
+            )
     check_prompt_bound(engine, turn.messages if turn.messages is not None else turn.prompt, turn.param)
     if turn.messages is not None:
         tokens = await run_in_threadpool(engine.encode_chat, turn.messages, turn.tools or None)

@@ -31,8 +31,9 @@ import fnmatch
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from macprovider.engine.protocol import EngineProtocol, EngineStats
 from macprovider.errors import ApiError
@@ -102,7 +103,7 @@ class _Slot:
 class Lease:
     """A loaded model held for one request: `engine` stays loaded until `release()` (idempotent)."""
 
-    def __init__(self, fleet: "ServeFleet", slot: _Slot):
+    def __init__(self, fleet: ServeFleet, slot: _Slot):
         assert slot.engine is not None
         self.fleet = fleet
         self.model = slot.model
@@ -149,11 +150,15 @@ class ServeFleet:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @classmethod
-    def of_engine(cls, engine: EngineProtocol) -> "ServeFleet":
+    def of_engine(cls, engine: EngineProtocol) -> ServeFleet:
         """A fleet of one over `engine` (built, maybe not yet loaded): pinned, never unloaded."""
         model = FleetModel(
-            engine.model_id, max_context=engine.max_context, max_batch=engine.max_batch, kv_bits=engine.kv_bits,
-            keep_alive=KEEP_FOREVER, pinned=True,
+            engine.model_id,
+            max_context=engine.max_context,
+            max_batch=engine.max_batch,
+            kv_bits=engine.kv_bits,
+            keep_alive=KEEP_FOREVER,
+            pinned=True,
         )
         return cls([model], engines={engine.model_id: engine})
 
@@ -258,15 +263,16 @@ class ServeFleet:
             remaining = deadline - loop.time()
             try:
                 if remaining <= 0:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 await asyncio.wait_for(changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise self._busy_error(model) from None
 
     def _busy_error(self, model: FleetModel) -> ApiError:
         busy = [s.model.id for s in self._slots.values() if s.state != "unloaded" and (s.in_flight or s.model.pinned)]
         return ApiError(
-            503, "model_busy",
+            503,
+            "model_busy",
             f"the model {model.id!r} cannot be loaded now: it does not fit in memory beside the models that are "
             f"serving requests or pinned ({', '.join(busy) or 'none'}); retry shortly",
             headers={"Retry-After": str(max(1, math.ceil(min(self.wait_timeout_s, 30.0))))},
@@ -278,7 +284,8 @@ class ServeFleet:
         model = slot.model
         if self.budget_bytes is not None and model.estimate_bytes > self.budget_bytes:
             raise ApiError(
-                503, "model_too_large",
+                503,
+                "model_too_large",
                 f"the model {model.id!r} needs about {model.estimate_bytes / 2**30:.2f} GiB (memory estimate), more "
                 f"than this server's memory budget of {self.budget_bytes / 2**30:.2f} GiB even alone",
             )
@@ -290,8 +297,11 @@ class ServeFleet:
                 assert self.budget_bytes is not None
                 need = self.resident_bytes() + model.estimate_bytes - self.budget_bytes
                 idle = sorted(
-                    (s for s in self._slots.values()
-                     if s.state == "loaded" and not s.static and not s.in_flight and not s.model.pinned),
+                    (
+                        s
+                        for s in self._slots.values()
+                        if s.state == "loaded" and not s.static and not s.in_flight and not s.model.pinned
+                    ),
                     key=lambda s: s.last_used,
                 )
                 victims, freed = [], 0
@@ -416,9 +426,9 @@ class ServeFleet:
             remaining = deadline - loop.time()
             try:
                 if remaining <= 0:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 await asyncio.wait_for(changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise self._busy_error(model) from None
 
     # ------------------------------------------------------------------ what health and /v1/models show
@@ -439,24 +449,26 @@ class ServeFleet:
             stats = slot.engine.stats() if slot.engine is not None and state == "loaded" else None
             model = slot.model
             idle = state == "loaded" and not slot.in_flight and slot.loads > 0
-            out.append({
-                "id": model.id,
-                "state": state,
-                "aliases": list(model.aliases),
-                "kind": model.kind,
-                "pinned": model.pinned,
-                "keep_alive_s": model.keep_alive,
-                "context_length": model.max_context,
-                "max_batch": model.max_batch,
-                "kv_bits": model.kv_bits,
-                "requests_in_flight": slot.in_flight,
-                "active_sequences": stats.active_sequences if stats else 0,
-                "idle_s": round(now - slot.last_used, 3) if idle else None,
-                "loads": slot.loads,
-                "unloads": slot.unloads,
-                "load_seconds": round(slot.load_seconds, 3),
-                "memory_estimate_bytes": model.estimate_bytes,
-                "memory_measured_bytes": slot.memory_measured_bytes,
-                "last_error": slot.last_error,
-            })
+            out.append(
+                {
+                    "id": model.id,
+                    "state": state,
+                    "aliases": list(model.aliases),
+                    "kind": model.kind,
+                    "pinned": model.pinned,
+                    "keep_alive_s": model.keep_alive,
+                    "context_length": model.max_context,
+                    "max_batch": model.max_batch,
+                    "kv_bits": model.kv_bits,
+                    "requests_in_flight": slot.in_flight,
+                    "active_sequences": stats.active_sequences if stats else 0,
+                    "idle_s": round(now - slot.last_used, 3) if idle else None,
+                    "loads": slot.loads,
+                    "unloads": slot.unloads,
+                    "load_seconds": round(slot.load_seconds, 3),
+                    "memory_estimate_bytes": model.estimate_bytes,
+                    "memory_measured_bytes": slot.memory_measured_bytes,
+                    "last_error": slot.last_error,
+                }
+            )
         return out

@@ -1,16 +1,17 @@
-"""`/v1/chat/completions` and `/v1/completions` as translations onto the request/stream core (SPEC.md §3.3).
+"""`/v1/chat/completions` and `/v1/completions` as translations onto the request/stream core (docs/api.md#chat-completions).
 
-    prepare_chat(data, model_id) / prepare_completion(data, model_id) -> (Turn, OpenAISurface)
-    OpenAISurface.events(generation)    SSE: role chunk (chat), content and tool-call chunks, the finish
-                                        chunk, the usage chunk only when `stream_options.include_usage`
-                                        is true, `[DONE]`; or one error event, then `[DONE]`
-    OpenAISurface.respond(generation)   the `chat.completion` / `text_completion` body, or the error envelope
+prepare_chat(data, model_id) / prepare_completion(data, model_id) -> (Turn, OpenAISurface)
+OpenAISurface.events(generation)    SSE: role chunk (chat), content and tool-call chunks, the finish
+                                    chunk, the usage chunk only when `stream_options.include_usage`
+                                    is true, `[DONE]`; or one error event, then `[DONE]`
+OpenAISurface.respond(generation)   the `chat.completion` / `text_completion` body, or the error envelope
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
@@ -21,22 +22,32 @@ from macprovider.serve.core import Generation, Turn
 
 
 def check_model(model: str, model_id: str) -> None:
-    """404 `model_not_found` unless `model` names the loaded model (SPEC.md §3.3)."""
+    """404 `model_not_found` unless `model` names the loaded model (docs/api.md#chat-completions)."""
     if model != model_id:
-        raise ApiError(404, "model_not_found", f"the model {model!r} is not served here; this server serves {model_id!r}", param="model")
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"the model {model!r} is not served here; this server serves {model_id!r}",
+            param="model",
+        )
 
 
-def prepare_chat(data: dict[str, Any], model_id: str) -> tuple[Turn, "OpenAISurface"]:
+def prepare_chat(data: dict[str, Any], model_id: str) -> tuple[Turn, OpenAISurface]:
     """A chat completion body → (Turn, surface). Raises ApiError 400 / 404."""
     body = schemas.parse_chat(data)
     check_model(body.model, model_id)
     tools, choice = body.tool_spec
-    turn = Turn(schemas.normalize_messages(body), body.generation_request([], body.wanted_tokens), tools=tools, tool_choice=choice,
-                parallel_tool_calls=body.parallel_tool_calls is not False)
+    turn = Turn(
+        schemas.normalize_messages(body),
+        body.generation_request([], body.wanted_tokens),
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+    )
     return turn, OpenAISurface(model_id, chat=True, streaming=body.streaming, include_usage=_include_usage(body))
 
 
-def prepare_completion(data: dict[str, Any], model_id: str) -> tuple[Turn, "OpenAISurface"]:
+def prepare_completion(data: dict[str, Any], model_id: str) -> tuple[Turn, OpenAISurface]:
     """A text completion body → (Turn, surface). Raises ApiError 400 / 404."""
     body = schemas.parse_completion(data)
     check_model(body.model, model_id)
@@ -49,7 +60,7 @@ def _include_usage(body: Any) -> bool:
 
 
 class OpenAISurface:
-    """Turns a Generation's deltas into OpenAI chat or text-completion objects (SPEC.md §3.3)."""
+    """Turns a Generation's deltas into OpenAI chat or text-completion objects (docs/api.md#chat-completions)."""
 
     def __init__(self, model: str, *, chat: bool, streaming: bool, include_usage: bool):
         self.model = model
@@ -63,7 +74,7 @@ class OpenAISurface:
 
     @staticmethod
     def error_response(exc: ApiError) -> Response:
-        """The OpenAI error envelope (SPEC.md §3.4)."""
+        """The OpenAI error envelope (docs/api.md#errors)."""
         return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
     def _logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
@@ -75,7 +86,14 @@ class OpenAISurface:
         self.text_offset += sum(len(e.token) for e in entries)
         return result
 
-    def _chunk(self, text: str = "", finish: str | None = None, usage: Any = None, role: bool = False, logprobs: Sequence[TokenLogprob] = ()) -> bytes:
+    def _chunk(
+        self,
+        text: str = "",
+        finish: str | None = None,
+        usage: Any = None,
+        role: bool = False,
+        logprobs: Sequence[TokenLogprob] = (),
+    ) -> bytes:
         lp = self._logprobs(logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text or lp else {})
@@ -88,7 +106,12 @@ class OpenAISurface:
         for call in calls:
             index = self.tool_calls
             self.tool_calls += 1
-            head = {"index": index, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+            head = {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
             args = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
             for part in (head, args):
                 out.append(schemas.sse(schemas.chat_chunk(self.id, self.created, self.model, {"tool_calls": [part]})))
@@ -118,7 +141,24 @@ class OpenAISurface:
             return self.error_response(generation.error)
         assert generation.finish_reason is not None and generation.usage is not None
         if self.chat:
-            body = schemas.chat_response(self.id, self.created, self.model, text, generation.finish_reason, generation.usage, self._logprobs(logprobs), calls)
+            body = schemas.chat_response(
+                self.id,
+                self.created,
+                self.model,
+                text,
+                generation.finish_reason,
+                generation.usage,
+                self._logprobs(logprobs),
+                calls,
+            )
         else:
-            body = schemas.completion_response(self.id, self.created, self.model, text, generation.finish_reason, generation.usage, self._logprobs(logprobs))
+            body = schemas.completion_response(
+                self.id,
+                self.created,
+                self.model,
+                text,
+                generation.finish_reason,
+                generation.usage,
+                self._logprobs(logprobs),
+            )
         return JSONResponse(body)

@@ -1,4 +1,4 @@
-"""OpenAI request/response shapes and the error envelope (SPEC.md §3.3, §3.4). Pure: no sockets, no engine.
+"""OpenAI request/response shapes and the error envelope (docs/api.md#chat-completions, #errors). Pure: no sockets, no engine.
 
 Requests are validated by strict pydantic models (a string is not a number, `true` is not an integer,
 every integer and float has both bounds). Unknown fields are ignored, but a *known* feature this provider
@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import Annotated, Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -25,7 +26,7 @@ from pydantic_core import PydanticCustomError
 from macprovider.engine.protocol import GenerationRequest, TokenLogprob, Usage
 from macprovider.errors import ApiError
 
-# Bounds of request integers (SPEC.md §3.5: every integer has a lower and an upper bound).
+# Bounds of request integers (docs/api.md#security: every integer has a lower and an upper bound).
 MAX_TOKENS_LIMIT = 10_000_000  # same ceiling as the max_context_override setting
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # OpenAI allows int64; MLX keys take uint64 (negatives wrap)
 MAX_STOP_STRINGS = 4
@@ -61,7 +62,7 @@ class ChatMessage(StrictRequest):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise PydanticCustomError(
                         "content_part",
-                        "content part {index} is not supported: only text parts (type \"text\") are",
+                        'content part {index} is not supported: only text parts (type "text") are',
                         {"index": index},
                     )
                 parts.append(part["text"])
@@ -149,7 +150,7 @@ class _Sampling(StrictRequest):
 
 
 class ChatCompletionRequest(_Sampling):
-    """POST /v1/chat/completions body (SPEC.md §3.3)."""
+    """POST /v1/chat/completions body (docs/api.md#chat-completions)."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: TokenCount | None = None
@@ -166,18 +167,24 @@ class ChatCompletionRequest(_Sampling):
         """Raise ApiError 400 naming the first requested feature this provider does not implement."""
         self._common_unsupported()
         tools, choice = self.tool_spec
-        if choice not in ("auto", "none") and self.response_format is not None and self.response_format.get("type") != "text":
+        if (
+            choice not in ("auto", "none")
+            and self.response_format is not None
+            and self.response_format.get("type") != "text"
+        ):
             raise _unsupported("response_format", "response_format cannot be combined with a forced tool_choice")
         if self.functions:
             raise _unsupported("functions", "functions (function calling) are not supported by this provider")
         if self.function_call is not None and self.function_call != "none":
-            raise _unsupported("function_call", "function_call must be \"none\": functions are not supported")
+            raise _unsupported("function_call", 'function_call must be "none": functions are not supported')
         _ = self.grammar  # 400 for a bad response_format
         if self.top_logprobs is not None and not self.logprobs:
             raise _unsupported("top_logprobs", "top_logprobs requires logprobs: true")
         for index, message in enumerate(self.messages):
             if message.content is None and message.role != "assistant":
-                raise ApiError(400, "invalid_request", f"a {message.role} message needs content", param=f"messages.{index}.content")
+                raise ApiError(
+                    400, "invalid_request", f"a {message.role} message needs content", param=f"messages.{index}.content"
+                )
 
     @property
     def wanted_logprobs(self) -> int | None:
@@ -216,7 +223,9 @@ class CompletionRequest(_Sampling):
     @classmethod
     def _prompt(cls, value: Any) -> str:
         if not isinstance(value, str):
-            raise PydanticCustomError("prompt_type", "prompt must be a single string (arrays of prompts or tokens are not supported)")
+            raise PydanticCustomError(
+                "prompt_type", "prompt must be a single string (arrays of prompts or tokens are not supported)"
+            )
         return value
 
     def check_supported(self) -> None:
@@ -355,7 +364,7 @@ def normalize_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- errors
 def context_length_error(n_prompt: int, n_ctx: int, param: str) -> ApiError:
-    """413 `context_length_exceeded` with the exact SPEC.md §3.4 message and `n_prompt_tokens`, `n_ctx`."""
+    """413 `context_length_exceeded` with the exact docs/api.md#errors message and `n_prompt_tokens`, `n_ctx`."""
     return ApiError(
         413,
         "context_length_exceeded",
@@ -385,7 +394,8 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
 
     return {
         "content": [
-            {**one(e.token, e.logprob, e.raw_bytes), "top_logprobs": [one(*alternative) for alternative in e.top]} for e in entries
+            {**one(e.token, e.logprob, e.raw_bytes), "top_logprobs": [one(*alternative) for alternative in e.top]}
+            for e in entries
         ],
         "refusal": None,
     }
@@ -415,7 +425,16 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
     }
 
 
-def chat_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def chat_response(
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage: Usage,
+    logprobs: dict[str, Any] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Non-streaming `chat.completion` object (`content` null when the answer is only tool calls;
     `refusal: null` as OpenAI's schema requires)."""
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
@@ -427,14 +446,20 @@ def chat_response(request_id: str, created: int, model: str, text: str, finish_r
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
-        ],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}],
         "usage": usage.to_openai(),
     }
 
 
-def chat_chunk(request_id: str, created: int, model: str, delta: dict[str, Any] | None = None, finish_reason: str | None = None, usage: Usage | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chat_chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any] | None = None,
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One `chat.completion.chunk`: a delta (with `finish_reason`), or with `usage` the final `choices: []` chunk."""
     chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if usage is not None:
@@ -445,7 +470,15 @@ def chat_chunk(request_id: str, created: int, model: str, delta: dict[str, Any] 
     return chunk
 
 
-def completion_response(request_id: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_response(
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage: Usage,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Non-streaming `text_completion` object."""
     return {
         "id": request_id,
@@ -457,7 +490,15 @@ def completion_response(request_id: str, created: int, model: str, text: str, fi
     }
 
 
-def completion_chunk(request_id: str, created: int, model: str, text: str = "", finish_reason: str | None = None, usage: Usage | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    text: str = "",
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One streamed `text_completion` chunk (or, with `usage`, the final `choices: []` chunk)."""
     chunk: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     if usage is not None:
@@ -471,7 +512,7 @@ def completion_chunk(request_id: str, created: int, model: str, text: str = "", 
 def sse(payload: dict[str, Any] | str) -> bytes:
     """One server-sent event `data: <json>\\n\\n` (or the literal `[DONE]`)."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {data}\n\n".encode("utf-8")
+    return f"data: {data}\n\n".encode()
 
 
 # ---------------------------------------------------------------------------------------------- health, metrics
@@ -481,14 +522,39 @@ def prometheus_text(health: dict[str, Any]) -> str:
     model = str(health["model"]).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     rows: list[tuple[str, str, str, Any]] = [
         ("macprovider_info", "gauge", "Served model (value is always 1).", None),
-        ("macprovider_ready", "gauge", "1 when the server admits requests (status ready or busy).", int(health["status"] in ("ready", "busy"))),
+        (
+            "macprovider_ready",
+            "gauge",
+            "1 when the server admits requests (status ready or busy).",
+            int(health["status"] in ("ready", "busy")),
+        ),
         ("macprovider_uptime_seconds", "gauge", "Seconds since the server started.", health["uptime_s"]),
         ("macprovider_requests_total", "counter", "Completion requests received.", health["requests_total"]),
-        ("macprovider_requests_in_flight", "gauge", "Completion requests admitted to the engine and not finished.", health["requests_in_flight"]),
+        (
+            "macprovider_requests_in_flight",
+            "gauge",
+            "Completion requests admitted to the engine and not finished.",
+            health["requests_in_flight"],
+        ),
         ("macprovider_requests_queued", "gauge", "Sequences waiting for a batch slot.", health["requests_queued"]),
-        ("macprovider_errors_total", "counter", "Completion requests that ended with an error.", health["errors_total"]),
-        ("macprovider_memory_rss_bytes", "gauge", "Resident set size of the server process.", int(health["memory_rss_mb"] * 1024 * 1024)),
-        ("macprovider_max_context_tokens", "gauge", "Max prompt+generation tokens per sequence.", capacity["max_context_tokens"]),
+        (
+            "macprovider_errors_total",
+            "counter",
+            "Completion requests that ended with an error.",
+            health["errors_total"],
+        ),
+        (
+            "macprovider_memory_rss_bytes",
+            "gauge",
+            "Resident set size of the server process.",
+            int(health["memory_rss_mb"] * 1024 * 1024),
+        ),
+        (
+            "macprovider_max_context_tokens",
+            "gauge",
+            "Max prompt+generation tokens per sequence.",
+            capacity["max_context_tokens"],
+        ),
         ("macprovider_max_batch", "gauge", "Sequences decoded together.", capacity["max_batch"]),
         ("macprovider_kv_bits", "gauge", "KV cache quantization bits (0 = full precision).", capacity["kv_bits"] or 0),
     ]

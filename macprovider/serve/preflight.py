@@ -1,4 +1,4 @@
-"""Serve preflight: every check that can fail before a model loads (SPEC.md §2, §3.5, §4).
+"""Serve preflight: every check that can fail before a model loads (docs/configuration.md, docs/api.md#security, README.md#models).
 
 `plan_serve` turns resolved settings into a `ServePlan` or raises a MacproviderError whose one line
 names the setting, the value and its source. It reads the model's config.json (cheap) but never loads
@@ -8,16 +8,16 @@ weights and never touches the network.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from macprovider.config import ModelEntry, ResolvedConfig, Settings, fleet_entries, is_loopback, load_api_key
 from macprovider.engine.protocol import ServePlan
-from macprovider.serve.fleet import FleetModel
 from macprovider.errors import ConfigError, ModelError
-from macprovider.models.ids import ensure_local, max_position_embeddings, read_model_config, validate_model_id
 from macprovider.models.embedding import model_kind
+from macprovider.models.ids import ensure_local, max_position_embeddings, read_model_config, validate_model_id
 from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files
+from macprovider.serve.fleet import FleetModel
 
 
 def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -> ServePlan:
@@ -25,7 +25,9 @@ def plan_serve(resolved: ResolvedConfig, env: Mapping[str, str] | None = None) -
     env = os.environ if env is None else env
     settings = resolved.settings
     if not settings.model:
-        raise ConfigError("no model configured: pass --model ORG/NAME (or set MACPROVIDER_MODEL or `model:` in config.yaml)")
+        raise ConfigError(
+            "no model configured: pass --model ORG/NAME (or set MACPROVIDER_MODEL or `model:` in config.yaml)"
+        )
     model_id = validate_model_id(settings.model)
     api_key = load_api_key(settings, env)
     if not is_loopback(settings.host) and not api_key:
@@ -78,17 +80,32 @@ def plan_fleet(
     base = resolved.settings
     models = []
     for entry in entries:
-        plan = first if entry is entries[0] else _plan_model(
-            _entry_settings(base, entry), _context_source(resolved, entry), validate_model_id(entry.id), first.api_key
+        plan = (
+            first
+            if entry is entries[0]
+            else _plan_model(
+                _entry_settings(base, entry),
+                _context_source(resolved, entry),
+                validate_model_id(entry.id),
+                first.api_key,
+            )
         )
         keep_alive = base.keep_alive if entry.keep_alive is None else entry.keep_alive
         kind = model_kind(plan.model_path)
-        models.append(FleetModel(
-            id=plan.model_id, aliases=entry.aliases, max_context=plan.max_context,
-            max_batch=plan.settings.max_concurrency_override, kv_bits=plan.settings.kv_bits,
-            keep_alive=keep_alive, pinned=entry.pinned, estimate_bytes=_estimate(plan, budget_bytes, kind),
-            kind=kind, plan=plan,
-        ))
+        models.append(
+            FleetModel(
+                id=plan.model_id,
+                aliases=entry.aliases,
+                max_context=plan.max_context,
+                max_batch=plan.settings.max_concurrency_override,
+                kv_bits=plan.settings.kv_bits,
+                keep_alive=keep_alive,
+                pinned=entry.pinned,
+                estimate_bytes=_estimate(plan, budget_bytes, kind),
+                kind=kind,
+                plan=plan,
+            )
+        )
     return first, models
 
 
@@ -123,8 +140,11 @@ def _estimate(plan: ServePlan, budget_bytes: int | None, kind: str = "chat") -> 
         if kind == "embedding":
             return weights_bytes(plan.model_path)
         return resident_bytes(
-            plan.model_path, max_context=plan.max_context, max_batch=settings.max_concurrency_override,
-            kv_bits=settings.kv_bits, prompt_cache_bytes=settings.prompt_cache_bytes,
+            plan.model_path,
+            max_context=plan.max_context,
+            max_batch=settings.max_concurrency_override,
+            kv_bits=settings.kv_bits,
+            prompt_cache_bytes=settings.prompt_cache_bytes,
             weights_dtype=settings.weights_dtype,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:

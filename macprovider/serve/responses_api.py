@@ -1,13 +1,13 @@
-"""`/v1/responses` (OpenAI Responses API) as a translation onto the request/stream core (SPEC.md §3.6).
+"""`/v1/responses` (OpenAI Responses API) as a translation onto the request/stream core (docs/api.md).
 
-    ResponseStore(max_count, max_bytes)        recent responses for GET/DELETE and `previous_response_id`;
-                                               bounded by count and by bytes, the oldest evicted first
-    prepare(data, model_id, store) -> (Turn, ResponsesSurface)
-    ResponsesSurface.events(generation)        typed SSE events (`event: <type>`), each with `sequence_number`:
-        response.created, response.in_progress, then per output item output_item.added →
-        (content_part.added, output_text.delta…, output_text.done, content_part.done | function_call_arguments
-        .delta, .done) → output_item.done, and response.completed / response.incomplete / response.failed
-    ResponsesSurface.respond(generation)       the `Response` object, or the error envelope
+ResponseStore(max_count, max_bytes)        recent responses for GET/DELETE and `previous_response_id`;
+                                           bounded by count and by bytes, the oldest evicted first
+prepare(data, model_id, store) -> (Turn, ResponsesSurface)
+ResponsesSurface.events(generation)        typed SSE events (`event: <type>`), each with `sequence_number`:
+    response.created, response.in_progress, then per output item output_item.added →
+    (content_part.added, output_text.delta…, output_text.done, content_part.done | function_call_arguments
+    .delta, .done) → output_item.done, and response.completed / response.incomplete / response.failed
+ResponsesSurface.respond(generation)       the `Response` object, or the error envelope
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import collections
 import json
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
@@ -39,7 +40,9 @@ class ResponseStore:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], int]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], int]] = (
+            collections.OrderedDict()
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -73,7 +76,7 @@ def not_found(response_id: str, param: str) -> ApiError:
     return ApiError(404, "response_not_found", f"Response with id {response_id!r} not found.", param=param)
 
 
-def prepare(data: dict[str, Any], model_id: str, store: ResponseStore) -> tuple[Turn, "ResponsesSurface"]:
+def prepare(data: dict[str, Any], model_id: str, store: ResponseStore) -> tuple[Turn, ResponsesSurface]:
     """A /v1/responses body → (Turn, surface). Raises ApiError 400 / 404."""
     from macprovider.engine.constrained import grammar_for
 
@@ -82,7 +85,9 @@ def prepare(data: dict[str, Any], model_id: str, store: ResponseStore) -> tuple[
     tools, choice = shapes.chat_tools(request)
     fmt = shapes.response_format(request)
     if choice not in ("auto", "none") and fmt is not None and fmt["type"] != "text":
-        raise ApiError(400, "invalid_request", "text.format cannot be combined with a forced tool_choice", param="text.format")
+        raise ApiError(
+            400, "invalid_request", "text.format cannot be combined with a forced tool_choice", param="text.format"
+        )
     try:
         grammar = grammar_for(fmt)
     except ApiError as exc:
@@ -98,7 +103,14 @@ def prepare(data: dict[str, Any], model_id: str, store: ResponseStore) -> tuple[
         top_p=1.0 if request.top_p is None else request.top_p,
         grammar=grammar,
     )
-    turn = Turn(messages, generation, param="input", tools=tools, tool_choice=choice, parallel_tool_calls=request.parallel_tool_calls is not False)
+    turn = Turn(
+        messages,
+        generation,
+        param="input",
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=request.parallel_tool_calls is not False,
+    )
     return turn, ResponsesSurface(request, store, conversation)
 
 
@@ -118,7 +130,9 @@ class ResponsesSurface:
         self.sequence = 0
 
     def _response(self, status: str, usage: Any = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
-        return shapes.response_object(self.id, self.created_at, self.request, status=status, output=self.output, usage=usage, error=error)
+        return shapes.response_object(
+            self.id, self.created_at, self.request, status=status, output=self.output, usage=usage, error=error
+        )
 
     def _finish(self, generation: Generation) -> dict[str, Any]:
         """The final Response object (and, when `store` is not false, remember it)."""
@@ -136,7 +150,7 @@ class ResponsesSurface:
     def _event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n".encode("utf-8")
+        return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
 
     async def events(self, generation: Generation) -> AsyncIterator[bytes]:
         """The typed event stream (see the module docstring)."""
@@ -162,9 +176,22 @@ class ResponsesSurface:
                     index = len(self.output) - 1
                     yield self._event("response.output_item.added", output_index=index, item=dict(message, content=[]))
                     message["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-                    yield self._event("response.content_part.added", item_id=message["id"], output_index=index, content_index=0, part=message["content"][0])
+                    yield self._event(
+                        "response.content_part.added",
+                        item_id=message["id"],
+                        output_index=index,
+                        content_index=0,
+                        part=message["content"][0],
+                    )
                 message["content"][0]["text"] += delta.text
-                yield self._event("response.output_text.delta", item_id=message["id"], output_index=len(self.output) - 1, content_index=0, delta=delta.text, logprobs=[])
+                yield self._event(
+                    "response.output_text.delta",
+                    item_id=message["id"],
+                    output_index=len(self.output) - 1,
+                    content_index=0,
+                    delta=delta.text,
+                    logprobs=[],
+                )
             for call in delta.calls:
                 if message is not None:
                     for event in close_message():
@@ -174,14 +201,27 @@ class ResponsesSurface:
                 self.output.append(item)
                 index = len(self.output) - 1
                 yield self._event("response.output_item.added", output_index=index, item=dict(item, arguments=""))
-                yield self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=item["arguments"])
-                yield self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index, name=item["name"], arguments=item["arguments"])
+                yield self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    delta=item["arguments"],
+                )
+                yield self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
                 yield self._event("response.output_item.done", output_index=index, item=dict(item, status="completed"))
         if message is not None:
             for event in close_message("incomplete" if generation.finish_reason == "length" else "completed"):
                 yield event
         final = self._finish(generation)
-        kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(final["status"], "response.failed")
+        kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
+            final["status"], "response.failed"
+        )
         yield self._event(kind, response=final)
 
     async def respond(self, generation: Generation) -> Response:

@@ -1,4 +1,4 @@
-"""OpenAI Responses API shapes (SPEC.md §3.6; the `CreateResponse`, `Response`, `OutputItem` and
+"""OpenAI Responses API shapes (docs/api.md; the `CreateResponse`, `Response`, `OutputItem` and
 `Response*Event` schemas of OpenAI's OpenAPI document). Pure: no sockets, no engine.
 
     parse_request(dict) -> ResponsesRequest        400 invalid_request naming the parameter
@@ -21,9 +21,11 @@ from pydantic_core import PydanticCustomError
 
 from macprovider.engine.protocol import Usage
 from macprovider.errors import ApiError
-from macprovider.serve.openai_schemas import MAX_MESSAGES, TokenCount, StrictRequest, validate_body
+from macprovider.serve.openai_schemas import MAX_MESSAGES, StrictRequest, TokenCount, validate_body
 
-BUILT_IN_TOOLS = "web_search, file_search, computer, code_interpreter, image_generation, mcp, shell and other built-in tools"
+BUILT_IN_TOOLS = (
+    "web_search, file_search, computer, code_interpreter, image_generation, mcp, shell and other built-in tools"
+)
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -56,7 +58,9 @@ class ResponsesRequest(StrictRequest):
     def _input(cls, value: Any) -> Any:
         if isinstance(value, str) or (isinstance(value, list) and len(value) <= MAX_MESSAGES):
             return value
-        raise PydanticCustomError("input_type", "input must be a string or a list of at most {n} items", {"n": MAX_MESSAGES})
+        raise PydanticCustomError(
+            "input_type", "input must be a string or a list of at most {n} items", {"n": MAX_MESSAGES}
+        )
 
     def check_supported(self) -> None:
         """Raise ApiError 400 naming the first requested feature this provider does not implement."""
@@ -93,7 +97,10 @@ def _text(content: Any, param: str) -> str:
     for index, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise _bad(f"{param}.{index}", f"content part type {kind!r} is not supported: only text parts (input_text, output_text) are")
+            raise _bad(
+                f"{param}.{index}",
+                f"content part type {kind!r} is not supported: only text parts (input_text, output_text) are",
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -123,23 +130,41 @@ def input_messages(items: str | list[Any], param: str = "input") -> list[dict[st
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
                 raise _bad(f"{where}.role", 'role must be "user", "assistant", "system" or "developer"')
-            messages.append({"role": "system" if role == "developer" else role, "content": _text(item.get("content"), f"{where}.content")})
+            messages.append(
+                {
+                    "role": "system" if role == "developer" else role,
+                    "content": _text(item.get("content"), f"{where}.content"),
+                }
+            )
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
                     raise _bad(f"{where}.{key}", f"a function_call item needs a string {key}")
-            call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": _arguments(item["arguments"])}}
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": _arguments(item["arguments"])},
+            }
             if not messages or messages[-1]["role"] != "assistant":
                 messages.append({"role": "assistant", "content": ""})
             messages[-1].setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise _bad(f"{where}.call_id", "a function_call_output item needs a string call_id")
-            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), f"{where}.output")})
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item["call_id"],
+                    "content": _text(item.get("output"), f"{where}.output"),
+                }
+            )
         elif kind == "reasoning":
             continue
         else:
-            raise _bad(f"{where}.type", f"input item type {kind!r} is not supported: use message, function_call or function_call_output")
+            raise _bad(
+                f"{where}.type",
+                f"input item type {kind!r} is not supported: use message, function_call or function_call_output",
+            )
     return messages
 
 
@@ -153,13 +178,19 @@ def chat_tools(request: ResponsesRequest) -> tuple[list[dict[str, Any]], str]:
     for index, tool in enumerate(request.tools or []):
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise _bad(f"tools.{index}.type", f"tool type {kind!r} is not supported: only function tools are ({BUILT_IN_TOOLS} are not)")
+            raise _bad(
+                f"tools.{index}.type",
+                f"tool type {kind!r} is not supported: only function tools are ({BUILT_IN_TOOLS} are not)",
+            )
         function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
         tools.append({"type": "function", "function": function})
     choice = request.tool_choice
     if isinstance(choice, dict):
         if choice.get("type") != "function":
-            raise _bad("tool_choice", f"tool_choice type {choice.get('type')!r} is not supported: use \"auto\", \"none\", \"required\" or a function")
+            raise _bad(
+                "tool_choice",
+                f'tool_choice type {choice.get("type")!r} is not supported: use "auto", "none", "required" or a function',
+            )
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     try:
         return check_tools(tools, choice)
@@ -177,7 +208,10 @@ def response_format(request: ResponsesRequest) -> dict[str, Any] | None:
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise _bad("text.format.type", 'text.format type must be "text", "json_object" or "json_schema"')
     if fmt["type"] == "json_schema":
-        return {"type": "json_schema", "json_schema": {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}}
+        return {
+            "type": "json_schema",
+            "json_schema": {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt},
+        }
     return {"type": fmt["type"]}
 
 
@@ -265,7 +299,13 @@ def response_object(
 def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
     """A request's function tool as the `FunctionTool` the response echoes (name, description, parameters,
     strict — null when not given)."""
-    return {"type": "function", "name": tool["name"], "description": tool.get("description"), "parameters": tool.get("parameters"), "strict": tool.get("strict")}
+    return {
+        "type": "function",
+        "name": tool["name"],
+        "description": tool.get("description"),
+        "parameters": tool.get("parameters"),
+        "strict": tool.get("strict"),
+    }
 
 
 def history_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -273,7 +313,9 @@ def history_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     items = []
     for item in output:
         if item["type"] == "message":
-            items.append({"type": "message", "role": "assistant", "content": "".join(part["text"] for part in item["content"])})
+            items.append(
+                {"type": "message", "role": "assistant", "content": "".join(part["text"] for part in item["content"])}
+            )
         else:
             items.append(item)
     return input_messages(items)

@@ -1,4 +1,4 @@
-"""The process lifecycle of `macprovider serve` (SPEC.md §3.1): the app under uvicorn, the model loaded on a
+"""The process lifecycle of `macprovider serve` (docs/api.md#engine-semantics): the app under uvicorn, the model loaded on a
 background thread, a watchdog on the generation thread, and the drain on SIGTERM/SIGINT.
 
     ServeRuntime(engine_or_fleet, settings, api_key).run() -> int   uvicorn + background load + watchdog + drain
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 from macprovider.config import Settings
 from macprovider.engine.protocol import EngineProtocol, ServePlan
@@ -23,7 +24,7 @@ from macprovider.serve.fleet import ServeFleet
 log = logging.getLogger("macprovider.serve.app")
 
 CANCEL_GRACE_S = 5.0  # after cancel_all, how long streams get to send their final error event
-# Connection limits (issue 14; README "Connections"). uvicorn's h11 protocol closes a connection idle
+# Connection limits (docs/api.md#limits). uvicorn's h11 protocol closes a connection idle
 # *between* requests after timeout_keep_alive, but waits forever for the head of a request, so one byte a
 # second (slowloris) or a connection that never speaks holds a socket for good: REQUEST_HEAD_TIMEOUT_S bounds
 # the time from connect / the end of the previous response to a complete request head.
@@ -57,7 +58,7 @@ def _uvicorn_server_class() -> Any:
         """uvicorn.Server whose signals start our drain instead of uvicorn's own shutdown, and which does not
         re-raise the captured signal after a graceful exit (uvicorn does, which would turn exit 0 into −15)."""
 
-        runtime: "ServeRuntime"
+        runtime: ServeRuntime
 
         @contextlib.contextmanager
         def capture_signals(self):  # type: ignore[override]
@@ -146,7 +147,7 @@ def raise_open_file_limit(wanted: int = 4 * CONNECTION_LIMIT) -> int:
 
 class ServeRuntime:
     """One serving process: the app under uvicorn, the engine loaded on a background thread, a watchdog on
-    the generation thread, and the drain on SIGTERM/SIGINT (SPEC.md §3.1).
+    the generation thread, and the drain on SIGTERM/SIGINT (docs/api.md#engine-semantics).
 
     Exit codes from `run()`: 0 after a signal-initiated drain, 1 when loading failed, the generation
     thread died, or the address could not be bound. `started` is set once the socket listens (`port` is
@@ -274,14 +275,19 @@ class ServeRuntime:
             others = f" (+{len(self.fleet.models) - 1} more on demand)" if len(self.fleet.models) > 1 else ""
             log.info(
                 "ready: serving %s%s at %s (max_batch=%d, max_context=%d, kv_bits=%s)",
-                primary.id, others, self.url, primary.max_batch, primary.max_context, primary.kv_bits,
+                primary.id,
+                others,
+                self.url,
+                primary.max_batch,
+                primary.max_context,
+                primary.kv_bits,
             )
 
     async def _wait_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self.state.idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def begin_shutdown(self, reason: str) -> None:
@@ -290,7 +296,12 @@ class ServeRuntime:
             return
         self.shutting_down = True
         self.state.draining = True
-        log.info("%s: draining, %d request(s) in flight (up to %g s)", reason, self.state.in_flight, self.settings.drain_timeout_s)
+        log.info(
+            "%s: draining, %d request(s) in flight (up to %g s)",
+            reason,
+            self.state.in_flight,
+            self.settings.drain_timeout_s,
+        )
         for engine in self._engines():
             try:
                 engine.start_draining()

@@ -1,4 +1,4 @@
-"""The rolling, content-free record of request shapes `autotune --workload recorded` replays (SPEC.md §5.6b).
+"""The rolling, content-free record of request shapes `autotune --workload recorded` replays (docs/autotune.md#objectives-and-workloads).
 
 `WorkloadRecorder(path).track(handle, ...)` wraps an engine handle: when the request's final chunk arrives
 it appends one `macprovider.workload.RequestShape` (token counts, the cached prefix the engine reused,
@@ -15,9 +15,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from macprovider.workload import RECORD_LIMIT, RequestShape, shapes_jsonl
 

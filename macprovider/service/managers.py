@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from macprovider.errors import ServiceError
 from macprovider.service.spec import (
@@ -92,7 +92,9 @@ class LaunchdManager:
 
     def _require_installed(self) -> None:
         if not self.path.exists():
-            raise ServiceError(f"the service is not installed ({self.path} is missing): run `macprovider service install`")
+            raise ServiceError(
+                f"the service is not installed ({self.path} is missing): run `macprovider service install`"
+            )
 
     def start(self) -> list[str]:
         self._require_installed()
@@ -104,7 +106,11 @@ class LaunchdManager:
 
     def stop(self) -> list[str]:
         unloaded = launchd_bootout(self.runner, uid=self.uid)
-        return [f"stopped {self.target} (it starts again at login or with `macprovider service start`)" if unloaded else f"{self.target} was not running"]
+        return [
+            f"stopped {self.target} (it starts again at login or with `macprovider service start`)"
+            if unloaded
+            else f"{self.target} was not running"
+        ]
 
     def restart(self) -> list[str]:
         self._require_installed()
@@ -139,7 +145,7 @@ class SystemdManager:
     def logs_hint(self, spec: ServiceSpec) -> str:
         return f"journalctl --user -u {SYSTEMD_UNIT} -f"
 
-    def _systemctl(self, *args: str, check: bool = True) -> "subprocess.CompletedProcess[str]":
+    def _systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = self.runner(["systemctl", "--user", *args])
         if check and result.returncode != 0:
             message = _failed(f"systemctl --user {args[0]}", result)
@@ -169,7 +175,9 @@ class SystemdManager:
 
     def _require_installed(self) -> None:
         if not self.path.exists():
-            raise ServiceError(f"the service is not installed ({self.path} is missing): run `macprovider service install`")
+            raise ServiceError(
+                f"the service is not installed ({self.path} is missing): run `macprovider service install`"
+            )
 
     def start(self) -> list[str]:
         self._require_installed()

@@ -26,9 +26,9 @@ import platform
 import plistlib
 import subprocess
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 from macprovider.errors import ServiceError
 
@@ -44,7 +44,7 @@ CARRIED_ENV = ("HF_HOME", "HF_HUB_CACHE")
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
-def default_runner(argv: list[str]) -> "subprocess.CompletedProcess[str]":
+def default_runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run `argv` (found on PATH), capturing text output, 30 s timeout. A missing binary is exit 127."""
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
@@ -161,7 +161,7 @@ def _systemd_quote(arg: str) -> str:
     """One ExecStart word / Environment value, quoted per systemd.syntax(7) and systemd.service(5):
     `%` -> `%%` (specifiers), `$` -> `$$` (variable expansion), double quotes around words with spaces."""
     value = arg.replace("%", "%%").replace("$", "$$")
-    if any(ch in value for ch in ' \t"\\\'') or value == "":
+    if any(ch in value for ch in " \t\"\\'") or value == "":
         value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return value
 
@@ -267,11 +267,13 @@ def launchd_bootstrap(
         )
 
 
-def _failed(what: str, result: "subprocess.CompletedProcess[str]") -> str:
+def _failed(what: str, result: subprocess.CompletedProcess[str]) -> str:
     detail = " ".join(f"{result.stderr} {result.stdout}".split())[:400] or "no output"
     if result.returncode == 127:
         tool = what.split()[0]
-        hint = "launchd runs only on macOS: use --manager systemd" if tool == "launchctl" else "systemd is not installed"
+        hint = (
+            "launchd runs only on macOS: use --manager systemd" if tool == "launchctl" else "systemd is not installed"
+        )
         return f"{tool} not found ({hint})"
     return f"{what} failed (exit {result.returncode}): {detail}"
 
