@@ -2,7 +2,11 @@
 (Messages) routes over an engine that is handed in.
 
 Layout (docs/architecture.md#layers):
-    app.py             create_app: middleware (Host/Origin, CORS, key, body cap), health, models, routes
+    app.py             create_app: wires the routers, the error handlers (each API's envelope) and the
+                       middleware (Host/Origin, CORS, key, body cap)
+    context.py         AppContext, the one per-app object every router receives: ServerState (counters,
+                       drain), the fleet, read_body, require_loaded, the generation driver, the recorder
+    ops_api.py         /v1/health, /health, /metrics, /v1/models[/{id}], /v1/macprovider/load|unload
     core.py            the one request/stream core: Turn -> start -> Generation deltas; EventStream
     openai_api.py      /v1/chat/completions, /v1/completions: request -> Turn, deltas -> OpenAI chunks/bodies
     openai_schemas.py  OpenAI request models, response/chunk builders, the error envelope
@@ -16,9 +20,11 @@ Layout (docs/architecture.md#layers):
     preflight.py       plan_serve: every check before a model loads -> engine.protocol.ServePlan
     workload.py        the content-free request-shape record (macprovider.workload) autotune replays
     embeddings_api.py  /v1/embeddings: request checks, the engine lookup (one function), the response body
-Imports: `runtime` -> `app` -> the `*_api` modules -> `core` and their `*_schemas`, never the reverse
-(`responses_*`/`anthropic_*` reuse `openai_api.check_model` and `openai_schemas`' request base). The
-engine is reached through
+Each `*_api.py` ends in `router(ctx) -> APIRouter` (Responses: `router(ctx, store)`), its routes over the
+app's AppContext; nothing is module-global.
+Imports: `runtime` -> `app` -> the `*_api` modules -> `context` -> `core`, `fleet` and `openai_schemas`;
+each `*_api` -> its `*_schemas`; never the reverse (`responses_*`/`anthropic_*` reuse
+`openai_api.check_model` and `openai_schemas`' request base). The engine is reached through
 `engine.protocol` (plus the MLX-free request helpers `engine.tool_calls` and `engine.constrained`); nothing
 here imports MLX or the engine itself (`commands/serve.py` builds it), so the HTTP tests run on a fake engine.
 Importers: `commands` only.

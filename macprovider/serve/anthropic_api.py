@@ -7,6 +7,7 @@ request/stream core (docs/api.md).
         message_delta (stop_reason, stop_sequence, usage), message_stop; or an `error` event
     AnthropicSurface.respond(generation)  the `Message` object, or Anthropic's error envelope
     count_turn(data, model_id) -> (messages, tools)   what count_tokens encodes
+    router(ctx) -> APIRouter   POST /v1/messages (through `ctx.generate`), POST /v1/messages/count_tokens
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from macprovider.engine.protocol import GenerationRequest
 from macprovider.errors import ApiError
 from macprovider.serve import anthropic_schemas as shapes
+from macprovider.serve import core
+from macprovider.serve import openai_schemas as schemas
+from macprovider.serve.context import AppContext
 from macprovider.serve.core import Generation, Turn
 from macprovider.serve.openai_api import check_model
 
@@ -135,3 +141,32 @@ class AnthropicSurface:
                 self.id, self.model, content, stop, generation.stop_sequence, shapes.usage_object(generation.usage)
             )
         )
+
+
+def router(ctx: AppContext) -> APIRouter:
+    """The Messages API routes over `ctx`. Their errors are answered in Anthropic's envelope (the app's
+    handlers pick it for every path under /v1/messages, too)."""
+    api = APIRouter()
+
+    @api.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await ctx.generate(request, prepare, error_response)
+
+    @api.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> Response:
+        try:
+            ctx.require_loaded()
+            data, model = ctx.routed(schemas.parse_json_body(await ctx.read_body(request)))
+            messages, tools = count_turn(data, model)
+            lease = await ctx.fleet.acquire(model)
+            try:
+                # A count beyond the context is refused as the generation would be, before tokenizing it all.
+                core.check_prompt_bound(lease.engine, messages, "messages")
+                tokens = await run_in_threadpool(lease.engine.encode_chat, messages, tools or None)
+            finally:
+                lease.release()
+        except ApiError as exc:
+            return error_response(exc)
+        return JSONResponse({"input_tokens": len(tokens)})
+
+    return api

@@ -2,7 +2,7 @@
 
     parse_request(data) -> EmbeddingRequest       the body checked; ApiError 400 naming the field
     check_embedding_engine(engine, model) -> engine  400 unless the model serving `model` is an embedding model
-    router(acquire, state, read_body, ...) -> APIRouter   `acquire` is the fleet's (name/alias -> lease)
+    router(ctx) -> APIRouter   POST /v1/embeddings; `ctx.fleet.acquire` finds the engine (name/alias -> lease)
 
 Request: `model`; `input` a string, an array of strings, an array of token ids, or an array of token-id arrays
 (token ids are the served model's own vocabulary; the model's special tokens are added unless the array
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from macprovider.engine.protocol import EmbeddingEngineProtocol
 from macprovider.errors import ApiError
 from macprovider.serve import openai_schemas as schemas
+from macprovider.serve.context import AppContext
 
 log = logging.getLogger("macprovider.serve.embeddings")
 
@@ -182,17 +183,13 @@ def response_body(model: str, vectors: Any, tokens: int, encoding: str, dimensio
     }
 
 
-def router(
-    acquire: Callable[[str], Awaitable[Any]],
-    state: Any,
-    read_body: Callable[[Request], Awaitable[bytes]],
-    require_loaded: Callable[[], None],
-) -> APIRouter:
-    """The `/v1/embeddings` route. `await acquire(model)` gives a lease on the model's loaded engine (the fleet's
-    `ServeFleet.acquire`: `.engine`, `.release()`), checked by `check_embedding_engine`; `state` is the app's
-    ServerState (request/error counters, in-flight tracking for the drain); `read_body` reads the capped JSON
-    body; `require_loaded` raises 503 while the model loads."""
+def router(ctx: AppContext) -> APIRouter:
+    """The `/v1/embeddings` route over `ctx`. `await ctx.fleet.acquire(model)` gives a lease on the model's
+    loaded engine (`.engine`, `.release()`), checked by `check_embedding_engine`; `ctx.state` is the app's
+    ServerState (request/error counters, in-flight tracking for the drain); `ctx.read_body` reads the capped
+    JSON body; `ctx.require_loaded` raises 503 while the model loads."""
     api = APIRouter()
+    state, acquire, read_body, require_loaded = ctx.state, ctx.fleet.acquire, ctx.read_body, ctx.require_loaded
 
     @api.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:

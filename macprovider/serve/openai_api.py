@@ -1,5 +1,7 @@
-"""`/v1/chat/completions` and `/v1/completions` as translations onto the request/stream core (docs/api.md#chat-completions).
+"""`/v1/chat/completions` and `/v1/completions` as translations onto the request/stream core
+(docs/api.md#chat-completions).
 
+router(ctx) -> APIRouter            POST /v1/chat/completions, POST /v1/completions through `ctx.generate`
 prepare_chat(data, model_id) / prepare_completion(data, model_id) -> (Turn, OpenAISurface)
 OpenAISurface.events(generation)    SSE: role chunk (chat), content and tool-call chunks, the finish
                                     chunk, the usage chunk only when `stream_options.include_usage`
@@ -13,11 +15,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from macprovider.engine.protocol import TokenLogprob
 from macprovider.errors import ApiError
 from macprovider.serve import openai_schemas as schemas
+from macprovider.serve.context import AppContext
 from macprovider.serve.core import Generation, Turn
 
 
@@ -162,3 +166,20 @@ class OpenAISurface:
                 self._logprobs(logprobs),
             )
         return JSONResponse(body)
+
+
+def router(ctx: AppContext) -> APIRouter:
+    """The two OpenAI generation routes over `ctx` (admission, body, fleet, counters); errors before generation
+    are answered in the OpenAI envelope."""
+    api = APIRouter()
+    openai_error = OpenAISurface.error_response
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await ctx.generate(request, prepare_chat, openai_error)
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await ctx.generate(request, prepare_completion, openai_error)
+
+    return api

@@ -8,6 +8,8 @@ ResponsesSurface.events(generation)        typed SSE events (`event: <type>`), e
     (content_part.added, output_text.delta…, output_text.done, content_part.done | function_call_arguments
     .delta, .done) → output_item.done, and response.completed / response.incomplete / response.failed
 ResponsesSurface.respond(generation)       the `Response` object, or the error envelope
+router(ctx, store) -> APIRouter            POST /v1/responses (through `ctx.generate`), GET/DELETE
+                                           /v1/responses/{id} from `store`
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from macprovider.engine.protocol import GenerationRequest
 from macprovider.errors import ApiError
 from macprovider.serve import responses_schemas as shapes
+from macprovider.serve.context import AppContext
 from macprovider.serve.core import Generation, Turn
 from macprovider.serve.openai_api import OpenAISurface, check_model
 
@@ -234,3 +238,26 @@ class ResponsesSurface:
         for call in calls:
             self.output.append(shapes.function_call_item(shapes.new_id("fc"), call, "completed"))
         return JSONResponse(self._finish(generation))
+
+
+def router(ctx: AppContext, store: ResponseStore) -> APIRouter:
+    """The Responses API routes over `ctx`; `store` is the app's own bounded store (`app.state.responses`).
+    Errors are answered in the OpenAI envelope."""
+    api = APIRouter()
+
+    @api.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await ctx.generate(
+            request, lambda data, model: prepare(data, model, store), OpenAISurface.error_response
+        )
+
+    @api.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> Response:
+        return JSONResponse(store.get(response_id)[0])
+
+    @api.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Response:
+        store.delete(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    return api

@@ -18,7 +18,8 @@ from typing import Any
 
 from macprovider.config import Settings
 from macprovider.engine.protocol import EngineProtocol, ServePlan
-from macprovider.serve.app import ServerState, create_app
+from macprovider.serve.app import create_app
+from macprovider.serve.context import ServerState
 from macprovider.serve.fleet import ServeFleet
 
 log = logging.getLogger("macprovider.serve.app")
