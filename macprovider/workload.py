@@ -85,8 +85,9 @@ def parse_shapes(text: str, name: str) -> list[RequestShape]:
     if stripped.startswith("["):
         try:
             items = json.loads(stripped)
-        except ValueError as exc:
-            raise WorkloadError(f"{name}: not valid JSON ({exc.msg})") from None
+        except ValueError as exc:  # JSONDecodeError, or a plain ValueError (e.g. an integer over the digit limit)
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise WorkloadError(f"{name}: not valid JSON ({detail})") from None
         return [RequestShape.from_record(obj, f"{name} item {i}") for i, obj in enumerate(items, start=1)]
     shapes = []
     for number, line in enumerate(text.splitlines(), start=1):

@@ -90,6 +90,7 @@ def test_workload_files_parse_as_jsonl_or_json_array(tmp_path):
         ('{"prompt_tokens": 3}\nnot json', "line 2: not valid JSON"),
         ('[{"prompt_tokens": 3, "concurrency": "2"}]', "item 1: concurrency"),
         ("[1]", "item 1: a request shape must be a JSON object"),
+        ("[" + "9" * 5000 + "]", "w.jsonl: not valid JSON"),  # a plain ValueError (integer digit limit)
     ],
 )
 def test_bad_workload_files_are_named_errors(text, match):

@@ -167,7 +167,10 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
 
     env = os.environ if env is None else env
     warnings: list[str] = []
-    get = lambda key, default=None: default if raw.get(key) is None else raw.get(key)  # noqa: E731
+
+    def get(key: str, default: Any = None) -> Any:
+        """raw[key], or `default` when it is missing or None."""
+        return default if raw.get(key) is None else raw.get(key)
 
     target = _int("--target-context", get("target_context", 2000), 1)
 

@@ -243,11 +243,18 @@ async def stream_once(
 
 def aggregate_throughput(streams: Sequence[StreamResult]) -> float | None:
     """Σ generated tokens / span of the decode intervals (s); None if not computable (module docstring)."""
-    if not streams or any(s.generated_tokens is None or s.generation_ms is None or s.end_s is None for s in streams):
+    if not streams:
         return None
-    starts = [s.end_s - s.generation_ms / 1000.0 for s in streams]  # type: ignore[operator]
-    span = max(s.end_s for s in streams) - min(starts)  # type: ignore[type-var]
-    tokens = sum(s.generated_tokens for s in streams)  # type: ignore[misc]
+    ends: list[float] = []
+    starts: list[float] = []
+    tokens = 0
+    for s in streams:
+        if s.generated_tokens is None or s.generation_ms is None or s.end_s is None:
+            return None
+        ends.append(s.end_s)
+        starts.append(s.end_s - s.generation_ms / 1000.0)
+        tokens += s.generated_tokens
+    span = max(ends) - min(starts)
     if span <= 0:
         return None
     return tokens / span
@@ -354,7 +361,7 @@ async def _measure(
     connections = max([max_batch] + [r.concurrency for requests in rounds for r in requests]) + 2
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits, trust_env=False) as client:
-        kwargs = dict(first_token_timeout_s=first_timeout, deadline=deadline)
+        kwargs: dict[str, Any] = dict(first_token_timeout_s=first_timeout, deadline=deadline)
         warm_request = workload.warmup(seed)
         warm = await stream_once(
             client, base_url, model, warm_request.messages, max_tokens=warm_request.max_tokens, **kwargs

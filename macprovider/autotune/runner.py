@@ -109,13 +109,13 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         return RunOutcome(2, "config_error", None)
 
     machine = deps.machine or MachineFacts.detect()
-    machine_obj = {
+    machine_obj: dict[str, Any] = {
         "ram_gb": int(machine.ram_gb),
         "chip": str(machine.chip),
         "os_version": str(machine.os_version),
         "binary_version": deps.binary_version or __version__,
     }
-    inputs_obj = {
+    inputs_obj: dict[str, Any] = {
         "target_context": inputs.target_context,
         "candidate_models": list(inputs.candidate_models),
         "stage1_replicates": inputs.stage1_replicates,
@@ -226,6 +226,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
                     s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon, inputs.objective)
                     partial = s2.partial
                     if s2.best is not None:
+                        assert s2.best.row_id is not None  # every evaluated trial went through record()
                         store.mark_kept(run_id, s2.best.row_id)
                         kept_row = s2.best.row_id
                         rec = replace(

@@ -598,7 +598,7 @@ class DiskPromptCache:
         described = []
         for index, (kind, state) in enumerate(layers):
             scalars: dict[str, Any] = {}
-            for key, value in tree_flatten(state):  # type: ignore[str-unpack]
+            for key, value in tree_flatten(state):
                 if hasattr(value, "dtype"):
                     tensors[f"{index}.{key}"] = value
                 else:

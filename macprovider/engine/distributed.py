@@ -449,7 +449,7 @@ class PipelineStage:
         start = sum(stages[:stage])
         end = start + stages[stage]
         self.start, self.end = start, end
-        self.args = getattr(model, "args", None)
+        self.args = model.args  # every mlx-lm model keeps its ModelArgs (vocab_size, hidden_size) here
         tied = not hasattr(model, "lm_head")
         self.vocab_size = self.args.vocab_size
         self.hidden_size = self.args.hidden_size

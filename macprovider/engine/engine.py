@@ -32,11 +32,19 @@ import queue
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from macprovider.engine.distributed import FAILURE_ANNOUNCE_S, Lockstep, LockstepBatch, SamplerSpec, follow
 from macprovider.engine.isolation import fault_report, guard, record_fault
-from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, ServePlan, TokenLogprob
+from macprovider.engine.protocol import (
+    EngineState,
+    EngineStats,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ServePlan,
+    TokenLogprob,
+)
 from macprovider.engine.sequence import OutputText, SequenceHandle, SequenceState
 from macprovider.errors import ApiError, ModelError
 
@@ -83,7 +91,7 @@ class Engine:
         self.max_context = plan.max_context
         self.max_batch = settings.max_concurrency_override
         self.kv_bits = settings.kv_bits
-        self.weights_dtype = settings.weights_dtype  # the setting; after load(), what was applied
+        self.weights_dtype: str = settings.weights_dtype  # the setting; after load(), what was applied
         self.max_queue_depth = settings.max_queue_depth
         # Prefix reuse is per rank and byte-bounded: ranks holding different layers would evict differently.
         self.prompt_cache_bytes = settings.prompt_cache_bytes if lockstep is None else 0
@@ -98,7 +106,7 @@ class Engine:
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._state = "loading"
+        self._state: EngineState = "loading"
         self._draining = False
         self._stopping = False
         self._admitted = 0  # submitted and not finished (waiting + active)
@@ -106,7 +114,7 @@ class Engine:
         # Generation-thread state.
         self._pending: collections.deque[SequenceState] = collections.deque()
         self._active: dict[int, SequenceState] = {}
-        self._counters = collections.Counter()
+        self._counters: collections.Counter[str] = collections.Counter()
         self._kv_bytes = 0
         self.tokenizer: Any = None
 
@@ -302,7 +310,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             counters = dict(self._counters)
-            state = self._state
+            state: EngineState = self._state
             if state == "ready" and self._counters["active"] >= self.max_batch:
                 state = "busy"
             if (
@@ -665,8 +673,8 @@ class Engine:
     def _end_faulted(self) -> None:
         """End every running sequence whose own sampler, processor or detokenizer raised, each with its own
         error (`engine.isolation`); the others stay in the batch."""
-        for sequence in [s for s in self._active.values() if s.fault is not None]:
-            status, message, param = fault_report(sequence.fault)
+        for sequence, fault in [(s, s.fault) for s in self._active.values() if s.fault is not None]:
+            status, message, param = fault_report(fault)
             self._finish(sequence, "error", error=message, error_status=status, error_param=param)
 
     def _token_text(self, token: int) -> str:
@@ -691,13 +699,14 @@ class Engine:
         import mlx.core as mx
 
         row = logprobs.reshape(-1)
-        alternatives: tuple[tuple[str, float], ...] = ()
+        alternatives: tuple[tuple[str, float, bytes], ...] = ()
         if top > 0:
             k = min(top, row.shape[0])
             ids = mx.argpartition(-row, kth=k - 1)[:k]
             values = row[ids]
             order = mx.argsort(-values)
-            ids_list, values_list = ids[order].tolist(), values[order].tolist()
+            ids_list = cast(list[int], ids[order].tolist())  # 1-D arrays: flat lists
+            values_list = cast(list[float], values[order].tolist())
             alternatives = tuple(
                 (self._token_text(i), float(v), self._token_bytes(i)) for i, v in zip(ids_list, values_list)
             )
@@ -706,7 +715,7 @@ class Engine:
     def _finish(
         self,
         sequence: SequenceState,
-        reason: str,
+        reason: FinishReason,
         *,
         error: str | None = None,
         finished_by_batch: bool = False,

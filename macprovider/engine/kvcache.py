@@ -18,7 +18,7 @@ masked out, `offset[b]` is its real length (`_idx − left_padding[b]`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_map, tree_reduce
@@ -46,6 +46,15 @@ def _empty_triple(batch: int, heads: int, length: int, dim: int, bits: int, grou
         mx.zeros((batch, heads, length, dim // per_int), dtype=mx.uint32),
         mx.zeros((batch, heads, length, dim // group_size), dtype=dtype),
         mx.zeros((batch, heads, length, dim // group_size), dtype=dtype),
+    )
+
+
+def _join(a: QuantTriple, b: QuantTriple, axis: int = 0) -> QuantTriple:
+    """`a` and `b` concatenated part by part (packed, scales, biases) along `axis`."""
+    return (
+        mx.concatenate([a[0], b[0]], axis=axis),
+        mx.concatenate([a[1], b[1]], axis=axis),
+        mx.concatenate([a[2], b[2]], axis=axis),
     )
 
 
@@ -85,17 +94,20 @@ class BatchQuantizedKVCache(_BaseCache):
             if self.keys is not None:
                 if prev % self.step != 0:
                     self.keys, self.values = tree_map(lambda x: x[..., :prev, :], (self.keys, self.values))
-                self.keys = tuple(mx.concatenate([a, b], axis=2) for a, b in zip(self.keys, new_k))
-                self.values = tuple(mx.concatenate([a, b], axis=2) for a, b in zip(self.values, new_v))
+                assert self.values is not None  # keys and values are always set together
+                self.keys = _join(self.keys, new_k, axis=2)
+                self.values = _join(self.values, new_v, axis=2)
             else:
                 self.keys, self.values = new_k, new_v
         self.offset = self.offset + steps
         self._idx += steps
         q_keys = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
         q_values = mx.quantize(values, group_size=self.group_size, bits=self.bits)
+        stored_k, stored_v = self.keys, self.values
+        assert stored_k is not None and stored_v is not None  # allocated above
         for i in range(3):
-            self.keys[i][..., prev : self._idx, :] = q_keys[i]
-            self.values[i][..., prev : self._idx, :] = q_values[i]
+            stored_k[i][..., prev : self._idx, :] = q_keys[i]
+            stored_v[i][..., prev : self._idx, :] = q_values[i]
         return self.keys_and_values()
 
     def keys_and_values(self):
@@ -187,10 +199,12 @@ class BatchQuantizedKVCache(_BaseCache):
             self.offset = mx.concatenate([self.offset, other.offset])
             return
         reference = self if self.keys is not None else other
-        heads = reference.keys[0].shape[1]
-        k_dim = _head_dim(reference.keys, self.bits)
-        v_dim = _head_dim(reference.values, self.bits)
-        dtype = reference.keys[1].dtype
+        ref_keys, ref_values = reference.keys, reference.values
+        assert ref_keys is not None and ref_values is not None  # one side has history (checked above)
+        heads = ref_keys[0].shape[1]
+        k_dim = _head_dim(ref_keys, self.bits)
+        v_dim = _head_dim(ref_values, self.bits)
+        dtype = ref_keys[1].dtype
         max_idx = max(self._idx, other._idx)
         max_size = max(c.keys[0].shape[2] for c in (self, other) if c.keys is not None)
 
@@ -211,8 +225,8 @@ class BatchQuantizedKVCache(_BaseCache):
             return keys, values, cache.offset, cache.left_padding + left
 
         (k1, v1, o1, p1), (k2, v2, o2, p2) = pad(self), pad(other)
-        self.keys = tuple(mx.concatenate([a, b]) for a, b in zip(k1, k2))
-        self.values = tuple(mx.concatenate([a, b]) for a, b in zip(v1, v2))
+        self.keys = _join(k1, k2)
+        self.values = _join(v1, v2)
         self.offset = mx.concatenate([o1, o2])
         self.left_padding = mx.concatenate([p1, p2])
         self._idx = max_idx
@@ -220,8 +234,9 @@ class BatchQuantizedKVCache(_BaseCache):
     def extract(self, idx: int) -> QuantizedKVCache:
         """Row `idx` as a single-sequence `QuantizedKVCache` (padding removed, contiguous copy)."""
         cache = QuantizedKVCache(group_size=self.group_size, bits=self.bits)
-        padding = self.left_padding.tolist()[idx]
+        padding = cast(list[int], self.left_padding.tolist())[idx]  # a 1-D array: a list of ints
         if self.keys is not None:
+            assert self.values is not None  # keys and values are always set together
             cut = lambda x: mx.contiguous(x[idx : idx + 1, :, padding : self._idx])  # noqa: E731
             cache.keys = tuple(cut(x) for x in self.keys)
             cache.values = tuple(cut(x) for x in self.values)

@@ -90,7 +90,8 @@ def tool_call_grammar(
     (`hoist_definitions`), where its `$ref`s can resolve."""
     from llguidance import LLMatcher
 
-    variants, definitions = [], {}
+    variants: list[dict[str, Any]] = []
+    definitions: dict[str, Any] = {}
     for index, tool in enumerate(tools):
         function = tool["function"]
         if choice not in ("required", "auto") and function["name"] != choice:
@@ -105,7 +106,7 @@ def tool_call_grammar(
                 "additionalProperties": False,
             }
         )
-    schema = dict(variants[0]) if len(variants) == 1 else {"anyOf": variants}
+    schema: dict[str, Any] = dict(variants[0]) if len(variants) == 1 else {"anyOf": variants}
     if definitions:
         schema["$defs"] = definitions
     schema["x-guidance"] = {"whitespace_flexible": False}  # compact JSON: no unbounded whitespace runs
@@ -186,7 +187,8 @@ class ToolCallSplitter:
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         self._buffer += text
-        content, calls = "", []
+        content = ""
+        calls: list[dict[str, Any]] = []
         while True:
             if self._in_call:
                 at = self._buffer.find(self.end)

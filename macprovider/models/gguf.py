@@ -233,7 +233,7 @@ def ggml_affine_groups(blocks, type_name: str) -> AffineGroups | None:
     if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         d = _f16(b[..., 0:2])
         if type_name == "Q8_0":
-            codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+            codes: np.ndarray = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
             return _exact(codes, d, d * np.float32(-128), 8)
         header = 4 if type_name in ("Q4_1", "Q5_1") else 2
         if type_name in ("Q5_0", "Q5_1"):

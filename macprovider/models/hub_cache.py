@@ -407,7 +407,7 @@ def remove_model(model: str, cache_dir: Path | None = None) -> int:
     except CacheNotFound:  # pragma: no cover - the repo dir exists, so the cache does
         info = None
     repo = next((r for r in (info.repos if info else ()) if r.repo_type == "model" and r.repo_id == repo_id), None)
-    if repo is not None and repo.revisions:
+    if info is not None and repo is not None and repo.revisions:  # repo came from info
         # Restrict the scan to this repo first: delete_revisions matches commit hashes cache-wide, and two
         # repos may hold the same commit (a copy, or demo models built from the same files).
         only_this = dataclasses.replace(info, repos=frozenset({repo}))

@@ -124,7 +124,8 @@ def parameter_counts(model_dir: Path, config: dict[str, Any]) -> tuple[int, int]
                 continue
             count = _elements(info["shape"])
             if leaf == "weight" and f"{base}.scales" in header:
-                layer = quantization.get(base) if isinstance(quantization.get(base), dict) else {}
+                entry = quantization.get(base)
+                layer = entry if isinstance(entry, dict) else {}
                 count = count * 32 // int(layer.get("bits") or quantization.get("bits") or 4)
             total += count
             largest = max(largest, count)
@@ -211,7 +212,8 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
         """From config.json (top level or `text_config`). ValueError/KeyError when a field is missing."""
-        scope = config.get("text_config") if "num_hidden_layers" not in config and config.get("text_config") else config
+        nested = "num_hidden_layers" not in config and config.get("text_config")
+        scope: dict[str, Any] = config["text_config"] if nested else config
         layers = int(scope["num_hidden_layers"])
         heads = int(scope["num_attention_heads"])
         hidden = int(scope["hidden_size"])
@@ -454,7 +456,7 @@ def rank_weight_fractions(model_dir: Path, parallel: str, layers_per_rank: Seque
     owner: list[int] = []  # layer index → rank
     for stage, count in enumerate(reversed(list(layers_per_rank))):
         owner += [ranks - 1 - stage] * count
-    shares = [0] * ranks
+    shares: list[float] = [0] * ranks
     total = 0
     sizes: dict[str, int] = {}
     for path in weight_files(model_dir):

@@ -132,7 +132,9 @@ class Generation:
 
     async def collect(self) -> tuple[str, list[dict[str, Any]], list[TokenLogprob]]:
         """All deltas joined: (text, tool calls, logprobs); then check `error` / `finish_reason`."""
-        text, calls, logprobs = [], [], []
+        text: list[str] = []
+        calls: list[dict[str, Any]] = []
+        logprobs: list[TokenLogprob] = []
         async for delta in self.deltas():
             text.append(delta.text)
             calls.extend(delta.calls)

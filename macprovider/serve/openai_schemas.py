@@ -407,7 +407,7 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
     Two candidates with the same text (e.g. byte tokens both shown as "\ufffd") share one key: the higher
     log-probability, listed first, is kept."""
 
-    def top_dict(top: Sequence[tuple[str, float]]) -> dict[str, float]:
+    def top_dict(top: Sequence[tuple[str, float, bytes]]) -> dict[str, float]:
         merged: dict[str, float] = {}
         for token, logprob, _ in top:
             merged.setdefault(token, logprob)

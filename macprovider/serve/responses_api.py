@@ -162,14 +162,14 @@ class ResponsesSurface:
         yield self._event("response.in_progress", response=self._response("in_progress"))
         message: dict[str, Any] | None = None  # the open message item, if text is streaming into it
 
-        def close_message(status: str = "completed") -> list[bytes]:
+        def close_message(item: dict[str, Any], status: str = "completed") -> list[bytes]:
             index = len(self.output) - 1
-            part = message["content"][0]
-            base = {"item_id": message["id"], "output_index": index, "content_index": 0}
+            part = item["content"][0]
+            base = {"item_id": item["id"], "output_index": index, "content_index": 0}
             return [
                 self._event("response.output_text.done", **base, text=part["text"], logprobs=[]),
                 self._event("response.content_part.done", **base, part=part),
-                self._event("response.output_item.done", output_index=index, item=dict(message, status=status)),
+                self._event("response.output_item.done", output_index=index, item=dict(item, status=status)),
             ]
 
         async for delta in generation.deltas():
@@ -198,7 +198,7 @@ class ResponsesSurface:
                 )
             for call in delta.calls:
                 if message is not None:
-                    for event in close_message():
+                    for event in close_message(message):
                         yield event
                     message = None
                 item = shapes.function_call_item(shapes.new_id("fc"), call, "in_progress")
@@ -220,7 +220,7 @@ class ResponsesSurface:
                 )
                 yield self._event("response.output_item.done", output_index=index, item=dict(item, status="completed"))
         if message is not None:
-            for event in close_message("incomplete" if generation.finish_reason == "length" else "completed"):
+            for event in close_message(message, "incomplete" if generation.finish_reason == "length" else "completed"):
                 yield event
         final = self._finish(generation)
         kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(

@@ -62,7 +62,7 @@ def _uvicorn_server_class() -> Any:
         runtime: ServeRuntime
 
         @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[override]
+        def capture_signals(self):
             if threading.current_thread() is not threading.main_thread():
                 yield
                 return
@@ -98,7 +98,7 @@ def _uvicorn_server_class() -> Any:
 
         _head_deadline: Any = None
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm_head_deadline()
 
