@@ -47,6 +47,8 @@ def real_server(model: str, **settings: Any) -> Iterator[tuple[str, Engine]]:
     finally:
         runtime.request_shutdown("test teardown")
         thread.join(15)
+        # A generation thread still alive at interpreter exit makes MLX's runtime abort the test process.
+        engine.close()
 
 
 @pytest.fixture
