@@ -442,7 +442,7 @@ def rank_weight_fractions(model_dir: Path, parallel: str, layers_per_rank: Seque
     """Each rank's share of the stored weight bytes (by rank; they sum to ≥ 1), from the safetensors headers.
 
     pipeline: a tensor `….layers.<i>.…` belongs to the rank holding layer i (rank r holds stage N−1−r,
-    `macprovider.parallel.layers_per_rank`); the embedding to the first stage (rank N−1), and to rank 0 too
+    `macprovider.cluster.parallel.layers_per_rank`); the embedding to the first stage (rank N−1), and to rank 0 too
     when the head is tied (no `lm_head` tensor); everything else (final norm, head) to rank 0 — the split
     `engine.distributed.PipelineStage` makes. tensor: mlx-lm's `shard()` splits the decoder layers' linear
     layers over the ranks and leaves embedding, norm and head whole on every rank.
