@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from macprovider.files import write_atomic
 from macprovider.workload import RECORD_LIMIT, RequestShape, shapes_jsonl
 
 log = logging.getLogger("macprovider.serve.workload")
@@ -113,12 +113,5 @@ def _count_lines(path: Path) -> int:
 def _keep_newest(path: Path, limit: int) -> int:
     """Rewrite `path` with its newest `limit` lines (temp file + rename). Returns the lines kept."""
     lines = path.read_bytes().splitlines(keepends=True)[-limit:]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".workload-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, b"".join(lines))
     return len(lines)
