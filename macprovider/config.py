@@ -23,9 +23,10 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict
 
 from macprovider.errors import ConfigError
+from macprovider.hardware import GIB, MIB
 
-GIB = 1024**3
-MIB = 1024**2
+# The prompt cache holds at most this many entries (engine.engine; the memory estimate in models.memory).
+PROMPT_CACHE_ENTRIES = 64
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 # How `serve` holds the weights (macprovider/engine/weights.py): auto = float32 on MLX's CPU backend when it

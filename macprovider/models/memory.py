@@ -74,14 +74,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from macprovider.config import PROMPT_CACHE_ENTRIES  # noqa: F401 - the engine's prompt cache size
+from macprovider.hardware import GIB, MIB  # noqa: F401 - re-exported for autotune's modules
+
 # The safetensors header reader lives with the models (serve's preflight checks weights with it too).
 from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files  # noqa: F401
 
-GIB = 1024**3
-MIB = 1024**2
 KV_ALLOCATION_STEP = 256  # mlx_lm.models.cache.KVCache.step (tests/test_autotune_memory.py pins it)
 PREFILL_STEP_SIZE = 2048  # mlx_lm.generate.BatchGenerator prefill_step_size default (pinned by a test)
-PROMPT_CACHE_ENTRIES = 64  # macprovider.engine.engine.PROMPT_CACHE_ENTRIES (pinned by a test)
 KV_GROUP_SIZES = (64, 32)  # engine.kvcache.kv_group_size: 64 when it divides head_dim, else 32
 SCORE_BYTES = 4  # float32 attention scores (CPU scaled_dot_product_attention)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
