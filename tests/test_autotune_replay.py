@@ -9,7 +9,7 @@ import pytest
 
 from macprovider.autotune.replay import REPLAY_MAX_REQUESTS, ReplayWorkload, fitted, shapes_digest, workload_summary
 from macprovider.models.demo import TinyModelSpec, build_model_files
-from macprovider.workload import RequestShape
+from macprovider.request_shapes import RequestShape
 
 
 @pytest.fixture(scope="module")

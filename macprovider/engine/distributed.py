@@ -391,7 +391,7 @@ def load_sharded(
 
     Pipeline: budgets are gathered from all ranks and `split_layers` sizes the stages; the model is
     loaded lazily and pruned to this rank's stage before its weights are read. Tensor: mlx-lm's
-    `model.shard(group)`. `cast(module)` applies the weights dtype (`engine.weights`) to this rank's
+    `model.shard(group)`. `cast(module)` applies the weights dtype (`engine.weights_dtype`) to this rank's
     share and returns what it chose; every rank must choose the same (activations travel in it).
     Raises ModelError when the model has no such support or the ranks chose different dtypes."""
     import mlx.core as mx

@@ -424,7 +424,7 @@ class Engine:
         from macprovider.engine.kvcache import kv_group_size, make_cache_factory
 
         mx.set_cache_limit(MLX_CACHE_LIMIT_BYTES)
-        from macprovider.engine.weights import apply_weights_dtype
+        from macprovider.engine.weights_dtype import apply_weights_dtype
 
         if self.lockstep is None:
             model, tokenizer = load(str(self.model_path))

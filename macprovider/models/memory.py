@@ -13,7 +13,7 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                quantized weights, scales and biases included), or the index's `metadata.total_size` — the
                weights as stored. When `serve` will cast them (`weights_dtype: auto` on MLX's CPU backend:
                float32 if that copy fits half the available memory, config.choose_weights_dtype, applied by
-               engine/weights.py), add the cast copy (parameters × target dtype size; parameters counted from
+               engine/weights_dtype.py), add the cast copy (parameters × target dtype size; parameters counted from
                the headers, a quantized weight's packed words × 32 / bits) and the largest tensor dequantized in
                the stored dtype: while `cast_weights` evaluates, the stored and the cast weights are both alive.
                When float32 does not fit, `auto` keeps a quantized checkpoint's quantized layers and casts its
@@ -78,7 +78,7 @@ from macprovider.config import PROMPT_CACHE_ENTRIES  # noqa: F401 - the engine's
 from macprovider.hardware import GIB, MIB  # noqa: F401 - re-exported for autotune's modules
 
 # The safetensors header reader lives with the models (serve's preflight checks weights with it too).
-from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files  # noqa: F401
+from macprovider.models.safetensors import SafetensorsError, read_safetensors_header, weight_files  # noqa: F401
 
 KV_ALLOCATION_STEP = 256  # mlx_lm.models.cache.KVCache.step (tests/test_autotune_memory.py pins it)
 PREFILL_STEP_SIZE = 2048  # mlx_lm.generate.BatchGenerator prefill_step_size default (pinned by a test)

@@ -1,7 +1,7 @@
 """The rolling, content-free record of request shapes `autotune --workload recorded` replays (docs/autotune.md#objectives-and-workloads).
 
 `WorkloadRecorder(path).track(handle, ...)` wraps an engine handle: when the request's final chunk arrives
-it appends one `macprovider.workload.RequestShape` (token counts, the cached prefix the engine reused,
+it appends one `macprovider.request_shapes.RequestShape` (token counts, the cached prefix the engine reused,
 max_tokens and the concurrency at arrival — never text) to `path`. Writes happen on one background thread
 (a single-worker executor, so lines keep their order) and never on the event loop. The file holds at most
 RECORD_LIMIT shapes: when it reaches twice that, the newest RECORD_LIMIT are rewritten to a temp file and
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from macprovider.files import write_atomic
-from macprovider.workload import RECORD_LIMIT, RequestShape, shapes_jsonl
+from macprovider.request_shapes import RECORD_LIMIT, RequestShape, shapes_jsonl
 
 log = logging.getLogger("macprovider.serve.workload")
 
