@@ -87,7 +87,7 @@ class Settings(BaseModel):
     api_key_file: str | None = None
     drain_timeout_s: float = 30.0
     cors_allowed_origins: tuple[str, ...] = ()
-    record_workload: bool = True  # keep the content-free request-shape record (macprovider.request_shapes)
+    record_workload: bool = True  # keep the content-free request-shape record (macprovider.core.request_shapes)
     weights_dtype: WeightsDtype = "auto"
     parallel: Literal["pipeline", "tensor"] | None = None
     hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
@@ -361,7 +361,7 @@ class Paths:
     @property
     def workload_file(self) -> Path:
         """The request-shape record `serve` keeps and `autotune --workload recorded` replays."""
-        from macprovider.request_shapes import WORKLOAD_FILE_NAME
+        from macprovider.core.request_shapes import WORKLOAD_FILE_NAME
 
         return self.config_dir / WORKLOAD_FILE_NAME
 

@@ -347,7 +347,7 @@ def test_autotune_hostfile_on_two_loopback_ranks(tmp_path, tiny_model):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_signal_mid_trial_leaves_no_rank_running(tmp_path, tiny_model, sig):
     """SIGTERM: autotune stops the trial's launcher group (exit 130). SIGKILL: nothing in autotune runs, yet
-    the launcher dies with it and the ranks stop with the launcher (macprovider.processes)."""
+    the launcher dies with it and the ranks stop with the launcher (macprovider.core.processes)."""
     port = free_port()
     proc = subprocess.Popen(
         _autotune_argv(tmp_path, tiny_model, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -1,4 +1,4 @@
-"""`macprovider.files.write_atomic`: the one atomic file writer (config --apply, service files, the workload
+"""`macprovider.core.files.write_atomic`: the one atomic file writer (config --apply, service files, the workload
 record, the runtime-baseline cache)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from macprovider import files
+from macprovider.core import files
 
 
 def test_write_atomic_replaces_the_file_with_the_mode(tmp_path):

@@ -1,4 +1,4 @@
-"""The content-free request-shape record (serve/workload.py, macprovider/request_shapes.py;
+"""The content-free request-shape record (serve/workload.py, macprovider/core/request_shapes.py;
 docs/autotune.md#objectives-and-workloads)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from fake_engine import chat_body, serving
 
 from macprovider.config import Paths
-from macprovider.request_shapes import RequestShape, WorkloadError, load_shapes, parse_shapes, shapes_jsonl
+from macprovider.core.request_shapes import RequestShape, WorkloadError, load_shapes, parse_shapes, shapes_jsonl
 from macprovider.serve.workload import WorkloadRecorder
 
 

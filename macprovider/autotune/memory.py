@@ -106,10 +106,10 @@ def runtime_baseline_bytes(cache_file: Path, measure: Any = measure_runtime_base
     """The runtime baseline, measured once per `runtime_key()` and cached in `cache_file` (JSON).
 
     A cache written for another interpreter or other versions is measured again; the file is replaced
-    atomically (`macprovider.files.write_atomic`), so a crash never leaves half a file nor a temp file. When the child cannot run,
-    FALLBACK_BASELINE_BYTES is returned and nothing is cached.
+    atomically (`macprovider.core.files.write_atomic`), so a crash never leaves half a file nor a temp file.
+    When the child cannot run, FALLBACK_BASELINE_BYTES is returned and nothing is cached.
     """
-    from macprovider.files import write_atomic
+    from macprovider.core.files import write_atomic
 
     key = runtime_key()
     try:

@@ -60,8 +60,8 @@ from typing import Any
 
 from macprovider.cluster.parallel import check_split, split_layers
 from macprovider.config import WEIGHTS_DTYPES
+from macprovider.core.processes import exit_with_parent
 from macprovider.errors import ModelError
-from macprovider.processes import exit_with_parent
 
 log = logging.getLogger("macprovider.engine.distributed")
 

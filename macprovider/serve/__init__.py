@@ -14,7 +14,7 @@ Layout (docs/architecture.md#layers):
                        admission by memory, keep_alive unload); every route asks it for an engine
     runtime.py         ServeRuntime / run_server: uvicorn lifecycle, background load, watchdog, drain
     preflight.py       plan_serve: every check before a model loads -> engine.protocol.ServePlan
-    workload.py        the content-free request-shape record (macprovider.request_shapes) autotune replays
+    workload.py        the content-free request-shape record (macprovider.core.request_shapes) autotune replays
     embeddings_api.py  /v1/embeddings: request checks, the engine lookup (one function), the response body
 Imports: `runtime` -> `app` -> the `*_api` modules -> `core` and their `*_schemas`, never the reverse
 (`responses_*`/`anthropic_*` reuse `openai_api.check_model` and `openai_schemas`' request base). The

@@ -1,7 +1,7 @@
 """The rolling, content-free record of request shapes `autotune --workload recorded` replays (docs/autotune.md#objectives-and-workloads).
 
 `WorkloadRecorder(path).track(handle, ...)` wraps an engine handle: when the request's final chunk arrives
-it appends one `macprovider.request_shapes.RequestShape` (token counts, the cached prefix the engine reused,
+it appends one `macprovider.core.request_shapes.RequestShape` (token counts, the cached prefix the engine reused,
 max_tokens and the concurrency at arrival — never text) to `path`. Writes happen on one background thread
 (a single-worker executor, so lines keep their order) and never on the event loop. The file holds at most
 RECORD_LIMIT shapes: when it reaches twice that, the newest RECORD_LIMIT are rewritten to a temp file and
@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from macprovider.files import write_atomic
-from macprovider.request_shapes import RECORD_LIMIT, RequestShape, shapes_jsonl
+from macprovider.core.files import write_atomic
+from macprovider.core.request_shapes import RECORD_LIMIT, RequestShape, shapes_jsonl
 
 log = logging.getLogger("macprovider.serve.workload")
 

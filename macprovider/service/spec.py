@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from macprovider.core.files import write_atomic
 from macprovider.errors import ServiceError
-from macprovider.files import write_atomic
 
 LABEL = "live.streamvc.macprovider"
 SYSTEMD_UNIT = "macprovider.service"
@@ -192,7 +192,7 @@ def render_systemd_unit(spec: ServiceSpec) -> str:
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
-    """Write `data` to `path` with `mode` (`macprovider.files.write_atomic`: temp file, fsync, rename).
+    """Write `data` to `path` with `mode` (`macprovider.core.files.write_atomic`: temp file, fsync, rename).
     Returns False, touching nothing, when the file already holds exactly `data` with that mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
