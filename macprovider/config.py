@@ -23,12 +23,13 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict
 
 from macprovider.errors import ConfigError
+from macprovider.hardware import GIB, MIB
 
-GIB = 1024**3
-MIB = 1024**2
+# The prompt cache holds at most this many entries (engine.engine; the memory estimate in models.memory).
+PROMPT_CACHE_ENTRIES = 64
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-# How `serve` holds the weights (macprovider/engine/weights.py): auto = float32 on MLX's CPU backend when it
+# How `serve` holds the weights (macprovider/engine/weights_dtype.py): auto = float32 on MLX's CPU backend when it
 # fits, else (a quantized checkpoint) quantized-float32; native = as stored; quantized-float32 = quantized
 # layers kept, every floating parameter (their scales and biases too) float32; or every layer dequantized /
 # cast to the named dtype.
@@ -86,7 +87,7 @@ class Settings(BaseModel):
     api_key_file: str | None = None
     drain_timeout_s: float = 30.0
     cors_allowed_origins: tuple[str, ...] = ()
-    record_workload: bool = True  # keep the content-free request-shape record (macprovider.workload)
+    record_workload: bool = True  # keep the content-free request-shape record (macprovider.core.request_shapes)
     weights_dtype: WeightsDtype = "auto"
     parallel: Literal["pipeline", "tensor"] | None = None
     hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
@@ -189,7 +190,7 @@ def choose_weights_dtype(
     `auto` on the CPU backend: float32 when `float32_bytes` ≤ AUTO_BUDGET_FRACTION × `available_bytes`; else,
     for a `quantized` checkpoint, QUANTIZED_FLOAT32 — MLX's CPU backend computes float16 on x86 ~30× slower
     than float32 (SmolLM2-135M Q4, float16 scales: decode 0.21 tok/s as stored vs 6.7 tok/s with float32
-    scales, `scripts/bench_weights_dtype.py`). engine/weights.py applies it;
+    scales, `scripts/bench_weights_dtype.py`). engine/weights_dtype.py applies it;
     autotune's memory estimate predicts it."""
     if setting == "native":
         return None
@@ -360,7 +361,7 @@ class Paths:
     @property
     def workload_file(self) -> Path:
         """The request-shape record `serve` keeps and `autotune --workload recorded` replays."""
-        from macprovider.workload import WORKLOAD_FILE_NAME
+        from macprovider.core.request_shapes import WORKLOAD_FILE_NAME
 
         return self.config_dir / WORKLOAD_FILE_NAME
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import psutil
 
-GIB = 1024**3
+GIB = 1024**3  # the byte units, defined once (config, models import them from here)
+MIB = 1024**2
 # Physical RAM minus this is the budget where MLX reports no recommended working set (Linux, CPU).
 RAM_RESERVE_BYTES = 4 * GIB
 

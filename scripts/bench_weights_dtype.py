@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prefill and decode speed of one model under each `weights_dtype` (engine/weights.py), side by side in one
+"""Prefill and decode speed of one model under each `weights_dtype` (engine/weights_dtype.py), side by side in one
 run, on whatever MLX device is the default here. A benchmark, not a test.
 
 Each variant loads the model fresh (mlx_lm.load), applies the setting with serve's own
@@ -23,7 +23,7 @@ def measure(model_path: str, setting: str, prompt_tokens: int, max_tokens: int, 
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    from macprovider.engine.weights import apply_weights_dtype
+    from macprovider.engine.weights_dtype import apply_weights_dtype
 
     model, tokenizer = load(model_path)
     applied = apply_weights_dtype(model, setting)

@@ -91,7 +91,7 @@ def check_file(gguf_path: Path, label: str, hub: Path, max_tokens: int, dtype: s
     from llama_cpp import Llama
     from mlx_lm import load
 
-    from macprovider.engine.weights import cast_weights
+    from macprovider.engine.weights_dtype import cast_weights
     from macprovider.models.gguf import import_gguf
 
     started = time.monotonic()

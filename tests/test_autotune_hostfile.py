@@ -35,9 +35,9 @@ from macprovider.autotune.runner import Deps, run
 from macprovider.autotune.search import Knobs, Trial
 from macprovider.autotune.trial import RealEvaluator
 from macprovider.cli import app
+from macprovider.cluster.parallel import failed_rank_line, layers_per_rank
 from macprovider.hardware import MachineFacts
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
-from macprovider.parallel import failed_rank_line, layers_per_rank
 from tests.test_autotune_e2e import NO_FOREGROUND, _listening_serve_child, free_port
 from tests.test_autotune_report import CANDIDATES, PINNED_HASH, REC
 from tests.test_autotune_report import report as base_report
@@ -347,7 +347,7 @@ def test_autotune_hostfile_on_two_loopback_ranks(tmp_path, tiny_model):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_signal_mid_trial_leaves_no_rank_running(tmp_path, tiny_model, sig):
     """SIGTERM: autotune stops the trial's launcher group (exit 130). SIGKILL: nothing in autotune runs, yet
-    the launcher dies with it and the ranks stop with the launcher (macprovider.processes)."""
+    the launcher dies with it and the ranks stop with the launcher (macprovider.core.processes)."""
     port = free_port()
     proc = subprocess.Popen(
         _autotune_argv(tmp_path, tiny_model, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

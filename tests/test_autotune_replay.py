@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from macprovider.autotune.replay import REPLAY_MAX_REQUESTS, ReplayWorkload, fitted, shapes_digest, workload_summary
+from macprovider.core.request_shapes import RequestShape
 from macprovider.models.demo import TinyModelSpec, build_model_files
-from macprovider.workload import RequestShape
 
 
 @pytest.fixture(scope="module")

@@ -312,7 +312,7 @@ def test_a_bad_workload_file_names_its_line(tmp_path):
 
 def test_objective_and_recorded_workload_reach_the_run_row_the_report_and_the_plan(tmp_path):
     from macprovider.config import Paths
-    from macprovider.workload import RequestShape, shapes_jsonl
+    from macprovider.core.request_shapes import RequestShape, shapes_jsonl
 
     record = Paths.from_env().workload_file
     record.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from macprovider.processes import die_with_parent
+from macprovider.core.processes import die_with_parent
 from macprovider.service import spec as service
 from tests.readiness import wait_healthy
 

@@ -23,8 +23,8 @@ import openai
 import psutil
 import pytest
 
+from macprovider.core.processes import die_with_parent
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
-from macprovider.processes import die_with_parent
 from tests.readiness import wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

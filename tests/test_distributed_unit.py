@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from macprovider import config as cfg
-from macprovider import parallel
+from macprovider.cluster import parallel
 from macprovider.engine import distributed as dist
 from macprovider.errors import ConfigError
 

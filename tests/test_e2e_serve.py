@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from macprovider.processes import die_with_parent
+from macprovider.core.processes import die_with_parent
 from tests.readiness import wait_healthy
 
 pytestmark = pytest.mark.e2e

@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from macprovider import config as cfg
+from macprovider.core.processes import die_with_parent
 from macprovider.models.hub_cache import install_in_hub_cache
-from macprovider.processes import die_with_parent
 from macprovider.serve.preflight import plan_fleet
 from tests.readiness import wait_healthy
 from tests.test_e2e_serve import ServeProcess, _free_port

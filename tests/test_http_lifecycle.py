@@ -15,8 +15,8 @@ import textwrap
 import httpx
 from fake_engine import FakeEngine, Script, chat_body, serving, sse_events
 
+from macprovider.core.processes import die_with_parent
 from macprovider.errors import ModelError
-from macprovider.processes import die_with_parent
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 

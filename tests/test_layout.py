@@ -1,7 +1,7 @@
 """The package layout keeps its dependency directions (docs/architecture.md#import-contracts).
 
-The contracts live in pyproject.toml (`[tool.importlinter]`): cli -> commands -> serve | autotune |
-service -> engine -> models; serve never imports the engine's MLX modules; autotune never imports the
+The contracts live in pyproject.toml (`[tool.importlinter]`): cli -> commands -> serve | autotune ->
+service -> engine -> cluster -> models; serve never imports the engine's MLX modules; autotune never imports the
 engine or MLX; no import cycles between sibling modules. The run-time checks below prove what the static
 graph cannot: the HTTP side serves a request, tools and a JSON schema included, without loading MLX, and
 the CLI's help loads none of the heavy libraries.

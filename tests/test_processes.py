@@ -1,4 +1,4 @@
-"""`macprovider.processes`: a child made with `die_with_parent()` does not outlive a parent killed with -9 (the
+"""`macprovider.core.processes`: a child made with `die_with_parent()` does not outlive a parent killed with -9 (the
 suite's own servers use it, so a killed pytest leaves no `serve` behind), and `exit_with_parent()` (every
 rank of a distributed `serve`) turns the parent's death into SIGTERM."""
 
@@ -26,7 +26,7 @@ def _parent(body: str) -> subprocess.Popen:
 def test_a_child_dies_with_a_parent_killed_with_minus_9(tied):
     parent = _parent(f"""
         import subprocess, sys, time
-        from macprovider.processes import die_with_parent
+        from macprovider.core.processes import die_with_parent
         child = subprocess.Popen({SLEEPER!r}, preexec_fn=die_with_parent() if {tied} else None)
         print(child.pid, flush=True)
         time.sleep(120)
@@ -45,7 +45,7 @@ def test_a_child_dies_with_a_parent_killed_with_minus_9(tied):
 def test_exit_with_parent_turns_the_parents_death_into_a_signal():
     parent = _parent("""
         import subprocess, sys, time
-        code = "import os, signal, sys, time; from macprovider.processes import exit_with_parent; "
+        code = "import os, signal, sys, time; from macprovider.core.processes import exit_with_parent; "
         code += "exit_with_parent(signal.SIGTERM); print(os.getpid(), flush=True); time.sleep(120)"
         subprocess.Popen([sys.executable, "-c", code], stdout=sys.stdout)
         time.sleep(120)

@@ -1,11 +1,11 @@
-"""`weights_dtype` (macprovider/engine/weights.py): what `auto` picks, and casting a quantized model."""
+"""`weights_dtype` (macprovider/engine/weights_dtype.py): what `auto` picks, and casting a quantized model."""
 
 from __future__ import annotations
 
 import pytest
 
 from macprovider import config as cfg
-from macprovider.engine.weights import choose_weights_dtype
+from macprovider.engine.weights_dtype import choose_weights_dtype
 from macprovider.errors import ConfigError
 
 GIB = 1024**3
@@ -46,7 +46,7 @@ def test_cast_weights_dequantizes_every_layer(tiny_model):
     import mlx.nn as nn
     from mlx_lm import load
 
-    from macprovider.engine.weights import cast_weights, parameter_count
+    from macprovider.engine.weights_dtype import cast_weights, parameter_count
     from macprovider.models.ids import ensure_local
 
     model, _ = load(str(ensure_local(tiny_model)))
@@ -64,7 +64,7 @@ def test_cast_weights_dequantizes_every_layer(tiny_model):
 
 
 def test_auto_keeps_a_quantized_model_quantized_with_float32_scales_when_float32_does_not_fit(tiny_model, monkeypatch):
-    """MLX's CPU backend computes float16 far slower than float32 on x86 (weights.py's table); when the
+    """MLX's CPU backend computes float16 far slower than float32 on x86 (weights_dtype.py's table); when the
     dequantized copy does not fit, `auto` keeps the packed weights and computes in float32."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -72,7 +72,7 @@ def test_auto_keeps_a_quantized_model_quantized_with_float32_scales_when_float32
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
-    from macprovider.engine.weights import apply_weights_dtype, parameter_count
+    from macprovider.engine.weights_dtype import apply_weights_dtype, parameter_count
     from macprovider.models.ids import ensure_local
 
     model, _ = load(str(ensure_local(tiny_model)))

@@ -1,4 +1,5 @@
-"""The content-free request-shape record (serve/workload.py, macprovider/workload.py; docs/autotune.md#objectives-and-workloads)."""
+"""The content-free request-shape record (serve/workload.py, macprovider/core/request_shapes.py;
+docs/autotune.md#objectives-and-workloads)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 from fake_engine import chat_body, serving
 
 from macprovider.config import Paths
+from macprovider.core.request_shapes import RequestShape, WorkloadError, load_shapes, parse_shapes, shapes_jsonl
 from macprovider.serve.workload import WorkloadRecorder
-from macprovider.workload import RequestShape, WorkloadError, load_shapes, parse_shapes, shapes_jsonl
 
 
 def test_served_requests_leave_their_shapes_and_no_content(isolated_env):

@@ -7,7 +7,7 @@ Layout (pure search, real measurement: docs/architecture.md#autotune):
     conflict.py   running-provider detection, drain, restore       store.py    SQLite (migrations, retention)
     report.py     terminal block, JSON, recipe hash                apply.py    atomic config edit
     runner.py     one run end to end                               trial.py    one real trial, progress display
-    replay.py     --workload recorded|FILE: replay request shapes (macprovider.workload) with prefix reuse
+    replay.py     --workload recorded|FILE: replay request shapes (macprovider.core.request_shapes) with prefix reuse
 Nothing here imports MLX at module level: candidates are measured as child processes over HTTP.
 """
 

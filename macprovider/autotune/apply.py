@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from macprovider.core.files import write_atomic
 from macprovider.errors import ApplyError
 
 OWNED_KEYS = ("model", "kv_bits", "max_context_override", "max_concurrency_override", "parallel", "hostfile")
@@ -151,14 +151,6 @@ class ApplyResult:
     changed: bool
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(str(directory), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _backup(path: Path, data: bytes, now: float) -> Path:
     stamp = int(now)
     counter = 0
@@ -225,21 +217,7 @@ def apply_recommendation(
         path.parent.mkdir(parents=True, exist_ok=True)
         backup = _backup(path, old_bytes, time.time() if now is None else now) if old_bytes is not None else None
         mode = (path.stat().st_mode & 0o777) if old_bytes is not None else 0o600
-        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(new_text.encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(path.parent)
+        write_atomic(path, new_text.encode("utf-8"), mode)
     except OSError as exc:
         raise ApplyError(f"cannot write config {path}: {exc.strerror or exc.__class__.__name__}") from None
     return ApplyResult(path, backup, True)

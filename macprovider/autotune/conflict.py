@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,32 +22,21 @@ import psutil
 
 from macprovider.autotune.provider import port_is_listening, wait_port_free
 from macprovider.errors import ProviderConflict
+from macprovider.service import spec as service_spec
 
-LAUNCHD_LABEL = "live.streamvc.macprovider"
-Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
-
-
-def default_runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run a command, capturing text output; a missing binary is exit 127 (no launchd on Linux)."""
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=15)
-    except FileNotFoundError:
-        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: not found")
+LAUNCHD_LABEL = service_spec.LABEL  # the launchd helpers are service's (one copy; autotune may import it)
+Runner = service_spec.Runner
+default_runner = service_spec.default_runner  # a missing binary is exit 127 (no launchd on Linux)
 
 
 def launchd_plist_path(home: Path | None = None) -> Path:
-    """~/Library/LaunchAgents/live.streamvc.macprovider.plist."""
-    home = home or Path(os.environ.get("HOME") or Path.home())
-    return home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    """~/Library/LaunchAgents/live.streamvc.macprovider.plist (service's path; `home` defaults to $HOME)."""
+    return service_spec.launchd_plist_path(home or Path(os.environ.get("HOME") or Path.home()))
 
 
 def parse_launchctl_list(output: str, label: str = LAUNCHD_LABEL) -> bool:
-    """Whether `launchctl list` output (`PID\\tStatus\\tLabel` rows) has a row for `label`."""
-    for line in output.splitlines():
-        parts = line.split()
-        if parts and parts[-1] == label:
-            return True
-    return False
+    """Whether `launchctl list` output (`PID\\tStatus\\tLabel` rows) has a row for `label` (service's parser)."""
+    return service_spec.parse_launchctl_list(output, label)[0]
 
 
 def is_serve_argv(argv: Sequence[str]) -> bool:
@@ -172,8 +161,7 @@ class Conflicts:
 
 def detect(port: int, *, runner: Runner = default_runner, restart_foreground: bool = False) -> Conflicts:
     """Look for a running provider (launchd job, foreground serve processes, a listener on `port`)."""
-    result = runner(["launchctl", "list"])
-    launchd = result.returncode == 0 and parse_launchctl_list(result.stdout)
+    launchd = service_spec.launchd_job_loaded(runner)
     return Conflicts(
         launchd=launchd,
         foreground=find_foreground_servers(),

@@ -106,11 +106,10 @@ def runtime_baseline_bytes(cache_file: Path, measure: Any = measure_runtime_base
     """The runtime baseline, measured once per `runtime_key()` and cached in `cache_file` (JSON).
 
     A cache written for another interpreter or other versions is measured again; the file is replaced
-    atomically (temp file + rename), so a crash never leaves half a file. When the child cannot run,
-    FALLBACK_BASELINE_BYTES is returned and nothing is cached.
+    atomically (`macprovider.core.files.write_atomic`), so a crash never leaves half a file nor a temp file.
+    When the child cannot run, FALLBACK_BASELINE_BYTES is returned and nothing is cached.
     """
-    import os
-    import tempfile
+    from macprovider.core.files import write_atomic
 
     key = runtime_key()
     try:
@@ -126,10 +125,7 @@ def runtime_baseline_bytes(cache_file: Path, measure: Any = measure_runtime_base
     try:
         cache_file = Path(cache_file)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".runtime-baseline-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"key": key, "baseline_bytes": value}, handle)
-        os.replace(tmp, cache_file)
+        write_atomic(cache_file, json.dumps({"key": key, "baseline_bytes": value}).encode("utf-8"))
     except OSError:
         pass  # an unwritable config directory only costs a re-measurement next run
     return value

@@ -73,7 +73,8 @@ class AutotuneInputs:
     warnings: tuple[str, ...] = ()
     objective: str = "throughput"
     workload: str = "synthetic"  # synthetic | recorded | a path to a JSON/JSONL file of request shapes
-    workload_shapes: tuple[Any, ...] = ()  # the shapes of `recorded` / FILE (macprovider.workload.RequestShape)
+    # the shapes of `recorded` / FILE (macprovider.core.request_shapes.RequestShape)
+    workload_shapes: tuple[Any, ...] = ()
     workload_source: str | None = None  # the file they came from
     cluster: ClusterHosts | None = None  # --hostfile, resolved by the command (hosts probed for budgets)
     hostfile: str | None = None  # --hostfile as given
@@ -289,7 +290,7 @@ def _workload(value: str, env: Mapping[str, str]) -> tuple[str, list[Any], str |
     request shapes). Returns (value, shapes, source file). ConfigError when the record is missing or empty,
     or the file is unreadable or invalid (the message names the line)."""
     from macprovider.config import Paths
-    from macprovider.workload import WorkloadError, load_shapes
+    from macprovider.core.request_shapes import WorkloadError, load_shapes
 
     if value.lower() == "synthetic":
         return "synthetic", [], None

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from macprovider.processes import die_with_parent
+from macprovider.core.processes import die_with_parent
 
 READY_TIMEOUT_S = 120.0
 POLL_S = 0.1

@@ -1,7 +1,7 @@
 """`--workload recorded|FILE`: replay the operator's own request shapes against each trial
 (docs/autotune.md#objectives-and-workloads).
 
-The shapes (macprovider.workload: prompt tokens, cached prefix tokens, max tokens, concurrency at arrival)
+The shapes (macprovider.core.request_shapes: prompt tokens, cached prefix tokens, max tokens, concurrency at arrival)
 come from the record `serve` keeps (`recorded`: `<config dir>/workload.jsonl`) or from a JSON/JSONL file. The
 newest REPLAY_MAX_REQUESTS shapes form one measured round; every replicate replays them in their recorded
 order, each request sent once fewer than its recorded concurrency are in flight, so four concurrent chats
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from macprovider.autotune.probe import _WORDS, MAX_TOKENS, ProbeRequest, Workload
-from macprovider.workload import RequestShape, shapes_jsonl
+from macprovider.core.request_shapes import RequestShape, shapes_jsonl
 
 REPLAY_MAX_REQUESTS = 16  # newest shapes replayed per round
 REPLAY_MAX_TOKENS = 256  # a recorded max_tokens above this is replayed as this (keeps a trial bounded)

@@ -38,8 +38,8 @@ from macprovider.autotune.search import (
     stage2_cells,
 )
 from macprovider.autotune.trial import Progress, RealEvaluator
+from macprovider.cluster.parallel import PARALLEL_MODES, split_problem
 from macprovider.errors import ApplyError, ProviderConflict, StoreError
-from macprovider.parallel import PARALLEL_MODES, split_problem
 
 EXIT_CODES = {
     "ok": 0,
@@ -346,7 +346,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
 
 def possible_modes(model: str, world_size: int) -> list[str]:
     """The parallel modes that can split `model` (its cached config.json) over `world_size` ranks
-    (`macprovider.parallel.split_problem`); every mode when the config cannot be read (the trial says why)."""
+    (`macprovider.cluster.parallel.split_problem`); every mode when the config cannot be read (the trial says why)."""
     from macprovider.errors import MacproviderError
     from macprovider.models.ids import ensure_local, read_model_config
 

@@ -27,8 +27,8 @@ from macprovider.autotune.provider import (
     serve_args,
 )
 from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial
+from macprovider.cluster.parallel import check_split, failed_rank_line, launch_argv, layers_per_rank
 from macprovider.errors import ConfigError
-from macprovider.parallel import check_split, failed_rank_line, launch_argv, layers_per_rank
 
 BASELINE_CACHE_NAME = "runtime-baseline.json"  # in the config directory, beside autotune.sqlite
 
@@ -326,7 +326,7 @@ class RealEvaluator:
 
     def split(self, model: str, path: Path, parallel: str, cluster: ClusterHosts) -> list[int] | None:
         """Layers per rank (pipeline, sized by the hosts' budgets) or None (tensor). Raises ConfigError with
-        `macprovider.parallel.check_split`'s refusal when the mode cannot split this model over the hosts."""
+        `macprovider.cluster.parallel.check_split`'s refusal when the mode cannot split this model over the hosts."""
         from macprovider.models.ids import read_model_config
 
         config = read_model_config(path)
@@ -337,7 +337,7 @@ class RealEvaluator:
 
     def launch(self, model: str, knobs: Knobs, cluster: ClusterHosts) -> dict[str, Any]:
         """CandidateProvider arguments that run the candidate on every host: `mlx.launch` with the hostfile
-        (`macprovider.parallel.launch_argv`, what `cluster serve` runs), HTTP on rank 0's host. Every rank
+        (`macprovider.cluster.parallel.launch_argv`, what `cluster serve` runs), HTTP on rank 0's host. Every rank
         reads `/dev/null` as its config (the trial's flags are the only knobs, on remote hosts too)."""
         rank0 = cluster.hosts[0]
         local = rank0 in ("127.0.0.1", "localhost")

@@ -156,7 +156,7 @@ def resolve_hosts(hostfile: str, budget_bytes: int | None) -> ClusterHosts:
     (`budget_bytes` replaces every probed budget when given). Raises ConfigError naming the hostfile and the
     first host with a problem (unreachable, other macprovider/mlx versions)."""
     from macprovider.autotune.preflight import ClusterHosts
-    from macprovider.commands.cluster import check_hosts, read_hosts
+    from macprovider.cluster.hosts import check_hosts, read_hosts
     from macprovider.errors import ConfigError
 
     parsed = read_hosts(hostfile)

@@ -7,7 +7,7 @@ Layout:
     sequence.py     per-request output text (detokenizer, stop strings) and the handle the HTTP side iterates
     kvcache.py      BatchQuantizedKVCache: kv-bits that keep continuous batching
     disk_cache.py   the prompt cache's disk tier: KV files that survive restarts (background writer, checks)
-    weights.py      weights_dtype: dequantize / cast the loaded weights (float32 on MLX's CPU backend)
+    weights_dtype.py  weights_dtype: dequantize / cast the loaded weights (float32 on MLX's CPU backend)
     tool_calls.py   tool validation, the forced-call grammar, the streamed markup splitter (no MLX)
     constrained.py  response_format -> llguidance grammar (no MLX); GrammarProcessor (logits processor)
     distributed.py  several machines on mx.distributed: split checks, pipeline stages / tensor shard, the

@@ -16,7 +16,7 @@ Splits
               layers are called `layer(h, mask, cache=c)` (the llama family: llama, mistral, qwen2/3, …).
     tensor    mlx-lm's own `model.shard(group)` where the model has one; needs the attention heads, the
               KV heads and the MLP width divisible by the group size.
-`check_split` (macprovider.parallel, MLX-free) refuses an impossible split before any weight loads and
+`check_split` (macprovider.cluster.parallel, MLX-free) refuses an impossible split before any weight loads and
 names the mode that fits.
 
 Lockstep
@@ -58,10 +58,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from macprovider.cluster.parallel import check_split, split_layers
 from macprovider.config import WEIGHTS_DTYPES
+from macprovider.core.processes import exit_with_parent
 from macprovider.errors import ModelError
-from macprovider.parallel import check_split, split_layers
-from macprovider.processes import exit_with_parent
 
 log = logging.getLogger("macprovider.engine.distributed")
 
@@ -391,7 +391,7 @@ def load_sharded(
 
     Pipeline: budgets are gathered from all ranks and `split_layers` sizes the stages; the model is
     loaded lazily and pruned to this rank's stage before its weights are read. Tensor: mlx-lm's
-    `model.shard(group)`. `cast(module)` applies the weights dtype (`engine.weights`) to this rank's
+    `model.shard(group)`. `cast(module)` applies the weights dtype (`engine.weights_dtype`) to this rank's
     share and returns what it chose; every rank must choose the same (activations travel in it).
     Raises ModelError when the model has no such support or the ranks chose different dtypes."""
     import mlx.core as mx

@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any, cast
 
+from macprovider.config import PROMPT_CACHE_ENTRIES
 from macprovider.engine.distributed import FAILURE_ANNOUNCE_S, Lockstep, LockstepBatch, SamplerSpec, follow
 from macprovider.engine.isolation import fault_report, guard, record_fault
 from macprovider.engine.protocol import (
@@ -62,7 +63,6 @@ END_OF_TURN_TOKENS = (
     "</s>",
     "<|return|>",
 )
-PROMPT_CACHE_ENTRIES = 64
 # Fewer shared tokens than this are not worth a wait: chat templates alone share their opening tokens.
 SHARED_PREFIX_MIN_TOKENS = 32
 # MLX keeps freed buffers for reuse (its buffer cache) up to its memory limit by default — on Linux, all of
@@ -432,7 +432,7 @@ class Engine:
         from macprovider.engine.kvcache import kv_group_size, make_cache_factory
 
         mx.set_cache_limit(MLX_CACHE_LIMIT_BYTES)
-        from macprovider.engine.weights import apply_weights_dtype
+        from macprovider.engine.weights_dtype import apply_weights_dtype
 
         if self.lockstep is None:
             model, tokenizer = load(str(self.model_path))

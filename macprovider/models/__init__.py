@@ -4,7 +4,7 @@ Layout:
     ids.py        model id validation, cache resolution (`ensure_local`), facts from config.json
     hub_cache.py  list / pull / verify / rm on the Hub cache (huggingface_hub), blob hashes, installing a
                   model directory in the cache layout (`install_in_hub_cache`)
-    weights.py    safetensors headers: exact tensor bytes, truncated / damaged files caught without loading
+    safetensors.py  safetensors headers: exact tensor bytes, truncated / damaged files caught without loading
     memory.py     the memory estimate of a served model (weights, KV, prompt cache, prefill): autotune's pre-check
                   and serve's fleet admission share it
     gguf.py       GGUF file (or Ollama store entry) → MLX model in the Hub cache (`models import`)

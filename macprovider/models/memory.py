@@ -13,7 +13,7 @@ estimate = weights + kv_live + prompt_cache + prefill + baseline, term by term:
                quantized weights, scales and biases included), or the index's `metadata.total_size` — the
                weights as stored. When `serve` will cast them (`weights_dtype: auto` on MLX's CPU backend:
                float32 if that copy fits half the available memory, config.choose_weights_dtype, applied by
-               engine/weights.py), add the cast copy (parameters × target dtype size; parameters counted from
+               engine/weights_dtype.py), add the cast copy (parameters × target dtype size; parameters counted from
                the headers, a quantized weight's packed words × 32 / bits) and the largest tensor dequantized in
                the stored dtype: while `cast_weights` evaluates, the stored and the cast weights are both alive.
                When float32 does not fit, `auto` keeps a quantized checkpoint's quantized layers and casts its
@@ -74,14 +74,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# The safetensors header reader lives with the models (serve's preflight checks weights with it too).
-from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files  # noqa: F401
+from macprovider.config import PROMPT_CACHE_ENTRIES  # noqa: F401 - the engine's prompt cache size
+from macprovider.hardware import GIB, MIB  # noqa: F401 - re-exported for autotune's modules
 
-GIB = 1024**3
-MIB = 1024**2
+# The safetensors header reader lives with the models (serve's preflight checks weights with it too).
+from macprovider.models.safetensors import SafetensorsError, read_safetensors_header, weight_files  # noqa: F401
+
 KV_ALLOCATION_STEP = 256  # mlx_lm.models.cache.KVCache.step (tests/test_autotune_memory.py pins it)
 PREFILL_STEP_SIZE = 2048  # mlx_lm.generate.BatchGenerator prefill_step_size default (pinned by a test)
-PROMPT_CACHE_ENTRIES = 64  # macprovider.engine.engine.PROMPT_CACHE_ENTRIES (pinned by a test)
 KV_GROUP_SIZES = (64, 32)  # engine.kvcache.kv_group_size: 64 when it divides head_dim, else 32
 SCORE_BYTES = 4  # float32 attention scores (CPU scaled_dot_product_attention)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -444,7 +444,7 @@ def rank_weight_fractions(model_dir: Path, parallel: str, layers_per_rank: Seque
     """Each rank's share of the stored weight bytes (by rank; they sum to ≥ 1), from the safetensors headers.
 
     pipeline: a tensor `….layers.<i>.…` belongs to the rank holding layer i (rank r holds stage N−1−r,
-    `macprovider.parallel.layers_per_rank`); the embedding to the first stage (rank N−1), and to rank 0 too
+    `macprovider.cluster.parallel.layers_per_rank`); the embedding to the first stage (rank N−1), and to rank 0 too
     when the head is tied (no `lm_head` tensor); everything else (final norm, head) to rank 0 — the split
     `engine.distributed.PipelineStage` makes. tensor: mlx-lm's `shard()` splits the decoder layers' linear
     layers over the ranks and leaves embedding, norm and head whole on every rank.

@@ -18,7 +18,7 @@ Layout (docs/architecture.md#layers):
                        admission by memory, keep_alive unload); every route asks it for an engine
     runtime.py         ServeRuntime / run_server: uvicorn lifecycle, background load, watchdog, drain
     preflight.py       plan_serve: every check before a model loads -> engine.protocol.ServePlan
-    workload.py        the content-free request-shape record (macprovider.workload) autotune replays
+    workload.py        the content-free request-shape record (macprovider.core.request_shapes) autotune replays
     embeddings_api.py  /v1/embeddings: request checks, the engine lookup (one function), the response body
 Each `*_api.py` ends in `router(ctx) -> APIRouter` (Responses: `router(ctx, store)`), its routes over the
 app's AppContext; nothing is module-global.

@@ -16,7 +16,7 @@ from macprovider.engine.protocol import ServePlan
 from macprovider.errors import ConfigError, ModelError
 from macprovider.models.embedding import model_kind
 from macprovider.models.ids import ensure_local, max_position_embeddings, read_model_config, validate_model_id
-from macprovider.models.weights import SafetensorsError, read_safetensors_header, weight_files
+from macprovider.models.safetensors import SafetensorsError, read_safetensors_header, weight_files
 from macprovider.serve.fleet import FleetModel
 
 

@@ -1,7 +1,7 @@
 """The rolling, content-free record of request shapes `autotune --workload recorded` replays (docs/autotune.md#objectives-and-workloads).
 
 `WorkloadRecorder(path).track(handle, ...)` wraps an engine handle: when the request's final chunk arrives
-it appends one `macprovider.workload.RequestShape` (token counts, the cached prefix the engine reused,
+it appends one `macprovider.core.request_shapes.RequestShape` (token counts, the cached prefix the engine reused,
 max_tokens and the concurrency at arrival — never text) to `path`. Writes happen on one background thread
 (a single-worker executor, so lines keep their order) and never on the event loop. The file holds at most
 RECORD_LIMIT shapes: when it reaches twice that, the newest RECORD_LIMIT are rewritten to a temp file and
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from macprovider.workload import RECORD_LIMIT, RequestShape, shapes_jsonl
+from macprovider.core.files import write_atomic
+from macprovider.core.request_shapes import RECORD_LIMIT, RequestShape, shapes_jsonl
 
 log = logging.getLogger("macprovider.serve.workload")
 
@@ -113,12 +113,5 @@ def _count_lines(path: Path) -> int:
 def _keep_newest(path: Path, limit: int) -> int:
     """Rewrite `path` with its newest `limit` lines (temp file + rename). Returns the lines kept."""
     lines = path.read_bytes().splitlines(keepends=True)[-limit:]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".workload-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, b"".join(lines))
     return len(lines)

@@ -25,11 +25,11 @@ import os
 import platform
 import plistlib
 import subprocess
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from macprovider.core.files import write_atomic
 from macprovider.errors import ServiceError
 
 LABEL = "live.streamvc.macprovider"
@@ -192,7 +192,7 @@ def render_systemd_unit(spec: ServiceSpec) -> str:
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
-    """Write `data` to `path` (temp file in the same directory, fsync, rename) with `mode`.
+    """Write `data` to `path` with `mode` (`macprovider.core.files.write_atomic`: temp file, fsync, rename).
     Returns False, touching nothing, when the file already holds exactly `data` with that mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -200,17 +200,7 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
             return False
     except OSError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode)
     return True
 
 

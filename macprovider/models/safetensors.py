@@ -10,7 +10,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-MIB = 1024**2
+from macprovider.hardware import MIB
+
 SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1,
     "U8": 1,
