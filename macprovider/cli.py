@@ -1,7 +1,7 @@
 """The `macprovider` command line: a typer app assembled from one module per command family.
 
 Thin by design: each command parses its flags, resolves configuration, makes one core call, and maps
-`MacproviderError` to a one-line message on stderr and its exit code (`macprovider.errors`). MLX and
+`MacproviderError` to a one-line message on stderr and its exit code (`macprovider.core.errors`). MLX and
 mlx-lm are imported inside command bodies only, so `--help`, `config` and `service` stay fast.
 """
 

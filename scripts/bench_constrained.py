@@ -68,7 +68,7 @@ def main() -> None:
         model = "bench/constrained-llama"
         install_in_hub_cache(source, model, Path(tmp) / "hub")
 
-    from macprovider import config as cfg
+    from macprovider.core import config as cfg
     from macprovider.engine.constrained import grammar_for
     from macprovider.engine.engine import Engine
     from macprovider.serve.preflight import plan_serve

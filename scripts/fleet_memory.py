@@ -32,7 +32,7 @@ def main() -> None:
     import mlx.core as mx
     import psutil
 
-    from macprovider.config import Settings
+    from macprovider.core.config import Settings
     from macprovider.engine.factory import load_engine, release_engine
     from macprovider.engine.protocol import GenerationRequest, ServePlan
     from macprovider.models.demo import DEMO_MODEL_ID, create_demo_model

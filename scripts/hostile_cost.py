@@ -42,8 +42,8 @@ def main() -> int:
 
             create_tiny_demo_model(cache_dir=Path(tmp) / "hub")
             model = TINY_DEMO_MODEL_ID
-        from macprovider import config as cfg
-        from macprovider.config import Settings
+        from macprovider.core import config as cfg
+        from macprovider.core.config import Settings
         from macprovider.engine.engine import Engine
         from macprovider.serve.preflight import plan_serve
         from macprovider.serve.runtime import ServeRuntime

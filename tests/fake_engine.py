@@ -23,9 +23,9 @@ from typing import Any
 
 import httpx
 
-from macprovider.config import Settings
+from macprovider.core.config import Settings
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import EngineStats, GenerationChunk, GenerationRequest, TokenLogprob, Usage
-from macprovider.errors import ApiError
 from macprovider.serve.runtime import ServeRuntime
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from macprovider import config as cfg
-from macprovider.config import Settings
+from macprovider.core import config as cfg
+from macprovider.core.config import Settings
 from macprovider.engine.engine import Engine
 from macprovider.serve.preflight import plan_serve
 from macprovider.serve.runtime import ServeRuntime

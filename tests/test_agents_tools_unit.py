@@ -9,8 +9,8 @@ import pytest
 from llguidance import LLMatcher
 from mlx_lm.tool_parsers import json_tools
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.tool_calls import ToolCallSplitter, check_tools, tool_call_grammar
-from macprovider.errors import ApiError
 
 WEATHER = {
     "type": "function",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from macprovider.autotune.apply import apply_recommendation, owned_values, render_config, summary_line
-from macprovider.errors import ApplyError
+from macprovider.core.errors import ApplyError
 
 ORIGINAL = (
     "# macprovider config\n"

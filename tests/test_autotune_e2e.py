@@ -89,7 +89,7 @@ def budget_between(models, fits: str, too_big: str) -> str:
     """A --memory-budget-gb that admits `fits` but not `too_big` at target context 256 (the runtime baseline
     measured here is the one the CLI then reads from the same cache)."""
     from macprovider.autotune.trial import BASELINE_CACHE_NAME
-    from macprovider.config import Paths
+    from macprovider.core.config import Paths
 
     baseline = memory.runtime_baseline_bytes(Paths.from_env().config_dir / BASELINE_CACHE_NAME)
 

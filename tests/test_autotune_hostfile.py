@@ -35,8 +35,8 @@ from macprovider.autotune.runner import Deps, run
 from macprovider.autotune.search import Knobs, Trial
 from macprovider.autotune.trial import RealEvaluator
 from macprovider.cli import app
-from macprovider.cluster.parallel import failed_rank_line, layers_per_rank
-from macprovider.hardware import MachineFacts
+from macprovider.core.cluster.parallel import failed_rank_line, layers_per_rank
+from macprovider.core.hardware import MachineFacts
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 from tests.test_autotune_e2e import NO_FOREGROUND, _listening_serve_child, free_port
 from tests.test_autotune_report import CANDIDATES, PINNED_HASH, REC

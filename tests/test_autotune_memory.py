@@ -342,7 +342,7 @@ def test_served_weights_follow_the_weights_dtype_serve_will_apply(tmp_path):
 
 
 def test_serve_and_the_estimate_share_one_weights_dtype_rule():
-    from macprovider import config
+    from macprovider.core import config
     from macprovider.engine import weights_dtype as weights
 
     assert weights.choose_weights_dtype is config.choose_weights_dtype

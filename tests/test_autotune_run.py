@@ -17,7 +17,7 @@ from macprovider.autotune.report import verify_recipe_hash
 from macprovider.autotune.runner import Deps, run
 from macprovider.autotune.search import BudgetExhausted, Knobs, Trial
 from macprovider.cli import app
-from macprovider.hardware import MachineFacts
+from macprovider.core.hardware import MachineFacts
 
 MACHINE = MachineFacts(24, "Test Chip", "Linux test")
 
@@ -311,7 +311,7 @@ def test_a_bad_workload_file_names_its_line(tmp_path):
 
 
 def test_objective_and_recorded_workload_reach_the_run_row_the_report_and_the_plan(tmp_path):
-    from macprovider.config import Paths
+    from macprovider.core.config import Paths
     from macprovider.core.request_shapes import RequestShape, shapes_jsonl
 
     record = Paths.from_env().workload_file

@@ -8,7 +8,7 @@ import pytest
 
 from macprovider.autotune.search import Knobs, Trial
 from macprovider.autotune.store import Store
-from macprovider.errors import StoreError
+from macprovider.core.errors import StoreError
 
 SPEC_TRIAL_COLUMNS = [
     "id",

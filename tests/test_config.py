@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from macprovider import config as cfg
-from macprovider.errors import ConfigError, InvalidModelId, ModelNotCachedError
+from macprovider.core import config as cfg
+from macprovider.core.errors import ConfigError, InvalidModelId, ModelNotCachedError
 from macprovider.serve.preflight import plan_serve
 
 

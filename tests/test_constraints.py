@@ -11,8 +11,8 @@ import pytest
 from fake_engine import JSON_TOOL_MARKUP, FakeEngine, serving
 from pydantic import BaseModel
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.tool_calls import hoist_definitions, tool_call_grammar
-from macprovider.errors import ApiError
 from macprovider.models.demo import train_tokenizer
 
 
@@ -157,7 +157,7 @@ def test_special_token_text_inside_json_never_ends_the_answer_early(tiny_model, 
     ends with `length` / an error — never `stop` on JSON that does not parse."""
     import asyncio
 
-    from macprovider import config as cfg
+    from macprovider.core import config as cfg
     from macprovider.engine.constrained import grammar_for
     from macprovider.engine.engine import Engine
     from macprovider.engine.protocol import GenerationRequest
@@ -188,7 +188,7 @@ def test_special_token_text_inside_json_never_ends_the_answer_early(tiny_model, 
 
 def test_the_engine_names_added_tokens_by_id(tiny_model):
     """What serve asks before building a forced-call grammar: the id of markup that is one added token."""
-    from macprovider import config as cfg
+    from macprovider.core import config as cfg
     from macprovider.engine.engine import Engine
     from macprovider.serve.preflight import plan_serve
 

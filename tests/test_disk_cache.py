@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from macprovider import config as cfg
+from macprovider.core import config as cfg
 from macprovider.engine import disk_cache
 from macprovider.engine.engine import Engine
 from macprovider.engine.protocol import GenerationRequest
@@ -247,7 +247,7 @@ def test_settings_default_to_the_users_cache_directory_and_show_in_config_show(i
     from typer.testing import CliRunner
 
     from macprovider.cli import app
-    from macprovider.errors import ConfigError
+    from macprovider.core.errors import ConfigError
 
     resolved = cfg.resolve({}, ram_gb=16)
     assert resolved.settings.prompt_cache_dir == str(isolated_env / ".cache" / "macprovider" / "kv")

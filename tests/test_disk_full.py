@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from macprovider.autotune.apply import apply_recommendation, owned_values
-from macprovider.errors import ApplyError
+from macprovider.core.errors import ApplyError
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 from tests.gguf_files import write_llama_gguf
 

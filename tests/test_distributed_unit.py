@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from macprovider import config as cfg
-from macprovider.cluster import parallel
+from macprovider.core import config as cfg
+from macprovider.core.cluster import parallel
+from macprovider.core.errors import ConfigError
 from macprovider.engine import distributed as dist
-from macprovider.errors import ConfigError
 
 LLAMA_30 = {
     "model_type": "llama",

@@ -1,4 +1,4 @@
-"""docs/configuration.md's settings table matches `macprovider.config` (`Settings` and `SETTINGS`).
+"""docs/configuration.md's settings table matches `macprovider.core.config` (`Settings` and `SETTINGS`).
 
 Every setting must have a row; each row's YAML key, environment variable, `serve` flag and default must be
 the code's. Adding a setting without documenting it fails here, naming the setting.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from macprovider.config import SETTINGS, Settings
+from macprovider.core.config import SETTINGS, Settings
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 NO_FLAG = "—"
@@ -76,7 +76,7 @@ def test_rows_match_the_code():
         for column, value in expected.items():
             if found[column] != value:
                 wrong.append(f"{spec.name}: {column} is {found[column]!r} in the doc, {value!r} in the code")
-    assert not wrong, "docs/configuration.md differs from macprovider/config.py:\n" + "\n".join(wrong)
+    assert not wrong, "docs/configuration.md differs from macprovider/core/config.py:\n" + "\n".join(wrong)
 
 
 def test_the_check_can_fail():

@@ -28,8 +28,8 @@ import pytest
 from fake_engine import FakeEngine, serving
 from openapi_schemas import check
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import EngineStats
-from macprovider.errors import ApiError
 from macprovider.models.embedding import model_kind, read_embedding_config
 from macprovider.serve.embeddings_api import MAX_INPUTS, MAX_TOTAL_TOKENS, parse_request
 
@@ -309,7 +309,7 @@ def numpy_bert(weights: dict[str, np.ndarray], config: dict[str, Any], ids: list
 
 @pytest.fixture(scope="module")
 def engine(embedding_model_dir):
-    from macprovider.config import Settings
+    from macprovider.core.config import Settings
     from macprovider.engine.embedding import EmbeddingEngine
     from macprovider.engine.protocol import ServePlan
 
@@ -499,7 +499,7 @@ def test_a_decoder_embedding_model_pools_the_last_real_token_of_each_padded_inpu
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
-    from macprovider.config import Settings
+    from macprovider.core.config import Settings
     from macprovider.engine.embedding import EmbeddingEngine
     from macprovider.engine.protocol import ServePlan
 

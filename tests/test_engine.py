@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from macprovider import config as cfg
+from macprovider.core import config as cfg
+from macprovider.core.errors import ApiError
 from macprovider.engine.engine import Engine
 from macprovider.engine.protocol import GenerationRequest
-from macprovider.errors import ApiError
 from macprovider.serve.preflight import plan_serve
 
 PROMPTS = [

@@ -22,8 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_engine import FakeEngine, Script  # noqa: E402
 
-from macprovider.config import Settings  # noqa: E402
-from macprovider.errors import ApiError  # noqa: E402
+from macprovider.core.config import Settings  # noqa: E402
+from macprovider.core.errors import ApiError  # noqa: E402
 from macprovider.serve.fleet import KEEP_FOREVER, FleetModel, ServeFleet  # noqa: E402
 from macprovider.serve.runtime import ServeRuntime  # noqa: E402
 

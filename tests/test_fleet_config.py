@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from macprovider import config as cfg
-from macprovider.errors import ConfigError, ModelNotCachedError
+from macprovider.core import config as cfg
+from macprovider.core.errors import ConfigError, ModelNotCachedError
 from macprovider.serve.preflight import is_fleet, plan_fleet
 
 

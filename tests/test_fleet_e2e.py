@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from macprovider import config as cfg
+from macprovider.core import config as cfg
 from macprovider.core.processes import die_with_parent
 from macprovider.models.hub_cache import install_in_hub_cache
 from macprovider.serve.preflight import plan_fleet

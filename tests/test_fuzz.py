@@ -20,7 +20,7 @@ from fake_engine import FakeEngine, serving
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 
-from macprovider.config import Settings
+from macprovider.core.config import Settings
 from macprovider.serve.anthropic_schemas import MessagesRequest
 from macprovider.serve.app import create_app
 from macprovider.serve.openai_schemas import ChatCompletionRequest, CompletionRequest

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from fake_engine import FakeEngine, serving
 
-from macprovider import config as cfg
-from macprovider.config import Settings
+from macprovider.core import config as cfg
+from macprovider.core.config import Settings
 from macprovider.engine.engine import Engine
 from macprovider.serve.app import host_name
 from macprovider.serve.preflight import plan_serve

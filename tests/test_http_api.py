@@ -12,7 +12,7 @@ import openai
 import pytest
 from fake_engine import FakeEngine, Script, chat_body, serving, sse_events
 
-from macprovider.errors import ApiError
+from macprovider.core.errors import ApiError
 
 
 @pytest.fixture

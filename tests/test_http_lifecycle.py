@@ -15,8 +15,8 @@ import textwrap
 import httpx
 from fake_engine import FakeEngine, Script, chat_body, serving, sse_events
 
+from macprovider.core.errors import ModelError
 from macprovider.core.processes import die_with_parent
-from macprovider.errors import ModelError
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,7 +96,7 @@ SERVER_SCRIPT = textwrap.dedent(
     import sys, threading
     sys.path.insert(0, {tests!r})
     from fake_engine import FakeEngine, Script
-    from macprovider.config import Settings
+    from macprovider.core.config import Settings
     from macprovider.serve.runtime import ServeRuntime, configure_logging
     configure_logging("info")
     engine = FakeEngine(script=Script(hold_after={hold!r}))

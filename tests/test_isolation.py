@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from macprovider import config as cfg
+from macprovider.core import config as cfg
 from macprovider.engine import engine as engine_module
 from macprovider.engine.engine import Engine
 from macprovider.engine.protocol import GenerationRequest

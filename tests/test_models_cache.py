@@ -265,7 +265,7 @@ def test_pull_error_classes_for_autotune(cache, fake_hub, monkeypatch):
 
 
 def test_serve_keeps_failing_fast_on_an_uncached_model_offline(cache):
-    from macprovider.errors import ModelNotCachedError
+    from macprovider.core.errors import ModelNotCachedError
     from macprovider.models.ids import ensure_local
 
     with pytest.raises(ModelNotCachedError, match="models pull org/absent"):

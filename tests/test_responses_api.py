@@ -12,7 +12,7 @@ import pytest
 from fake_engine import JSON_TOOL_MARKUP, FakeEngine, Script, serving
 from openapi_schemas import check
 
-from macprovider.errors import ApiError
+from macprovider.core.errors import ApiError
 from macprovider.serve.responses_api import ResponseStore
 
 MODEL = "fake-org/fake-model"

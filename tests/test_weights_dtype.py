@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from macprovider import config as cfg
+from macprovider.core import config as cfg
+from macprovider.core.errors import ConfigError
 from macprovider.engine.weights_dtype import choose_weights_dtype
-from macprovider.errors import ConfigError
 
 GIB = 1024**3
 

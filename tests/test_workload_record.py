@@ -9,7 +9,7 @@ import httpx
 import pytest
 from fake_engine import chat_body, serving
 
-from macprovider.config import Paths
+from macprovider.core.config import Paths
 from macprovider.core.request_shapes import RequestShape, WorkloadError, load_shapes, parse_shapes, shapes_jsonl
 from macprovider.serve.workload import WorkloadRecorder
 

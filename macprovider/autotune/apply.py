@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from macprovider.core.errors import ApplyError
 from macprovider.core.files import write_atomic
-from macprovider.errors import ApplyError
 
 OWNED_KEYS = ("model", "kv_bits", "max_context_override", "max_concurrency_override", "parallel", "hostfile")
 _KEY_LINE = re.compile(r"^(" + "|".join(OWNED_KEYS) + r")[ \t]*:(?=\s|$)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from macprovider.autotune.provider import port_is_listening, wait_port_free
-from macprovider.errors import ProviderConflict
+from macprovider.core.errors import ProviderConflict
 from macprovider.service import spec as service_spec
 
 LAUNCHD_LABEL = service_spec.LABEL  # the launchd helpers are service's (one copy; autotune may import it)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from macprovider.autotune.search import OBJECTIVES
-from macprovider.errors import ConfigError
+from macprovider.core.errors import ConfigError
 
 # The curated list (docs/autotune.md#flags), largest first: (id, parameters in billions).
 CURATED: tuple[tuple[str, float], ...] = (
@@ -163,7 +163,7 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     """Validate every flag (keys: the flag names without dashes, `_` for `-`; None = not given)."""
     import os
 
-    from macprovider.config import Paths, config_path_for
+    from macprovider.core.config import Paths, config_path_for
     from macprovider.models.ids import validate_model_id
 
     env = os.environ if env is None else env
@@ -289,7 +289,7 @@ def _workload(value: str, env: Mapping[str, str]) -> tuple[str, list[Any], str |
     """`--workload`: synthetic | recorded (serve's record in the config directory) | FILE (JSON/JSONL of
     request shapes). Returns (value, shapes, source file). ConfigError when the record is missing or empty,
     or the file is unreadable or invalid (the message names the line)."""
-    from macprovider.config import Paths
+    from macprovider.core.config import Paths
     from macprovider.core.request_shapes import WorkloadError, load_shapes
 
     if value.lower() == "synthetic":

@@ -38,8 +38,8 @@ from macprovider.autotune.search import (
     stage2_cells,
 )
 from macprovider.autotune.trial import Progress, RealEvaluator
-from macprovider.cluster.parallel import PARALLEL_MODES, split_problem
-from macprovider.errors import ApplyError, ProviderConflict, StoreError
+from macprovider.core.cluster.parallel import PARALLEL_MODES, split_problem
+from macprovider.core.errors import ApplyError, ProviderConflict, StoreError
 
 EXIT_CODES = {
     "ok": 0,
@@ -96,7 +96,7 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     from macprovider import __version__
     from macprovider.autotune import conflict as conflict_mod
     from macprovider.autotune.store import Store
-    from macprovider.hardware import MachineFacts
+    from macprovider.core.hardware import MachineFacts
 
     deps = deps or Deps()
     err = deps.err
@@ -346,8 +346,8 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
 
 def possible_modes(model: str, world_size: int) -> list[str]:
     """The parallel modes that can split `model` (its cached config.json) over `world_size` ranks
-    (`macprovider.cluster.parallel.split_problem`); every mode when the config cannot be read (the trial says why)."""
-    from macprovider.errors import MacproviderError
+    (`macprovider.core.cluster.parallel.split_problem`); every mode when the config cannot be read (the trial says why)."""
+    from macprovider.core.errors import MacproviderError
     from macprovider.models.ids import ensure_local, read_model_config
 
     try:

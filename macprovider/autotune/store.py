@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from macprovider.autotune.search import Trial
-from macprovider.errors import StoreError
+from macprovider.core.errors import StoreError
 
 RUNS_DDL = """CREATE TABLE IF NOT EXISTS tune_runs (
   run_id TEXT PRIMARY KEY, started_at_utc TEXT NOT NULL, ended_at_utc TEXT, spec_version TEXT NOT NULL,

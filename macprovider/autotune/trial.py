@@ -27,8 +27,8 @@ from macprovider.autotune.provider import (
     serve_args,
 )
 from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial
-from macprovider.cluster.parallel import check_split, failed_rank_line, launch_argv, layers_per_rank
-from macprovider.errors import ConfigError
+from macprovider.core.cluster.parallel import check_split, failed_rank_line, launch_argv, layers_per_rank
+from macprovider.core.errors import ConfigError
 
 BASELINE_CACHE_NAME = "runtime-baseline.json"  # in the config directory, beside autotune.sqlite
 
@@ -118,8 +118,8 @@ def pinned_fleet_bytes(config_path: Path, except_model: str) -> int:
     """The memory (`models.memory.resident_bytes`, bytes) of the pinned models in the fleet that `config_path`
     lists, other than `except_model`: a model `--apply` adds to that fleet will sit beside them. A config that
     cannot be read, or a pinned model not in the local cache, counts 0 (serve's own preflight reports it)."""
-    from macprovider import config as cfg
-    from macprovider.errors import MacproviderError
+    from macprovider.core import config as cfg
+    from macprovider.core.errors import MacproviderError
     from macprovider.models.ids import ensure_local
     from macprovider.models.memory import resident_bytes
 
@@ -172,7 +172,7 @@ class RealEvaluator:
     def baseline(self) -> int:
         """The runtime baseline (memory.runtime_baseline_bytes), measured once per machine and cached."""
         if self._baseline is None:
-            from macprovider.config import Paths
+            from macprovider.core.config import Paths
 
             self._baseline = memory.runtime_baseline_bytes(Paths.from_env().config_dir / BASELINE_CACHE_NAME)
         return self._baseline
@@ -326,7 +326,7 @@ class RealEvaluator:
 
     def split(self, model: str, path: Path, parallel: str, cluster: ClusterHosts) -> list[int] | None:
         """Layers per rank (pipeline, sized by the hosts' budgets) or None (tensor). Raises ConfigError with
-        `macprovider.cluster.parallel.check_split`'s refusal when the mode cannot split this model over the hosts."""
+        `macprovider.core.cluster.parallel.check_split`'s refusal when the mode cannot split this model over the hosts."""
         from macprovider.models.ids import read_model_config
 
         config = read_model_config(path)
@@ -337,7 +337,7 @@ class RealEvaluator:
 
     def launch(self, model: str, knobs: Knobs, cluster: ClusterHosts) -> dict[str, Any]:
         """CandidateProvider arguments that run the candidate on every host: `mlx.launch` with the hostfile
-        (`macprovider.cluster.parallel.launch_argv`, what `cluster serve` runs), HTTP on rank 0's host. Every rank
+        (`macprovider.core.cluster.parallel.launch_argv`, what `cluster serve` runs), HTTP on rank 0's host. Every rank
         reads `/dev/null` as its config (the trial's flags are the only knobs, on remote hosts too)."""
         rank0 = cluster.hosts[0]
         local = rank0 in ("127.0.0.1", "localhost")

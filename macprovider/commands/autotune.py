@@ -100,7 +100,7 @@ def autotune(
 ) -> None:
     """Find the biggest model this machine can serve at the target context, then tune its knobs."""
     from macprovider.autotune.preflight import parse_inputs
-    from macprovider.errors import ConfigError
+    from macprovider.core.errors import ConfigError
 
     raw = {
         "target_context": target_context,
@@ -156,8 +156,8 @@ def resolve_hosts(hostfile: str, budget_bytes: int | None) -> ClusterHosts:
     (`budget_bytes` replaces every probed budget when given). Raises ConfigError naming the hostfile and the
     first host with a problem (unreachable, other macprovider/mlx versions)."""
     from macprovider.autotune.preflight import ClusterHosts
-    from macprovider.cluster.hosts import check_hosts, read_hosts
-    from macprovider.errors import ConfigError
+    from macprovider.core.cluster.hosts import check_hosts, read_hosts
+    from macprovider.core.errors import ConfigError
 
     parsed = read_hosts(hostfile)
     hosts = [h.ssh_hostname for h in parsed.hosts]

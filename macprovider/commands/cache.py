@@ -18,7 +18,7 @@ CONFIG_HELP = "Config file (default: MACPROVIDER_CONFIG or ~/.config/macprovider
 def _directory(config: str | None):
     from pathlib import Path
 
-    from macprovider import config as cfg
+    from macprovider.core import config as cfg
 
     with user_errors():
         resolved = cfg.resolve(cli_config=config)

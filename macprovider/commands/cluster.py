@@ -8,7 +8,7 @@
                                                  `autotune --hostfile --apply` wrote)
     cluster probe [--model M]                    (run on each host by `check`) this host's facts as JSON
 
-A thin CLI over `macprovider.cluster` (hostfile parsing and probing in `cluster.hosts`, split planning and the
+A thin CLI over `macprovider.core.cluster` (hostfile parsing and probing in `cluster.hosts`, split planning and the
 `mlx.launch` command in `cluster.parallel`, shared with `autotune --hostfile`). The remote interpreter is this
 one's path unless `--python` names another.
 """
@@ -23,10 +23,10 @@ from typing import Annotated, Any
 
 import typer
 
-from macprovider.cluster.hosts import check_hosts, probe_facts, read_hosts, split_plans
-from macprovider.cluster.parallel import PARALLEL_MODES, failed_rank_line, launch_argv
 from macprovider.commands.common import fail, user_errors
-from macprovider.errors import ConfigError
+from macprovider.core.cluster.hosts import check_hosts, read_hosts, split_plans
+from macprovider.core.cluster.parallel import PARALLEL_MODES, failed_rank_line, launch_argv
+from macprovider.core.errors import ConfigError
 
 app = typer.Typer(
     help="Serve one model across several machines (mlx.launch + mx.distributed).",
@@ -105,7 +105,7 @@ def _checked_launch_argv(
     if hostfile is not None and hostfile.startswith("-"):  # no HOSTFILE: the first serve flag after `--` landed here
         serve_args, hostfile = [hostfile, *serve_args], None
     if hostfile is None or model is None or parallel is None:
-        from macprovider.config import resolve
+        from macprovider.core.config import resolve
 
         resolved = resolve({}, cli_config=config)
         settings = resolved.settings
@@ -224,3 +224,42 @@ def local_rank0_pid(launcher_pid: int) -> int | None:
         except psutil.Error:
             continue
     return None
+
+
+def probe_facts(model: str | None) -> dict[str, Any]:
+    """This host's facts for `cluster check`: versions, the model's presence and shape, the memory budget."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from macprovider import __version__
+    from macprovider.core.hardware import memory_budget_bytes, mlx_recommended_working_set_bytes
+
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    facts: dict[str, Any] = {
+        "hostname": platform.node(),
+        "macprovider": __version__,
+        "mlx": package("mlx"),
+        "mlx_lm": package("mlx-lm"),
+        "memory_budget_bytes": memory_budget_bytes(mlx_recommended_working_set_bytes()),
+        "model": model,
+        "model_cached": None,
+        "model_error": None,
+        "model_config": None,
+    }
+    if model:
+        from macprovider.core.errors import MacproviderError
+        from macprovider.models.ids import ensure_local, read_model_config
+
+        try:
+            config = read_model_config(ensure_local(model))
+            keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+            facts["model_config"] = {k: config.get(k, (config.get("text_config") or {}).get(k)) for k in keys}
+            facts["model_cached"] = True
+        except MacproviderError as exc:
+            facts["model_cached"], facts["model_error"] = False, str(exc)
+    return facts

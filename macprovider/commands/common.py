@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import typer
 
-from macprovider.errors import MacproviderError
+from macprovider.core.errors import MacproviderError
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

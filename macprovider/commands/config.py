@@ -20,7 +20,7 @@ def show(
     ),
 ) -> None:
     """Print every setting with its value and source (cli, env:NAME, yaml:PATH, default, ram-tier)."""
-    from macprovider import config as cfg
+    from macprovider.core import config as cfg
 
     with user_errors():
         resolved = cfg.resolve(cli_config=config)

@@ -21,7 +21,7 @@ LOAD_TIMEOUT_S = 900.0  # a load of a big model from a cold disk takes minutes
 
 def _server(url: str | None, config: str | None) -> tuple[str, dict[str, str]]:
     """(base URL, auth headers) of the configured server."""
-    from macprovider import config as cfg
+    from macprovider.core import config as cfg
 
     with user_errors():
         resolved = cfg.resolve(cli_config=config, ram_gb=0)

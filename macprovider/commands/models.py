@@ -229,7 +229,7 @@ def import_cmd(
     """Import a GGUF file (llama.cpp, Ollama, LM Studio) as an MLX model in the Hugging Face cache."""
     from pathlib import Path
 
-    from macprovider.errors import InvalidModelId
+    from macprovider.core.errors import InvalidModelId
     from macprovider.models import gguf
     from macprovider.models.ids import is_hub_id
 
@@ -276,7 +276,7 @@ def demo(
 
     Then: `macprovider serve --model macprovider-demo/smollm2-135m`.
     """
-    from macprovider.errors import InvalidModelId
+    from macprovider.core.errors import InvalidModelId
     from macprovider.models import demo as demo_models
     from macprovider.models.ids import cached_model_path, is_hub_id
 

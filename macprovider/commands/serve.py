@@ -51,7 +51,7 @@ def serve(
     ),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
-    from macprovider import config as cfg
+    from macprovider.core import config as cfg
     from macprovider.serve.preflight import plan_serve
 
     cli_values = {
@@ -92,7 +92,7 @@ def serve(
 
         with user_errors():
             if lockstep is not None:
-                from macprovider.errors import ConfigError
+                from macprovider.core.errors import ConfigError
 
                 raise ConfigError(f"parallel {plan.settings.parallel!r}: an embedding model is served by one process")
             engine: Any = EmbeddingEngine(plan)
@@ -147,9 +147,9 @@ def serve_fleet(resolved: object) -> int:
     loaded on demand (pinned ones at start). The exit code. Raises MacproviderError (preflight)."""
     import psutil
 
-    from macprovider.config import GIB, ResolvedConfig
+    from macprovider.core.config import GIB, ResolvedConfig
+    from macprovider.core.errors import ConfigError
     from macprovider.engine.factory import load_engine, release_engine
-    from macprovider.errors import ConfigError
     from macprovider.models.memory import default_budget_bytes
     from macprovider.serve import run_server
     from macprovider.serve.fleet import ServeFleet

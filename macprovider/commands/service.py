@@ -49,7 +49,7 @@ def _settings(config: str | None):
     """(absolute config path, settings the service will see or None if the file is missing, warnings).
 
     The service's environment carries no MACPROVIDER_* variable, so they are left out here too."""
-    from macprovider import config as cfg
+    from macprovider.core import config as cfg
 
     path, _explicit = cfg.config_path_for(config, os.environ)
     path = Path(os.path.abspath(path))
@@ -61,7 +61,7 @@ def _settings(config: str | None):
 
 
 def _spec(config_path: Path, settings):
-    from macprovider.config import Settings
+    from macprovider.core.config import Settings
     from macprovider.service import spec as service
 
     home = os.environ.get("HOME") or str(Path.home())
@@ -96,7 +96,7 @@ def install(
     config: ConfigOption = None,
 ) -> None:
     """Write the service file, replace any stale job, and start it (at every login from now on)."""
-    from macprovider.errors import ServiceError
+    from macprovider.core.errors import ServiceError
 
     with user_errors():
         mgr = _manager(manager)
@@ -159,7 +159,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Is the service installed, loaded, running (pid), on which port, and healthy? Exit 0 if running, else 3."""
-    from macprovider.config import Settings
+    from macprovider.core.config import Settings
     from macprovider.service import spec as service
 
     with user_errors():

@@ -22,7 +22,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from macprovider.errors import ModelError
+from macprovider.core.errors import ModelError
 
 MASK_VALUE = -1e9  # additive attention mask for padding keys (finite: a row of all padding stays NaN-free)
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from macprovider.errors import ApiError
+from macprovider.core.errors import ApiError
 
 
 def grammar_for(response_format: dict[str, Any] | None) -> str | None:

@@ -716,7 +716,7 @@ def open_disk_cache(root: str | Path | None, budget_bytes: int, identity: Mappin
     if budget_bytes <= 0:
         return None
     if root is None:
-        from macprovider.config import Paths
+        from macprovider.core.config import Paths
 
         root = Paths.from_env().prompt_cache_dir
     try:

@@ -16,7 +16,7 @@ Splits
               layers are called `layer(h, mask, cache=c)` (the llama family: llama, mistral, qwen2/3, …).
     tensor    mlx-lm's own `model.shard(group)` where the model has one; needs the attention heads, the
               KV heads and the MLP width divisible by the group size.
-`check_split` (macprovider.cluster.parallel, MLX-free) refuses an impossible split before any weight loads and
+`check_split` (macprovider.core.cluster.parallel, MLX-free) refuses an impossible split before any weight loads and
 names the mode that fits.
 
 Lockstep
@@ -58,10 +58,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from macprovider.cluster.parallel import check_split, split_layers
-from macprovider.config import WEIGHTS_DTYPES
+from macprovider.core.cluster.parallel import check_split, split_layers
+from macprovider.core.config import WEIGHTS_DTYPES
+from macprovider.core.errors import ModelError
 from macprovider.core.processes import exit_with_parent
-from macprovider.errors import ModelError
 
 log = logging.getLogger("macprovider.engine.distributed")
 

@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from macprovider.core.errors import ApiError, ModelError
 from macprovider.engine.protocol import EngineState, EngineStats, GenerationHandle, GenerationRequest, ServePlan
-from macprovider.errors import ApiError, ModelError
 from macprovider.models.embedding import EmbeddingConfig, read_embedding_config
 from macprovider.models.ids import read_model_config
 

@@ -34,7 +34,8 @@ import threading
 import time
 from typing import Any, cast
 
-from macprovider.config import PROMPT_CACHE_ENTRIES
+from macprovider.core.config import PROMPT_CACHE_ENTRIES
+from macprovider.core.errors import ApiError, ModelError
 from macprovider.engine.distributed import FAILURE_ANNOUNCE_S, Lockstep, LockstepBatch, SamplerSpec, follow
 from macprovider.engine.isolation import fault_report, guard, record_fault
 from macprovider.engine.protocol import (
@@ -47,7 +48,6 @@ from macprovider.engine.protocol import (
     TokenLogprob,
 )
 from macprovider.engine.sequence import OutputText, SequenceHandle, SequenceState
-from macprovider.errors import ApiError, ModelError
 
 log = logging.getLogger("macprovider.engine.engine")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback piece
@@ -438,8 +438,8 @@ class Engine:
             model, tokenizer = load(str(self.model_path))
             self.weights_dtype = apply_weights_dtype(model, self.weights_dtype)
         else:
+            from macprovider.core.hardware import memory_budget_bytes, mlx_recommended_working_set_bytes
             from macprovider.engine.distributed import load_sharded
-            from macprovider.hardware import memory_budget_bytes, mlx_recommended_working_set_bytes
 
             def cast(module: Any) -> str:
                 self.weights_dtype = apply_weights_dtype(module, self.weights_dtype)

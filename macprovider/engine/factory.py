@@ -16,8 +16,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+from macprovider.core.errors import ModelError
 from macprovider.engine.protocol import ServePlan
-from macprovider.errors import ModelError
 
 ENGINE_KINDS = ("chat", "embedding")
 

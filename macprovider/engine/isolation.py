@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.sequence import SequenceState
-from macprovider.errors import ApiError
 
 log = logging.getLogger("macprovider.engine.isolation")
 

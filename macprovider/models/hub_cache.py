@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from macprovider.errors import InvalidModelId, ModelError, ModelNotCachedError
+from macprovider.core.errors import InvalidModelId, ModelError, ModelNotCachedError
 from macprovider.models.ids import (
     ALLOW_PATTERNS,
     cached_model_path,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from macprovider.errors import InvalidModelId, ModelError, ModelNotCachedError
+from macprovider.core.errors import InvalidModelId, ModelError, ModelNotCachedError
 
 _PART = re.compile(r"^[A-Za-z0-9._-]+$")
 

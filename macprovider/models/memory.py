@@ -74,8 +74,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from macprovider.config import PROMPT_CACHE_ENTRIES  # noqa: F401 - the engine's prompt cache size
-from macprovider.hardware import GIB, MIB  # noqa: F401 - re-exported for autotune's modules
+from macprovider.core.config import PROMPT_CACHE_ENTRIES  # noqa: F401 - the engine's prompt cache size
+from macprovider.core.hardware import GIB, MIB  # noqa: F401 - re-exported for autotune's modules
 
 # The safetensors header reader lives with the models (serve's preflight checks weights with it too).
 from macprovider.models.safetensors import SafetensorsError, read_safetensors_header, weight_files  # noqa: F401
@@ -169,7 +169,7 @@ def compute_dtype_bytes(target: str | None, stored_dtype_bytes: int) -> int:
     """Bytes per activation / KV element once `serve` applied `target` (config.choose_weights_dtype): MLX
     computes in the dtype of the weights (and of a quantized layer's scales), so float32 and
     quantized-float32 give 4, float16 / bfloat16 give 2, as stored gives the checkpoint's own."""
-    from macprovider.config import QUANTIZED_FLOAT32
+    from macprovider.core.config import QUANTIZED_FLOAT32
 
     if target == QUANTIZED_FLOAT32:
         return 4
@@ -182,7 +182,7 @@ def served_weights(
     """(what `serve` will do to the weights — config.choose_weights_dtype, None = as stored —, the weights
     term in bytes): as stored, plus the cast copy and the largest dequantized tensor when `serve` casts them
     (module docstring). Raises SafetensorsError/OSError like `weights_bytes`."""
-    from macprovider.config import QUANTIZED_FLOAT32, choose_weights_dtype
+    from macprovider.core.config import QUANTIZED_FLOAT32, choose_weights_dtype
 
     stored = weights_bytes(model_dir)
     params, largest = parameter_counts(model_dir, config)
@@ -323,7 +323,7 @@ def estimate(
     weights_dtype: the `weights_dtype` setting it is served with.
     Raises SafetensorsError/OSError/ValueError/KeyError when the files cannot be read.
     """
-    from macprovider.config import Settings
+    from macprovider.core.config import Settings
 
     live = min(max_batch, live_sequences or max_batch)
     if available_bytes is None:
@@ -434,7 +434,7 @@ def default_budget_bytes() -> int:
 
     Imports MLX in-process only to query the device (called lazily, once per run).
     """
-    from macprovider import hardware
+    from macprovider.core import hardware
 
     return hardware.memory_budget_bytes(hardware.mlx_recommended_working_set_bytes())
 
@@ -444,7 +444,7 @@ def rank_weight_fractions(model_dir: Path, parallel: str, layers_per_rank: Seque
     """Each rank's share of the stored weight bytes (by rank; they sum to ≥ 1), from the safetensors headers.
 
     pipeline: a tensor `….layers.<i>.…` belongs to the rank holding layer i (rank r holds stage N−1−r,
-    `macprovider.cluster.parallel.layers_per_rank`); the embedding to the first stage (rank N−1), and to rank 0 too
+    `macprovider.core.cluster.parallel.layers_per_rank`); the embedding to the first stage (rank N−1), and to rank 0 too
     when the head is tied (no `lm_head` tensor); everything else (final norm, head) to rank 0 — the split
     `engine.distributed.PipelineStage` makes. tensor: mlx-lm's `shard()` splits the decoder layers' linear
     layers over the ranks and leaves embedding, norm and head whole on every rank.

@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from macprovider.hardware import MIB
+from macprovider.core.hardware import MIB
 
 SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1,

@@ -20,8 +20,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import GenerationRequest
-from macprovider.errors import ApiError
 from macprovider.serve import anthropic_schemas as shapes
 from macprovider.serve import core
 from macprovider.serve import openai_schemas as schemas

@@ -21,8 +21,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import Usage
-from macprovider.errors import ApiError
 from macprovider.serve.openai_schemas import (
     MAX_MESSAGES,
     MAX_STOP_CHARS,

@@ -31,9 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from macprovider.config import Settings, is_loopback
+from macprovider.core.config import Settings, is_loopback
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import EngineProtocol
-from macprovider.errors import ApiError
 from macprovider.serve import anthropic_api, embeddings_api, openai_api, ops_api, responses_api
 from macprovider.serve.context import AppContext, ServerState
 from macprovider.serve.fleet import ServeFleet
@@ -156,7 +156,7 @@ def workload_recorder(settings: Settings) -> Any:
     `record_workload` is off."""
     if not settings.record_workload:
         return None
-    from macprovider.config import Paths
+    from macprovider.core.config import Paths
     from macprovider.serve.workload import WorkloadRecorder
 
     return WorkloadRecorder(Paths.from_env().workload_file)

@@ -22,9 +22,9 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
-from macprovider.config import Settings
+from macprovider.core.config import Settings
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import EngineStats
-from macprovider.errors import ApiError
 from macprovider.serve import core
 from macprovider.serve import openai_schemas as schemas
 from macprovider.serve.fleet import FleetModel, ServeFleet

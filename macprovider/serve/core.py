@@ -25,8 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import EngineProtocol, GenerationChunk, GenerationRequest, TokenLogprob, Usage
-from macprovider.errors import ApiError
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import EmbeddingEngineProtocol
-from macprovider.errors import ApiError
 from macprovider.serve import openai_schemas as schemas
 from macprovider.serve.context import AppContext
 

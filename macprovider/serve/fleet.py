@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import EngineProtocol, EngineStats
-from macprovider.errors import ApiError
 
 log = logging.getLogger("macprovider.serve.fleet")
 

@@ -18,8 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import TokenLogprob
-from macprovider.errors import ApiError
 from macprovider.serve import openai_schemas as schemas
 from macprovider.serve.context import AppContext
 from macprovider.serve.core import Generation, Turn

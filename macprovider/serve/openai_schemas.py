@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import GenerationRequest, TokenLogprob, Usage
-from macprovider.errors import ApiError
 
 # Bounds of request integers (docs/api.md#security: every integer has a lower and an upper bound).
 MAX_TOKENS_LIMIT = 10_000_000  # same ceiling as the max_context_override setting

@@ -18,7 +18,7 @@ import psutil
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from macprovider.errors import ApiError
+from macprovider.core.errors import ApiError
 from macprovider.serve import openai_schemas as schemas
 from macprovider.serve.context import AppContext
 
@@ -75,7 +75,7 @@ def model_entry(ctx: AppContext, model_id: str) -> dict[str, Any]:
 def router(ctx: AppContext) -> APIRouter:
     """Health, metrics, models and the operator's load/unload over `ctx` (its fleet and counters). Errors are
     raised as ApiError; the app's handler answers them in the OpenAI envelope."""
-    from macprovider.hardware import physical_ram_gb
+    from macprovider.core.hardware import physical_ram_gb
 
     ram_gb = physical_ram_gb()
     process = psutil.Process()

@@ -11,9 +11,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from macprovider.config import ModelEntry, ResolvedConfig, Settings, fleet_entries, is_loopback, load_api_key
+from macprovider.core.config import ModelEntry, ResolvedConfig, Settings, fleet_entries, is_loopback, load_api_key
+from macprovider.core.errors import ConfigError, ModelError
 from macprovider.engine.protocol import ServePlan
-from macprovider.errors import ConfigError, ModelError
 from macprovider.models.embedding import model_kind
 from macprovider.models.ids import ensure_local, max_position_embeddings, read_model_config, validate_model_id
 from macprovider.models.safetensors import SafetensorsError, read_safetensors_header, weight_files

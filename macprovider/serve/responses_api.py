@@ -23,8 +23,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import GenerationRequest
-from macprovider.errors import ApiError
 from macprovider.serve import responses_schemas as shapes
 from macprovider.serve.context import AppContext
 from macprovider.serve.core import Generation, Turn

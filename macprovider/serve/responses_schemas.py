@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from macprovider.core.errors import ApiError
 from macprovider.engine.protocol import Usage
-from macprovider.errors import ApiError
 from macprovider.serve.openai_schemas import MAX_MESSAGES, StrictRequest, TokenCount, validate_body
 
 BUILT_IN_TOOLS = (

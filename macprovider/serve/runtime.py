@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from macprovider.config import Settings
+from macprovider.core.config import Settings
 from macprovider.engine.protocol import EngineProtocol, ServePlan
 from macprovider.serve.app import create_app
 from macprovider.serve.context import ServerState
@@ -262,7 +262,7 @@ class ServeRuntime:
 
     def _on_loaded(self, error: BaseException | None) -> None:
         if error is not None:
-            from macprovider.errors import MacproviderError
+            from macprovider.core.errors import MacproviderError
 
             detail = str(error) if isinstance(error, MacproviderError) else f"{error.__class__.__name__}: {error}"
             log.error("cannot load model %s: %s", self.fleet.primary.id, detail.splitlines()[0] if detail else "")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from macprovider.errors import ServiceError
+from macprovider.core.errors import ServiceError
 from macprovider.service.spec import (
     LABEL,
     SYSTEMD_UNIT,

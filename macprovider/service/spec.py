@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from macprovider.core.errors import ServiceError
 from macprovider.core.files import write_atomic
-from macprovider.errors import ServiceError
 
 LABEL = "live.streamvc.macprovider"
 SYSTEMD_UNIT = "macprovider.service"

@@ -1,7 +1,6 @@
 """The hosts of a hostfile (docs/several-machines.md), MLX-free: what `cluster check` and `autotune --hostfile` share.
 
     read_hosts      mlx's hostfile format, parsed with mlx's pure-Python `Hostfile` (no mlx.core, no Metal)
-    probe_facts     this host's facts (versions, the model's presence and shape, the memory budget)
     check_hosts     every host probed over ssh (`127.0.0.1` locally), the problems of each
     split_plans     which `--parallel` modes fit the model on these hosts, the pipeline's layers per rank
 
@@ -18,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from macprovider.cluster.parallel import PARALLEL_MODES, layers_per_rank, split_problem
-from macprovider.errors import ConfigError
+from macprovider.core.cluster.parallel import PARALLEL_MODES, layers_per_rank, split_problem
+from macprovider.core.errors import ConfigError
 
 LOCAL_HOST = "127.0.0.1"  # what mlx.launch runs without ssh
 PROBE_TIMEOUT_S = 60
@@ -42,45 +41,6 @@ def read_hosts(hostfile: str) -> Any:
     if not hosts.hosts:
         raise ConfigError(f"invalid hostfile {hostfile}: no hosts")
     return hosts
-
-
-def probe_facts(model: str | None) -> dict[str, Any]:
-    """This host's facts for `cluster check`: versions, the model's presence and shape, the memory budget."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    from macprovider import __version__
-    from macprovider.hardware import memory_budget_bytes, mlx_recommended_working_set_bytes
-
-    def package(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    facts: dict[str, Any] = {
-        "hostname": platform.node(),
-        "macprovider": __version__,
-        "mlx": package("mlx"),
-        "mlx_lm": package("mlx-lm"),
-        "memory_budget_bytes": memory_budget_bytes(mlx_recommended_working_set_bytes()),
-        "model": model,
-        "model_cached": None,
-        "model_error": None,
-        "model_config": None,
-    }
-    if model:
-        from macprovider.errors import MacproviderError
-        from macprovider.models.ids import ensure_local, read_model_config
-
-        try:
-            config = read_model_config(ensure_local(model))
-            keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-            facts["model_config"] = {k: config.get(k, (config.get("text_config") or {}).get(k)) for k in keys}
-            facts["model_cached"] = True
-        except MacproviderError as exc:
-            facts["model_cached"], facts["model_error"] = False, str(exc)
-    return facts
 
 
 @dataclass

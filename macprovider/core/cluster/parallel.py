@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from macprovider.errors import ConfigError
+from macprovider.core.errors import ConfigError
 
 PARALLEL_MODES = ("pipeline", "tensor")
 

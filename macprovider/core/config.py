@@ -22,8 +22,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-from macprovider.errors import ConfigError
-from macprovider.hardware import GIB, MIB
+from macprovider.core.errors import ConfigError
+from macprovider.core.hardware import GIB, MIB
 
 # The prompt cache holds at most this many entries (engine.engine; the memory estimate in models.memory).
 PROMPT_CACHE_ENTRIES = 64
@@ -465,7 +465,7 @@ def resolve(
         sources[spec.name] = source
 
     if values.get("max_context_override") is None:
-        from macprovider.hardware import physical_ram_gb
+        from macprovider.core.hardware import physical_ram_gb
 
         values["max_context_override"] = default_max_context(physical_ram_gb() if ram_gb is None else ram_gb)
         sources["max_context_override"] = "ram-tier"
