@@ -69,8 +69,8 @@ def main() -> None:
         install_in_hub_cache(source, model, Path(tmp) / "hub")
 
     from macprovider.core import config as cfg
-    from macprovider.engine.constrained import grammar_for
     from macprovider.engine.engine import Engine
+    from macprovider.serve.grammar import grammar_for
     from macprovider.serve.preflight import plan_serve
 
     engine = Engine(

@@ -1,4 +1,4 @@
-"""macprovider.engine.tool_calls building blocks (not wired into HTTP yet): validation naming the bad field, markup
+"""macprovider.serve.tool_calls building blocks (not wired into HTTP yet): validation naming the bad field, markup
 splitting with mlx-lm's json_tools parser, and the llguidance grammar that forces one well-formed call."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from llguidance import LLMatcher
 from mlx_lm.tool_parsers import json_tools
 
 from macprovider.core.errors import ApiError
-from macprovider.engine.tool_calls import ToolCallSplitter, check_tools, tool_call_grammar
+from macprovider.serve.tool_calls import ToolCallSplitter, check_tools, tool_call_grammar
 
 WEATHER = {
     "type": "function",

@@ -12,8 +12,8 @@ from fake_engine import JSON_TOOL_MARKUP, FakeEngine, serving
 from pydantic import BaseModel
 
 from macprovider.core.errors import ApiError
-from macprovider.engine.tool_calls import hoist_definitions, tool_call_grammar
 from macprovider.models.demo import train_tokenizer
+from macprovider.serve.tool_calls import hoist_definitions, tool_call_grammar
 
 
 class Loc(BaseModel):
@@ -158,9 +158,9 @@ def test_special_token_text_inside_json_never_ends_the_answer_early(tiny_model, 
     import asyncio
 
     from macprovider.core import config as cfg
-    from macprovider.engine.constrained import grammar_for
     from macprovider.engine.engine import Engine
     from macprovider.engine.protocol import GenerationRequest
+    from macprovider.serve.grammar import grammar_for
     from macprovider.serve.preflight import plan_serve
 
     engine = Engine(plan_serve(cfg.resolve({"model": tiny_model, "max_context_override": 512})))

@@ -155,7 +155,7 @@ def test_top_k_at_or_above_the_vocabulary_means_no_truncation(engine, seed):
 def test_a_matcher_error_ends_the_request_with_an_error_never_unconstrained(engine, monkeypatch):
     """A token the grammar cannot follow (here forced by a sampler that ignores the mask) ends that request
     with an error — it neither goes on unconstrained nor reports `stop` on JSON that does not parse."""
-    from macprovider.engine.constrained import grammar_for
+    from macprovider.serve.grammar import grammar_for
 
     normal = asyncio.run(run(engine, requests(engine)))
     bad_token = engine.encode_text("x")[-1]

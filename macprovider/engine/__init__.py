@@ -8,8 +8,7 @@ Layout:
     kvcache.py      BatchQuantizedKVCache: kv-bits that keep continuous batching
     disk_cache.py   the prompt cache's disk tier: KV files that survive restarts (background writer, checks)
     weights_dtype.py  weights_dtype: dequantize / cast the loaded weights (float32 on MLX's CPU backend)
-    tool_calls.py   tool validation, the forced-call grammar, the streamed markup splitter (no MLX)
-    constrained.py  response_format -> llguidance grammar (no MLX); GrammarProcessor (logits processor)
+    constrained.py  GrammarProcessor (the llguidance logits processor) and its tokenizer cache
     distributed.py  several machines on mx.distributed: split checks, pipeline stages / tensor shard, the
                     per-step control exchange that keeps ranks in lockstep, the follower loop
     embedding.py    EmbeddingEngine: embedding models (the worker thread that owns MLX, dynamic batching);
@@ -17,6 +16,6 @@ Layout:
     bert.py         the BERT encoder in MLX and sentence-transformers' pooling / normalization
 Imports: the shared core (`config`, `errors`) and MLX / mlx-lm only; the layers contract would allow `models`,
 but nothing here uses it. Importers: `commands` (builds the Engine, hands `factory` to the fleet); `serve` may
-import only `protocol`, `tool_calls` and `constrained`. Nothing imports MLX at
+import only `protocol`. Nothing imports MLX at
 module level, so importing this package stays cheap.
 """

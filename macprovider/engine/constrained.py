@@ -2,81 +2,21 @@
 
 The grammar library is llguidance (https://github.com/guidance-ai/llguidance): a JSON schema compiles to a
 grammar; per sequence an `LLMatcher` follows the generated tokens and yields the bitmask of the tokens that
-may come next. `GrammarProcessor` is an mlx-lm logits processor (`(tokens, logits) -> logits`), passed per
+may come next. The grammar is built on the request side (`serve.grammar.grammar_for`); `GrammarProcessor` is an mlx-lm logits processor (`(tokens, logits) -> logits`), passed per
 sequence to `BatchGenerator.insert`, so constrained and unconstrained sequences share one batch.
 
-    grammar_for(response_format) -> str | None     None for {"type": "text"}; ApiError 400 otherwise bad
     TokenizerCache(hf_tokenizer, eos_ids)          builds the llguidance tokenizer once per model (~1 s)
     GrammarProcessor(cache, grammar)                one per sequence; generation thread only
 """
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from macprovider.core.errors import ApiError
-
-
-def grammar_for(response_format: dict[str, Any] | None) -> str | None:
-    """The llguidance grammar (a string) for an OpenAI `response_format`, or None for no constraint.
-
-    `{"type": "text"}` / None -> None; `{"type": "json_object"}` -> any JSON object;
-    `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}` -> that schema.
-    Raises ApiError 400 (param `response_format...`) for another type, a missing/invalid schema, or a
-    schema llguidance cannot compile.
-    """
-    if response_format is None:
-        return None
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    from llguidance import LLMatcher
-
-    if kind == "json_object":
-        schema: Any = {"type": "object"}
-    elif kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise ApiError(
-                400,
-                "invalid_request",
-                "response_format.json_schema needs a `name` string",
-                param="response_format.json_schema",
-            )
-        schema = spec.get("schema", {})
-        if not isinstance(schema, dict):
-            raise ApiError(
-                400,
-                "invalid_request",
-                "response_format.json_schema.schema must be an object",
-                param="response_format.json_schema.schema",
-            )
-    else:
-        raise ApiError(
-            400,
-            "invalid_request",
-            'response_format type must be "text", "json_object" or "json_schema"',
-            param="response_format.type",
-        )
-    try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
-    except Exception as exc:  # noqa: BLE001 - llguidance raises ValueError/RuntimeError with a message
-        raise ApiError(
-            400, "invalid_request", f"the JSON schema cannot be used: {exc}", param="response_format.json_schema.schema"
-        ) from None
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
-    if is_error:
-        raise ApiError(
-            400,
-            "invalid_request",
-            f"the JSON schema cannot be used: {messages[0]}",
-            param="response_format.json_schema.schema",
-        )
-    return grammar
 
 
 class TokenizerCache:

@@ -19,13 +19,15 @@ Layout (docs/architecture.md#layers):
     runtime.py         ServeRuntime / run_server: uvicorn lifecycle, background load, watchdog, drain
     preflight.py       plan_serve: every check before a model loads -> engine.protocol.ServePlan
     workload.py        the content-free request-shape record (macprovider.core.request_shapes) autotune replays
+    tool_calls.py      tool validation, the forced-call grammar, the streamed tool-markup splitter
+    grammar.py         response_format -> llguidance grammar (400 for a bad one)
     embeddings_api.py  /v1/embeddings: request checks, the engine lookup (one function), the response body
 Each `*_api.py` ends in `router(ctx) -> APIRouter` (Responses: `router(ctx, store)`), its routes over the
 app's AppContext; nothing is module-global.
 Imports: `runtime` -> `app` -> the `*_api` modules -> `context` -> `core`, `fleet` and `openai_schemas`;
 each `*_api` -> its `*_schemas`; never the reverse (`responses_*`/`anthropic_*` reuse
 `openai_api.check_model` and `openai_schemas`' request base). The engine is reached through
-`engine.protocol` (plus the MLX-free request helpers `engine.tool_calls` and `engine.constrained`); nothing
+`engine.protocol` only; nothing
 here imports MLX or the engine itself (`commands/serve.py` builds it), so the HTTP tests run on a fake engine.
 Importers: `commands` only.
 """

@@ -162,7 +162,7 @@ def output_grammar(request: MessagesRequest) -> str | None:
     `{"type": "json_schema", "schema": {...}}` → the answer is JSON valid against that schema, enforced as
     OpenAI's `response_format` is (engine.constrained.grammar_for). None without a format. Raises ApiError
     400 naming `output_config.format…` for another type, a bad schema, or a format with a forced tool_choice."""
-    from macprovider.engine.constrained import grammar_for
+    from macprovider.serve.grammar import grammar_for
 
     param, spec = "output_config.format", (request.output_config or {}).get("format")
     if spec is None and request.output_format is not None:
@@ -279,7 +279,7 @@ def chat_tools(request: MessagesRequest) -> tuple[list[dict[str, Any]], str]:
     """Custom tools (`{name, description, input_schema}`) as chat tools and `tool_choice` (auto / any /
     tool / none) as a core choice. Raises ApiError 400: `tools.N.type` for Anthropic's server and client
     tools (bash, text_editor, web_search, computer, …), `tools.N.name`, `tools.N.input_schema`, `tool_choice`."""
-    from macprovider.engine.tool_calls import check_tools
+    from macprovider.serve.tool_calls import check_tools
 
     tools = []
     for index, tool in enumerate(request.tools or []):

@@ -160,7 +160,7 @@ async def start(
         markup = getattr(engine, "tool_markup", None)
         if markup is None:
             raise ApiError(400, "invalid_request", "this model's chat template does not support tools", param="tools")
-        from macprovider.engine.tool_calls import ToolCallSplitter, tool_call_grammar
+        from macprovider.serve.tool_calls import ToolCallSplitter, tool_call_grammar
 
         splitter = ToolCallSplitter(markup[0], markup[1], markup[2], turn.tools)
         if turn.tool_choice not in ("auto", "none"):

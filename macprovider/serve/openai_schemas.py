@@ -193,14 +193,14 @@ class ChatCompletionRequest(_Sampling):
     @property
     def tool_spec(self) -> tuple[list[dict[str, Any]], str]:
         """(tools, choice): choice is "auto", "none", "required" or a function name; ApiError 400 if bad."""
-        from macprovider.engine.tool_calls import check_tools
+        from macprovider.serve.tool_calls import check_tools
 
         return check_tools(self.tools, self.tool_choice)
 
     @property
     def grammar(self) -> str | None:
         """`response_format` as an llguidance grammar (None for text); ApiError 400 if it is bad."""
-        from macprovider.engine.constrained import grammar_for
+        from macprovider.serve.grammar import grammar_for
 
         return grammar_for(self.response_format)
 

@@ -82,7 +82,7 @@ def not_found(response_id: str, param: str) -> ApiError:
 
 def prepare(data: dict[str, Any], model_id: str, store: ResponseStore) -> tuple[Turn, ResponsesSurface]:
     """A /v1/responses body → (Turn, surface). Raises ApiError 400 / 404."""
-    from macprovider.engine.constrained import grammar_for
+    from macprovider.serve.grammar import grammar_for
 
     request = shapes.parse_request(data)
     check_model(request.model, model_id)

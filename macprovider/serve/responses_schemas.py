@@ -172,7 +172,7 @@ def chat_tools(request: ResponsesRequest) -> tuple[list[dict[str, Any]], str]:
     """Responses function tools (`{"type": "function", "name", "description", "parameters"}`) and
     `tool_choice` as chat tools and a core choice ("auto", "none", "required" or a function name).
     Raises ApiError 400 naming `tools.N.type` for a built-in tool, `tools.N.name`, or `tool_choice`."""
-    from macprovider.engine.tool_calls import check_tools
+    from macprovider.serve.tool_calls import check_tools
 
     tools = []
     for index, tool in enumerate(request.tools or []):
