@@ -11,7 +11,7 @@ Phases, each against a fresh server started from this environment (the model bui
    server's RSS every second.
 2. queue drain (ours): max-batch + `--queue-depth` + 8 requests at once; those over the queue get 429 with
    Retry-After, every admitted one completes, and health goes back to 0 active / 0 queued.
-3. memory side by side (`--peer-seconds` > 0): the issue's load — 8 clients of chat (5-200 word prompts,
+3. memory side by side (`--peer-seconds` > 0): an 8-client load — 8 clients of chat (5-200 word prompts,
    4-64 tokens, half streamed) — on ours (`--prompt-cache-mib`) and on `mlx_lm.server --decode-concurrency B`;
    RSS at start (after the first request) / peak / end of each.
 
@@ -296,7 +296,7 @@ async def queue_phase(server: Server, model: str, args) -> dict:
 
 
 async def chat_load(server: Server, model: str, args, with_health: bool) -> dict:
-    """The issue's memory load: 8 clients of chat (5-200 word prompts, 4-64 tokens, half streamed)."""
+    """The memory-comparison load: 8 clients of chat (5-200 word prompts, 4-64 tokens, half streamed)."""
     base = f"http://127.0.0.1:{server.port}"
     watcher = Watcher(base if with_health else None, server.process.pid)
     start_rss = watcher.rss_now()

@@ -162,8 +162,8 @@ def is_new_best_latency(new: Trial, best: Trial | None, epsilon: float) -> bool:
 def balanced_score(trial: Trial) -> float | None:
     """`--objective balanced`: decode tokens/s divided by TTFT p95 in seconds (None when either is missing).
 
-    Equal weight on relative changes: a cell that doubles TTFT p95 must also double throughput to tie (the
-    issue-15 case, +3.5 % tokens/s for 2× TTFT, loses). Higher is better.
+    Equal weight on relative changes: a cell that doubles TTFT p95 must also double throughput to tie (a
+    cell with +3.5 % tokens/s for 2× TTFT loses). Higher is better.
     """
     if not trial.throughput_tps or not trial.ttft_p95_ms or trial.ttft_p95_ms <= 0:
         return None
