@@ -315,6 +315,15 @@ def _is_rank(argv: list[str], model: str) -> bool:
     return "--parallel" in argv and model in argv and not any(part.endswith("mlx.launch") for part in argv)
 
 
+def _argv(process: psutil.Process) -> list[str]:
+    """A child's argv, or [] for one that exited (or is a zombie) between listing and reading it: the tuner's
+    short-lived helpers come and go while the ranks are listed."""
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return []
+
+
 def _ranks_of(model: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if _is_rank(p.info["cmdline"] or [], model)]
 
@@ -357,7 +366,7 @@ def test_a_signal_mid_trial_leaves_no_rank_running(tmp_path, tiny_model, sig):
         while (rank0 := _listening_serve_child(proc.pid, port)) is None:  # the Stage 1 trial is in flight
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
-        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if _is_rank(p.cmdline(), tiny_model)]
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if _is_rank(_argv(p), tiny_model)]
         assert len(ranks) == 2
         if sig == signal.SIGTERM:
             rank0.suspend()  # the trial cannot finish before the signal lands (a killed tuner ends it anyway)
