@@ -164,7 +164,6 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     import os
 
     from macprovider.core.config import Paths, config_path_for
-    from macprovider.models.ids import validate_model_id
 
     env = os.environ if env is None else env
     warnings: list[str] = []
@@ -175,63 +174,11 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
 
     target = _int("--target-context", get("target_context", 2000), 1)
 
-    if raw.get("candidate_models") is not None:
-        candidates = _cells("--candidate-models", raw["candidate_models"])
-        for cell in candidates:
-            try:
-                validate_model_id(cell)
-            except Exception:  # noqa: BLE001 - InvalidModelId → a flag error naming the cell
-                raise ConfigError(
-                    f"invalid --candidate-models cell {cell!r}: expected org/name or an existing local directory"
-                ) from None
-        if len(set(candidates)) != len(candidates):
-            dup = next(c for c in candidates if candidates.count(c) > 1)
-            raise ConfigError(f"invalid --candidate-models cell {dup!r}: listed twice")
-        if raw.get("max_model_size") is not None or raw.get("min_model_size") is not None:
-            warnings.append("warning: --max-model-size/--min-model-size are ignored with --candidate-models")
-    else:
-        max_b = parse_size("--max-model-size", raw["max_model_size"]) if raw.get("max_model_size") is not None else None
-        min_b = parse_size("--min-model-size", raw["min_model_size"]) if raw.get("min_model_size") is not None else None
-        if max_b is not None and min_b is not None and min_b > max_b:
-            raise ConfigError(
-                f"invalid --min-model-size {raw['min_model_size']!r}: larger than --max-model-size {raw['max_model_size']!r}"
-            )
-        candidates = [m for m, b in CURATED if (max_b is None or b <= max_b) and (min_b is None or b >= min_b)]
-        if not candidates:
-            raise ConfigError("invalid --max-model-size/--min-model-size: the filter removes every curated candidate")
+    candidates = _candidate_models(raw, warnings)
 
-    kv_axis: list[int | None] = []
-    for cell in _cells("--kv-bits-axis", get("kv_bits_axis", "unset,4,8")):
-        if cell.lower() == "unset":
-            value = None
-        elif cell in ("4", "8"):
-            value = int(cell)
-        else:
-            raise ConfigError(f"invalid --kv-bits-axis cell {cell!r}: must be unset, 4 or 8")
-        if value in kv_axis:
-            raise ConfigError(f"invalid --kv-bits-axis cell {cell!r}: listed twice")
-        kv_axis.append(value)
-
-    batch_axis: list[int] = []
-    for cell in _cells("--max-batch-axis", get("max_batch_axis", "1,2")):
-        value = _int("--max-batch-axis", cell, 1, 256, cell=True)
-        if value in batch_axis:
-            raise ConfigError(f"invalid --max-batch-axis cell {cell!r}: listed twice")
-        batch_axis.append(value)
-
-    ctx_raw = get("max_context_axis", "")
-    if str(ctx_raw).strip() == "":
-        ctx_axis = [target]
-    else:
-        ctx_axis = []
-        for cell in _cells("--max-context-axis", str(ctx_raw)):
-            value = _int("--max-context-axis", cell, 1, 10_000_000, cell=True)
-            if value < target:
-                raise ConfigError(f"invalid --max-context-axis cell {cell!r}: below --target-context {target}")
-            if value in ctx_axis:
-                raise ConfigError(f"invalid --max-context-axis cell {cell!r}: listed twice")
-            ctx_axis.append(value)
-        ctx_axis.sort()
+    kv_axis = _kv_bits_axis(get("kv_bits_axis", "unset,4,8"))
+    batch_axis = _max_batch_axis(get("max_batch_axis", "1,2"))
+    ctx_axis = _max_context_axis(get("max_context_axis", ""), target)
 
     restart_foreground = bool(raw.get("restart_foreground"))
     drain = bool(raw.get("drain"))
@@ -283,6 +230,81 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         workload_source=source,
         hostfile=None if hostfile is None else str(Path(str(hostfile)).expanduser().resolve()),  # --apply writes it
     )
+
+
+def _candidate_models(raw: Mapping[str, Any], warnings: list[str]) -> list[str]:
+    """--candidate-models (validated, no duplicates), or the curated list filtered by --max/--min-model-size."""
+    from macprovider.models.ids import validate_model_id
+
+    if raw.get("candidate_models") is not None:
+        candidates = _cells("--candidate-models", raw["candidate_models"])
+        for cell in candidates:
+            try:
+                validate_model_id(cell)
+            except Exception:  # noqa: BLE001 - InvalidModelId → a flag error naming the cell
+                raise ConfigError(
+                    f"invalid --candidate-models cell {cell!r}: expected org/name or an existing local directory"
+                ) from None
+        if len(set(candidates)) != len(candidates):
+            dup = next(c for c in candidates if candidates.count(c) > 1)
+            raise ConfigError(f"invalid --candidate-models cell {dup!r}: listed twice")
+        if raw.get("max_model_size") is not None or raw.get("min_model_size") is not None:
+            warnings.append("warning: --max-model-size/--min-model-size are ignored with --candidate-models")
+    else:
+        max_b = parse_size("--max-model-size", raw["max_model_size"]) if raw.get("max_model_size") is not None else None
+        min_b = parse_size("--min-model-size", raw["min_model_size"]) if raw.get("min_model_size") is not None else None
+        if max_b is not None and min_b is not None and min_b > max_b:
+            raise ConfigError(
+                f"invalid --min-model-size {raw['min_model_size']!r}: larger than --max-model-size {raw['max_model_size']!r}"
+            )
+        candidates = [m for m, b in CURATED if (max_b is None or b <= max_b) and (min_b is None or b >= min_b)]
+        if not candidates:
+            raise ConfigError("invalid --max-model-size/--min-model-size: the filter removes every curated candidate")
+    return candidates
+
+
+def _kv_bits_axis(raw_cells: Any) -> list[int | None]:
+    """--kv-bits-axis cells: unset (None), 4 or 8, each once."""
+    kv_axis: list[int | None] = []
+    for cell in _cells("--kv-bits-axis", raw_cells):
+        if cell.lower() == "unset":
+            value = None
+        elif cell in ("4", "8"):
+            value = int(cell)
+        else:
+            raise ConfigError(f"invalid --kv-bits-axis cell {cell!r}: must be unset, 4 or 8")
+        if value in kv_axis:
+            raise ConfigError(f"invalid --kv-bits-axis cell {cell!r}: listed twice")
+        kv_axis.append(value)
+    return kv_axis
+
+
+def _max_batch_axis(raw_cells: Any) -> list[int]:
+    """--max-batch-axis cells: integers 1..256, each once."""
+    batch_axis: list[int] = []
+    for cell in _cells("--max-batch-axis", raw_cells):
+        value = _int("--max-batch-axis", cell, 1, 256, cell=True)
+        if value in batch_axis:
+            raise ConfigError(f"invalid --max-batch-axis cell {cell!r}: listed twice")
+        batch_axis.append(value)
+    return batch_axis
+
+
+def _max_context_axis(ctx_raw: Any, target: int) -> list[int]:
+    """--max-context-axis cells (sorted, each once, none below --target-context); empty: [target]."""
+    if str(ctx_raw).strip() == "":
+        ctx_axis = [target]
+    else:
+        ctx_axis = []
+        for cell in _cells("--max-context-axis", str(ctx_raw)):
+            value = _int("--max-context-axis", cell, 1, 10_000_000, cell=True)
+            if value < target:
+                raise ConfigError(f"invalid --max-context-axis cell {cell!r}: below --target-context {target}")
+            if value in ctx_axis:
+                raise ConfigError(f"invalid --max-context-axis cell {cell!r}: listed twice")
+            ctx_axis.append(value)
+        ctx_axis.sort()
+    return ctx_axis
 
 
 def _workload(value: str, env: Mapping[str, str]) -> tuple[str, list[Any], str | None]:

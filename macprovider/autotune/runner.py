@@ -91,10 +91,27 @@ def _signal_to_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+@dataclass
+class _RunState:
+    """What a run accumulates on its way to the report; the helpers of `run` fill it in."""
+
+    exit_reason: str = "internal_error"
+    kept_row: int | None = None
+    rec: Recommendation | None = None
+    partial: bool = False
+    applied: bool = False
+    apply_failed: bool = False
+    infeasible: list = field(default_factory=list)
+    alternates: list[str] = field(default_factory=list)
+    conflicts: Any = None
+    messages: list[str] = field(default_factory=list)
+    apply_lines: list[str] = field(default_factory=list)
+    recorded: list[Trial] = field(default_factory=list)
+
+
 def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     """Run autotune (docs/autotune.md). Prints the terminal block (and JSON) on `deps.out`."""
     from macprovider import __version__
-    from macprovider.autotune import conflict as conflict_mod
     from macprovider.autotune.store import Store
     from macprovider.core.hardware import MachineFacts
 
@@ -115,6 +132,54 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         "os_version": str(machine.os_version),
         "binary_version": deps.binary_version or __version__,
     }
+    inputs_obj = _inputs_obj(inputs)
+    run_id = str(uuid.uuid4())
+    started = utc_now()
+    deadline = Deadline(inputs.max_duration_s)
+    _insert_run_row(store, run_id, started, machine_obj, inputs, inputs_obj)
+    store.retain(inputs.retain_runs)
+
+    evaluate_inner = deps.evaluate or RealEvaluator(inputs, deadline, deps.budget_bytes)
+    cluster = inputs.cluster
+    cells = stage2_cells(
+        inputs.kv_bits_axis,
+        inputs.max_batch_axis,
+        inputs.max_context_axis,
+        PARALLEL_MODES if cluster is not None else (None,),
+    )
+    progress = Progress(err, inputs.verbose, len(inputs.candidate_models) + len(cells))
+    state = _RunState()
+
+    def evaluate(model: str, knobs: Knobs, stage: int) -> Trial:
+        progress.started(model, knobs, stage)
+        try:
+            return evaluate_inner(model, knobs, stage)
+        except KeyboardInterrupt:
+            trial = Trial(stage, model, inputs.target_context, knobs, MAX_TOKENS, fits=False, notes="interrupted")
+            raise Interrupted(trial) from None
+
+    def record(trial: Trial) -> Trial:
+        row_id = store.insert_trial(run_id, utc_now(), trial)
+        trial = replace(trial, row_id=row_id)
+        state.recorded.append(trial)
+        progress.ended(trial)
+        return trial
+
+    old_handlers = _install_signal_handlers()
+    try:
+        _search_to_an_ending(inputs, deps, state, store, run_id, cells, evaluate, record, progress, old_handlers)
+        _maybe_apply(inputs, state, machine_obj, inputs_obj)
+    finally:
+        if state.conflicts is not None:
+            try:
+                state.conflicts.restore()
+            except Exception as exc:  # noqa: BLE001 - never lose the run record over a restore failure
+                state.messages.append(f"autotune: could not restore the drained provider: {exc}")
+    return _finish(inputs, deps, state, store, run_id, started, machine_obj, inputs_obj)
+
+
+def _inputs_obj(inputs: AutotuneInputs) -> dict[str, Any]:
+    """The report's `inputs` object (hostfile and hosts only with --hostfile)."""
     inputs_obj: dict[str, Any] = {
         "target_context": inputs.target_context,
         "candidate_models": list(inputs.candidate_models),
@@ -128,9 +193,18 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
     if inputs.cluster is not None:  # only with --hostfile: a one-machine report keeps its keys
         inputs_obj["hostfile"] = inputs.cluster.hostfile
         inputs_obj["hosts"] = inputs.cluster.describe()
-    run_id = str(uuid.uuid4())
-    started = utc_now()
-    deadline = Deadline(inputs.max_duration_s)
+    return inputs_obj
+
+
+def _insert_run_row(
+    store: Any,
+    run_id: str,
+    started: str,
+    machine_obj: dict[str, Any],
+    inputs: AutotuneInputs,
+    inputs_obj: dict[str, Any],
+) -> None:
+    """Insert the run's row (its exit_reason is written by `_finish`)."""
     store.insert_run(
         {
             "run_id": run_id,
@@ -150,159 +224,170 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
             "workload": json.dumps(inputs_obj["workload"], sort_keys=True),
         }
     )
-    store.retain(inputs.retain_runs)
 
-    evaluate_inner = deps.evaluate or RealEvaluator(inputs, deadline, deps.budget_bytes)
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """Route SIGINT and SIGTERM to KeyboardInterrupt (main thread only); returns the handlers to put back."""
+    if not _in_main_thread():
+        return {}
+    return {
+        sig: signal.signal(sig, _signal_to_interrupt)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(sig) != signal.SIG_IGN
+    }  # an ignored signal stays ignored (nohup, `&`)
+
+
+def _search_to_an_ending(
+    inputs: AutotuneInputs,
+    deps: Deps,
+    state: _RunState,
+    store: Any,
+    run_id: str,
+    cells: list,
+    evaluate: Callable[[str, Knobs, int], Trial],
+    record: Callable[[Trial], Trial],
+    progress: Progress,
+    old_handlers: dict[int, Any],
+) -> None:
+    """Run `_search` under the progress display and turn each of its endings into the state's exit_reason and
+    message; the signal handlers are put back whatever happens."""
+    try:
+        with progress:
+            _search(inputs, deps, state, store, run_id, cells, evaluate, record)
+    except ProviderConflict as exc:
+        state.exit_reason = "provider_conflict"
+        if str(exc) not in state.messages:
+            state.messages.append(str(exc))
+    except IntegrityAbort as exc:
+        state.exit_reason = "pre_warm_integrity_failure"
+        state.messages.append(f"autotune: {exc.trial.model}: {exc}; run `macprovider models pull` again to repair it")
+    except BudgetExhausted:
+        state.exit_reason = "budget_exhausted_no_model_selected"
+        state.messages.append("autotune: --max-duration ran out before a model was selected")
+    except (Interrupted, KeyboardInterrupt):
+        state.exit_reason = "interrupted"
+        state.messages.append("autotune: interrupted")
+    except Exception as exc:  # noqa: BLE001 - the run row keeps internal_error; no traceback for users
+        state.exit_reason = "internal_error"
+        state.messages.append(f"autotune: internal error: {exc.__class__.__name__}: {exc}")
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _search(
+    inputs: AutotuneInputs,
+    deps: Deps,
+    state: _RunState,
+    store: Any,
+    run_id: str,
+    cells: list,
+    evaluate: Callable[[str, Knobs, int], Trial],
+    record: Callable[[Trial], Trial],
+) -> None:
+    """Conflict check (and drain), Stage 1, Stage 2: sets the state's exit_reason and recommendation.
+    Raises the search's own endings (ProviderConflict, IntegrityAbort, BudgetExhausted, Interrupted)."""
+    from macprovider.autotune import conflict as conflict_mod
+
     cluster = inputs.cluster
     stage1_parallel = "pipeline" if cluster is not None else None  # the split sized by the hosts' budgets
-    cells = stage2_cells(
-        inputs.kv_bits_axis,
-        inputs.max_batch_axis,
-        inputs.max_context_axis,
-        PARALLEL_MODES if cluster is not None else (None,),
-    )
-    progress = Progress(err, inputs.verbose, len(inputs.candidate_models) + len(cells))
+    detect = deps.detect_conflicts or (lambda port, restart: conflict_mod.detect(port, restart_foreground=restart))
+    found = detect(inputs.port, inputs.restart_foreground)
+    if found.any and not inputs.drain:
+        state.messages.append(found.refusal())
+        raise ProviderConflict(found.refusal())
+    if found.any:
+        state.conflicts = found
+        state.conflicts.drain(inputs.drain_grace_s)
+    s1 = stage1(inputs.candidate_models, inputs.target_context, evaluate, record, stage1_parallel)
+    state.infeasible = infeasible_smallest_first(s1.infeasible)
+    if s1.chosen is None:
+        state.exit_reason = "no_feasible"
+        state.messages.append(
+            f"autotune: no candidate is feasible at target context {inputs.target_context}; "
+            "try a smaller --target-context or other --candidate-models"
+        )
+        return
+    state.alternates = list(inputs.candidate_models[s1.rank :])
+    if cluster is not None:  # Stage 2's parallel axis: the modes that can split the chosen model
+        modes = (deps.parallel_modes or possible_modes)(s1.chosen, len(cluster.hosts))
+        cells = [cell for cell in cells if cell.parallel in modes]
+    s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon, inputs.objective)
+    state.partial = s2.partial
+    if s2.best is not None:
+        assert s2.best.row_id is not None  # every evaluated trial went through record()
+        store.mark_kept(run_id, s2.best.row_id)
+        state.kept_row = s2.best.row_id
+        state.rec = replace(
+            Recommendation.from_trial(s2.best, inputs.target_context, cluster),
+            why=explain(s2.best, s2.trials, inputs),
+        )
+    elif state.partial and s1.trial is not None:
+        state.rec = Recommendation.from_trial(s1.trial, inputs.target_context, cluster)  # Stage 1 knobs
+    if state.partial:
+        state.exit_reason = "budget_exhausted_with_partial_recommendation"
+    elif state.rec is None:
+        state.exit_reason = "no_feasible"
+        state.messages.append(f"autotune: no Stage 2 cell of {s1.chosen} is feasible")
+    else:
+        state.exit_reason = "ok"
 
-    def evaluate(model: str, knobs: Knobs, stage: int) -> Trial:
-        progress.started(model, knobs, stage)
+
+def _maybe_apply(
+    inputs: AutotuneInputs, state: _RunState, machine_obj: dict[str, Any], inputs_obj: dict[str, Any]
+) -> None:
+    """With --apply and an `ok` recommendation, write it to the config (and say how to make it live)."""
+    rec = state.rec
+    if inputs.apply and state.exit_reason == "ok" and rec is not None:
+        from macprovider.autotune import conflict as conflict_mod
+        from macprovider.autotune.apply import apply_recommendation, owned_values, summary_line
+        from macprovider.autotune.report import recipe_domain, recipe_hash
+
+        values = owned_values(rec.model, rec.kv_bits, rec.max_batch, rec.max_context, rec.parallel, rec.hostfile)
         try:
-            return evaluate_inner(model, knobs, stage)
-        except KeyboardInterrupt:
-            trial = Trial(stage, model, inputs.target_context, knobs, MAX_TOKENS, fits=False, notes="interrupted")
-            raise Interrupted(trial) from None
-
-    recorded: list[Trial] = []
-
-    def record(trial: Trial) -> Trial:
-        row_id = store.insert_trial(run_id, utc_now(), trial)
-        trial = replace(trial, row_id=row_id)
-        recorded.append(trial)
-        progress.ended(trial)
-        return trial
-
-    exit_reason = "internal_error"
-    kept_row: int | None = None
-    rec: Recommendation | None = None
-    partial = False
-    applied = False
-    apply_failed = False
-    infeasible: list = []
-    alternates: list[str] = []
-    conflicts = None
-    messages: list[str] = []
-    old_handlers: dict[int, Any] = {}
-    if _in_main_thread():
-        old_handlers = {
-            sig: signal.signal(sig, _signal_to_interrupt)
-            for sig in (signal.SIGINT, signal.SIGTERM)
-            if signal.getsignal(sig) != signal.SIG_IGN
-        }  # an ignored signal stays ignored (nohup, `&`)
-    try:
-        try:
-            with progress:
-                detect = deps.detect_conflicts or (
-                    lambda port, restart: conflict_mod.detect(port, restart_foreground=restart)
+            hash_value = recipe_hash(
+                recipe_domain(
+                    binary_version=machine_obj["binary_version"],
+                    candidate_models=inputs_obj["candidate_models"],
+                    chip=machine_obj["chip"],
+                    ram_gb=machine_obj["ram_gb"],
+                    rec=rec,
+                    objective=inputs_obj.get("objective", "throughput"),
+                    workload=inputs_obj.get("workload"),
                 )
-                found = detect(inputs.port, inputs.restart_foreground)
-                if found.any and not inputs.drain:
-                    messages.append(found.refusal())
-                    raise ProviderConflict(found.refusal())
-                if found.any:
-                    conflicts = found
-                    conflicts.drain(inputs.drain_grace_s)
-                s1 = stage1(inputs.candidate_models, inputs.target_context, evaluate, record, stage1_parallel)
-                infeasible = infeasible_smallest_first(s1.infeasible)
-                if s1.chosen is None:
-                    exit_reason = "no_feasible"
-                    messages.append(
-                        f"autotune: no candidate is feasible at target context {inputs.target_context}; "
-                        "try a smaller --target-context or other --candidate-models"
-                    )
-                else:
-                    alternates = list(inputs.candidate_models[s1.rank :])
-                    if cluster is not None:  # Stage 2's parallel axis: the modes that can split the chosen model
-                        modes = (deps.parallel_modes or possible_modes)(s1.chosen, len(cluster.hosts))
-                        cells = [cell for cell in cells if cell.parallel in modes]
-                    s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon, inputs.objective)
-                    partial = s2.partial
-                    if s2.best is not None:
-                        assert s2.best.row_id is not None  # every evaluated trial went through record()
-                        store.mark_kept(run_id, s2.best.row_id)
-                        kept_row = s2.best.row_id
-                        rec = replace(
-                            Recommendation.from_trial(s2.best, inputs.target_context, cluster),
-                            why=explain(s2.best, s2.trials, inputs),
-                        )
-                    elif partial and s1.trial is not None:
-                        rec = Recommendation.from_trial(s1.trial, inputs.target_context, cluster)  # Stage 1 knobs
-                    if partial:
-                        exit_reason = "budget_exhausted_with_partial_recommendation"
-                    elif rec is None:
-                        exit_reason = "no_feasible"
-                        messages.append(f"autotune: no Stage 2 cell of {s1.chosen} is feasible")
-                    else:
-                        exit_reason = "ok"
-        except ProviderConflict as exc:
-            exit_reason = "provider_conflict"
-            if str(exc) not in messages:
-                messages.append(str(exc))
-        except IntegrityAbort as exc:
-            exit_reason = "pre_warm_integrity_failure"
-            messages.append(f"autotune: {exc.trial.model}: {exc}; run `macprovider models pull` again to repair it")
-        except BudgetExhausted:
-            exit_reason = "budget_exhausted_no_model_selected"
-            messages.append("autotune: --max-duration ran out before a model was selected")
-        except (Interrupted, KeyboardInterrupt):
-            exit_reason = "interrupted"
-            messages.append("autotune: interrupted")
-        except Exception as exc:  # noqa: BLE001 - the run row keeps internal_error; no traceback for users
-            exit_reason = "internal_error"
-            messages.append(f"autotune: internal error: {exc.__class__.__name__}: {exc}")
-        finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-        apply_lines: list[str] = []
-        if inputs.apply and exit_reason == "ok" and rec is not None:
-            from macprovider.autotune.apply import apply_recommendation, owned_values, summary_line
-            from macprovider.autotune.report import recipe_domain, recipe_hash
-
-            values = owned_values(rec.model, rec.kv_bits, rec.max_batch, rec.max_context, rec.parallel, rec.hostfile)
-            try:
-                hash_value = recipe_hash(
-                    recipe_domain(
-                        binary_version=machine_obj["binary_version"],
-                        candidate_models=inputs_obj["candidate_models"],
-                        chip=machine_obj["chip"],
-                        ram_gb=machine_obj["ram_gb"],
-                        rec=rec,
-                        objective=inputs_obj.get("objective", "throughput"),
-                        workload=inputs_obj.get("workload"),
-                    )
+            )
+            result = apply_recommendation(inputs.config_path, values, recipe_hash=hash_value)
+            state.applied = True
+            state.apply_lines.append(summary_line(values, result))
+            if rec.parallel:
+                state.apply_lines.append(
+                    f"start it on every host (hostfile, model, parallel and knobs come from {inputs.config_path}): "
+                    f"macprovider cluster serve --config {inputs.config_path}"
                 )
-                result = apply_recommendation(inputs.config_path, values, recipe_hash=hash_value)
-                applied = True
-                apply_lines.append(summary_line(values, result))
-                if rec.parallel:
-                    apply_lines.append(
-                        f"start it on every host (hostfile, model, parallel and knobs come from {inputs.config_path}): "
-                        f"macprovider cluster serve --config {inputs.config_path}"
-                    )
-                elif not inputs.drain:
-                    apply_lines.append(
-                        f"restart the provider so the new recipe goes live: launchctl kickstart -k "
-                        f"gui/{os.getuid()}/{conflict_mod.LAUNCHD_LABEL}   (or: macprovider service restart)"
-                    )
-            except ApplyError as exc:
-                apply_failed = True
-                messages.append(f"autotune: --apply failed: {exc}")
-        elif inputs.apply and rec is not None:
-            messages.append(f"autotune: not applying a {exit_reason} recommendation")
-    finally:
-        if conflicts is not None:
-            try:
-                conflicts.restore()
-            except Exception as exc:  # noqa: BLE001 - never lose the run record over a restore failure
-                messages.append(f"autotune: could not restore the drained provider: {exc}")
+            elif not inputs.drain:
+                state.apply_lines.append(
+                    f"restart the provider so the new recipe goes live: launchctl kickstart -k "
+                    f"gui/{os.getuid()}/{conflict_mod.LAUNCHD_LABEL}   (or: macprovider service restart)"
+                )
+        except ApplyError as exc:
+            state.apply_failed = True
+            state.messages.append(f"autotune: --apply failed: {exc}")
+    elif inputs.apply and rec is not None:
+        state.messages.append(f"autotune: not applying a {state.exit_reason} recommendation")
+
+
+def _finish(
+    inputs: AutotuneInputs,
+    deps: Deps,
+    state: _RunState,
+    store: Any,
+    run_id: str,
+    started: str,
+    machine_obj: dict[str, Any],
+    inputs_obj: dict[str, Any],
+) -> RunOutcome:
+    """Build the report, close the run row and the store, print messages and the report; the outcome."""
+    rec = state.rec
     report = build_report(
         run_id=run_id,
         started_at=started,
@@ -310,38 +395,39 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
         machine=machine_obj,
         inputs=inputs_obj,
         recommendation=rec,
-        infeasible=infeasible,
-        alternates=alternates if rec is not None else [],
+        infeasible=state.infeasible,
+        alternates=state.alternates if rec is not None else [],
         db_path=str(inputs.db_path),
-        exit_reason=exit_reason,
-        partial=partial,
-        applied=applied,
-        trials=[replace(t, kept=t.row_id == kept_row) for t in recorded],
+        exit_reason=state.exit_reason,
+        partial=state.partial,
+        applied=state.applied,
+        trials=[replace(t, kept=t.row_id == state.kept_row) for t in state.recorded],
     )
     try:
         store.finish_run(
             run_id,
             ended_at_utc=report["ended_at"],
-            exit_reason=exit_reason,
+            exit_reason=state.exit_reason,
             report=report,
             recipe_hash=report["recipe_hash"],
-            applied=applied,
+            applied=state.applied,
         )
     finally:
         store.close()
     out = deps.out
-    for line in messages:
+    err = deps.err
+    for line in state.messages:
         print(line, file=err)
     out.write(render_terminal(report))
-    for line in apply_lines:
+    for line in state.apply_lines:
         print(line, file=out)
     if inputs.json:
         out.write(json.dumps(report, indent=2) + "\n")
     out.flush()
-    code = EXIT_CODES[exit_reason]
-    if apply_failed and code == 0:
+    code = EXIT_CODES[state.exit_reason]
+    if state.apply_failed and code == 0:
         code = 1
-    return RunOutcome(code, exit_reason, report)
+    return RunOutcome(code, state.exit_reason, report)
 
 
 def possible_modes(model: str, world_size: int) -> list[str]:

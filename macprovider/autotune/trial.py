@@ -185,7 +185,6 @@ class RealEvaluator:
     def __call__(self, model: str, knobs: Knobs, stage: int) -> Trial:
         from macprovider.autotune import probe
         from macprovider.autotune.prewarm import PrewarmIntegrity, PrewarmTransient, PrewarmUnusable, prewarm
-        from macprovider.models.ids import read_model_config
 
         inputs = self.inputs
         base = Trial(stage, model, inputs.target_context, knobs, probe.MAX_TOKENS, fits=False)
@@ -218,8 +217,28 @@ class RealEvaluator:
                 return replace(base, notes=str(exc), failure_class="infeasible")
             base = replace(base, layers_per_rank=None if layers is None else tuple(layers))
 
-        estimate = None
         replicates = inputs.stage1_replicates if stage == 1 else inputs.stage2_replicates
+        base, ending = self._memory_precheck(base, model, path, knobs, cluster, layers, workload, replicates)
+        if ending is not None:
+            return ending
+        return self._probe(base, model, knobs, cluster, workload, replicates, stage)
+
+    def _memory_precheck(
+        self,
+        base: Trial,
+        model: str,
+        path: Path,
+        knobs: Knobs,
+        cluster: ClusterHosts | None,
+        layers: list[int] | None,
+        workload: Any,
+        replicates: int,
+    ) -> tuple[Trial, Trial | None]:
+        """The memory pre-check: `(base with the estimate's fields, None)` to go on and probe, or
+        `(base, infeasible trial)` when the estimate (or a rank's share of it) does not fit."""
+        from macprovider.models.ids import read_model_config
+
+        estimate = None
         try:
             estimate = memory.estimate(
                 path,
@@ -242,7 +261,7 @@ class RealEvaluator:
                 over = next((r for r, share in enumerate(shares) if not share.fits), None)
                 if over is not None:
                     note = f"rank {over} ({cluster.hosts[over]}): {shares[over].note()}"
-                    return replace(
+                    return base, replace(
                         base,
                         notes=note,
                         failure_class="infeasible",
@@ -261,9 +280,23 @@ class RealEvaluator:
                 "memory_terms": estimate.terms(),
             }
             if not estimate.fits:
-                return replace(base, notes=estimate.note(), failure_class="infeasible", **est_fields)
-        base = replace(base, **est_fields)
+                return base, replace(base, notes=estimate.note(), failure_class="infeasible", **est_fields)
+        return replace(base, **est_fields), None
 
+    def _probe(
+        self,
+        base: Trial,
+        model: str,
+        knobs: Knobs,
+        cluster: ClusterHosts | None,
+        workload: Any,
+        replicates: int,
+        stage: int,
+    ) -> Trial:
+        """Start the candidate provider with `knobs`, probe it, and judge the measurement into a Trial."""
+        from macprovider.autotune import probe
+
+        inputs = self.inputs
         provider = CandidateProvider(
             model,
             inputs.port,

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from macprovider.autotune.preflight import ClusterHosts
 
 
+# Long only for its typer option declarations and the flag dict they fill; parse_inputs and run do the work.
 def autotune(
     target_context: str | None = typer.Option(
         None, "--target-context", help="Context (tokens) the operator needs [default: 2000]."

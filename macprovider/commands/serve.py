@@ -10,6 +10,7 @@ import typer
 from macprovider.commands.common import user_errors
 
 
+# Long only for its typer option declarations; the work is in _plan and _serve_plan.
 def serve(
     model: list[str] | None = typer.Option(
         None,
@@ -51,9 +52,6 @@ def serve(
     ),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
-    from macprovider.core import config as cfg
-    from macprovider.serve.preflight import plan_serve
-
     cli_values = {
         "model": model[0] if model else None,
         "models": list(model) if model and len(model) > 1 else None,
@@ -68,6 +66,17 @@ def serve(
         "weights_dtype": weights_dtype,
         "parallel": parallel,
     }
+    plan, lockstep = _plan(cli_values, config)
+    code = _serve_plan(plan, lockstep)
+    _exit(code)
+
+
+def _plan(cli_values: dict[str, Any], config: str | None) -> tuple[Any, Any]:
+    """Resolve the settings (a fleet config is served, and exits, here), plan the serve and, with --parallel,
+    join the rank group: `(plan, lockstep or None)`."""
+    from macprovider.core import config as cfg
+    from macprovider.serve.preflight import plan_serve
+
     with user_errors():
         resolved = cfg.resolve(cli_values, cli_config=config)
         for warning in resolved.warnings:
@@ -84,6 +93,12 @@ def serve(
             lockstep = start_group(
                 plan.settings.parallel, read_model_config(plan.model_path), plan.model_id, plan.settings.rank_timeout_s
             )
+    return plan, lockstep
+
+
+def _serve_plan(plan: Any, lockstep: Any) -> int:
+    """Build the engine for the planned model (embedding or generation) and serve it (rank 0) or follow
+    (other ranks); the exit code."""
     from macprovider.models.embedding import model_kind
     from macprovider.serve import run_server
 
@@ -112,7 +127,7 @@ def serve(
             engine.flush_prompt_cache()
         if lockstep is not None and code == 0 and not lockstep.failure():
             engine.close()  # the generation thread tells the followers to stop
-    _exit(code)
+    return code
 
 
 def _exit(code: int) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,56 +239,66 @@ class EmbeddingEngine:
             job = self._queue.get()
             if job is None:
                 return
-            jobs = [job]
-            count = len(job.token_lists)
-            while count < MAX_JOB_INPUTS:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                jobs.append(more)
-                count += len(more.token_lists)
+            jobs, count = self._gather(job)
             with self._lock:
                 self._queued -= len(jobs)
                 self._active = count
                 self._peak_active = max(self._peak_active, count)
                 self._rounds += 1
             live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            self._embed(live, forward)
+
+    def _gather(self, job: _Job) -> tuple[list[_Job], int]:
+        """`job` plus the queued jobs that fit in MAX_JOB_INPUTS inputs (a shutdown sentinel is put back)."""
+        jobs = [job]
+        count = len(job.token_lists)
+        while count < MAX_JOB_INPUTS:
             try:
-                items = [(len(ids), n, k) for n, j in enumerate(live) for k, ids in enumerate(j.token_lists)]
-                items.sort()
-                results = [np.empty((len(j.token_lists), self.dimensions), dtype=np.float32) for j in live]
-                start = 0
-                while start < len(items):
-                    end = start + 1  # sorted ascending: items[end] is the longest input of the widened pass
-                    real = items[start][0]
-                    while end < len(items) and end - start < self.max_batch:
-                        padded = items[end][0] * (end - start + 1)
-                        wasteful = padded > PADDING_SLACK * (real + items[end][0]) and padded > SMALL_PASS_TOKENS
-                        if padded > BATCH_TOKEN_BUDGET or wasteful:
-                            break
-                        real += items[end][0]
-                        end += 1
-                    chunk = items[start:end]
-                    vectors = forward([live[n].token_lists[k] for _, n, k in chunk])
-                    for row, (_, n, k) in enumerate(chunk):
-                        results[n][k] = vectors[row]
-                    start = end
-                with self._lock:
-                    self._tokens_total += sum(length for length, _, _ in items)
-                for j, result in zip(live, results):
-                    j.future.set_result(result)
-            except Exception as exc:  # noqa: BLE001 - each waiting request gets the error; the worker goes on
-                log.error("embedding forward failed: %s", exc.__class__.__name__, exc_info=exc)
-                for j in live:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-            finally:
-                with self._lock:
-                    self._active = 0
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                self._queue.put(None)
+                break
+            jobs.append(more)
+            count += len(more.token_lists)
+        return jobs, count
+
+    def _embed(self, live: list[_Job], forward: Callable[[list[Sequence[int]]], np.ndarray]) -> None:
+        """Embed the live jobs' inputs in length-sorted passes and resolve their futures (each gets the error
+        when a pass fails)."""
+        try:
+            items = [(len(ids), n, k) for n, j in enumerate(live) for k, ids in enumerate(j.token_lists)]
+            items.sort()
+            results = [np.empty((len(j.token_lists), self.dimensions), dtype=np.float32) for j in live]
+            start = 0
+            while start < len(items):
+                end = start + 1  # sorted ascending: items[end] is the longest input of the widened pass
+                real = items[start][0]
+                while end < len(items) and end - start < self.max_batch:
+                    padded = items[end][0] * (end - start + 1)
+                    wasteful = padded > PADDING_SLACK * (real + items[end][0]) and padded > SMALL_PASS_TOKENS
+                    if padded > BATCH_TOKEN_BUDGET or wasteful:
+                        break
+                    real += items[end][0]
+                    end += 1
+                chunk = items[start:end]
+                vectors = forward([live[n].token_lists[k] for _, n, k in chunk])
+                for row, (_, n, k) in enumerate(chunk):
+                    results[n][k] = vectors[row]
+                start = end
+            with self._lock:
+                self._tokens_total += sum(length for length, _, _ in items)
+            for j, result in zip(live, results):
+                j.future.set_result(result)
+        except Exception as exc:  # noqa: BLE001 - each waiting request gets the error; the worker goes on
+            log.error("embedding forward failed: %s", exc.__class__.__name__, exc_info=exc)
+            for j in live:
+                if not j.future.done():
+                    j.future.set_exception(exc)
+        finally:
+            with self._lock:
+                self._active = 0
 
     # -- EngineProtocol (health, lifecycle; generation is not served)
     def _not_served(self) -> ApiError:

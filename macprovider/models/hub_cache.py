@@ -216,21 +216,12 @@ def pull_model(
     repo_id = _hub_id(model)
     cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     if hub_offline():
-        cached = cached_model_path(repo_id)
-        if cached is not None:
-            return cached
-        raise PullError(
-            f"cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE is set) and it is not in the local "
-            f"cache {cache_dir}; unset HF_HUB_OFFLINE (or set it to 0) and run `macprovider models pull {repo_id}` "
-            "again, or try the offline demo: `macprovider models demo`",
-            transient=True,
-        )
+        return _offline_snapshot(repo_id, cache_dir)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -265,47 +256,13 @@ def pull_model(
     except RevisionNotFoundError:
         raise PullError(f"model {repo_id} has no 'main' revision on {where}", transient=False) from None
     except LocalEntryNotFoundError as exc:
-        if any(isinstance(e, OfflineModeIsEnabled) for e in _cause_chain(exc)):
-            raise PullError(
-                f"cannot download {repo_id}: huggingface_hub is in offline mode (HF_HUB_OFFLINE) and it is not "
-                "cached; unset HF_HUB_OFFLINE and " + retry,
-                transient=True,
-            ) from None
-        status = _http_status(exc)
-        if status is not None:
-            raise PullError(
-                f"the Hub at {where} answered HTTP {status} for {repo_id}: try again later; {retry}", transient=True
-            ) from None
-        if _is_connection_failure(exc):
-            raise _unreachable(where, repo_id, exc, retry) from None
-        raise PullError(f"cannot download {repo_id}: {_reason(exc)}; {retry}", transient=True) from None
+        raise _local_entry_error(exc, repo_id, where, retry) from None
     except HfHubHTTPError as exc:
-        status = _http_status(exc)
-        if status == 401:
-            raise PullError(
-                f"the Hub at {where} refused access to {repo_id} (HTTP 401): log in (`hf auth login`, or set HF_TOKEN) "
-                "and " + retry,
-                transient=True,
-            ) from None
-        raise PullError(
-            f"the Hub at {where} answered HTTP {status or '?'} for {repo_id}: try again later; {retry}",
-            transient=True,
-        ) from None
+        raise _http_error(exc, repo_id, where, retry) from None
     except KeyboardInterrupt:
         raise PullError(f"download of {repo_id} interrupted; {retry}", transient=True) from None
     except OSError as exc:
-        if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _cause_chain(exc)):
-            if fresh:  # a snapshot with some files and no weights would look cached; the space is wanted back
-                shutil.rmtree(repo_dir, ignore_errors=True)
-            raise PullError(
-                f"disk full while downloading {repo_id} into {cache_dir}"
-                + (" (nothing was kept)" if fresh else "")
-                + f": free space (`macprovider models rm ID`), then {retry}",
-                transient=True,
-            ) from None
-        if _is_connection_failure(exc):
-            raise _unreachable(where, repo_id, exc, retry) from None
-        raise PullError(f"cannot download {repo_id}: {_reason(exc)}; {retry}", transient=True) from None
+        raise _os_error(exc, repo_id, where, retry, cache_dir, repo_dir, fresh) from None
     except Exception as exc:  # httpx transport errors raised outside huggingface_hub's wrappers
         if _is_connection_failure(exc):
             raise _unreachable(where, repo_id, exc, retry) from None
@@ -317,6 +274,73 @@ def pull_model(
             transient=False,
         )
     return path
+
+
+def _offline_snapshot(repo_id: str, cache_dir: Path) -> Path:
+    """Offline mode: the cached snapshot of `repo_id`, or a PullError saying how to get it."""
+    cached = cached_model_path(repo_id)
+    if cached is not None:
+        return cached
+    raise PullError(
+        f"cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE is set) and it is not in the local "
+        f"cache {cache_dir}; unset HF_HUB_OFFLINE (or set it to 0) and run `macprovider models pull {repo_id}` "
+        "again, or try the offline demo: `macprovider models demo`",
+        transient=True,
+    )
+
+
+def _local_entry_error(exc: Exception, repo_id: str, where: str, retry: str) -> Exception:
+    """The PullError for a LocalEntryNotFoundError: offline mode, an HTTP status, no connection, or its reason."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if any(isinstance(e, OfflineModeIsEnabled) for e in _cause_chain(exc)):
+        return PullError(
+            f"cannot download {repo_id}: huggingface_hub is in offline mode (HF_HUB_OFFLINE) and it is not "
+            "cached; unset HF_HUB_OFFLINE and " + retry,
+            transient=True,
+        )
+    status = _http_status(exc)
+    if status is not None:
+        return PullError(
+            f"the Hub at {where} answered HTTP {status} for {repo_id}: try again later; {retry}", transient=True
+        )
+    if _is_connection_failure(exc):
+        return _unreachable(where, repo_id, exc, retry)
+    return PullError(f"cannot download {repo_id}: {_reason(exc)}; {retry}", transient=True)
+
+
+def _http_error(exc: Exception, repo_id: str, where: str, retry: str) -> PullError:
+    """The PullError for a Hub HTTP error (401: log in; any other status: try again later)."""
+    status = _http_status(exc)
+    if status == 401:
+        return PullError(
+            f"the Hub at {where} refused access to {repo_id} (HTTP 401): log in (`hf auth login`, or set HF_TOKEN) "
+            "and " + retry,
+            transient=True,
+        )
+    return PullError(
+        f"the Hub at {where} answered HTTP {status or '?'} for {repo_id}: try again later; {retry}",
+        transient=True,
+    )
+
+
+def _os_error(
+    exc: OSError, repo_id: str, where: str, retry: str, cache_dir: Path, repo_dir: Path, fresh: bool
+) -> Exception:
+    """The PullError for an OSError: disk full (a fresh pull's partial snapshot is removed first), no
+    connection, or its reason."""
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _cause_chain(exc)):
+        if fresh:  # a snapshot with some files and no weights would look cached; the space is wanted back
+            shutil.rmtree(repo_dir, ignore_errors=True)
+        return PullError(
+            f"disk full while downloading {repo_id} into {cache_dir}"
+            + (" (nothing was kept)" if fresh else "")
+            + f": free space (`macprovider models rm ID`), then {retry}",
+            transient=True,
+        )
+    if _is_connection_failure(exc):
+        return _unreachable(where, repo_id, exc, retry)
+    return PullError(f"cannot download {repo_id}: {_reason(exc)}; {retry}", transient=True)
 
 
 def blob_hash(path: Path, algorithm: str, on_bytes: Callable[[int], None] | None = None) -> str:

@@ -46,8 +46,19 @@ class _Uvicorn:  # namespace for the lazily defined uvicorn.Server and H11Protoc
 
 
 def _uvicorn_server_class() -> Any:
+    """The uvicorn Server subclass (our signal handling) — built once, with its h11 Protocol subclass
+    (the request-head deadline), both kept on `_Uvicorn`."""
     if _Uvicorn.cls is not None:
         return _Uvicorn.cls
+    Server = _make_server_class()
+    Protocol = _make_protocol_class()
+    _Uvicorn.cls = Server
+    _Uvicorn.protocol = Protocol
+    return Server
+
+
+def _make_server_class() -> Any:
+    """uvicorn.Server whose SIGINT/SIGTERM start the runtime's drain (see the class docstring)."""
     import contextlib
     import os
     import signal
@@ -90,6 +101,11 @@ def _uvicorn_server_class() -> Any:
             if self.started:
                 await self.runtime.on_started(self)
 
+    return Server
+
+
+def _make_protocol_class() -> Any:
+    """uvicorn's h11 protocol with a deadline for a complete request head (see the class docstring)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
@@ -126,9 +142,7 @@ def _uvicorn_server_class() -> Any:
             if waiting and not self.transport.is_closing():
                 self.transport.close()
 
-    _Uvicorn.cls = Server
-    _Uvicorn.protocol = Protocol
-    return Server
+    return Protocol
 
 
 def raise_open_file_limit(wanted: int = 4 * CONNECTION_LIMIT) -> int:
