@@ -26,6 +26,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from serve_ready import wait_healthy
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Paris is the capital and most populous city of France, with an estimated population of two million.",
@@ -97,7 +99,6 @@ def main() -> int:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
 
-    import httpx
     import openai
 
     from macprovider.models.demo import EMBEDDING_DEMO_MODEL_ID, create_embedding_demo_model
@@ -118,14 +119,7 @@ def main() -> int:
     served: dict[tuple[str, int], float] = {}
     print(f"{'workload':<22} {'clients':>7}  {'texts/s':>9}  {'p50 ms':>8}  {'p95 ms':>8}")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(port, server)
         sdk = [
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
             for _ in range(max(clients))

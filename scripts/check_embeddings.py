@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from serve_ready import wait_healthy
 
 TEXTS = [
     "Hello world",
@@ -118,16 +119,7 @@ def main() -> int:
         env=os.environ | {"HF_HUB_OFFLINE": "1"},
     )
     try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(port, server)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         t0 = time.perf_counter()
         batch = client.embeddings.create(model=args.model, input=texts, encoding_format="float")

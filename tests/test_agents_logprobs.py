@@ -5,38 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from collections.abc import Iterator
 
 import openai
 import pytest
 
-from macprovider.core import config as cfg
-from macprovider.core.config import Settings
-from macprovider.engine.engine import Engine
-from macprovider.serve.preflight import plan_serve
-from macprovider.serve.runtime import ServeRuntime
+from tests.inprocess import serving_engine
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea"}]
 
 
 @contextlib.contextmanager
 def real_server(model: str) -> Iterator[tuple[openai.OpenAI, str]]:
-    engine = Engine(
-        plan_serve(cfg.resolve({"model": model, "max_context_override": 2048, "max_concurrency_override": 4}))
-    )
-    engine.load()
-    settings = Settings(model=engine.model_id, host="127.0.0.1", port=0, drain_timeout_s=5.0)
-    runtime = ServeRuntime(engine, settings, None, load=False)
-    thread = threading.Thread(target=runtime.run, daemon=True)
-    thread.start()
-    assert runtime.started.wait(15), "server did not start"
-    try:
-        yield openai.OpenAI(base_url=runtime.url + "/v1", api_key="unused", max_retries=0, timeout=60), engine.model_id
-    finally:
-        runtime.request_shutdown("test teardown")
-        thread.join(15)
-        engine.close()
+    """An official `openai` client on `model` served in-process (max-context 2048, max-batch 4), and its id."""
+    with serving_engine(model, max_context_override=2048, max_concurrency_override=4) as (url, engine):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60), engine.model_id
 
 
 @pytest.fixture

@@ -11,44 +11,22 @@ import itertools
 import json
 import math
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from fake_engine import FakeEngine, serving
 
-from macprovider.core import config as cfg
-from macprovider.core.config import Settings
 from macprovider.engine.engine import Engine
 from macprovider.serve.app import host_name
-from macprovider.serve.preflight import plan_serve
-from macprovider.serve.runtime import ServeRuntime
+from tests.inprocess import serving_engine
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 
 
-@contextlib.contextmanager
-def real_server(model: str, **settings: Any) -> Iterator[tuple[str, Engine]]:
-    engine = Engine(
-        plan_serve(
-            cfg.resolve({"model": model, "max_context_override": 256, "max_concurrency_override": 4, **settings})
-        )
-    )
-    engine.load()
-    runtime = ServeRuntime(
-        engine, Settings(model=engine.model_id, host="127.0.0.1", port=0, drain_timeout_s=5.0), None, load=False
-    )
-    thread = threading.Thread(target=runtime.run, daemon=True)
-    thread.start()
-    assert runtime.started.wait(15), "server did not start"
-    try:
-        yield runtime.url, engine
-    finally:
-        runtime.request_shutdown("test teardown")
-        thread.join(15)
-        # A generation thread still alive at interpreter exit makes MLX's runtime abort the test process.
-        engine.close()
+def real_server(model: str, **settings: Any) -> contextlib.AbstractContextManager[tuple[str, Engine]]:
+    """(base URL, engine) of `model` served in-process with max-context 256 and max-batch 4 unless overridden."""
+    return serving_engine(model, **{"max_context_override": 256, "max_concurrency_override": 4, **settings})
 
 
 @pytest.fixture
