@@ -59,6 +59,13 @@ def test_ram_tier_default_max_context(ram, expected):
         ({}, {"MACPROVIDER_PORT": "eighty"}, "invalid port 'eighty' (from env:MACPROVIDER_PORT): must be an integer"),
         ({}, {"MACPROVIDER_MAX_CONCURRENCY_OVERRIDE": "2.5"}, "must be an integer"),
         ({"log_level": "loud"}, {}, "invalid log_level 'loud'"),
+        (
+            {},
+            {"MACPROVIDER_MEMORY_BUDGET_GB": "inf"},
+            "invalid memory_budget_gb 'inf' (from env:MACPROVIDER_MEMORY_BUDGET_GB)",
+        ),
+        ({}, {"MACPROVIDER_MODEL_WAIT_TIMEOUT_S": "inf"}, "invalid model_wait_timeout_s 'inf'"),
+        ({}, {"MACPROVIDER_DRAIN_TIMEOUT_S": "nan"}, "invalid drain_timeout_s 'nan'"),
     ],
 )
 def test_invalid_values_name_setting_value_and_source(isolated_env, cli, env, needle):

@@ -148,6 +148,8 @@ def _float_min(low: float) -> Callable[[Any], float]:
             raise ValueError("must be a number") from None
         if not value >= low:
             raise ValueError(f"must be >= {low:g}")
+        if value == float("inf"):  # every such setting is an amount that is later multiplied or waited on
+            raise ValueError("must be a finite number")
         return value
 
     return parse
