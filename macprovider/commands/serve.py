@@ -42,6 +42,14 @@ def serve(
         "--weights-dtype",
         help="auto (on MLX's CPU backend: float32 when it fits in half the free memory, else quantized-float32 for a quantized model), native, quantized-float32 (quantized layers kept, float32 scales and activations), float32, float16, bfloat16 [default: auto].",
     ),
+    speculative: str | None = typer.Option(
+        None,
+        "--speculative",
+        help="off, or prompt-lookup: draft tokens from each request's own context, verified inside the batch [default: off].",
+    ),
+    speculative_tokens: str | None = typer.Option(
+        None, "--speculative-tokens", help="Most draft tokens one sequence verifies per step, 1..16 [default: 4]."
+    ),
     parallel: str | None = typer.Option(
         None,
         "--parallel",
@@ -64,6 +72,8 @@ def serve(
         "api_key_file": api_key_file,
         "drain_timeout_s": drain_timeout,
         "weights_dtype": weights_dtype,
+        "speculative": speculative,
+        "speculative_tokens": speculative_tokens,
         "parallel": parallel,
     }
     plan, lockstep = _plan(cli_values, config)

@@ -38,6 +38,12 @@ WEIGHTS_DTYPES: tuple[str, ...] = get_args(WeightsDtype)
 QUANTIZED_FLOAT32 = "quantized-float32"
 
 
+# Speculative decoding inside the continuous batch (macprovider/engine/speculative.py): off, or drafts taken from
+# each sequence's own context (prompt-lookup decoding) and verified in the batch's forward pass.
+Speculative = Literal["off", "prompt-lookup"]
+SPECULATIVE_MODES: tuple[str, ...] = get_args(Speculative)
+
+
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default (5 minutes)
 KEEP_FOREVER = -1.0  # keep_alive -1: never unload an idle model
 
@@ -55,6 +61,8 @@ class ModelEntry(BaseModel):
     max_context_override: int | None = None
     max_concurrency_override: int | None = None
     weights_dtype: WeightsDtype | None = None
+    speculative: Speculative | None = None
+    speculative_tokens: int | None = None
     keep_alive: float | None = None
     pinned: bool = False
     recipe_hash: str | None = None  # written by `autotune --apply`: the recipe these knobs come from
@@ -89,6 +97,8 @@ class Settings(BaseModel):
     cors_allowed_origins: tuple[str, ...] = ()
     record_workload: bool = True  # keep the content-free request-shape record (macprovider.core.request_shapes)
     weights_dtype: WeightsDtype = "auto"
+    speculative: Speculative = "off"
+    speculative_tokens: int = 4  # the most draft tokens one sequence verifies per step
     parallel: Literal["pipeline", "tensor"] | None = None
     hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
     rank_timeout_s: float = 60.0
@@ -212,6 +222,13 @@ def _weights_dtype(raw: Any) -> str:
     return value
 
 
+def _speculative(raw: Any) -> str:
+    value = str(raw).strip().lower()
+    if value not in SPECULATIVE_MODES:
+        raise ValueError(f"must be one of {', '.join(SPECULATIVE_MODES)}")
+    return value
+
+
 def _parallel(raw: Any) -> str:
     value = str(raw).strip().lower()
     if value not in ("pipeline", "tensor"):
@@ -254,6 +271,8 @@ _ENTRY_KNOBS: dict[str, Callable[[Any], Any]] = {
     "max_context_override": _optional(_int_in(1, 10_000_000)),
     "max_concurrency_override": _optional(_int_in(1, 256)),
     "weights_dtype": _optional(_weights_dtype),
+    "speculative": _optional(_speculative),
+    "speculative_tokens": _optional(_int_in(1, 16)),
     "keep_alive": _optional(_keep_alive),
     "pinned": _bool,
     "recipe_hash": _optional(_text),
@@ -329,6 +348,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("cors_allowed_origins", "MACPROVIDER_CORS_ALLOWED_ORIGINS", _origins),
     SettingSpec("record_workload", "MACPROVIDER_RECORD_WORKLOAD", _bool),
     SettingSpec("weights_dtype", "MACPROVIDER_WEIGHTS_DTYPE", _weights_dtype, "--weights-dtype"),
+    SettingSpec("speculative", "MACPROVIDER_SPECULATIVE", _speculative, "--speculative"),
+    SettingSpec("speculative_tokens", "MACPROVIDER_SPECULATIVE_TOKENS", _int_in(1, 16), "--speculative-tokens"),
     SettingSpec("parallel", "MACPROVIDER_PARALLEL", _optional(_parallel), "--parallel"),
     SettingSpec("hostfile", "MACPROVIDER_HOSTFILE", _optional(_text)),
     SettingSpec("rank_timeout_s", "MACPROVIDER_RANK_TIMEOUT_S", _float_min(1)),

@@ -117,7 +117,14 @@ def _with_model(resolved: ResolvedConfig, entry: ModelEntry) -> ResolvedConfig:
 def _entry_settings(settings: Settings, entry: ModelEntry) -> Settings:
     """The settings one fleet model is served with: its own knobs where it sets them, else the top-level ones."""
     update: dict[str, object] = {"model": entry.id}
-    for knob in ("kv_bits", "max_context_override", "max_concurrency_override", "weights_dtype"):
+    for knob in (
+        "kv_bits",
+        "max_context_override",
+        "max_concurrency_override",
+        "weights_dtype",
+        "speculative",
+        "speculative_tokens",
+    ):
         if getattr(entry, knob) is not None:
             update[knob] = getattr(entry, knob)
     return settings.model_copy(update=update)
