@@ -92,6 +92,11 @@ class Engine:
         self.max_batch = settings.max_concurrency_override
         self.kv_bits = settings.kv_bits
         self.weights_dtype: str = settings.weights_dtype  # the setting; after load(), what was applied
+        # Speculative decoding (engine/speculative.py): the setting; after load(), what runs ("off" across
+        # several machines, where followers replay rank 0's steps one token at a time, and for models whose
+        # caches cannot roll back per row).
+        self.speculative: str = settings.speculative if lockstep is None else "off"
+        self.speculative_tokens = settings.speculative_tokens
         self.max_queue_depth = settings.max_queue_depth
         # Prefix reuse is per rank and byte-bounded: ranks holding different layers would evict differently.
         self.prompt_cache_bytes = settings.prompt_cache_bytes if lockstep is None else 0
@@ -134,12 +139,13 @@ class Engine:
         with self._lock:
             self._state = "ready"
         log.info(
-            "engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s weights=%s",
+            "engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s weights=%s speculative=%s",
             self.model_id,
             self.max_batch,
             self.max_context,
             self.kv_bits,
             self.weights_dtype,
+            self.speculative if self.speculative == "off" else f"{self.speculative}/{self.speculative_tokens}",
         )
 
     def _self_test(self) -> None:
@@ -336,6 +342,8 @@ class Engine:
             prompt_cache_bytes=counters.get("prompt_cache_bytes", 0),
             active_memory_bytes=counters.get("active_memory", 0),
             cache_memory_bytes=counters.get("cache_memory", 0),
+            speculative_drafted_tokens_total=counters.get("drafted_tokens", 0),
+            speculative_accepted_tokens_total=counters.get("accepted_tokens", 0),
             **self._disk_stats(),
             extra={"distributed": self.lockstep.describe()} if self.lockstep is not None else {},
         )
@@ -491,6 +499,14 @@ class Engine:
             prefill_batch_size=self.max_batch,
             stream=mx.default_stream(mx.default_device()),
         )
+        if self.speculative != "off":
+            from macprovider.engine.speculative import enable_speculation
+
+            if not enable_speculation(self._batch, self.speculative_tokens, self._make_cache):
+                log.warning(
+                    "speculative decoding is off for %s: its KV cache cannot roll back per sequence", self.model_id
+                )
+                self.speculative = "off"
         if self.lockstep is not None and self.lockstep.rank == 0:
             self._batch = LockstepBatch(self._batch, self.lockstep)
         self._mx = mx
@@ -790,6 +806,9 @@ class Engine:
             counters["prompt_cache_bytes"] = self._prompt_cache.nbytes
             counters["active_memory"] = active_memory
             counters["cache_memory"] = cache_memory
+            decoding = getattr(self._batch, "_generation_batch", None)
+            counters["drafted_tokens"] = getattr(decoding, "drafted_tokens", 0)
+            counters["accepted_tokens"] = getattr(decoding, "accepted_tokens", 0)
 
 
 def _seeded_sampler(temperature: float, top_p: float, seed: int, top_k: int = 0):

@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import Any, cast
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_map, tree_reduce
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import KVCache, _BaseCache, dynamic_roll
+from mlx_lm.models.cache import BatchKVCache, KVCache, _BaseCache, dynamic_roll
 from mlx_lm.models.cache import QuantizedKVCache as _MlxQuantizedKVCache
 
 QuantTriple = tuple[mx.array, mx.array, mx.array]
@@ -301,3 +302,174 @@ def make_cache_factory(model, kv_bits: int | None, group_size: int = 64):
         ]
 
     return factory
+
+
+class RowTrimMixin:
+    """Per-row rollback for a batch KV cache, for speculative decoding inside the batch (engine/speculative.py).
+
+    A verification step writes W positions to every row; row b then keeps only some of them. `trim_rows`
+    trims the batch by the smallest count (as `trim`) and marks each row's remaining rejected positions as
+    holes: `holes` is a (B, n) NumPy bool array (True = that column is not part of row b's sequence; columns
+    ≥ n are not holes), `offset[b]` (the row's length, its RoPE position) drops by the row's own count, and
+    `make_mask` masks holes out of attention. Holes cost attention work, not correctness: when they waste
+    enough columns, `compact` gathers every row's kept positions into the usual left-padded layout. With
+    no holes (`holes is None`) every method is the base class's.
+
+    Mixed into mlx-lm's `BatchKVCache` (`RowTrimBatchKVCache`) and `BatchQuantizedKVCache`
+    (`RowTrimBatchQuantizedKVCache`); `row_trimmable` converts a batch cache layer.
+    """
+
+    holes: np.ndarray | None = None
+    # Compact when it shortens the cache by at least this many columns and by an eighth of its length.
+    COMPACT_MIN_COLUMNS = 64
+
+    # Attributes of the batch cache this is mixed into (mlx-lm BatchKVCache / BatchQuantizedKVCache).
+    keys: Any
+    values: Any
+    offset: mx.array
+    left_padding: mx.array
+    _idx: int
+
+    def _holes_width(self, width: int) -> np.ndarray:
+        """`holes` with exactly `width` columns (created all False, cut or padded with False)."""
+        rows = int(self.left_padding.shape[0])
+        holes = self.holes if self.holes is not None else np.zeros((rows, 0), dtype=bool)
+        if holes.shape[1] >= width:
+            return holes[:, :width]
+        return np.concatenate([holes, np.zeros((rows, width - holes.shape[1]), dtype=bool)], axis=1)
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)  # type: ignore[misc]
+        if self.holes is not None:
+            self.holes = self.holes[:, : self._idx]
+        return n
+
+    def trim_rows(self, counts: Any) -> None:
+        """Drop the last `counts[b]` positions of each row b (counts: B non-negative ints)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        common = int(counts.min()) if counts.size else 0
+        if common:
+            self.trim(common)
+        extra = counts - common
+        if not extra.any():
+            return
+        holes = self._holes_width(self._idx).copy()
+        for row in np.nonzero(extra)[0]:
+            holes[row, self._idx - int(extra[row]) : self._idx] = True
+        self.holes = holes
+        self.offset = self.offset - mx.array(extra.astype(np.int32))
+        self._maybe_compact()
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        mask = super().make_mask(N, return_array=return_array, **kwargs)  # type: ignore[misc]
+        if self.holes is None or not self.holes.any():
+            return mask
+        keep = mx.array(~self._holes_width(self._idx + N))  # (B, idx + N)
+        return mask & keep[:, None, None, :]
+
+    def filter(self, batch_indices):
+        holes = self.holes[batch_indices] if self.holes is not None else None
+        shift = min(cast(list[int], self.left_padding[batch_indices].tolist()), default=0)
+        super().filter(batch_indices)  # type: ignore[misc]
+        if holes is not None:
+            holes = holes[:, max(shift, 0) :]
+            self.holes = holes if holes.any() else None
+
+    def extend(self, other):
+        rows_mine, rows_theirs = int(self.left_padding.shape[0]), int(other.left_padding.shape[0])
+        width = max(self._idx, other._idx)
+        mine = _right_justified(self.holes, self._idx, width, rows_mine)
+        theirs = _right_justified(getattr(other, "holes", None), other._idx, width, rows_theirs)
+        super().extend(other)  # type: ignore[misc]
+        if mine is None and theirs is None:
+            self.holes = None
+            return
+        mine = mine if mine is not None else np.zeros((rows_mine, width), dtype=bool)
+        theirs = theirs if theirs is not None else np.zeros((rows_theirs, width), dtype=bool)
+        self.holes = np.concatenate([mine, theirs], axis=0)
+
+    def _kept_positions(self, row: int, left_padding: int) -> list[int]:
+        holes = self._holes_width(self._idx)[row]
+        return [p for p in range(left_padding, self._idx) if not holes[p]]
+
+    def extract(self, idx: int):
+        if self.holes is None or not self.holes[idx].any():
+            return super().extract(idx)  # type: ignore[misc]
+        padding = cast(list[int], self.left_padding.tolist())[idx]
+        positions = mx.array(self._kept_positions(idx, padding))
+        cache = self._single_cache()
+        take = lambda x: mx.contiguous(x[idx : idx + 1, :, positions])  # noqa: E731
+        cache.keys = tree_map(take, self.keys)
+        cache.values = tree_map(take, self.values)
+        cache.offset = int(positions.shape[0])
+        return cache
+
+    def _single_cache(self) -> Any:
+        raise NotImplementedError
+
+    def _maybe_compact(self) -> None:
+        if self.holes is None or self.keys is None:
+            return
+        padding = cast(list[int], self.left_padding.tolist())
+        kept = [self._kept_positions(row, pad) for row, pad in enumerate(padding)]
+        length = max(len(positions) for positions in kept)
+        saved = self._idx - length
+        if saved < max(self.COMPACT_MIN_COLUMNS, self._idx // 8):
+            return
+        self.compact(kept, length)
+
+    def compact(self, kept: list[list[int]], length: int) -> None:
+        """Gather each row's `kept` positions into a left-padded layout `length` columns long (holes gone)."""
+        index = np.zeros((len(kept), length), dtype=np.int32)
+        for row, positions in enumerate(kept):
+            if positions:
+                index[row, length - len(positions) :] = positions
+        gather = mx.array(index)[:, None, :, None]
+        take = lambda x: mx.take_along_axis(x, gather, axis=2)  # noqa: E731
+        self.keys = tree_map(take, self.keys)
+        self.values = tree_map(take, self.values)
+        self.left_padding = mx.array([length - len(positions) for positions in kept])
+        self._idx = length
+        self.holes = None
+
+
+def _right_justified(holes: np.ndarray | None, idx: int, width: int, rows: int) -> np.ndarray | None:
+    """`holes` of a cache whose history ends at column `idx`, shifted right to end at `width` (as `extend`
+    right-justifies the keys), or None when it has none."""
+    if holes is None or not holes.any():
+        return None
+    out = np.zeros((rows, width), dtype=bool)
+    used = holes[:, :idx]
+    out[:, width - idx : width - idx + used.shape[1]] = used
+    return out
+
+
+class RowTrimBatchKVCache(RowTrimMixin, BatchKVCache):
+    """mlx-lm's `BatchKVCache` with per-row rollback (`RowTrimMixin`)."""
+
+    def _single_cache(self) -> KVCache:
+        return KVCache()
+
+
+class RowTrimBatchQuantizedKVCache(RowTrimMixin, BatchQuantizedKVCache):
+    """`BatchQuantizedKVCache` with per-row rollback (`RowTrimMixin`)."""
+
+    def _single_cache(self) -> QuantizedKVCache:
+        return QuantizedKVCache(group_size=self.group_size, bits=self.bits)
+
+
+_ROW_TRIM = {BatchKVCache: RowTrimBatchKVCache, BatchQuantizedKVCache: RowTrimBatchQuantizedKVCache}
+
+
+def row_trimmable(layer: Any) -> Any:
+    """`layer` (a batch cache layer) as its `RowTrimMixin` class, sharing its arrays; None when the layer kind
+    cannot roll back per row (rotating windows, SSM state, …). A layer already converted is returned as is."""
+    if isinstance(layer, RowTrimMixin):
+        return layer
+    kind = _ROW_TRIM.get(type(layer))
+    if kind is None:
+        return None
+    converted = kind.__new__(kind)
+    converted.__dict__.update(layer.__dict__)
+    converted.holes = None
+    return converted

@@ -167,6 +167,9 @@ class EngineStats:
     prompt_cache_disk_hits_total: int = 0
     prompt_cache_disk_misses_total: int = 0
     prompt_cache_disk_load_seconds_total: float = 0.0
+    # Speculative decoding (engine/speculative.py): draft tokens verified, and those accepted.
+    speculative_drafted_tokens_total: int = 0
+    speculative_accepted_tokens_total: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def engine_json(self) -> dict[str, int | float]:
@@ -188,6 +191,13 @@ class EngineStats:
             "prompt_cache_disk_hits_total": self.prompt_cache_disk_hits_total,
             "prompt_cache_disk_misses_total": self.prompt_cache_disk_misses_total,
             "prompt_cache_disk_load_seconds_total": self.prompt_cache_disk_load_seconds_total,
+            "speculative_drafted_tokens_total": self.speculative_drafted_tokens_total,
+            "speculative_accepted_tokens_total": self.speculative_accepted_tokens_total,
+            "speculative_acceptance_rate": (
+                self.speculative_accepted_tokens_total / self.speculative_drafted_tokens_total
+                if self.speculative_drafted_tokens_total
+                else 0.0
+            ),
         }
 
 

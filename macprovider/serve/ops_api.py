@@ -49,6 +49,7 @@ def health_body(ctx: AppContext, process: psutil.Process, ram_gb: int) -> dict[s
             "max_context_tokens": primary.max_context,
             "max_batch": primary.max_batch,
             "kv_bits": primary.kv_bits,
+            "speculative": getattr(primary, "speculative", "off"),
         },
         "engine": stats.engine_json(),
         "models": fleet.describe(),
