@@ -20,11 +20,22 @@ ours keeps batching), and two more measurements run in the same rotation:
 - a KV-bytes probe: a fresh `macprovider serve --max-batch 4` with and without kv-bits gets 4 concurrent
   prompts of ~`--probe-prompt-tokens` tokens; health's `peak_kv_cache_bytes` of both are compared.
 
+`--workload edit` makes every request an edit: a ~540-token Python module (~600 tokens with the instruction on
+the SmolLM2 tokenizer; names and numbers drawn per request, so each stream gets a different file) to be returned
+whole with one function renamed, output only code (`--prompt-words` is then unused; `--max-tokens` ~256–600 lets
+the answer run long). With `--speculative MODE` (e.g. prompt-lookup; `--speculative-tokens K` optional) a third
+server joins the rotation, ours with `serve --speculative MODE` (`ours_spec`): the table adds ours_spec/peer and
+ours_spec/ours, and the greedy completions of ours and ours_spec for the same prompts are compared (single-stream
+and concurrent, identical / total). Speculation must not change greedy text: any difference is printed with
+`!!!` and the script exits 1 after the JSON line.
+
 Without `--model`, tiny random-weight models are built locally (macprovider.models.demo): `tiny` (hidden 128,
 2 layers) and `small` (hidden 256, 4 layers), in `--dtype` (float32 by default, see demo.TinyModelSpec).
 
     python scripts/bench.py                       # tiny + small, full-precision KV
     python scripts/bench.py --kv-bits 8 --models small
+    python scripts/bench.py --workload edit --max-tokens 400 --speculative prompt-lookup   # edits, 3 servers
+    python scripts/bench.py --model macprovider-bench/smollm2-135m-f32 --workload edit --speculative prompt-lookup
     python scripts/bench.py --model mlx-community/Llama-3.2-1B-Instruct-4bit   # a cached real model
     python scripts/bench.py --model macprovider-demo/smollm2-135m --compare-weights-dtype native   # float32 / Q4
 
@@ -45,9 +56,11 @@ import asyncio
 import json
 import math
 import os
+import random
 import signal
 import socket
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -57,6 +70,99 @@ from pathlib import Path
 import httpx
 
 FILLER = "The sea is wide and the sea is deep, it sings the sailors off to sleep. "
+
+# The edit workload: a ~540-token Python module (SmolLM2 tokenizer; ~600 with the instruction) whose names and
+# numbers are drawn from the request tag, so no two streams share more than the first few tokens.
+EDIT_NOUNS = "invoice shipment sensor ticket account order reading booking parcel sample patient vehicle".split()
+EDIT_LABELS = "region owner status category supplier station channel priority".split()
+EDIT_AMOUNTS = "amount weight duration score price distance volume latency".split()
+EDIT_FILE = string.Template('''\
+"""${Noun} records for the ${label} service (module ${tag}): loading, validation and summaries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+MAX_${NOUN}S = ${limit}
+${AMOUNT}_CEILING = ${ceiling}
+
+
+@dataclasses.dataclass
+class ${Noun}:
+    """One ${noun} as stored on disk, one JSON object per line."""
+
+    ${noun}_id: int
+    ${label}: str
+    ${amount}: float
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+    def is_valid(self) -> bool:
+        """True when the ${label} is set and the ${amount} lies within 0..${AMOUNT}_CEILING."""
+        return bool(self.${label}) and 0 <= self.${amount} <= ${AMOUNT}_CEILING
+
+
+def load_${noun}s(path: Path) -> list[${Noun}]:
+    """Read ${noun}s from a JSON lines file, skipping blank lines; at most MAX_${NOUN}S."""
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        data = json.loads(line)
+        records.append(${Noun}(data["id"], data["${label}"], float(data["${amount}"]), data.get("tags", [])))
+    return records[:MAX_${NOUN}S]
+
+
+def total_${amount}(records: list[${Noun}]) -> float:
+    """Sum of the ${amount} over the valid ${noun}s."""
+    return sum(record.${amount} for record in records if record.is_valid())
+
+
+def group_by_${label}(records: list[${Noun}]) -> dict[str, list[${Noun}]]:
+    """${Noun}s keyed by their ${label}, each group in input order."""
+    groups: dict[str, list[${Noun}]] = {}
+    for record in records:
+        groups.setdefault(record.${label}, []).append(record)
+    return groups
+
+
+def main(argv: list[str]) -> int:
+    records = load_${noun}s(Path(argv[1]))
+    print(json.dumps({"count": len(records), "valid": sum(record.is_valid() for record in records)}))
+    for name, group in sorted(group_by_${label}(records).items()):
+        print(f"{name}: {len(group)} ${noun}s, total ${amount} {total_${amount}(group):.2f}")
+    return 0
+''')
+
+
+def edit_prompt(tag: str) -> str:
+    """An edit request: the module drawn for `tag`, then the instruction to return it with one function renamed."""
+    rng = random.Random(f"edit-{tag}")
+    noun, label, amount = rng.choice(EDIT_NOUNS), rng.choice(EDIT_LABELS), rng.choice(EDIT_AMOUNTS)
+    source = EDIT_FILE.substitute(
+        tag=tag,
+        noun=noun,
+        Noun=noun.capitalize(),
+        NOUN=noun.upper(),
+        label=label,
+        amount=amount,
+        AMOUNT=amount.upper(),
+        limit=rng.randrange(100, 10000),
+        ceiling=rng.randrange(50, 5000),
+    )
+    return (
+        f"Here is the file `{noun}_{label}.py`:\n\n```python\n{source}```\n\n"
+        f"Return the complete file again, unchanged except that the function `group_by_{label}` is renamed to "
+        f"`{noun}s_by_{label}` (its definition and every call). Output only the code."
+    )
+
+
+def make_prompt(workload: str, tag: str, prompt_words: int) -> str:
+    """The prompt of one request: `plain` ~`prompt_words` words of filler, `edit` an edit of a whole file."""
+    if workload == "edit":
+        return edit_prompt(tag)
+    return f"Request {tag}. " + FILLER * max(1, prompt_words // 16)
 
 
 def free_port() -> int:
@@ -83,6 +189,8 @@ class Server:
         kv_bits: int | None,
         env: dict[str, str],
         weights_dtype: str | None = None,
+        speculative: str | None = None,
+        speculative_tokens: int | None = None,
     ):
         self.kind, self.port = kind, port
         if kind.startswith("ours"):
@@ -104,6 +212,10 @@ class Server:
                 argv += ["--kv-bits", str(kv_bits)]
             if weights_dtype:
                 argv += ["--weights-dtype", weights_dtype]
+            if speculative:
+                argv += ["--speculative", speculative]
+            if speculative_tokens:
+                argv += ["--speculative-tokens", str(speculative_tokens)]
         else:
             argv = [
                 sys.executable,
@@ -183,7 +295,7 @@ class Server:
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy chat request: TTFT, per-chunk times, completion tokens (from usage if sent)."""
+    """One streamed greedy chat request: TTFT, per-chunk times, completion tokens (from usage if sent), text."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -194,6 +306,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
     }
     start = time.perf_counter()
     chunk_times: list[float] = []
+    pieces: list[str] = []
     usage = None
     async with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
@@ -204,10 +317,17 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
             if event.get("usage"):
                 usage = event["usage"]
             for choice in event.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
+                if content := (choice.get("delta") or {}).get("content"):
                     chunk_times.append(time.perf_counter())
+                    pieces.append(content)
     tokens = usage["completion_tokens"] if usage else len(chunk_times)
-    return {"start": start, "chunk_times": chunk_times, "tokens": tokens, "end": time.perf_counter()}
+    return {
+        "start": start,
+        "chunk_times": chunk_times,
+        "tokens": tokens,
+        "end": time.perf_counter(),
+        "text": "".join(pieces),
+    }
 
 
 async def measure_burst(
@@ -234,14 +354,19 @@ async def measure(
     round_index: int,
     single_repeats: int,
     burst: bool = False,
+    workload: str = "plain",
 ) -> dict:
+    """The figures of one server in one round, and under "texts" the completions of its single-stream and
+    concurrent requests (the same prompts for every server in that round)."""
     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
-    prompt = lambda i: f"Request {round_index}-{i}. " + FILLER * max(1, prompt_words // 16)  # noqa: E731
+    prompt = lambda i: make_prompt(workload, f"{round_index}-{i}", prompt_words)  # noqa: E731
     async with httpx.AsyncClient(timeout=600) as client:
         await stream_one(client, url, model, prompt(-1), 8)  # discarded warm-up
-        single_rates = []
+        single_rates, single_texts = [], []
         for repeat in range(single_repeats):
-            times = (await stream_one(client, url, model, prompt(-2 - repeat), max_tokens))["chunk_times"]
+            single = await stream_one(client, url, model, prompt(-2 - repeat), max_tokens)
+            single_texts.append(single["text"])
+            times = single["chunk_times"]
             if len(times) > 1:
                 single_rates.append((len(times) - 1) / (times[-1] - times[0]))
         single_tps = statistics.median(single_rates) if single_rates else float("nan")
@@ -271,7 +396,10 @@ async def measure(
             health = (await client.get(f"http://127.0.0.1:{server.port}/v1/health")).json()
         burst_figures = {"burst_wall_s": None, "burst_aggregate_tps": None, "burst_ttft_median_ms": None}
         if burst:  # a prompt unseen in this server's life: nothing of it is cached
-            burst_prompt = f"Burst {round_index}. Return this text unchanged. " + FILLER * max(1, prompt_words // 16)
+            filler = FILLER * max(1, prompt_words // 16)
+            burst_prompt = f"Burst {round_index}. Return this text unchanged. " + filler
+            if workload == "edit":
+                burst_prompt = edit_prompt(f"burst-{round_index}")
             burst_figures = await measure_burst(client, url, model, streams, burst_prompt, max_tokens)
     ttfts = [(r["chunk_times"][0] - r["start"]) * 1000 for r in results if r["chunk_times"]]
     return {
@@ -285,6 +413,7 @@ async def measure(
         "peak_kv_cache_bytes": (health or {}).get("engine", {}).get("peak_kv_cache_bytes"),
         "completion_tokens": sum(r["tokens"] for r in results),
         **burst_figures,
+        "texts": {"single": single_texts, "concurrent": [r["text"] for r in results]},
     }
 
 
@@ -316,6 +445,26 @@ async def probe_kv_bytes(server: Server, model: str, prompts: int, prompt_tokens
         counted = await asyncio.gather(*(one(client, words, tag=i) for i in range(prompts)))
         health = (await client.get(f"http://127.0.0.1:{server.port}/v1/health")).json()
     return {"prompt_tokens": counted, "peak_kv_cache_bytes": health["engine"]["peak_kv_cache_bytes"]}
+
+
+def ratios(summary: dict, kind: str, base: str, keys: tuple[str, ...]) -> dict:
+    """summary[kind] / summary[base] for each key where the base is non-zero."""
+    return {key: summary[kind][key] / summary[base][key] for key in keys if summary[base][key]}
+
+
+def compare_texts(reference: list[dict], candidate: list[dict]) -> dict:
+    """How many completions two servers gave identically for the same prompts (measure's "texts", per round)."""
+    figures: dict = {"first_mismatch": None}
+    for part in ("single", "concurrent"):
+        pairs = [(a, b) for ref, cand in zip(reference, candidate) for a, b in zip(ref[part], cand[part])]
+        figures[f"{part}_identical"] = sum(a == b for a, b in pairs)
+        figures[f"{part}_total"] = len(pairs)
+        if figures["first_mismatch"] is None:
+            figures["first_mismatch"] = next(
+                ({"requests": part, "reference": a[:300], "candidate": b[:300]} for a, b in pairs if a != b), None
+            )
+    figures["identical"] = figures["first_mismatch"] is None
+    return figures
 
 
 def build_models(hf_home: Path, names: list[str], dtype: str) -> dict[str, str]:
@@ -377,11 +526,27 @@ def main() -> int:
         "--burst", action="store_true", help="also send --streams identical cold prompts at once (shared-prefix burst)"
     )
     parser.add_argument(
+        "--workload",
+        choices=("plain", "edit"),
+        default="plain",
+        help="plain: filler prompts of --prompt-words; edit: a ~540-token Python file per request, to be returned "
+        "whole with one function renamed (a different file per stream)",
+    )
+    parser.add_argument(
+        "--speculative",
+        metavar="MODE",
+        help="also run ours with serve --speculative MODE (ours_spec, e.g. prompt-lookup) and check its greedy "
+        "text equals ours",
+    )
+    parser.add_argument("--speculative-tokens", type=int, metavar="K", help="ours_spec: serve --speculative-tokens K")
+    parser.add_argument(
         "--compare-weights-dtype",
         metavar="DTYPE",
         help="also run ours with serve --weights-dtype DTYPE (e.g. native: the checkpoint's quantized weights) and print ours / that",
     )
     args = parser.parse_args()
+    if args.speculative_tokens is not None and not args.speculative:
+        parser.error("--speculative-tokens needs --speculative")
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so each `finally: server.stop()` kills its server's group.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
@@ -392,6 +557,9 @@ def main() -> int:
     kinds = ("ours", "peer", "ours_full") if args.kv_bits else ("ours", "peer")
     if args.compare_weights_dtype:
         kinds += ("ours_alt",)
+    if args.speculative:
+        kinds += ("ours_spec",)
+    text_mismatch = False
     with tempfile.TemporaryDirectory(prefix="macprovider-bench-") as tmp:
         if args.model:
             models = {args.model: args.model}
@@ -402,6 +570,9 @@ def main() -> int:
             "streams": args.streams,
             "max_tokens": args.max_tokens,
             "prompt_words": args.prompt_words,
+            "workload": args.workload,
+            "speculative": args.speculative,
+            "speculative_tokens": args.speculative_tokens,
             "kv_bits": args.kv_bits,
             "dtype": None if args.model else args.dtype,
             "weights_dtype": {
@@ -418,27 +589,30 @@ def main() -> int:
         }
         for name, model_id in models.items():
             samples: dict[str, list[dict]] = {kind: [] for kind in kinds}
+            texts: dict[str, list[dict]] = {kind: [] for kind in kinds}
             for round_index in range(args.rounds):
                 for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
                     bits = None if kind == "ours_full" else args.kv_bits
                     dtype = args.compare_weights_dtype if kind == "ours_alt" else args.weights_dtype
-                    server = Server(kind, model_id, free_port(), args.streams, bits, env, dtype)
+                    spec = (args.speculative, args.speculative_tokens) if kind == "ours_spec" else (None, None)
+                    server = Server(kind, model_id, free_port(), args.streams, bits, env, dtype, *spec)
                     try:
                         server.wait_ready(model_id, args.ready_timeout)
-                        samples[kind].append(
-                            asyncio.run(
-                                measure(
-                                    server,
-                                    model_id,
-                                    args.streams,
-                                    args.prompt_words,
-                                    args.max_tokens,
-                                    round_index,
-                                    args.single_repeats,
-                                    args.burst,
-                                )
+                        figures = asyncio.run(
+                            measure(
+                                server,
+                                model_id,
+                                args.streams,
+                                args.prompt_words,
+                                args.max_tokens,
+                                round_index,
+                                args.single_repeats,
+                                args.burst,
+                                args.workload,
                             )
                         )
+                        texts[kind].append(figures.pop("texts"))
+                        samples[kind].append(figures)
                         print(
                             f"round {round_index} {kind}: {json.dumps(samples[kind][-1])}", flush=True
                         )  # kept if the run is cut short
@@ -455,19 +629,55 @@ def main() -> int:
             compared = ("single_decode_tps", "aggregate_tps", "ttft_median_ms", "ttft_p95_ms")
             if args.burst:
                 compared += ("burst_wall_s", "burst_aggregate_tps", "burst_ttft_median_ms")
-            ratios = {key: summary["ours"][key] / summary["peer"][key] for key in compared if summary["peer"][key]}
-            entry = {**summary, "ratios_ours_over_peer": ratios}
+            entry = {**summary, "ratios_ours_over_peer": ratios(summary, "ours", "peer", compared)}
+            columns = [("ours", "ours", 12), ("peer", "mlx_lm.server", 16)]  # kind, heading, width
+            ratio_columns = [("ours/peer", entry["ratios_ours_over_peer"])]
+            if args.speculative:
+                entry["ratios_ours_spec_over_peer"] = ratios(summary, "ours_spec", "peer", compared)
+                entry["ratios_ours_spec_over_ours"] = ratios(summary, "ours_spec", "ours", compared)
+                columns.insert(1, ("ours_spec", "ours_spec", 12))
+                ratio_columns += [
+                    ("spec/peer", entry["ratios_ours_spec_over_peer"]),
+                    ("spec/ours", entry["ratios_ours_spec_over_ours"]),
+                ]
             print(
-                f"\n== {name} ({model_id}) streams={args.streams} kv_bits={args.kv_bits or 'unset'} rounds={args.rounds}"
+                f"\n== {name} ({model_id}) workload={args.workload} streams={args.streams} "
+                f"kv_bits={args.kv_bits or 'unset'} speculative={args.speculative or 'unset'}"
+                f"{f' tokens={args.speculative_tokens}' if args.speculative_tokens else ''} rounds={args.rounds}"
             )
-            print(f"{'metric':<22}{'ours':>12}{'mlx_lm.server':>16}{'ours/peer':>12}")
+            print(
+                f"{'metric':<22}"
+                + "".join(f"{heading:>{width}}" for _, heading, width in columns)
+                + "".join(f"{heading:>12}" for heading, _ in ratio_columns)
+            )
             for key in compared:
                 print(
-                    f"{key:<22}{summary['ours'][key]:>12.1f}{summary['peer'][key]:>16.1f}{ratios.get(key, float('nan')):>12.2f}"
+                    f"{key:<22}"
+                    + "".join(f"{summary[kind][key]:>{width}.1f}" for kind, _, width in columns)
+                    + "".join(f"{values.get(key, float('nan')):>12.2f}" for _, values in ratio_columns)
                 )
             print(
                 f"health p99 (ours, during {args.streams} streams): {summary['ours']['health_p99_ms']:.1f} ms; peak KV bytes (ours): {summary['ours']['peak_kv_cache_bytes']}"
             )
+            if args.speculative:
+                same = entry["greedy_text_ours_vs_ours_spec"] = compare_texts(texts["ours"], texts["ours_spec"])
+                print(
+                    f"greedy text, ours_spec vs ours (same prompts): single-stream {same['single_identical']}/"
+                    f"{same['single_total']} identical, concurrent {same['concurrent_identical']}/"
+                    f"{same['concurrent_total']} identical"
+                )
+                if not same["identical"]:
+                    text_mismatch = True
+                    mismatch = same["first_mismatch"]
+                    for stream in (sys.stdout, sys.stderr):
+                        print(
+                            f"!!! SPECULATION CHANGED GREEDY TEXT ({name}): first difference in the "
+                            f"{mismatch['requests']} requests (a difference only in concurrent ones may also come "
+                            f"from another batch composition)\n!!! ours:      {mismatch['reference']!r}\n"
+                            f"!!! ours_spec: {mismatch['candidate']!r}",
+                            file=stream,
+                            flush=True,
+                        )
             if args.compare_weights_dtype:
                 alt = summary["ours_alt"]
                 entry["weights_dtype_ratio"] = {
@@ -512,7 +722,7 @@ def main() -> int:
                 )
             report["models"][name] = entry
         print("BENCH_JSON " + json.dumps(report))
-    return 0
+    return 1 if text_mismatch else 0
 
 
 if __name__ == "__main__":
