@@ -387,3 +387,28 @@ def test_models_json_shape_matches_spec(server):
     }
     assert entry["object"] == "model" and entry["context_length"] == 512 and entry["macprovider_state"] == "loaded"
     assert json.loads(json.dumps(payload)) == payload
+
+
+def test_speculative_serve_matches_plain_text_reports_health_and_exits_zero(serve_factory, server):
+    """`serve --speculative prompt-lookup`: the same greedy text as the plain server through the openai client
+    (prompts whose continuation the tiny model repeats, so drafts are verified), its counters in /v1/health and /metrics, and
+    a clean exit on SIGTERM (the verification step's arrays are released with the engine)."""
+    speculative = serve_factory("--max-batch", "4", "--max-context", "512", "--speculative", "prompt-lookup")
+    prompts = ["one two three four one two three four one two three four one two", "abc abc abc abc abc abc abc abc"]
+    texts = [
+        [
+            s.client().completions.create(model=s.model, prompt=prompt, max_tokens=48, temperature=0).choices[0].text
+            for prompt in prompts
+        ]
+        for s in (server, speculative)
+    ]
+    assert texts[1] == texts[0]
+    health = speculative.health()
+    assert health["capacity"]["speculative"] == "prompt-lookup"
+    assert server.health()["capacity"]["speculative"] == "off"
+    engine = health["engine"]
+    assert engine["speculative_drafted_tokens_total"] >= engine["speculative_accepted_tokens_total"] > 0
+    assert 0 < engine["speculative_acceptance_rate"] <= 1
+    metrics = httpx.get(speculative.base + "/metrics", timeout=5).text
+    assert "macprovider_engine_speculative_accepted_tokens_total" in metrics
+    assert speculative.stop() == 0

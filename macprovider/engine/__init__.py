@@ -5,7 +5,8 @@ Layout:
     engine.py       Engine: the generation thread, mlx-lm's BatchGenerator, prefix cache, stats
     factory.py      load_engine / release_engine: what serve's fleet is handed to build and unload engines
     sequence.py     per-request output text (detokenizer, stop strings) and the handle the HTTP side iterates
-    kvcache.py      BatchQuantizedKVCache: kv-bits that keep continuous batching
+    kvcache.py      BatchQuantizedKVCache: kv-bits that keep continuous batching; RowTrimMixin: per-row KV rollback
+    speculative.py  prompt-lookup speculative decoding inside the batch (SpeculativeGenerationBatch)
     disk_cache.py   the prompt cache's disk tier: KV files that survive restarts (background writer, checks)
     weights_dtype.py  weights_dtype: dequantize / cast the loaded weights (float32 on MLX's CPU backend)
     constrained.py  GrammarProcessor (the llguidance logits processor) and its tokenizer cache

@@ -370,7 +370,7 @@ class RowTrimMixin:
     def filter(self, batch_indices):
         holes = self.holes[batch_indices] if self.holes is not None else None
         shift = min(cast(list[int], self.left_padding[batch_indices].tolist()), default=0)
-        super().filter(batch_indices)  # type: ignore[misc]
+        super().filter(batch_indices)
         if holes is not None:
             holes = holes[:, max(shift, 0) :]
             self.holes = holes if holes.any() else None
@@ -380,7 +380,7 @@ class RowTrimMixin:
         width = max(self._idx, other._idx)
         mine = _right_justified(self.holes, self._idx, width, rows_mine)
         theirs = _right_justified(getattr(other, "holes", None), other._idx, width, rows_theirs)
-        super().extend(other)  # type: ignore[misc]
+        super().extend(other)
         if mine is None and theirs is None:
             self.holes = None
             return

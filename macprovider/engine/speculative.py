@@ -38,7 +38,7 @@ Emission order and the cache invariant are `GenerationBatch`'s: emitted tokens a
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
@@ -133,6 +133,10 @@ class SpeculativeGenerationBatch(GenerationBatch):
     docstring). `max_draft_tokens` (k, ≥ 1) caps one sequence's draft; `drafted_tokens` / `accepted_tokens`
     count draft tokens verified and accepted since the start (for health and /metrics)."""
 
+    # GenerationBatch's own state (mlx-lm is untyped): per-layer batch caches, per-row log-probability vectors.
+    prompt_cache: list[Any]
+    _next_logprobs: list[Any]
+
     def __init__(self, *args: Any, max_draft_tokens: int = 4, **kwargs: Any):
         self.max_draft_tokens = max_draft_tokens
         self.drafted_tokens = 0
@@ -184,7 +188,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         if not self.uids:
             return []
         if self._may_draft():
-            pending = self._next_tokens.tolist()  # waits for the step in flight
+            pending = cast(list[int], self._next_tokens.tolist())  # waits for the step in flight; (B,): a flat list
             self._check_unverified(pending)
             drafts = [self._draft(row, token) for row, token in enumerate(pending)]
             width = self._choose_width(drafts)
@@ -258,7 +262,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         logits = self.model(inputs, cache=self.prompt_cache)
         logits = self._process_first_position(logits, inputs)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        targets = self._sample(logprobs).tolist()
+        targets = cast(list[list[int]], self._sample(logprobs).tolist())  # (B, W)
         self.costs.record(len(pending), width, time.perf_counter() - started)
         self._previous_width = width
 

@@ -46,8 +46,8 @@ KEEP_FOREVER = -1.0
 
 @dataclass(frozen=True)
 class FleetModel:
-    """One servable model. max_context (tokens, `context_length` in /v1/models), max_batch, kv_bits: its
-    knobs; keep_alive: idle seconds before it unloads (KEEP_FOREVER = never); estimate_bytes: the memory it
+    """One servable model. max_context (tokens, `context_length` in /v1/models), max_batch, kv_bits,
+    speculative (`off` | `prompt-lookup`): its knobs; keep_alive: idle seconds before it unloads (KEEP_FOREVER = never); estimate_bytes: the memory it
     needs loaded (0 = unknown, counted as nothing); kind: which engine serves it (`engine.factory`);
     plan: what the `load` callable builds it from (an `engine.protocol.ServePlan` for `serve`)."""
 
@@ -56,6 +56,7 @@ class FleetModel:
     max_context: int = 0
     max_batch: int = 1
     kv_bits: int | None = None
+    speculative: str = "off"
     keep_alive: float = 300.0
     pinned: bool = False
     estimate_bytes: int = 0
@@ -157,6 +158,7 @@ class ServeFleet:
             max_context=engine.max_context,
             max_batch=engine.max_batch,
             kv_bits=engine.kv_bits,
+            speculative=getattr(engine, "speculative", "off"),
             keep_alive=KEEP_FOREVER,
             pinned=True,
         )
@@ -439,7 +441,7 @@ class ServeFleet:
 
     def describe(self) -> list[dict[str, Any]]:
         """Per model, for /v1/health, /metrics and `macprovider ps`: id, state, aliases, pinned, keep_alive_s,
-        context_length, max_batch, kv_bits, requests_in_flight, active_sequences, idle_s (since its last
+        context_length, max_batch, kv_bits, speculative, requests_in_flight, active_sequences, idle_s (since its last
         request ended; null while serving or unloaded), loads, unloads, load_seconds (the last load),
         memory_estimate_bytes, memory_measured_bytes (growth of `measure()` over its last load)."""
         now = self.clock()
@@ -460,6 +462,7 @@ class ServeFleet:
                     "context_length": model.max_context,
                     "max_batch": model.max_batch,
                     "kv_bits": model.kv_bits,
+                    "speculative": model.speculative,
                     "requests_in_flight": slot.in_flight,
                     "active_sequences": stats.active_sequences if stats else 0,
                     "idle_s": round(now - slot.last_used, 3) if idle else None,

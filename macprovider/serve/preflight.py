@@ -99,6 +99,7 @@ def plan_fleet(
                 max_context=plan.max_context,
                 max_batch=plan.settings.max_concurrency_override,
                 kv_bits=plan.settings.kv_bits,
+                speculative=plan.settings.speculative,
                 keep_alive=keep_alive,
                 pinned=entry.pinned,
                 estimate_bytes=_estimate(plan, budget_bytes, kind),
