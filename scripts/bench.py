@@ -5,7 +5,7 @@ For each model, each server is started in turn (alternating, `--rounds` times) f
 installed packages, and measured with the same client code:
 
 - single-stream decode tokens/s: streamed greedy requests one at a time (median of `--single-repeats`);
-  (chunks − 1) / (last − first chunk time);
+  (completion tokens − 1) / (last − first content chunk time);
 - aggregate tokens/s at N concurrent streams: total completion tokens / wall time of the N requests;
 - TTFT median / p95 over the concurrent requests (request start → first non-empty content);
 - ours only: /v1/health latency p99 while the N streams decode, and health's peak KV bytes;
@@ -236,6 +236,10 @@ class Server:
             if kv_bits:
                 argv += ["--kv-bits", str(kv_bits), "--quantized-kv-start", "0"]
         self.log = tempfile.TemporaryFile()
+        # Ours keeps prompt KV on disk across restarts: each start gets an empty cache of its own, or a later
+        # server would find the prompts an earlier one wrote (the peer has no such tier).
+        self.prompt_cache_dir = tempfile.TemporaryDirectory(prefix="bench-kv-")
+        env = dict(env, MACPROVIDER_PROMPT_CACHE_DIR=self.prompt_cache_dir.name)
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=env, start_new_session=True)
 
     def wait_ready(self, model: str, timeout: float) -> None:
@@ -292,6 +296,7 @@ class Server:
             except ProcessLookupError:
                 pass
             self.process.wait()
+        self.prompt_cache_dir.cleanup()
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -367,8 +372,8 @@ async def measure(
             single = await stream_one(client, url, model, prompt(-2 - repeat), max_tokens)
             single_texts.append(single["text"])
             times = single["chunk_times"]
-            if len(times) > 1:
-                single_rates.append((len(times) - 1) / (times[-1] - times[0]))
+            if len(times) > 1:  # tokens, not chunks: with speculation one chunk may carry several tokens
+                single_rates.append((single["tokens"] - 1) / (times[-1] - times[0]))
         single_tps = statistics.median(single_rates) if single_rates else float("nan")
 
         health_latencies: list[float] = []

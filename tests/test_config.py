@@ -186,3 +186,21 @@ def test_every_help_text_reaches_the_screen_unmarked():
                 bracketed += 1
                 assert help_text in shown, (path, param.name, shown)
     assert bracketed >= 10
+
+
+def test_speculative_setting_from_yaml_env_and_fleet_entries(isolated_env):
+    env = {"HOME": str(isolated_env), "XDG_CONFIG_HOME": str(isolated_env / ".config")}
+    # A bare `off` is YAML 1.1's false: it still means off, at the top level and in a model entry.
+    write_config(isolated_env, "speculative: off\nmodels:\n  - id: a/b\n    speculative: off\n  - c/d\n")
+    resolved = cfg.resolve({}, env, ram_gb=16)
+    assert resolved.settings.speculative == "off"
+    assert resolved.settings.models[0].speculative == "off"
+    write_config(isolated_env, "speculative: prompt-lookup\nspeculative_tokens: 6\n")
+    resolved = cfg.resolve({}, env, ram_gb=16)
+    assert (resolved.settings.speculative, resolved.settings.speculative_tokens) == ("prompt-lookup", 6)
+    for bad_env, needle in (
+        ({"MACPROVIDER_SPECULATIVE": "draft"}, "speculative"),
+        ({"MACPROVIDER_SPECULATIVE_TOKENS": "17"}, "speculative_tokens"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            cfg.resolve({}, {**env, **bad_env}, ram_gb=16)

@@ -223,6 +223,8 @@ def _weights_dtype(raw: Any) -> str:
 
 
 def _speculative(raw: Any) -> str:
+    if raw is False:  # YAML 1.1 reads a bare `off` as false
+        return "off"
     value = str(raw).strip().lower()
     if value not in SPECULATIVE_MODES:
         raise ValueError(f"must be one of {', '.join(SPECULATIVE_MODES)}")
