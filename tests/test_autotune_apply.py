@@ -122,3 +122,44 @@ def test_config_that_would_not_parse_is_refused(tmp_path):
     with pytest.raises(ApplyError):
         apply_recommendation(config, owned_values("org/m", None, 1, 100))
     assert config.read_text() == "model: [unclosed\n  - x: : :\n"
+
+
+def _served(path, model: str | None = None):
+    """What `serve` reads from the applied config: the settings, or the fleet entry of `model`."""
+    from macprovider.core import config as cfg
+
+    settings = cfg.resolve({}, {}, cli_config=str(path), ram_gb=16).settings
+    return settings if model is None else next(e for e in settings.models if e.id == model)
+
+
+def test_speculation_on_is_written_and_off_removes_the_key(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("# mine\nspeculative_tokens: 6\n")
+    on = owned_values("org/m", None, 2, 4096, speculative="prompt-lookup")
+    result = apply_recommendation(config, on, now=1700000000)
+    assert config.read_text() == (
+        "# mine\nspeculative_tokens: 6\nmodel: org/m\nmax_context_override: 4096\nmax_concurrency_override: 2\n"
+        "speculative: prompt-lookup\n"
+    )
+    assert (_served(config).speculative, _served(config).speculative_tokens) == ("prompt-lookup", 6)
+    assert summary_line(on, result).startswith(
+        "applied: model=org/m kv_bits=unset max_concurrency_override=2 max_context_override=4096 "
+        "speculative=prompt-lookup (backup at"
+    )
+    off = owned_values("org/m", None, 2, 4096)
+    assert off["speculative"] is None  # as kv_bits unset: the key goes, serve's default (off) applies
+    apply_recommendation(config, off, now=1700000001)
+    assert "speculative:" not in config.read_text() and _served(config).speculative == "off"
+    assert "speculative" not in summary_line(off, result)
+
+
+def test_a_fleet_entry_gets_speculation_and_loses_it_when_off(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("port: 9000\nmodels:\n  - id: org/chat\n    speculative: prompt-lookup\n  - id: org/tuned\n")
+    apply_recommendation(config, owned_values("org/tuned", 8, 2, 4096, speculative="prompt-lookup"), now=1)
+    assert _served(config, "org/tuned").speculative == "prompt-lookup"
+    assert _served(config, "org/tuned").kv_bits == 8
+    apply_recommendation(config, owned_values("org/tuned", 8, 2, 4096), now=2)
+    tuned = yaml.safe_load(config.read_text())["models"][1]
+    assert tuned == {"id": "org/tuned", "kv_bits": 8, "max_context_override": 4096, "max_concurrency_override": 2}
+    assert _served(config, "org/chat").speculative == "prompt-lookup"  # the other entries are left alone

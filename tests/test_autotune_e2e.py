@@ -29,6 +29,7 @@ from macprovider.autotune import conflict, memory
 from macprovider.autotune.preflight import parse_inputs
 from macprovider.autotune.provider import port_is_listening
 from macprovider.autotune.runner import Deps, run
+from macprovider.autotune.search import Knobs, Trial, is_new_best
 from macprovider.core.processes import die_with_parent
 from macprovider.models.demo import TinyModelSpec, build_model_files, install_in_hub_cache
 
@@ -157,25 +158,55 @@ def test_biggest_feasible_under_the_memory_budget_then_knobs_then_apply(tmp_path
     assert rec["tps_median"] > 0 and rec["ttft_p95_ms"] > 0 and rec["replicates"] == 1
     assert report["exit_reason"] == "ok" and report["recipe_hash"].startswith("sha256:")
     trials = db_rows(tmp_path, "SELECT * FROM tune_trials ORDER BY id")
-    assert [(t["stage"], t["model"]) for t in trials] == [
-        (1, "e2e/huge"),
-        (1, "e2e/big"),
-        (2, "e2e/big"),
-        (2, "e2e/big"),
+    assert [(t["stage"], t["model"], t["speculative"]) for t in trials] == [
+        (1, "e2e/huge", "off"),
+        (1, "e2e/big", "off"),
+        (2, "e2e/big", "off"),
+        (2, "e2e/big", "off"),
+        (2, "e2e/big", "prompt-lookup"),  # the grid's best cell once more, served with --speculative prompt-lookup
     ]
     assert trials[0]["fits"] == 0 and trials[0]["memory_estimate_bytes"] > 0
     assert all(t["memory_estimate_bytes"] > 0 for t in trials[1:])
     assert trials[1]["measured_prompt_tokens"] is not None and trials[1]["measured_prompt_tokens"] <= 256
     assert sum(t["kept"] for t in trials) == 1 and [t["kept"] for t in trials if t["stage"] == 1] == [0, 0]
-    assert_memory_estimates_within(tmp_path, expect=3)
-    assert yaml.safe_load(config.read_text()) == {
+    speculative = trials[-1]
+    assert speculative["fits"] == 1, speculative["notes"]  # a real serve child took the flag and served
+    as_trials = [as_trial(row) for row in trials[2:]]
+    grid_best = None
+    for cell in as_trials[:2]:
+        if cell.fits and is_new_best(cell, grid_best, 0.02):
+            grid_best = cell
+    assert grid_best is not None and speculative["max_batch"] == grid_best.knobs.max_batch  # the grid's best cell
+    assert speculative["kept"] == is_new_best(as_trials[2], grid_best, 0.02)  # kept only when it wins
+    assert rec["knobs"]["speculative"] == ("prompt-lookup" if speculative["kept"] else "off")
+    assert_memory_estimates_within(tmp_path, expect=4)
+    applied = {
         "port": 9000,
         "model": "e2e/big",
         "max_concurrency_override": rec["knobs"]["max_concurrency_override"],
         "max_context_override": 256,
     }
+    if speculative["kept"]:
+        applied["speculative"] = "prompt-lookup"
+        assert rec["serve_command"].endswith(" --speculative prompt-lookup")
+    assert yaml.safe_load(config.read_text()) == applied
     assert config.read_text().startswith("# keep me\nport: 9000\n")
     assert "applied: model=e2e/big" in result.stdout
+
+
+def as_trial(row) -> Trial:
+    """A stored Stage 2 row as the search's Trial (knobs and the figures the keep-best rule reads)."""
+    knobs = Knobs(row["kv_bits"], row["max_batch"], row["max_context_cap"], speculative=row["speculative"])
+    return Trial(
+        2,
+        row["model"],
+        row["target_context"],
+        knobs,
+        row["max_tokens"],
+        fits=bool(row["fits"]),
+        throughput_tps=row["agg_throughput_tps"],
+        ttft_p95_ms=row["ttft_p95_ms"],
+    )
 
 
 def assert_memory_estimates_within(tmp_path, tolerance=0.10, expect=1):
@@ -197,12 +228,13 @@ def test_memory_estimate_within_ten_percent_with_and_without_kv_bits(tmp_path, e
         tmp_path, "--candidate-models", "e2e/mid", "--kv-bits-axis", "unset,8,4", "--max-batch-axis", "1,2", "--json"
     )
     assert result.returncode == 0, result.stderr
-    rows = assert_memory_estimates_within(tmp_path, expect=7)
+    rows = assert_memory_estimates_within(tmp_path, expect=8)  # the speculative trial's estimate holds too
     assert {(r["kv_bits"], r["max_batch"]) for r in rows if r["stage"] == 2} == {
         (kv, b) for kv in (None, 8, 4) for b in (1, 2)
     }
+    assert [r["speculative"] for r in rows].count("prompt-lookup") == 1
     report = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
-    assert len(report["trials"]) == 7
+    assert len(report["trials"]) == 8
     for trial in report["trials"]:
         assert abs(trial["memory_estimate_error"]) <= 0.10
         assert sum(trial["memory_estimate_terms"].values()) == trial["memory_estimate_bytes"]
@@ -231,6 +263,8 @@ def test_memory_estimate_within_ten_percent_on_the_real_model(tmp_path, real_mod
         "1,2",
         "--workload",
         str(shapes),
+        "--speculative-axis",
+        "off",
         "--json",
         target_context=96,
     )
@@ -271,6 +305,8 @@ def test_a_replayed_workload_reuses_its_prefixes_and_latency_picks_the_recipe(tm
         str(shapes),
         "--objective",
         "latency",
+        "--speculative-axis",
+        "off",
         "--json",
     )
     assert result.returncode == 0, result.stderr
@@ -316,6 +352,8 @@ def test_memory_estimate_within_ten_percent_replaying_eight_concurrent_agents(tm
         "8",
         "--workload",
         str(shapes),
+        "--speculative-axis",
+        "off",
         "--json",
         target_context=512,
     )
@@ -334,7 +372,16 @@ def test_memory_estimate_within_ten_percent_replaying_eight_concurrent_agents(tm
 
 def test_operator_order_is_honoured(tmp_path, e2e_models):
     result = autotune_cli(
-        tmp_path, "--candidate-models", "e2e/small,e2e/big", "--kv-bits-axis", "8", "--max-batch-axis", "1", "-v"
+        tmp_path,
+        "--candidate-models",
+        "e2e/small,e2e/big",
+        "--kv-bits-axis",
+        "8",
+        "--max-batch-axis",
+        "1",
+        "--speculative-axis",
+        "off",
+        "-v",
     )
     assert result.returncode == 0, result.stderr
     assert "model:           e2e/small" in result.stdout and "  - e2e/big" in result.stdout
@@ -544,6 +591,7 @@ def test_conflict_with_a_foreground_serve_refuses_then_drains_and_restarts(tmp_p
             "stage2_replicates": "1",
             "kv_bits_axis": "unset",
             "max_batch_axis": "1",
+            "speculative_axis": "off",
             "port": str(free_port()),
             "drain": True,
             "restart_foreground": True,

@@ -391,3 +391,20 @@ def test_a_relative_hostfile_is_recorded_absolute(tmp_path, monkeypatch):
     assert inputs.hostfile == str(tmp_path / "hosts.json")
     with pytest.raises(Exception, match="invalid --hostfile 'missing.json': no such file"):
         parse_inputs({"hostfile": "missing.json", "db_path": str(tmp_path / "t.sqlite")})
+
+
+def test_no_speculative_trial_across_machines(tmp_path):
+    """serve runs speculative decoding off under mlx.launch: --hostfile tries no speculative cell, and refuses
+    an axis that would only have one."""
+    from macprovider.core.errors import ConfigError
+
+    hostfile = _hostfile(tmp_path / "hosts.json", ["127.0.0.1", "127.0.0.1"])
+    with pytest.raises(ConfigError, match="--speculative-axis 'prompt-lookup' with --hostfile"):
+        parse_inputs({"candidate_models": "org/m", "hostfile": hostfile, "speculative_axis": "prompt-lookup"})
+    inputs = parse_inputs({"candidate_models": "org/m", "hostfile": hostfile})
+    assert inputs.speculative_axis == ("off", "prompt-lookup") and inputs.speculative_trials == ("off", ())
+    assert "speculative: off in every cell (prompt-lookup is not tried: serve runs it off across machines)" in (
+        inputs.plan_text()
+    )
+    _, script, _, _ = _go(tmp_path, ["pipeline", "tensor"])
+    assert [knobs.speculative for _, knobs, _ in script.calls] == ["off"] * 3

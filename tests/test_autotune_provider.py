@@ -67,6 +67,44 @@ def test_serve_argv_is_the_contract(tmp_path):
         "warning",
     ]
     assert "--kv-bits" not in serve_argv("org/m", 1, max_batch=1, max_context=2, kv_bits=None, config_path=tmp_path)
+    assert "--speculative" not in argv  # off: the empty config leaves serve's default
+
+
+def test_a_speculative_trial_starts_serve_with_the_speculative_flag(tmp_path, monkeypatch):
+    """`serve_argv` carries `--speculative MODE` (serve's flag for the `speculative` setting), and a real trial
+    with `Knobs.speculative` starts its child with it."""
+    from macprovider.autotune.preflight import parse_inputs
+    from macprovider.autotune.search import Knobs, Trial
+    from macprovider.autotune.trial import RealEvaluator
+    from macprovider.core.config import SETTINGS
+
+    argv = serve_argv(
+        "org/m", 18080, max_batch=1, max_context=64, kv_bits=None, config_path=tmp_path, speculative="prompt-lookup"
+    )
+    assert argv[argv.index("--max-context") : argv.index("--config")] == [
+        "--max-context",
+        "64",
+        "--speculative",
+        "prompt-lookup",
+    ]
+    assert next(spec for spec in SETTINGS if spec.name == "speculative").cli_flag == "--speculative"
+
+    started: list[list[str]] = []
+
+    def refuse_to_start(provider: CandidateProvider) -> None:
+        started.append(provider.argv)
+        raise ProviderExited(2, "not started in this test")
+
+    monkeypatch.setattr(CandidateProvider, "start", refuse_to_start)
+    inputs = parse_inputs({"candidate_models": "org/m", "db_path": str(tmp_path / "t.sqlite")})
+    evaluator = RealEvaluator(inputs, Deadline(60), budget=lambda: 1 << 40)
+    for mode in ("prompt-lookup", "off"):
+        knobs = Knobs(None, 2, 64, speculative=mode)
+        trial = evaluator._probe(Trial(2, "org/m", 64, knobs, 64, fits=False), "org/m", knobs, None, None, 1, 2)
+        assert not trial.fits and "exited with code 2" in trial.notes
+    with_speculation, without = started
+    assert with_speculation[with_speculation.index("--speculative") + 1] == "prompt-lookup"
+    assert "--speculative" not in without
 
 
 def test_ready_then_stopped_leaves_no_process_and_a_free_port(fake):
@@ -190,6 +228,14 @@ def test_judge_rejects_empty_output_and_zero_throughput():
 def test_candidates_get_only_the_trial_knobs_and_never_record_their_traffic():
     from macprovider.autotune.provider import child_env
 
-    env = child_env({"MACPROVIDER_KV_BITS": "8", "MACPROVIDER_RECORD_WORKLOAD": "1", "PATH": "/bin"})
+    env = child_env(
+        {
+            "MACPROVIDER_KV_BITS": "8",
+            "MACPROVIDER_SPECULATIVE": "prompt-lookup",
+            "MACPROVIDER_RECORD_WORKLOAD": "1",
+            "PATH": "/bin",
+        }
+    )
     assert env["MACPROVIDER_RECORD_WORKLOAD"] == "0" and "MACPROVIDER_KV_BITS" not in env
+    assert "MACPROVIDER_SPECULATIVE" not in env  # an `off` cell must not inherit the operator's speculation
     assert env["HF_HUB_OFFLINE"] == "1" and env["PATH"] == "/bin"

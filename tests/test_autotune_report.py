@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import rfc8785
 
@@ -12,9 +13,10 @@ from macprovider.autotune.report import (
     recipe_domain,
     recipe_hash,
     render_terminal,
+    trial_summary,
     verify_recipe_hash,
 )
-from macprovider.autotune.search import Infeasible
+from macprovider.autotune.search import Infeasible, Knobs, Trial
 
 CANDIDATES = ["mlx-community/Qwen2.5-14B-Instruct-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit"]
 MACHINE = {"ram_gb": 32, "chip": "Apple M2 Pro", "os_version": "macOS 15.1", "binary_version": "0.1.0"}
@@ -114,7 +116,12 @@ def test_json_report_has_every_key_with_yaml_knob_names():
         "replicates",
         "serve_command",
     } == {"memory_estimate_bytes", "peak_memory_bytes", "why"}  # the additions
-    assert rec["knobs"] == {"kv_bits": 8, "max_concurrency_override": 2, "max_context_override": 4096}
+    assert rec["knobs"] == {
+        "kv_bits": 8,
+        "max_concurrency_override": 2,
+        "max_context_override": 4096,
+        "speculative": "off",
+    }
     assert rec["serve_command"] == (
         "macprovider serve --model mlx-community/Qwen2.5-14B-Instruct-4bit --kv-bits 8 --max-batch 2 --max-context 4096"
     )
@@ -230,3 +237,40 @@ def test_terminal_block_names_a_non_default_objective_workload_and_why():
     assert "  memory_peak:       420 MiB (estimate 400 MiB, -4.8%)\n" in text
     default = render_terminal(report(inputs={**INPUTS, "objective": "throughput", "workload": {"kind": "synthetic"}}))
     assert "objective:" not in default and "why:" not in default
+
+
+def test_speculation_joins_the_knobs_the_hash_the_block_and_the_serve_command_only_when_on():
+    on = replace(REC, speculative="prompt-lookup")
+    domain = recipe_domain(binary_version="0.1.0", candidate_models=CANDIDATES, chip="Apple M2 Pro", ram_gb=32, rec=on)
+    assert domain["knobs"]["speculative"] == "prompt-lookup"
+    speculative = report(rec=on)
+    assert speculative["recipe_hash"] not in (None, PINNED_HASH) and verify_recipe_hash(speculative)
+    rec = speculative["recommendation"]
+    assert rec["knobs"]["speculative"] == "prompt-lookup"
+    assert rec["serve_command"] == (
+        "macprovider serve --model mlx-community/Qwen2.5-14B-Instruct-4bit --kv-bits 8 --max-batch 2"
+        " --max-context 4096 --speculative prompt-lookup"
+    )
+    text = render_terminal(speculative)
+    assert "  max_context_override:       4096\n  speculative:                prompt-lookup\nmeasured:\n" in text
+    tampered = report(rec=on)
+    tampered["recommendation"]["knobs"]["speculative"] = "off"
+    assert not verify_recipe_hash(tampered)
+    # off: not in the hashed domain (the pinned vector holds), not in the block or the command
+    off = recipe_domain(binary_version="0.1.0", candidate_models=CANDIDATES, chip="Apple M2 Pro", ram_gb=32, rec=REC)
+    assert "speculative" not in off["knobs"] and report()["recipe_hash"] == PINNED_HASH
+    assert (
+        "speculative" not in render_terminal(report())
+        and "--speculative" not in report()["recommendation"]["serve_command"]
+    )
+    # a report written before the knob existed (no `speculative` in its knobs) still verifies
+    older = report()
+    del older["recommendation"]["knobs"]["speculative"]
+    assert verify_recipe_hash(older)
+
+
+def test_every_trial_names_its_speculative_mode():
+    on = Trial(2, "org/m", 100, Knobs(None, 1, 100, speculative="prompt-lookup"), 64, fits=True)
+    assert trial_summary(on)["knobs"]["speculative"] == "prompt-lookup"
+    assert trial_summary(replace(on, knobs=Knobs(None, 1, 100)))["knobs"]["speculative"] == "off"
+    assert Recommendation.from_trial(on, 100).speculative == "prompt-lookup"

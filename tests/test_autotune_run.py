@@ -101,18 +101,22 @@ def test_ok_run_records_every_trial_and_exactly_one_kept(tmp_path):
         "kv_bits": 8,
         "max_concurrency_override": 2,
         "max_context_override": 100,
+        "speculative": "off",  # the speculative trial of the best cell (10 tok/s) lost to it (20 tok/s)
     }
     assert outcome.report["infeasible"] == [{"model": "org/big-7B", "rank": 1, "reason": "memory estimate 9 GiB"}]
     assert outcome.report["alternates"] == []
     assert verify_recipe_hash(outcome.report)
-    trials = db.execute("SELECT stage, model, kv_bits, max_batch, kept FROM tune_trials ORDER BY id").fetchall()
+    trials = db.execute(
+        "SELECT stage, model, kv_bits, max_batch, speculative, kept FROM tune_trials ORDER BY id"
+    ).fetchall()
     assert [tuple(t) for t in trials] == [
-        (1, "org/big-7B", None, 1, 0),
-        (1, "org/small-1B", None, 1, 0),
-        (2, "org/small-1B", None, 1, 0),
-        (2, "org/small-1B", None, 2, 0),
-        (2, "org/small-1B", 8, 1, 0),
-        (2, "org/small-1B", 8, 2, 1),
+        (1, "org/big-7B", None, 1, "off", 0),
+        (1, "org/small-1B", None, 1, "off", 0),
+        (2, "org/small-1B", None, 1, "off", 0),
+        (2, "org/small-1B", None, 2, "off", 0),
+        (2, "org/small-1B", 8, 1, "off", 0),
+        (2, "org/small-1B", 8, 2, "off", 1),
+        (2, "org/small-1B", 8, 2, "prompt-lookup", 0),
     ]
     run_row = db.execute("SELECT * FROM tune_runs").fetchone()
     assert (
@@ -238,6 +242,9 @@ def test_unreadable_database_is_config_error(tmp_path):
     "args, needle",
     [
         (["--kv-bits-axis", "unset,7"], "--kv-bits-axis cell '7'"),
+        (["--speculative-axis", "off,eagle"], "--speculative-axis cell 'eagle': must be off or prompt-lookup"),
+        (["--speculative-axis", "off,OFF"], "--speculative-axis cell 'OFF': listed twice"),
+        (["--speculative-axis", ""], "--speculative-axis"),
         (["--max-batch-axis", "1,0"], "--max-batch-axis cell '0'"),
         (["--max-batch-axis", "1,x"], "--max-batch-axis cell 'x'"),
         (["--candidate-models", "org/a,,org/b"], "--candidate-models"),
@@ -294,7 +301,10 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
     )
     assert "1B" not in result.output.split("stage 2")[0].split("candidates")[1]
     assert "max_context: 4000,8000" in result.output and "cells:       12" in result.output
+    assert "speculative: off in every cell, then prompt-lookup on the best cell (1 more trial)" in result.output
     assert not db.exists()
+    only_off = CliRunner().invoke(app, ["autotune", "--dry-run", "--speculative-axis", "off"])
+    assert only_off.exit_code == 0 and "speculative: off in every cell\n" in only_off.output
 
 
 def test_size_filters_are_ignored_with_a_warning_when_candidates_are_given(tmp_path):
@@ -343,3 +353,91 @@ def test_objective_and_recorded_workload_reach_the_run_row_the_report_and_the_pl
     assert default.report["recommendation"]["knobs"]["max_concurrency_override"] == 2
     assert default.report["inputs"]["objective"] == "throughput"
     assert default.report["inputs"]["workload"] == {"kind": "synthetic"}
+
+
+# ---------------------------------------------------------------------------------------------- speculative
+FASTER_WITH_SPECULATION = {
+    Knobs(8, 2, 100): feasible(tps=20.0),  # the grid's best
+    Knobs(8, 2, 100, speculative="prompt-lookup"): feasible(tps=26.0, ttft=90.0),
+}
+
+
+def test_speculation_that_pays_is_kept_recorded_reported_and_applied(tmp_path):
+    (tmp_path / "config.yaml").write_text("# mine\nport: 9000\n")
+    script = Script({"org/big-7B": feasible()}, FASTER_WITH_SPECULATION)
+    outcome, out, err, db = go(tmp_path, script, apply=True, verbose=True)
+    assert (outcome.exit_code, outcome.exit_reason) == (0, "ok")
+    stage2_calls = [knobs for _, knobs, stage in script.calls if stage == 2]
+    assert stage2_calls[:-1] == [Knobs(kv, b, 100) for kv in (None, 8) for b in (1, 2)]  # the grid, off
+    assert stage2_calls[-1] == Knobs(8, 2, 100, speculative="prompt-lookup")  # then its best, with speculation
+    rec = outcome.report["recommendation"]
+    assert rec["knobs"]["speculative"] == "prompt-lookup" and rec["tps_median"] == 26.0
+    assert rec["serve_command"].endswith("--kv-bits 8 --max-batch 2 --max-context 100 --speculative prompt-lookup")
+    assert rec["why"].startswith(
+        "objective throughput: kv_bits=8 max_batch=2 max_context=100 speculative=prompt-lookup gave 26.0 tok/s"
+    )
+    assert "next best kv_bits=8 max_batch=2 max_context=100 gave 20.0 tok/s" in rec["why"]
+    assert [t["knobs"]["speculative"] for t in outcome.report["trials"]][-2:] == ["off", "prompt-lookup"]
+    assert verify_recipe_hash(outcome.report)
+    kept = db.execute("SELECT kv_bits, max_batch, speculative FROM tune_trials WHERE kept = 1").fetchall()
+    assert [tuple(k) for k in kept] == [(8, 2, "prompt-lookup")]
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {
+        "port": 9000,
+        "model": "org/big-7B",
+        "kv_bits": 8,
+        "max_context_override": 100,
+        "max_concurrency_override": 2,
+        "speculative": "prompt-lookup",
+    }
+    assert (
+        "applied: model=org/big-7B kv_bits=8 max_concurrency_override=2 max_context_override=100 speculative=prompt-lookup (backup at"
+        in out
+    )
+    assert "  speculative:                prompt-lookup\n" in out
+    assert "[stage 2] org/big-7B kv_bits=8 max_batch=2 max_context=100 speculative=prompt-lookup: 26.0 tok/s" in err
+
+
+def test_speculation_that_does_not_pay_is_not_kept_and_the_recipe_hashes_as_without_the_axis(tmp_path):
+    slower = {**FASTER_WITH_SPECULATION, Knobs(8, 2, 100, speculative="prompt-lookup"): feasible(tps=19.0)}
+    (tmp_path / "config.yaml").write_text("speculative: prompt-lookup\n")  # a stale setting --apply removes
+    outcome, out, _, db = go(tmp_path, Script({"org/big-7B": feasible()}, slower), apply=True)
+    assert outcome.exit_reason == "ok" and outcome.report["recommendation"]["knobs"]["speculative"] == "off"
+    assert db.execute("SELECT speculative FROM tune_trials WHERE kept = 1").fetchone()[0] == "off"
+    assert "speculative" not in yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "--speculative" not in outcome.report["recommendation"]["serve_command"]
+    without_axis, *_ = go(tmp_path / "off", Script({"org/big-7B": feasible()}, slower), speculative_axis="off")
+    assert without_axis.report["recipe_hash"] == outcome.report["recipe_hash"]  # an off recipe hashes as before
+
+
+def test_speculative_axis_off_runs_no_extra_trial(tmp_path):
+    script = Script({"org/big-7B": feasible()}, FASTER_WITH_SPECULATION)
+    outcome, *_, db = go(tmp_path, script, speculative_axis="off")
+    assert [knobs for _, knobs, stage in script.calls if stage == 2] == [
+        Knobs(kv, b, 100) for kv in (None, 8) for b in (1, 2)
+    ]
+    assert db.execute("SELECT COUNT(*) FROM tune_trials WHERE speculative != 'off'").fetchone()[0] == 0
+    assert outcome.report["recommendation"]["knobs"]["speculative"] == "off"
+
+
+def test_speculative_axis_prompt_lookup_alone_runs_the_grid_with_it(tmp_path):
+    script = Script({"org/big-7B": feasible()})
+    outcome, *_ = go(tmp_path, script, speculative_axis="prompt-lookup")
+    stage2_calls = [knobs for _, knobs, stage in script.calls if stage == 2]
+    assert stage2_calls == [Knobs(kv, b, 100, speculative="prompt-lookup") for kv in (None, 8) for b in (1, 2)]
+    assert script.calls[0][1].speculative == "off"  # Stage 1 always serves with the defaults
+    assert outcome.report["recommendation"]["knobs"]["speculative"] == "prompt-lookup"
+
+
+def test_budget_running_out_in_the_speculative_trial_is_a_partial_recommendation(tmp_path):
+    speculative = Knobs(8, 2, 100, speculative="prompt-lookup")
+    budget = {**FASTER_WITH_SPECULATION, speculative: BudgetExhausted(replace(infeasible("budget"), knobs=speculative))}
+    outcome, out, _, db = go(tmp_path, Script({"org/big-7B": feasible()}, budget), apply=True)
+    assert (outcome.exit_code, outcome.exit_reason) == (1, "budget_exhausted_with_partial_recommendation")
+    assert outcome.report["partial"] is True and outcome.report["applied"] is False
+    rec = outcome.report["recommendation"]
+    assert (rec["knobs"]["kv_bits"], rec["knobs"]["speculative"], rec["tps_median"]) == (8, "off", 20.0)
+    assert tuple(db.execute("SELECT speculative, notes FROM tune_trials ORDER BY id DESC").fetchone()) == (
+        "prompt-lookup",
+        "budget",
+    )
+    assert "partial:" in out

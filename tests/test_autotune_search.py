@@ -21,6 +21,7 @@ from macprovider.autotune.search import (
     keep_best_rule,
     median,
     p95,
+    speculative_plan,
     stage1,
     stage2,
     stage2_cells,
@@ -227,3 +228,99 @@ def test_balanced_is_tokens_per_second_per_second_of_ttft():
     assert not rule(trial(tps=20.0, ttft=4100.0), trial(tps=10.0, ttft=2000.0), 0.02)  # 4.88 < 5
     assert rule(trial(tps=20.0, ttft=3990.0), trial(tps=10.0, ttft=2000.0), 0.02) is False  # tie: lower TTFT keeps
     assert keep_best_rule("throughput") is is_new_best
+
+
+# ---------------------------------------------------------------------------------------------- speculative
+GRID = stage2_cells([None, 8], [1, 2], [100])
+GRID_SCRIPT = {
+    Knobs(None, 1, 100): trial(tps=10.0, ttft=400),
+    Knobs(None, 2, 100): trial(tps=12.0, ttft=500),  # the grid's best
+    Knobs(8, 1, 100): trial(tps=9.0, ttft=300),
+    Knobs(8, 2, 100): trial(tps=11.0, ttft=450),
+}
+SPECULATIVE_BEST = Knobs(None, 2, 100, speculative="prompt-lookup")
+
+
+@pytest.mark.parametrize(
+    "speculative_result, kept",
+    [
+        (trial(tps=15.0, ttft=520), True),  # +25 % tokens/s: wins
+        (trial(tps=12.1, ttft=450), True),  # within ε and a lower TTFT: wins the tie, like any cell
+        (trial(tps=12.1, ttft=600), False),  # within ε, higher TTFT: the grid's best stays
+        (trial(tps=11.0, ttft=100), False),  # slower: stays off
+        (trial(tps=99.0, ttft=1, fits=False), False),  # fast but infeasible
+    ],
+)
+def test_the_speculative_trial_runs_after_the_grid_on_its_best_cell_and_is_kept_only_when_it_wins(
+    speculative_result, kept
+):
+    probe = FakeProbe({**GRID_SCRIPT, SPECULATIVE_BEST: speculative_result})
+    rec = Recorder()
+    result = stage2("m", GRID, probe, rec, 0.02, speculative_modes=("prompt-lookup",))
+    assert [c[1] for c in probe.calls] == [*GRID, SPECULATIVE_BEST]  # the grid untouched, then one more trial
+    assert all(c[1].speculative == "off" for c in probe.calls[:-1]) and probe.calls[-1][2] == 2
+    assert result.best.knobs == (SPECULATIVE_BEST if kept else Knobs(None, 2, 100))
+    assert len(result.trials) == len(rec.rows) == 5 and not result.partial
+    assert not any(r.kept for r in rec.rows)  # the caller marks the winner
+
+
+def test_the_speculative_trial_follows_the_objective_s_best_cell():
+    probe = FakeProbe({**GRID_SCRIPT, Knobs(8, 1, 100, speculative="prompt-lookup"): trial(tps=9.0, ttft=250)})
+    result = stage2("m", GRID, probe, Recorder(), 0.02, "latency", ("prompt-lookup",))
+    assert probe.calls[-1][1] == Knobs(8, 1, 100, speculative="prompt-lookup")  # latency's best: lowest TTFT
+    assert result.best.knobs.speculative == "prompt-lookup"  # 250 ms beats 300 ms by more than ε
+
+
+def test_without_speculative_modes_no_extra_trial_runs():
+    probe = FakeProbe(GRID_SCRIPT)
+    result = stage2("m", GRID, probe, Recorder(), 0.02, speculative_modes=())
+    assert [c[1] for c in probe.calls] == GRID and result.best.knobs == Knobs(None, 2, 100)
+
+
+def test_no_feasible_cell_means_no_speculative_trial():
+    probe = FakeProbe({c: trial(fits=False, tps=None) for c in GRID})
+    result = stage2("m", GRID, probe, Recorder(), 0.02, speculative_modes=("prompt-lookup",))
+    assert result.best is None and len(probe.calls) == len(GRID)
+
+
+def test_budget_exhausted_in_the_speculative_trial_keeps_the_grid_best_as_partial():
+    probe = FakeProbe({**GRID_SCRIPT, SPECULATIVE_BEST: BudgetExhausted(trial(fits=False, notes="budget"))})
+    rec = Recorder()
+    result = stage2("m", GRID, probe, rec, 0.02, speculative_modes=("prompt-lookup",))
+    assert result.partial and result.best.knobs == Knobs(None, 2, 100)
+    assert probe.calls[-1][1] == SPECULATIVE_BEST
+    assert len(rec.rows) == 5 and rec.rows[-1].notes == "budget"  # the trial in flight is recorded, as in the grid
+
+
+def test_interrupt_in_the_speculative_trial_records_it_and_propagates():
+    probe = FakeProbe({**GRID_SCRIPT, SPECULATIVE_BEST: Interrupted(trial(fits=False, notes="interrupted"))})
+    rec = Recorder()
+    with pytest.raises(Interrupted):
+        stage2("m", GRID, probe, rec, 0.02, speculative_modes=("prompt-lookup",))
+    assert rec.rows[-1].notes == "interrupted" and len(rec.rows) == 5
+
+
+@pytest.mark.parametrize(
+    "axis, distributed, plan",
+    [
+        (("off", "prompt-lookup"), False, ("off", ("prompt-lookup",))),
+        (("prompt-lookup", "off"), False, ("off", ("prompt-lookup",))),  # order does not matter: the grid runs off
+        (("off",), False, ("off", ())),
+        (("prompt-lookup",), False, ("prompt-lookup", ())),  # speculation on in every cell, nothing extra
+        (("off", "prompt-lookup"), True, ("off", ())),  # --hostfile: serve runs it off across machines
+    ],
+)
+def test_speculative_plan(axis, distributed, plan):
+    assert speculative_plan(axis, distributed) == plan
+
+
+def test_grid_cells_carry_the_grid_s_speculative_mode_and_why_names_it():
+    cells = stage2_cells([None], [1], [100], speculative="prompt-lookup")
+    assert cells == [Knobs(None, 1, 100, None, "prompt-lookup")]
+    off = trial(tps=10.0, ttft=100, knobs=Knobs(None, 1, 100), row_id=1)
+    on = trial(tps=13.0, ttft=90, knobs=cells[0], row_id=2)
+    why = explain_choice(on, [off, on], "throughput")
+    assert why == (
+        "objective throughput: kv_bits=unset max_batch=1 max_context=100 speculative=prompt-lookup gave 13.0 tok/s"
+        " (ttft p95 90 ms); next best kv_bits=unset max_batch=1 max_context=100 gave 10.0 tok/s (ttft p95 100 ms)"
+    )

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from macprovider.autotune.search import Knobs, Trial
-from macprovider.autotune.store import Store
+from macprovider.autotune.store import MIGRATIONS, Store
 from macprovider.core.errors import StoreError
 
 SPEC_TRIAL_COLUMNS = [
@@ -100,7 +100,7 @@ def columns(db, table):
 def test_fresh_database_has_the_spec_tables_wal_and_indexes(tmp_path):
     db = tmp_path / "a.sqlite"
     store = Store(db)
-    assert store.schema_version == 5
+    assert store.schema_version == 6
     store.close()
     assert columns(db, "tune_runs") == SPEC_RUN_COLUMNS + ["objective", "workload"]
     assert columns(db, "tune_trials") == SPEC_TRIAL_COLUMNS + [
@@ -113,6 +113,7 @@ def test_fresh_database_has_the_spec_tables_wal_and_indexes(tmp_path):
         "memory_baseline_bytes",
         "mlx_peak_memory_bytes",
         "parallel",
+        "speculative",
     ]
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -141,7 +142,7 @@ def test_prototype_database_is_migrated_in_place_with_stage_1(tmp_path):
     assert row_id > rows[0]["id"]
     store.close()
     assert columns(db, "tune_trials")[: len(SPEC_TRIAL_COLUMNS)] == SPEC_TRIAL_COLUMNS
-    assert Store(db).schema_version == 5  # reopening applies nothing twice
+    assert Store(db).schema_version == 6  # reopening applies nothing twice
 
 
 def test_run_row_lifecycle_and_trial_fields(tmp_path):
@@ -221,3 +222,33 @@ def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path):
     with pytest.raises(StoreError) as info:
         Store(bad)
     assert "bad.sqlite" in str(info.value) and info.value.exit_code == 2
+
+
+def test_a_version_5_database_gains_the_speculative_column_and_keeps_its_rows(tmp_path):
+    """Migration 6 adds `tune_trials.speculative` to a database made before the knob: old rows read NULL (they
+    ran with speculation off), new rows store the trial's mode."""
+    db = tmp_path / "v5.sqlite"
+    conn = sqlite3.connect(db)
+    for migration in MIGRATIONS[:5]:
+        migration(conn)
+    conn.execute("PRAGMA user_version = 5")
+    conn.execute(
+        "INSERT INTO tune_trials (ts_utc, run_id, stage, model, target_context, max_tokens, fits, kept, kv_bits)"
+        " VALUES ('2026-01-01T00:00:00Z', 'old', 2, 'org/m', 100, 64, 1, 1, 8)"
+    )
+    conn.commit()
+    conn.close()
+    assert "speculative" not in columns(db, "tune_trials")
+    store = Store(db)
+    assert store.schema_version == 6
+    assert columns(db, "tune_trials")[-1] == "speculative"
+    old = store.rows("SELECT model, kv_bits, kept, speculative FROM tune_trials")
+    assert [tuple(r) for r in old] == [("org/m", 8, 1, None)]
+    store.insert_run(run_row("new", "2026-01-02T00:00:00Z"))
+    on = Trial(2, "org/m", 100, Knobs(8, 2, 300, speculative="prompt-lookup"), 64, fits=True, throughput_tps=11.0)
+    on_id = store.insert_trial("new", "2026-01-02T00:00:01Z", on)
+    off_id = store.insert_trial("new", "2026-01-02T00:00:02Z", a_trial())
+    stored = {
+        r["id"]: r["speculative"] for r in store.rows("SELECT id, speculative FROM tune_trials WHERE run_id = 'new'")
+    }
+    assert stored == {on_id: "prompt-lookup", off_id: "off"}

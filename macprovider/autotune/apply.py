@@ -1,9 +1,10 @@
 """`autotune --apply`: rewrite the owned config keys, atomically, with a backup (docs/autotune.md#apply).
 
 `render_config` is a pure line editor: it replaces the top-level lines of `model`, `kv_bits`,
-`max_context_override`, `max_concurrency_override`, and (with `autotune --hostfile`) `parallel` and
-`hostfile` (removing `kv_bits` when it is unset, `parallel`/`hostfile` for a one-machine recipe), appends the
-missing ones, and leaves every other byte — keys, comments, blank lines, order, line endings — as it was.
+`max_context_override`, `max_concurrency_override`, `speculative`, and (with `autotune --hostfile`) `parallel`
+and `hostfile` (removing `kv_bits` when it is unset, `speculative` when it is off, `parallel`/`hostfile` for a
+one-machine recipe), appends the missing ones, and leaves every other byte — keys, comments, blank lines,
+order, line endings — as it was.
 `apply_recommendation` writes it: refuse a symlink; back up the old file as
 `config.yaml.bak-<unix-ts>-<counter>` (lowest free counter from 0, O_CREAT|O_EXCL, mode 0600); write a
 temp file in the same directory, fsync, rename over the config, fsync the directory. A reader sees the old
@@ -28,7 +29,15 @@ from typing import Any
 from macprovider.core.errors import ApplyError
 from macprovider.core.files import write_atomic
 
-OWNED_KEYS = ("model", "kv_bits", "max_context_override", "max_concurrency_override", "parallel", "hostfile")
+OWNED_KEYS = (
+    "model",
+    "kv_bits",
+    "max_context_override",
+    "max_concurrency_override",
+    "speculative",
+    "parallel",
+    "hostfile",
+)
 _KEY_LINE = re.compile(r"^(" + "|".join(OWNED_KEYS) + r")[ \t]*:(?=\s|$)")
 _PLAIN = re.compile(r"^[A-Za-z0-9_./~@+-]+$")
 _YAML_SPECIAL = re.compile(r"^(?:true|false|yes|no|on|off|null|~|[-+]?[0-9.]+(?:e[-+]?[0-9]+)?)$", re.IGNORECASE)
@@ -53,21 +62,23 @@ def owned_values(
     max_context: int,
     parallel: str | None = None,
     hostfile: str | None = None,
+    speculative: str = "off",
 ) -> dict[str, Any]:
-    """The owned keys and their new values (None = remove the key: `kv_bits` unset; `parallel` and
-    `hostfile` on a one-machine recipe, so `cluster serve` never starts a stale split)."""
+    """The owned keys and their new values (None = remove the key: `kv_bits` unset; `speculative` off, serve's
+    default; `parallel` and `hostfile` on a one-machine recipe, so `cluster serve` never starts a stale split)."""
     return {
         "model": model,
         "kv_bits": kv_bits,
         "max_context_override": max_context,
         "max_concurrency_override": max_batch,
+        "speculative": None if speculative == "off" else speculative,
         "parallel": parallel,
         "hostfile": hostfile,
     }
 
 
 _MODELS_LINE = re.compile(r"^models[ \t]*:")
-FLEET_KNOBS = ("kv_bits", "max_context_override", "max_concurrency_override")
+FLEET_KNOBS = ("kv_bits", "max_context_override", "max_concurrency_override", "speculative")
 
 
 def render_fleet_entry(text: str, values: dict[str, Any], recipe_hash: str | None = None) -> str | None:
@@ -224,7 +235,8 @@ def apply_recommendation(
 
 
 def summary_line(values: dict[str, Any], result: ApplyResult) -> str:
-    """`applied: model=<id> kv_bits=<n|unset> max_concurrency_override=<n> max_context_override=<n> (…)`."""
+    """`applied: model=<id> kv_bits=<n|unset> max_concurrency_override=<n> max_context_override=<n>
+    [speculative=<mode>] [parallel=<p> hostfile=<h>] (…)`."""
     kv = "unset" if values["kv_bits"] is None else values["kv_bits"]
     if result.backup is not None:
         tail = f"(backup at {result.backup})"
@@ -236,6 +248,7 @@ def summary_line(values: dict[str, Any], result: ApplyResult) -> str:
         f"applied: model={values['model']} kv_bits={kv} "
         f"max_concurrency_override={values['max_concurrency_override']} "
         f"max_context_override={values['max_context_override']} "
+        + (f"speculative={values['speculative']} " if values.get("speculative") else "")
         + (f"parallel={values['parallel']} hostfile={values['hostfile']} " if values.get("parallel") else "")
         + tail
     )

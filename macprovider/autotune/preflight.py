@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from macprovider.autotune.search import OBJECTIVES
+from macprovider.autotune.search import OBJECTIVES, speculative_plan
 from macprovider.core.errors import ConfigError
 
 # The curated list (docs/autotune.md#flags), largest first: (id, parameters in billions).
@@ -78,11 +78,29 @@ class AutotuneInputs:
     workload_source: str | None = None  # the file they came from
     cluster: ClusterHosts | None = None  # --hostfile, resolved by the command (hosts probed for budgets)
     hostfile: str | None = None  # --hostfile as given
+    speculative_axis: tuple[str, ...] = ("off", "prompt-lookup")  # --speculative-axis (search.speculative_plan)
 
     @property
     def workload_kind(self) -> str:
         """`synthetic`, `recorded` or `file`."""
         return self.workload if self.workload in ("synthetic", "recorded") else "file"
+
+    @property
+    def speculative_trials(self) -> tuple[str, tuple[str, ...]]:
+        """`(grid mode, extra modes)` of `--speculative-axis` (search.speculative_plan; none extra with
+        --hostfile)."""
+        distributed = self.cluster is not None or self.hostfile is not None
+        return speculative_plan(self.speculative_axis, distributed=distributed)
+
+    def speculative_plan_text(self) -> str:
+        """The `--dry-run` line of `--speculative-axis`: the grid's mode and the extra trial, if any."""
+        grid_mode, extra = self.speculative_trials
+        text = f"{grid_mode} in every cell"
+        for mode in extra:
+            text += f", then {mode} on the best cell (1 more trial)"
+        if self.hostfile and "prompt-lookup" in self.speculative_axis:
+            text += " (prompt-lookup is not tried: serve runs it off across machines)"
+        return text
 
     def plan_text(self) -> str:
         """The `--dry-run` plan: inputs, candidate order and axes."""
@@ -98,6 +116,7 @@ class AutotuneInputs:
             f"    max_batch:   {','.join(map(str, self.max_batch_axis))}",
             f"    max_context: {','.join(map(str, self.max_context_axis))}",
             f"    cells:       {len(self.kv_bits_axis) * len(self.max_batch_axis) * len(self.max_context_axis)}",
+            f"    speculative: {self.speculative_plan_text()}",
             f"  replicates:         stage1 {self.stage1_replicates}, stage2 {self.stage2_replicates}",
             f"  objective:          {self.objective}",
             f"  workload:           {self.workload_kind}"
@@ -179,6 +198,7 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     kv_axis = _kv_bits_axis(get("kv_bits_axis", "unset,4,8"))
     batch_axis = _max_batch_axis(get("max_batch_axis", "1,2"))
     ctx_axis = _max_context_axis(get("max_context_axis", ""), target)
+    speculative_axis = _speculative_axis(get("speculative_axis", "off,prompt-lookup"))
 
     restart_foreground = bool(raw.get("restart_foreground"))
     drain = bool(raw.get("drain"))
@@ -200,6 +220,11 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     hostfile = raw.get("hostfile")
     if hostfile is not None and not Path(str(hostfile)).expanduser().is_file():
         raise ConfigError(f"invalid --hostfile {str(hostfile)!r}: no such file")
+    if hostfile is not None and "off" not in speculative_axis:
+        raise ConfigError(
+            f"invalid --speculative-axis {raw.get('speculative_axis')!r} with --hostfile: "
+            "serve runs speculative decoding off across machines; leave off in the axis"
+        )
     return AutotuneInputs(
         target_context=target,
         candidate_models=tuple(candidates),
@@ -229,6 +254,7 @@ def parse_inputs(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         workload_shapes=tuple(shapes),
         workload_source=source,
         hostfile=None if hostfile is None else str(Path(str(hostfile)).expanduser().resolve()),  # --apply writes it
+        speculative_axis=tuple(speculative_axis),
     )
 
 
@@ -277,6 +303,21 @@ def _kv_bits_axis(raw_cells: Any) -> list[int | None]:
             raise ConfigError(f"invalid --kv-bits-axis cell {cell!r}: listed twice")
         kv_axis.append(value)
     return kv_axis
+
+
+def _speculative_axis(raw_cells: Any) -> list[str]:
+    """--speculative-axis cells: off, prompt-lookup (serve's `speculative` modes), each once."""
+    from macprovider.core.config import SPECULATIVE_MODES
+
+    modes: list[str] = []
+    for cell in _cells("--speculative-axis", raw_cells):
+        value = cell.lower()
+        if value not in SPECULATIVE_MODES:
+            raise ConfigError(f"invalid --speculative-axis cell {cell!r}: must be {' or '.join(SPECULATIVE_MODES)}")
+        if value in modes:
+            raise ConfigError(f"invalid --speculative-axis cell {cell!r}: listed twice")
+        modes.append(value)
+    return modes
 
 
 def _max_batch_axis(raw_cells: Any) -> list[int]:

@@ -92,21 +92,39 @@ def serve_argv(
     max_context: int,
     kv_bits: int | None,
     config_path: Path,
+    speculative: str = "off",
     python: str = sys.executable,
 ) -> list[str]:
     """The child's argv: `python -m macprovider serve --model M` + `serve_args`."""
-    args = serve_args(port, max_batch=max_batch, max_context=max_context, kv_bits=kv_bits, config_path=config_path)
+    args = serve_args(
+        port,
+        max_batch=max_batch,
+        max_context=max_context,
+        kv_bits=kv_bits,
+        config_path=config_path,
+        speculative=speculative,
+    )
     return [python, "-m", "macprovider", "serve", "--model", model, *args]
 
 
 def serve_args(
-    port: int, *, max_batch: int, max_context: int, kv_bits: int | None, config_path: Path, host: str = "127.0.0.1"
+    port: int,
+    *,
+    max_batch: int,
+    max_context: int,
+    kv_bits: int | None,
+    config_path: Path,
+    host: str = "127.0.0.1",
+    speculative: str = "off",
 ) -> list[str]:
     """A candidate's serve flags after `--model M`: `--port P --host H --max-batch N --max-context C
-    [--kv-bits B] --config <empty> --log-level warning`."""
+    [--kv-bits B] [--speculative MODE] --config <empty> --log-level warning` (`--speculative` only when not
+    `off`: the empty config leaves serve's default, off)."""
     args = ["--port", str(port), "--host", host, "--max-batch", str(max_batch), "--max-context", str(max_context)]
     if kv_bits is not None:
         args += ["--kv-bits", str(kv_bits)]
+    if speculative != "off":
+        args += ["--speculative", speculative]
     return args + ["--config", str(config_path), "--log-level", "warning"]
 
 
@@ -138,6 +156,7 @@ class CandidateProvider:
         max_batch: int = 1,
         max_context: int,
         kv_bits: int | None = None,
+        speculative: str = "off",
         drain_grace: float = 30.0,
         deadline: Deadline | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
@@ -157,7 +176,13 @@ class CandidateProvider:
             list(argv)
             if argv is not None
             else serve_argv(
-                model, port, max_batch=max_batch, max_context=max_context, kv_bits=kv_bits, config_path=self.config_path
+                model,
+                port,
+                max_batch=max_batch,
+                max_context=max_context,
+                kv_bits=kv_bits,
+                config_path=self.config_path,
+                speculative=speculative,
             )
         )
         self.stderr_path = Path(self._tmpdir.name) / "stderr.log"

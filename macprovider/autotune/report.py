@@ -7,12 +7,14 @@ Recipe hash contract: `"sha256:" + sha256(JCS(domain)).hexdigest()` where JCS is
 `{binary_version, candidate_models, chip, knobs{kv_bits, max_concurrency_override, max_context_override},
 model, ram_gb, target_context}` plus `objective` when it is not `throughput` and
 `workload: {kind, digest}` when it is not `synthetic` (digest: replay.shapes_digest of the replayed shapes),
+`knobs.speculative` when the recommendation turns speculative decoding on (not `off`),
 and, with `--hostfile`: `knobs.parallel`, `hosts` (by rank) and `layers_per_rank` (null for
 tensor).
 Adding the new inputs only when they differ from the defaults keeps every hash of a default run — all
-hashes made before they existed, and the pinned vectors — unchanged, while a latency run, or a run on a
-recorded workload, can never share a hash with the default run that picked the same knobs. It depends on
-the machine, the version, the inputs and the recommendation — never on measurements.
+hashes made before they existed, and the pinned vectors — unchanged, while a latency run, a run on a
+recorded workload, or a recipe with speculation on, can never share a hash with the default run that picked
+the same knobs. It depends on the machine, the version, the inputs and the recommendation — never on
+measurements.
 `verify_recipe_hash` recomputes it from a JSON report.
 """
 
@@ -50,6 +52,7 @@ class Recommendation:
     hostfile: str | None = None
     hosts: tuple[str, ...] = ()  # by rank
     layers_per_rank: tuple[int, ...] | None = None  # pipeline: decoder layers each rank holds
+    speculative: str = "off"  # serve's speculative decoding mode: off | prompt-lookup
 
     @classmethod
     def from_trial(cls, trial: Trial, target_context: int, cluster: Any = None) -> Recommendation:
@@ -73,28 +76,38 @@ class Recommendation:
             int(trial.replicates_n or 0),
             trial.memory_estimate_bytes,
             trial.peak_memory_bytes,
+            speculative=trial.knobs.speculative,
             **placement,
         )
 
     @property
     def knobs(self) -> dict[str, Any]:
         """Knob keys as YAML key names, so the object can be pasted into config.yaml (`parallel` only with
-        --hostfile)."""
+        --hostfile; `speculative` always, `off` included)."""
         knobs: dict[str, Any] = {
             "kv_bits": self.kv_bits,
             "max_concurrency_override": self.max_batch,
             "max_context_override": self.max_context,
+            "speculative": self.speculative,
         }
         if self.parallel:
             knobs["parallel"] = self.parallel
         return knobs
 
     @property
+    def recipe_knobs(self) -> dict[str, Any]:
+        """The knobs the recipe hash covers: `knobs` without `speculative` when it is `off`, so a recipe without
+        speculation hashes exactly as before the knob existed."""
+        return {key: value for key, value in self.knobs.items() if not (key == "speculative" and value == "off")}
+
+    @property
     def serve_command(self) -> str:
-        """`macprovider serve --model <id> [--kv-bits N] --max-batch N --max-context N`; with --hostfile
-        `macprovider cluster serve HOSTFILE --model <id> --parallel P [--kv-bits N] --max-batch N --max-context N`."""
+        """`macprovider serve --model <id> [--kv-bits N] --max-batch N --max-context N [--speculative MODE]`;
+        with --hostfile `macprovider cluster serve HOSTFILE --model <id> --parallel P [--kv-bits N] --max-batch N
+        --max-context N`."""
         kv = f" --kv-bits {self.kv_bits}" if self.kv_bits is not None else ""
-        knobs = f"{kv} --max-batch {self.max_batch} --max-context {self.max_context}"
+        speculative = f" --speculative {self.speculative}" if self.speculative != "off" else ""
+        knobs = f"{kv} --max-batch {self.max_batch} --max-context {self.max_context}{speculative}"
         if self.parallel:
             import shlex
 
@@ -117,7 +130,7 @@ def recipe_domain(
         "binary_version": binary_version,
         "candidate_models": list(candidate_models),
         "chip": chip,
-        "knobs": rec.knobs,
+        "knobs": rec.recipe_knobs,
         "model": rec.model,
         "ram_gb": int(ram_gb),
         "target_context": rec.target_context,
@@ -159,6 +172,7 @@ def verify_recipe_hash(report: dict[str, Any]) -> bool:
             parallel=rec["knobs"].get("parallel"),
             hosts=tuple(rec.get("hosts") or ()),
             layers_per_rank=None if rec.get("layers_per_rank") is None else tuple(rec["layers_per_rank"]),
+            speculative=rec["knobs"].get("speculative", "off"),  # reports made before the knob: off
         ),
         objective=report["inputs"].get("objective", "throughput"),
         workload=report["inputs"].get("workload"),
@@ -251,6 +265,7 @@ def trial_summary(trial: Trial) -> dict[str, Any]:
             "kv_bits": trial.knobs.kv_bits,
             "max_concurrency_override": trial.knobs.max_batch,
             "max_context_override": trial.knobs.max_context,
+            "speculative": trial.knobs.speculative,
             **({"parallel": trial.knobs.parallel} if trial.knobs.parallel else {}),
         },
         "fits": trial.fits,
@@ -309,6 +324,13 @@ def _choice_lines(report: dict[str, Any]) -> list[str]:
     return [""] + lines
 
 
+def _speculative_lines(knobs: dict[str, Any]) -> list[str]:
+    """`  speculative:                MODE` when the recommendation turns speculative decoding on (a recipe
+    without it prints the block unchanged)."""
+    mode = knobs.get("speculative", "off")
+    return [] if mode == "off" else [f"  speculative:                {mode}"]
+
+
 def _placement_lines(rec: dict[str, Any]) -> list[str]:
     """With --hostfile: `  parallel:` and one `  rank N: HOST (L layers)` line per host."""
     if not rec["knobs"].get("parallel"):
@@ -351,6 +373,7 @@ def render_terminal(report: dict[str, Any]) -> str:
         f"  kv_bits:                    {kv}",
         f"  max_concurrency_override:   {knobs['max_concurrency_override']}",
         f"  max_context_override:       {knobs['max_context_override']}",
+        *_speculative_lines(knobs),
         *_placement_lines(rec),
         "measured:",
         f"  tps_median:        {rec['tps_median']:.1f} tokens/sec",

@@ -141,13 +141,15 @@ def run(inputs: AutotuneInputs, deps: Deps | None = None) -> RunOutcome:
 
     evaluate_inner = deps.evaluate or RealEvaluator(inputs, deadline, deps.budget_bytes)
     cluster = inputs.cluster
+    grid_speculative, extra_speculative = inputs.speculative_trials
     cells = stage2_cells(
         inputs.kv_bits_axis,
         inputs.max_batch_axis,
         inputs.max_context_axis,
         PARALLEL_MODES if cluster is not None else (None,),
+        grid_speculative,
     )
-    progress = Progress(err, inputs.verbose, len(inputs.candidate_models) + len(cells))
+    progress = Progress(err, inputs.verbose, len(inputs.candidate_models) + len(cells) + len(extra_speculative))
     state = _RunState()
 
     def evaluate(model: str, knobs: Knobs, stage: int) -> Trial:
@@ -312,7 +314,8 @@ def _search(
     if cluster is not None:  # Stage 2's parallel axis: the modes that can split the chosen model
         modes = (deps.parallel_modes or possible_modes)(s1.chosen, len(cluster.hosts))
         cells = [cell for cell in cells if cell.parallel in modes]
-    s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon, inputs.objective)
+    _, extra_speculative = inputs.speculative_trials  # one more trial of the best cell for each
+    s2 = stage2(s1.chosen, cells, evaluate, record, inputs.tps_tie_epsilon, inputs.objective, extra_speculative)
     state.partial = s2.partial
     if s2.best is not None:
         assert s2.best.row_id is not None  # every evaluated trial went through record()
@@ -343,7 +346,9 @@ def _maybe_apply(
         from macprovider.autotune.apply import apply_recommendation, owned_values, summary_line
         from macprovider.autotune.report import recipe_domain, recipe_hash
 
-        values = owned_values(rec.model, rec.kv_bits, rec.max_batch, rec.max_context, rec.parallel, rec.hostfile)
+        values = owned_values(
+            rec.model, rec.kv_bits, rec.max_batch, rec.max_context, rec.parallel, rec.hostfile, rec.speculative
+        )
         try:
             hash_value = recipe_hash(
                 recipe_domain(

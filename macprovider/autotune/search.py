@@ -21,13 +21,15 @@ FailureClass = Literal["none", "infeasible", "transient", "integrity"]
 
 @dataclass(frozen=True)
 class Knobs:
-    """The serving knobs of one trial: kv_bits (None = full precision), max_batch, max_context, and with
-    `--hostfile` the parallel mode (pipeline | tensor; None = one process on this machine)."""
+    """The serving knobs of one trial: kv_bits (None = full precision), max_batch, max_context, with
+    `--hostfile` the parallel mode (pipeline | tensor; None = one process on this machine), and the speculative
+    decoding mode (`off` | `prompt-lookup`, serve's `speculative` setting)."""
 
     kv_bits: int | None
     max_batch: int
     max_context: int
     parallel: str | None = None
+    speculative: str = "off"
 
 
 @dataclass(frozen=True)
@@ -202,13 +204,23 @@ def objective_key(objective: str) -> Callable[[Trial], float]:
     return lambda t: -(t.throughput_tps or 0.0)
 
 
+def knobs_text(knobs: Knobs) -> str:
+    """`kv_bits=8 max_batch=2 max_context=4096`, then ` parallel=P` with --hostfile and
+    ` speculative=prompt-lookup` when speculation is on (the `-v` lines, the progress bar and `why`)."""
+    kv = "unset" if knobs.kv_bits is None else knobs.kv_bits
+    text = f"kv_bits={kv} max_batch={knobs.max_batch} max_context={knobs.max_context}"
+    if knobs.parallel:
+        text += f" parallel={knobs.parallel}"
+    if knobs.speculative != "off":
+        text += f" speculative={knobs.speculative}"
+    return text
+
+
 def explain_choice(best: Trial, trials: Sequence[Trial], objective: str) -> str:
     """One line saying why `best` won among the feasible Stage 2 `trials`, against the runner-up."""
 
     def knobs(t: Trial) -> str:
-        kv = "unset" if t.knobs.kv_bits is None else t.knobs.kv_bits
-        mode = f" parallel={t.knobs.parallel}" if t.knobs.parallel else ""
-        return f"kv_bits={kv} max_batch={t.knobs.max_batch} max_context={t.knobs.max_context}{mode}"
+        return knobs_text(t.knobs)
 
     def figure(t: Trial) -> str:
         if objective == "latency":
@@ -278,16 +290,34 @@ def stage2_cells(
     max_batch_axis: Sequence[int],
     max_context_axis: Sequence[int],
     parallel_axis: Sequence[str | None] = (None,),
+    speculative: str = "off",
 ) -> list[Knobs]:
     """Cells kv_bits × max_batch × max_context × parallel, in that nesting order (kv_bits outermost;
-    `parallel_axis` is (None,) on one machine, the modes that can split the model with `--hostfile`)."""
+    `parallel_axis` is (None,) on one machine, the modes that can split the model with `--hostfile`), every
+    cell with the grid's speculative mode (`speculative_plan`)."""
     return [
-        Knobs(kv, batch, ctx, mode)
+        Knobs(kv, batch, ctx, mode, speculative)
         for kv in kv_bits_axis
         for batch in max_batch_axis
         for ctx in max_context_axis
         for mode in parallel_axis
     ]
+
+
+def speculative_plan(speculative_axis: Sequence[str], distributed: bool = False) -> tuple[str, tuple[str, ...]]:
+    """How `--speculative-axis` is measured (docs/autotune.md#stage-2-the-knobs): `(grid mode, extra modes)`.
+
+    The grid runs `off` when the axis lists it (else its one mode: `prompt-lookup` alone turns speculation on in
+    every cell), and each other listed mode is ONE more trial of the grid's best cell, not another grid axis.
+    With `--hostfile` (`distributed`) it is `("off", ())`: serve turns speculation off across machines.
+    """
+    if distributed or not speculative_axis or "off" in speculative_axis:
+        grid_mode = "off"
+    else:
+        grid_mode = speculative_axis[0]
+    if distributed:
+        return grid_mode, ()
+    return grid_mode, tuple(mode for mode in speculative_axis if mode != grid_mode)
 
 
 @dataclass
@@ -306,9 +336,12 @@ def stage2(
     record: Record,
     epsilon: float,
     objective: str = "throughput",
+    speculative_modes: Sequence[str] = (),
 ) -> Stage2Result:
     """Evaluate every cell in order and keep the best feasible one by the objective's rule
-    (`keep_best_rule`: `is_new_best` for throughput).
+    (`keep_best_rule`: `is_new_best` for throughput); then, for each of `speculative_modes`
+    (`speculative_plan`'s extra modes), one more trial: the best cell with that speculative mode, kept only
+    when it beats the best by the same rule (within ε it must win the tie like any other cell).
 
     The returned trials are recorded with kept = 0; the caller marks the winner (exactly one row).
     BudgetExhausted is absorbed: the result is the best so far with `partial = True`. Interrupted and
@@ -317,18 +350,34 @@ def stage2(
     better = keep_best_rule(objective)
     best: Trial | None = None
     trials: list[Trial] = []
-    for knobs in cells:
+
+    def measure(knobs: Knobs) -> Trial | None:
+        """One recorded Stage 2 trial, or None when the budget ran out during it (recorded too)."""
         try:
             trial = evaluate(model, knobs, 2)
         except BudgetExhausted as exc:
             exc.trial = record(replace(exc.trial, fits=False, kept=False))
             trials.append(exc.trial)
-            return Stage2Result(best, trials, partial=True)
+            return None
         except TrialAborted as exc:
             exc.trial = record(replace(exc.trial, fits=False, kept=False))
             raise
         trial = record(replace(trial, kept=False))
         trials.append(trial)
+        return trial
+
+    for knobs in cells:
+        trial = measure(knobs)
+        if trial is None:
+            return Stage2Result(best, trials, partial=True)
+        if trial.fits and better(trial, best, epsilon):
+            best = trial
+    for mode in speculative_modes:
+        if best is None:  # no feasible cell: nothing to speed up
+            break
+        trial = measure(replace(best.knobs, speculative=mode))
+        if trial is None:
+            return Stage2Result(best, trials, partial=True)
         if trial.fits and better(trial, best, epsilon):
             best = trial
     return Stage2Result(best, trials)

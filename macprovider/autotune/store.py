@@ -16,6 +16,8 @@ the migration that sets it). Migrations, applied in order when the store opens, 
        older and hold the MLX peak alone). `tune_runs` gets `objective` and `workload`.
     5  `tune_trials.parallel`: the trial's parallel mode with `--hostfile` (pipeline | tensor),
        NULL for a one-process trial and for every older row.
+    6  `tune_trials.speculative`: the trial's speculative decoding mode (`off` | `prompt-lookup`,
+       docs/autotune.md#stage-2-the-knobs); NULL for every older row (they all ran with it off).
 
 Never edit a shipped migration: append a new one. The journal is WAL with synchronous=FULL and every
 write is one transaction, so a `kill -9` at any moment leaves the last committed state.
@@ -120,12 +122,18 @@ def _m5_parallel(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE tune_trials ADD COLUMN parallel TEXT")
 
 
+def _m6_speculative(conn: sqlite3.Connection) -> None:
+    if "speculative" not in _columns(conn, "tune_trials"):
+        conn.execute("ALTER TABLE tune_trials ADD COLUMN speculative TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m1_prototype,
     _m2_stage_columns,
     _m3_memory_columns,
     _m4_memory_terms_objective_workload,
     _m5_parallel,
+    _m6_speculative,
 )
 
 
@@ -265,12 +273,13 @@ class Store:
             trial.peak_memory_bytes,
             trial.mlx_peak_memory_bytes,
             trial.knobs.parallel,
+            trial.knobs.speculative,
             *((trial.memory_terms or {}).get(term) for term in MEMORY_TERM_COLUMNS.values()),
         )
         columns = (
             "ts_utc, run_id, stage, model, target_context, measured_prompt_tokens, max_tokens, agg_throughput_tps,"
             " ttft_p95_ms, fits, n_err, kept, notes, kv_bits, max_context_cap, max_batch, replicates_n,"
-            " memory_estimate_bytes, peak_memory_bytes, mlx_peak_memory_bytes, parallel, "
+            " memory_estimate_bytes, peak_memory_bytes, mlx_peak_memory_bytes, parallel, speculative, "
             + ", ".join(MEMORY_TERM_COLUMNS)
         )
         marks = ", ".join("?" * len(values))

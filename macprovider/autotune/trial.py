@@ -26,7 +26,7 @@ from macprovider.autotune.provider import (
     ProviderTimeout,
     serve_args,
 )
-from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial
+from macprovider.autotune.search import BudgetExhausted, Interrupted, Knobs, Trial, knobs_text
 from macprovider.core.cluster.parallel import check_split, failed_rank_line, launch_argv, layers_per_rank
 from macprovider.core.errors import ConfigError
 
@@ -62,12 +62,7 @@ class Progress:
         self.progress.stop()
 
     def started(self, model: str, knobs: Knobs, stage: int) -> None:
-        kv = "unset" if knobs.kv_bits is None else knobs.kv_bits
-        self.progress.update(
-            self.task,
-            description=f"stage {stage}: {model} kv_bits={kv} max_batch={knobs.max_batch} max_context={knobs.max_context}"
-            + (f" parallel={knobs.parallel}" if knobs.parallel else ""),
-        )
+        self.progress.update(self.task, description=f"stage {stage}: {model} {knobs_text(knobs)}")
 
     def ended(self, trial: Trial) -> None:
         self.progress.advance(self.task)
@@ -85,7 +80,8 @@ class Progress:
                 )
             self.console.print(
                 f"[stage {trial.stage}] {trial.model} kv_bits={kv} max_batch={trial.knobs.max_batch} "
-                f"max_context={trial.knobs.max_context}{split_text(trial)}: {tps}, ttft p95 {ttft}{mem} -> {verdict}",
+                f"max_context={trial.knobs.max_context}{split_text(trial)}{speculative_text(trial)}: {tps}, "
+                f"ttft p95 {ttft}{mem} -> {verdict}",
                 markup=False,
                 highlight=False,
                 soft_wrap=True,
@@ -98,6 +94,11 @@ def split_text(trial: Trial) -> str:
         return ""
     layers = f" layers={'+'.join(map(str, trial.layers_per_rank))}" if trial.layers_per_rank else ""
     return f" parallel={trial.knobs.parallel}{layers}"
+
+
+def speculative_text(trial: Trial) -> str:
+    """` speculative=prompt-lookup` for a trial with speculative decoding on, "" otherwise."""
+    return f" speculative={trial.knobs.speculative}" if trial.knobs.speculative != "off" else ""
 
 
 def make_workload(model_dir: Path, inputs: AutotuneInputs) -> Any:
@@ -303,6 +304,7 @@ class RealEvaluator:
             max_batch=knobs.max_batch,
             max_context=knobs.max_context,
             kv_bits=knobs.kv_bits,
+            speculative=knobs.speculative,
             drain_grace=inputs.drain_grace_s,
             deadline=self.deadline,
             **(self.launch(model, knobs, cluster) if cluster is not None else {}),
@@ -380,6 +382,7 @@ class RealEvaluator:
             max_context=knobs.max_context,
             kv_bits=knobs.kv_bits,
             config_path=Path(os.devnull),
+            speculative=knobs.speculative,
             host="127.0.0.1" if local else "0.0.0.0",
         )
         argv = launch_argv(cluster.hostfile, model, knobs.parallel or "pipeline", args, sys.executable, cluster.backend)

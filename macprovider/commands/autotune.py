@@ -39,6 +39,12 @@ def autotune(
         None, "--kv-bits-axis", help="Stage 2 kv_bits cells: unset, 4, 8 [default: unset,4,8]."
     ),
     max_batch_axis: str | None = typer.Option(None, "--max-batch-axis", help="Stage 2 max_batch cells [default: 1,2]."),
+    speculative_axis: str | None = typer.Option(
+        None,
+        "--speculative-axis",
+        help="Stage 2 speculative decoding: off, prompt-lookup; with both, the grid runs off and the best cell gets"
+        " one more trial with prompt-lookup, kept only if it wins; off alone skips it [default: off,prompt-lookup].",
+    ),
     max_context_axis: str | None = typer.Option(
         None,
         "--max-context-axis",
@@ -111,6 +117,7 @@ def autotune(
         "kv_bits_axis": kv_bits_axis,
         "max_batch_axis": max_batch_axis,
         "max_context_axis": max_context_axis,
+        "speculative_axis": speculative_axis,
         "stage1_replicates": stage1_replicates,
         "stage2_replicates": stage2_replicates,
         "gate_ttft_ms": gate_ttft_ms,
