@@ -445,9 +445,6 @@ class Engine:
         if self.lockstep is None:
             model, tokenizer = load(str(self.model_path))
             self.weights_dtype = apply_weights_dtype(model, self.weights_dtype)
-            from macprovider.engine.small_batch_matmul import use_small_batch_linear
-
-            use_small_batch_linear(model)
         else:
             from macprovider.core.hardware import memory_budget_bytes, mlx_recommended_working_set_bytes
             from macprovider.engine.distributed import load_sharded
