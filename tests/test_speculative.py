@@ -30,6 +30,8 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     assert lookup.propose(3) == []
     # With pending 2 the tail is "7 8 2" / "8 2": new too (1-token matches are not looked up).
     assert lookup.propose(3, pending=2) == []
+    # As a last resort (filling a pass that runs anyway) one token may match: "2" last preceded 3 7 8.
+    assert lookup.propose(3, pending=2, shortest=1) == [3, 7, 8]
     lookup.sync([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 2, 3])
     # "2 3" last occurred at 6..7 (followed by 7 8 2) — the latest earlier one, not the first (followed by 4).
     assert lookup.propose(3) == [7, 8, 2]

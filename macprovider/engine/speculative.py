@@ -92,12 +92,14 @@ class PromptLookup:
 
     `sync(tokens)` appends the tokens the sequence gained since the last call (its context only grows);
     `propose(k, pending)` returns up to k tokens that followed the latest earlier occurrence of the context's
-    last n tokens (with `pending` appended to the context when given), or [] when there is none.
+    last n tokens (with `pending` appended to the context when given), or [] when there is none;
+    `shortest=1` also accepts a one-token match (a last resort: `SpeculativeGenerationBatch` uses it only to
+    fill positions a verification pass computes anyway).
     """
 
     def __init__(self, tokens: list[int] | None = None):
         self.tokens: list[int] = []
-        self._follows: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in NGRAM_SIZES}
+        self._follows: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in (*NGRAM_SIZES, 1)}
         self.sync(tokens or [])
 
     def sync(self, tokens: list[int]) -> None:
@@ -112,12 +114,12 @@ class PromptLookup:
                 follows[tuple(self.tokens[at - n : at])] = at
         self.tokens.append(token)
 
-    def propose(self, k: int, pending: int | None = None) -> list[int]:
+    def propose(self, k: int, pending: int | None = None, shortest: int = NGRAM_SIZES[-1]) -> list[int]:
         if k <= 0:
             return []
         context = self.tokens if pending is None else [*self.tokens[-max(NGRAM_SIZES) :], pending]
         for n, follows in self._follows.items():
-            if len(context) < n:
+            if len(context) < n or n < shortest:
                 continue
             start = follows.get(tuple(context[-n:]))
             if start is not None:
@@ -193,11 +195,25 @@ class SpeculativeGenerationBatch(GenerationBatch):
             drafts = [self._draft(row, token) for row, token in enumerate(pending)]
             width = self._choose_width(drafts)
             if width > 1:
-                return self._verify(pending, [draft[: width - 1] for draft in drafts])
+                filled = self._fill(pending, drafts, width)
+                return self._verify(pending, [draft[: width - 1] for draft in drafts], filled)
             self._unverified = [draft[0] if draft else None for draft in drafts]
         else:
             self._unverified = [None] * len(self.uids)
         return self._plain_step()
+
+    def _fill(self, pending: list[int], drafts: list[list[int]], width: int) -> set[int]:
+        """Rows without a draft in a verification pass of `width` would compute padding: give them a draft
+        from a one-token match instead (free to verify). Returns those rows; their outcomes do not move their
+        acceptance rates, which price real drafts."""
+        filled = set()
+        for row, draft in enumerate(drafts):
+            if not draft and self._draftable(row):
+                room = self.max_tokens[row] - self._num_tokens[row] - 1
+                drafts[row] = self._lookups[row].propose(min(width - 1, room), pending[row], shortest=1)
+                if drafts[row]:
+                    filled.add(row)
+        return filled
 
     def _check_unverified(self, pending: list[int]) -> None:
         for row, guess in enumerate(self._unverified):
@@ -253,7 +269,9 @@ class SpeculativeGenerationBatch(GenerationBatch):
         self._lookups[row].sync(self.tokens[row])
         return self._lookups[row].propose(min(self.max_draft_tokens, room), pending)
 
-    def _verify(self, pending: list[int], drafts: list[list[int]]) -> list[Any]:
+    def _verify(
+        self, pending: list[int], drafts: list[list[int]], filled: frozenset[int] | set[int] = frozenset()
+    ) -> list[Any]:
         """One forward pass over [pending, draft…] for every row; accept, roll back, respond."""
         started = time.perf_counter()
         width = 1 + max(len(d) for d in drafts)
@@ -271,7 +289,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
             accepted = 0
             while accepted < len(draft) and targets[row][accepted] == draft[accepted]:
                 accepted += 1
-            self._adapt(row, len(draft), accepted)
+            self._adapt(row, len(draft), accepted, learn=row not in filled)
             emitted = [token, *draft[:accepted]]
             emitted_logprobs = [self._next_logprobs[row], *(logprobs[row, j] for j in range(accepted))]
             finish, count = self._finish_within(row, emitted)
@@ -333,12 +351,13 @@ class SpeculativeGenerationBatch(GenerationBatch):
             return samplers[0](logprobs.reshape(batch * width, vocab)).reshape(batch, width)
         return mx.stack([sampler(logprobs[row]) for row, sampler in enumerate(samplers)])
 
-    def _adapt(self, row: int, drafted: int, accepted: int) -> None:
+    def _adapt(self, row: int, drafted: int, accepted: int, learn: bool = True) -> None:
         if not drafted:
             return
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
-        self._observe(row, accepted / drafted)
+        if learn:
+            self._observe(row, accepted / drafted)
 
     def _finish_within(self, row: int, emitted: list[int]) -> tuple[str | None, int]:
         """(finish reason, tokens of `emitted` to keep): the sequence ends at the first of them that
