@@ -189,18 +189,18 @@ class SpeculativeGenerationBatch(GenerationBatch):
     def next(self) -> list[Any]:
         if not self.uids:
             return []
-        if self._may_draft():
-            pending = cast(list[int], self._next_tokens.tolist())  # waits for the step in flight; (B,): a flat list
-            self._check_unverified(pending)
-            drafts = [self._draft(row, token) for row, token in enumerate(pending)]
-            width = self._choose_width(drafts)
-            if width > 1:
-                filled = self._fill(pending, drafts, width)
-                return self._verify(pending, [draft[: width - 1] for draft in drafts], filled)
-            self._unverified = [draft[0] if draft else None for draft in drafts]
-        else:
+        if not self._may_draft():
             self._unverified = [None] * len(self.uids)
-        return self._plain_step()
+            return self._plain_step(synchronized=False)
+        pending = cast(list[int], self._next_tokens.tolist())  # waits for the step in flight; (B,): a flat list
+        self._check_unverified(pending)
+        drafts = [self._draft(row, token) for row, token in enumerate(pending)]
+        width = self._choose_width(drafts)
+        if width > 1:
+            filled = self._fill(pending, drafts, width)
+            return self._verify(pending, [draft[: width - 1] for draft in drafts], filled)
+        self._unverified = [draft[0] if draft else None for draft in drafts]
+        return self._plain_step(synchronized=True)
 
     def _fill(self, pending: list[int], drafts: list[list[int]], width: int) -> set[int]:
         """Rows without a draft in a verification pass of `width` would compute padding: give them a draft
@@ -225,14 +225,19 @@ class SpeculativeGenerationBatch(GenerationBatch):
         self._acceptance[row] += ACCEPTANCE_SMOOTHING * (accepted_fraction - self._acceptance[row])
         self._batch_acceptance += ACCEPTANCE_SMOOTHING * (accepted_fraction - self._batch_acceptance)
 
-    def _plain_step(self) -> list[Any]:
-        """mlx-lm's pipelined step; timed when the step before was one too (after a verification step, which
-        ends synchronized, the first pipelined step does not wait for a forward pass and would read cheap)."""
+    def _plain_step(self, synchronized: bool) -> list[Any]:
+        """mlx-lm's pipelined step, timed for `StepCosts`. Pipelined, a step's call lasts about one forward
+        pass (it waits for the one in flight) — but only when the step before was pipelined too. After a
+        wait for the pending tokens (`synchronized`), nothing is in flight, so this step waits for its own
+        forward pass to be timed like a verification step."""
         batch, started = len(self.uids), time.perf_counter()
         responses = super().next()
-        if self._previous_width == 1:
+        if synchronized and self._next_tokens is not None:
+            mx.eval(self._next_tokens)
             self.costs.record(batch, 1, time.perf_counter() - started)
-        self._previous_width = 1
+        elif not synchronized and self._previous_width == 1:
+            self.costs.record(batch, 1, time.perf_counter() - started)
+        self._previous_width = 1 if not synchronized else 0
         return responses
 
     def _choose_width(self, drafts: list[list[int]]) -> int:
