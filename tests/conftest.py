@@ -185,6 +185,29 @@ def embedding_server(embedding_model_dir, hf_home, tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture
+def engines():
+    """A factory of in-process engines, `engines(model, **settings)` (max_context_override 2048 unless given),
+    loaded; each is released after the test (`release_engine`: closed and its MLX arrays freed on this
+    thread — left to interpreter shutdown, they can abort the process)."""
+    from macprovider.core import config as cfg
+    from macprovider.engine.engine import Engine
+    from macprovider.engine.factory import release_engine
+    from macprovider.serve.preflight import plan_serve
+
+    made: list = []
+
+    def factory(model: str, **settings):
+        engine = Engine(plan_serve(cfg.resolve({"model": model, "max_context_override": 2048, **settings})))
+        made.append(engine)
+        engine.load()
+        return engine
+
+    yield factory
+    for engine in made:
+        release_engine(engine)
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch, hf_home):
     """Pin HOME/XDG_CONFIG_HOME/HF_HOME, scrub what an earlier test set (MACPROVIDER_*, HF_*, ...), force

@@ -21,26 +21,19 @@ from macprovider.core import config as cfg
 from macprovider.engine import disk_cache
 from macprovider.engine.engine import Engine
 from macprovider.engine.protocol import GenerationRequest
-from macprovider.serve.preflight import plan_serve
 
 LONG = "the sea and the sailors who sleep under the waves " * 50  # ~600 tokens of the tiny model's tokenizer
 OTHER = "numbers 0 1 2 3 4 5 6 7 8 9 and code def main(): return 42 " * 20
 
 
 @pytest.fixture
-def engines(tiny_model):
-    made: list[Engine] = []
+def engines(engines, tiny_model):
+    """conftest's engine factory on the tiny model, with its prompt cache on disk in `directory`."""
 
     def factory(directory: Path, **settings) -> Engine:
-        cli = {"model": tiny_model, "max_context_override": 2048, "prompt_cache_dir": str(directory), **settings}
-        engine = Engine(plan_serve(cfg.resolve(cli)))
-        engine.load()
-        made.append(engine)
-        return engine
+        return engines(tiny_model, prompt_cache_dir=str(directory), **settings)
 
-    yield factory
-    for engine in made:
-        engine.close()
+    return factory
 
 
 def generate(engine: Engine, tokens: list[int], max_tokens: int = 8):

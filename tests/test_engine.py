@@ -9,11 +9,9 @@ import time
 
 import pytest
 
-from macprovider.core import config as cfg
 from macprovider.core.errors import ApiError
 from macprovider.engine.engine import Engine
 from macprovider.engine.protocol import GenerationRequest
-from macprovider.serve.preflight import plan_serve
 
 PROMPTS = [
     "Hello there",
@@ -21,27 +19,6 @@ PROMPTS = [
     "What is the capital of France? Answer briefly, please.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 and code def main(): return",
 ]
-
-
-def make_engine(model: str, **settings) -> Engine:
-    cli = {"model": model, "max_context_override": 2048, **settings}
-    engine = Engine(plan_serve(cfg.resolve(cli)))
-    engine.load()
-    return engine
-
-
-@pytest.fixture
-def engines():
-    made: list[Engine] = []
-
-    def factory(model: str, **settings) -> Engine:
-        engine = make_engine(model, **settings)
-        made.append(engine)
-        return engine
-
-    yield factory
-    for engine in made:
-        engine.close()
 
 
 async def collect(engine: Engine, tokens, **request):

@@ -369,3 +369,35 @@ def test_quantized_float32_weights_answer_as_the_dequantized_ones_in_a_fraction_
         assert server.health()["engine"]["peak_memory_bytes"] < real_server.health()["engine"]["peak_memory_bytes"] / 2
     finally:
         server.stop()
+
+
+def test_speculative_greedy_output_equals_mlx_lm_generate(real_model, engines, oracle):
+    """`speculative: prompt-lookup` on real weights (an in-process engine: a process forked after the oracle
+    has run MLX threads could hang): prompts the model answers by quoting them, so drafts are verified and
+    accepted, give exactly mlx-lm's greedy tokens — alone and four in one batch."""
+    import asyncio
+
+    from macprovider.engine.protocol import GenerationRequest
+
+    questions = [
+        "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog near the river bank.",
+        "Copy this list exactly: apples, pears, plums, cherries, grapes, lemons, limes, oranges.",
+        "Repeat exactly: def add(a, b):\n    return a + b",
+        "Say this again word for word: to be or not to be, that is the question.",
+    ]
+    max_tokens = 32
+    expected = {q: oracle_greedy(oracle, q, max_tokens)[1] for q in questions}  # token ids
+    engine = engines(real_model, max_concurrency_override=4, speculative="prompt-lookup")
+
+    async def generate(question: str) -> str:
+        prompt = engine.encode_chat(messages(question))
+        handle = engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens, temperature=0.0))
+        return "".join([chunk.text async for chunk in handle])
+
+    async def together() -> list[str]:
+        return await asyncio.gather(*(generate(q) for q in questions))
+
+    _, tokenizer = oracle
+    assert asyncio.run(generate(questions[0])) == tokenizer.decode(expected[questions[0]])
+    assert asyncio.run(together()) == [tokenizer.decode(expected[q]) for q in questions]
+    assert engine.stats().speculative_accepted_tokens_total > 0

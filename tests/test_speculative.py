@@ -12,13 +12,10 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from macprovider.core import config as cfg
 from macprovider.engine.engine import Engine
-from macprovider.engine.factory import release_engine
 from macprovider.engine.kvcache import QuantizedKVCache, row_trimmable
 from macprovider.engine.protocol import GenerationRequest
 from macprovider.engine.speculative import PromptLookup, SpeculativeGenerationBatch, StepCosts
-from macprovider.serve.preflight import plan_serve
 
 HEADS, DIM = 2, 64
 
@@ -139,6 +136,28 @@ def test_row_trim_keeps_exactly_the_accepted_positions(bits):
         assert mx.array_equal(_dense(batch.extract(row).keys, bits), before[row]).item()
 
 
+def test_holes_are_compacted_once_they_waste_enough_columns():
+    """Rows that take turns rejecting drafts leave holes in every row; once they waste COMPACT_MIN_COLUMNS (and
+    an eighth of the cache) the cache gathers itself back to the plain layout, keeping every row's positions."""
+    batch = row_trimmable(KVCache.merge([KVCache(), KVCache()]))
+    history: list[list[mx.array]] = [[], []]
+    compacted_at = None
+    for step in range(60):
+        keys, values = _kv(2, 4, seed=step)
+        batch.update_and_fetch(keys, values)
+        kept = [4, 1] if step % 2 == 0 else [1, 4]
+        batch.trim_rows([4 - k for k in kept])
+        for row, k in enumerate(kept):
+            history[row] += [keys[row : row + 1, :, i] for i in range(k)]
+        if batch.holes is None and compacted_at is None and step > 0:
+            compacted_at = step
+    assert compacted_at is not None and batch._idx < 4 * 60
+    for row in range(2):
+        single = batch.extract(row)
+        assert single.offset == len(history[row]) == 150
+        assert mx.array_equal(single.keys[..., : single.offset, :], mx.stack(history[row], axis=2)).item()
+
+
 def test_row_trim_attention_equals_attention_over_the_kept_positions():
     """Full precision: attention of a new query through the holed batch cache and its mask equals attention
     over a cache holding only the kept positions."""
@@ -225,22 +244,6 @@ def test_sampled_output_keeps_the_target_distribution_under_speculation():
 
 
 # ------------------------------------------------------------------------------------ engine, tiny model
-@pytest.fixture
-def engines():
-    made: list[Engine] = []
-
-    def factory(model: str, **settings) -> Engine:
-        cli = {"model": model, "max_context_override": 2048, **settings}
-        engine = Engine(plan_serve(cfg.resolve(cli)))
-        engine.load()
-        made.append(engine)
-        return engine
-
-    yield factory
-    for engine in made:
-        release_engine(engine)
-
-
 # Prompts whose greedy continuation on the tiny random model repeats itself, so prompt lookup drafts.
 PROMPTS = [
     "one two three four one two three four one two three four one two",

@@ -389,8 +389,8 @@ class RowTrimMixin:
         self.holes = np.concatenate([mine, theirs], axis=0)
 
     def _kept_positions(self, row: int, left_padding: int) -> list[int]:
-        holes = self._holes_width(self._idx)[row]
-        return [p for p in range(left_padding, self._idx) if not holes[p]]
+        kept = ~self._holes_width(self._idx)[row, left_padding:]
+        return cast(list[int], (np.flatnonzero(kept) + left_padding).tolist())
 
     def extract(self, idx: int):
         if self.holes is None or not self.holes[idx].any():
@@ -410,13 +410,13 @@ class RowTrimMixin:
     def _maybe_compact(self) -> None:
         if self.holes is None or self.keys is None:
             return
-        padding = cast(list[int], self.left_padding.tolist())
-        kept = [self._kept_positions(row, pad) for row, pad in enumerate(padding)]
-        length = max(len(positions) for positions in kept)
-        saved = self._idx - length
-        if saved < max(self.COMPACT_MIN_COLUMNS, self._idx // 8):
+        # Runs after every verification step, in every layer: decide from counts (holes only ever lie after a
+        # row's left padding), and list positions only to compact.
+        padding = np.asarray(self.left_padding.tolist(), dtype=np.int64)
+        length = int((self._idx - padding - self._holes_width(self._idx).sum(axis=1)).max())
+        if self._idx - length < max(self.COMPACT_MIN_COLUMNS, self._idx // 8):
             return
-        self.compact(kept, length)
+        self.compact([self._kept_positions(row, int(pad)) for row, pad in enumerate(padding)], length)
 
     def compact(self, kept: list[list[int]], length: int) -> None:
         """Gather each row's `kept` positions into a left-padded layout `length` columns long (holes gone)."""
