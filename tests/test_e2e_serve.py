@@ -406,6 +406,9 @@ def test_speculative_serve_matches_plain_text_reports_health_and_exits_zero(serv
     health = speculative.health()
     assert health["capacity"]["speculative"] == "prompt-lookup"
     assert server.health()["capacity"]["speculative"] == "off"
+    from macprovider.engine import cpu_kernels  # the NumPy route for exponentials on MLX's CPU device
+
+    assert health["capacity"]["cpu_kernels"] == ("numpy" if cpu_kernels.wanted("auto") else "mlx")
     engine = health["engine"]
     assert engine["speculative_drafted_tokens_total"] >= engine["speculative_accepted_tokens_total"] > 0
     assert 0 < engine["speculative_acceptance_rate"] <= 1

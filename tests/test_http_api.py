@@ -490,6 +490,7 @@ def test_health_body_and_counters(served):
         "max_batch": 2,
         "kv_bits": None,
         "speculative": "off",
+        "cpu_kernels": "mlx",
     }
     assert isinstance(body["capacity"]["ram_gb"], int) and body["capacity"]["ram_gb"] > 0
     assert body["engine"]["peak_kv_cache_bytes"] == 4096 and body["engine"]["prompt_tokens_total"] == 3

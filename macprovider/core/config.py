@@ -44,6 +44,12 @@ Speculative = Literal["off", "prompt-lookup"]
 SPECULATIVE_MODES: tuple[str, ...] = get_args(Speculative)
 
 
+# Where a forward pass on MLX's CPU device computes its exponentials (macprovider/engine/cpu_kernels.py): `auto`
+# uses NumPy's vectorized exp outside Apple silicon (MLX's is scalar there), `mlx` keeps MLX's own ops.
+CpuKernels = Literal["auto", "mlx"]
+CPU_KERNELS: tuple[str, ...] = get_args(CpuKernels)
+
+
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default (5 minutes)
 KEEP_FOREVER = -1.0  # keep_alive -1: never unload an idle model
 
@@ -99,6 +105,7 @@ class Settings(BaseModel):
     weights_dtype: WeightsDtype = "auto"
     speculative: Speculative = "off"
     speculative_tokens: int = 4  # the most draft tokens one sequence verifies per step
+    cpu_kernels: CpuKernels = "auto"
     parallel: Literal["pipeline", "tensor"] | None = None
     hostfile: str | None = None  # `cluster serve`'s default HOSTFILE (autotune --hostfile --apply writes it)
     rank_timeout_s: float = 60.0
@@ -231,6 +238,13 @@ def _speculative(raw: Any) -> str:
     return value
 
 
+def _cpu_kernels(raw: Any) -> str:
+    value = str(raw).strip().lower()
+    if value not in CPU_KERNELS:
+        raise ValueError(f"must be one of {', '.join(CPU_KERNELS)}")
+    return value
+
+
 def _parallel(raw: Any) -> str:
     value = str(raw).strip().lower()
     if value not in ("pipeline", "tensor"):
@@ -352,6 +366,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("weights_dtype", "MACPROVIDER_WEIGHTS_DTYPE", _weights_dtype, "--weights-dtype"),
     SettingSpec("speculative", "MACPROVIDER_SPECULATIVE", _speculative, "--speculative"),
     SettingSpec("speculative_tokens", "MACPROVIDER_SPECULATIVE_TOKENS", _int_in(1, 16), "--speculative-tokens"),
+    SettingSpec("cpu_kernels", "MACPROVIDER_CPU_KERNELS", _cpu_kernels),
     SettingSpec("parallel", "MACPROVIDER_PARALLEL", _optional(_parallel), "--parallel"),
     SettingSpec("hostfile", "MACPROVIDER_HOSTFILE", _optional(_text)),
     SettingSpec("rank_timeout_s", "MACPROVIDER_RANK_TIMEOUT_S", _float_min(1)),

@@ -9,6 +9,8 @@ Layout:
     speculative.py  prompt-lookup speculative decoding inside the batch (SpeculativeGenerationBatch)
     disk_cache.py   the prompt cache's disk tier: KV files that survive restarts (background writer, checks)
     weights_dtype.py  weights_dtype: dequantize / cast the loaded weights (float32 on MLX's CPU backend)
+    cpu_kernels.py  cpu_kernels: attention softmax, SwiGLU and log-softmax through NumPy's vectorized exp on
+                    MLX's CPU device (MLX's exp is scalar outside Apple silicon)
     constrained.py  GrammarProcessor (the llguidance logits processor) and its tokenizer cache
     distributed.py  several machines on mx.distributed: split checks, pipeline stages / tensor shard, the
                     per-step control exchange that keeps ranks in lockstep, the follower loop

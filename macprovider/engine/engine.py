@@ -97,6 +97,9 @@ class Engine:
         # caches cannot roll back per row).
         self.speculative: str = settings.speculative if lockstep is None else "off"
         self.speculative_tokens = settings.speculative_tokens
+        # Exponentials on MLX's CPU device (engine/cpu_kernels.py): the setting; after load(), what runs
+        # ("numpy" or "mlx").
+        self.cpu_kernels: str = settings.cpu_kernels
         self.max_queue_depth = settings.max_queue_depth
         # Prefix reuse is per rank and byte-bounded: ranks holding different layers would evict differently.
         self.prompt_cache_bytes = settings.prompt_cache_bytes if lockstep is None else 0
@@ -139,13 +142,14 @@ class Engine:
         with self._lock:
             self._state = "ready"
         log.info(
-            "engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s weights=%s speculative=%s",
+            "engine ready: model=%s max_batch=%d max_context=%d kv_bits=%s weights=%s speculative=%s cpu_kernels=%s",
             self.model_id,
             self.max_batch,
             self.max_context,
             self.kv_bits,
             self.weights_dtype,
             self.speculative if self.speculative == "off" else f"{self.speculative}/{self.speculative_tokens}",
+            self.cpu_kernels,
         )
 
     def _self_test(self) -> None:
@@ -455,6 +459,14 @@ class Engine:
 
             budget = memory_budget_bytes(mlx_recommended_working_set_bytes())
             model, tokenizer = load_sharded(self.model_path, self.lockstep, budget, cast)
+        from macprovider.engine import cpu_kernels
+
+        if cpu_kernels.wanted(self.cpu_kernels, distributed=self.lockstep is not None):
+            cpu_kernels.install()
+            cpu_kernels.enable_in_this_thread()  # the generation thread: every forward pass of this engine
+            self.cpu_kernels = "numpy"
+        else:
+            self.cpu_kernels = "mlx"
         group_size = 64
         if self.kv_bits is not None:
             layer = model.layers[0] if hasattr(model, "layers") else None

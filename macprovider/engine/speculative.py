@@ -43,6 +43,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
 
+from macprovider.engine import cpu_kernels
 from macprovider.engine.kvcache import row_trimmable
 
 # n-gram lengths looked up, longest first (a 1-token match drafts too often to pay for its verification).
@@ -284,7 +285,10 @@ class SpeculativeGenerationBatch(GenerationBatch):
         inputs = mx.array(rows)
         logits = self.model(inputs, cache=self.prompt_cache)
         logits = self._process_first_position(logits, inputs)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if cpu_kernels.enabled() and logits.dtype == mx.float32:
+            logprobs = cpu_kernels.log_softmax(logits)
+        else:
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         targets = cast(list[list[int]], self._sample(logprobs).tolist())  # (B, W)
         self.costs.record(len(pending), width, time.perf_counter() - started)
         self._previous_width = width
