@@ -586,6 +586,7 @@ def main() -> int:
             },
             "environment": {
                 "LD_PRELOAD": os.environ.get("LD_PRELOAD"),
+                "MACPROVIDER_CPU_KERNELS": os.environ.get("MACPROVIDER_CPU_KERNELS"),  # unset: auto
                 "mlx": mx.__version__,
                 "mlx_lm": mlx_lm.__version__,
                 "cpus": os.cpu_count(),
