@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,14 +41,22 @@ SCHEMA = {
 
 
 def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` consecutive free loopback ports below Linux's ephemeral range (32768+), where the kernel does not
+    hand them to other processes' outgoing connections between this check and the ranks binding them
+    (`mlx.launch -p P` binds P, P+1, …; a port picked with bind(0) lost that race now and then: EADDRINUSE)."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20000, 32000 - count)
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for offset, sock in enumerate(sockets):
+                sock.bind(("127.0.0.1", base + offset))
+            return list(range(base, base + count))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +84,8 @@ class Group:
         self.port = _free_ports(1)[0]
         self.home = home
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MACPROVIDER_", "MLX_"))} | (env or {})
+        if ranks == 1:  # the one-process reference runs MLX's own ops, as ranks do (engine/cpu_kernels.py)
+            env.setdefault("MACPROVIDER_CPU_KERNELS", "mlx")
         env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
         serve = [sys.executable, "-m", "macprovider", "serve", "--model", model, "--port", str(self.port), *extra]
         self.processes: list[subprocess.Popen] = []
@@ -83,7 +94,7 @@ class Group:
             argv = serve
             if launcher:
                 launch = str(Path(sys.executable).parent / "mlx.launch")
-                argv = [launch, "-n", str(ranks), "--backend", "ring", "-p", str(_free_ports(1)[0]), "--", *serve]
+                argv = [launch, "-n", str(ranks), "--backend", "ring", "-p", str(_free_ports(ranks)[0]), "--", *serve]
             self._spawn(argv, env, "serve")
         else:
             hostfile = home / "hosts.json"
