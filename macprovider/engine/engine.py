@@ -348,6 +348,7 @@ class Engine:
             cache_memory_bytes=counters.get("cache_memory", 0),
             speculative_drafted_tokens_total=counters.get("drafted_tokens", 0),
             speculative_accepted_tokens_total=counters.get("accepted_tokens", 0),
+            cpu_kernels=self.cpu_kernels if self._loaded.is_set() else "mlx",
             **self._disk_stats(),
             extra={"distributed": self.lockstep.describe()} if self.lockstep is not None else {},
         )

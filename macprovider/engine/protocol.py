@@ -170,6 +170,8 @@ class EngineStats:
     # Speculative decoding (engine/speculative.py): draft tokens verified, and those accepted.
     speculative_drafted_tokens_total: int = 0
     speculative_accepted_tokens_total: int = 0
+    # What computes a forward pass's exponentials (engine/cpu_kernels.py): "numpy" or "mlx" (health capacity).
+    cpu_kernels: str = "mlx"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def engine_json(self) -> dict[str, int | float]:

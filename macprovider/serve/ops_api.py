@@ -50,7 +50,7 @@ def health_body(ctx: AppContext, process: psutil.Process, ram_gb: int) -> dict[s
             "max_batch": primary.max_batch,
             "kv_bits": primary.kv_bits,
             "speculative": getattr(primary, "speculative", "off"),
-            "cpu_kernels": getattr(primary, "cpu_kernels", "mlx"),
+            "cpu_kernels": stats.cpu_kernels,
         },
         "engine": stats.engine_json(),
         "models": fleet.describe(),
