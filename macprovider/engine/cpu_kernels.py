@@ -89,10 +89,10 @@ def _swiglu_entry(gate, x):
 
 
 def softmax(scores: mx.array) -> mx.array:
-    """Softmax over the last axis of float32 `scores` (any shape), computed by NumPy into a new array.
-    (Computing it in place in `scores`' buffer — NumPy's view of an evaluated MLX array shares its memory —
-    saved ~10 % of a prefill but lowered the peak below what autotune's memory estimate models for MLX's own
-    attention; kept as MLX allocates: one new score tensor.)"""
+    """Softmax over the last axis of float32 `scores` (any shape), computed by NumPy into a new array, as MLX's
+    softmax allocates one (autotune's memory estimate counts the score tensors MLX's attention holds).
+    Computing it in place in `scores`' own buffer (NumPy's view of an evaluated MLX array shares its memory)
+    saved ~10 % of a prefill; it needs that estimate's prefill term revisited first."""
     mx.eval(scores)
     values = np.asarray(scores)
     out = values - values.max(axis=-1, keepdims=True)
