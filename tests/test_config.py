@@ -204,3 +204,14 @@ def test_speculative_setting_from_yaml_env_and_fleet_entries(isolated_env):
     ):
         with pytest.raises(ConfigError, match=needle):
             cfg.resolve({}, {**env, **bad_env}, ram_gb=16)
+
+
+def test_cpu_kernels_setting_from_env_and_yaml_with_a_clear_error(isolated_env):
+    env = {"HOME": str(isolated_env), "XDG_CONFIG_HOME": str(isolated_env / ".config")}
+    assert cfg.resolve({}, env, ram_gb=16).settings.cpu_kernels == "auto"
+    assert cfg.resolve({}, {**env, "MACPROVIDER_CPU_KERNELS": " MLX "}, ram_gb=16).settings.cpu_kernels == "mlx"
+    write_config(isolated_env, "cpu_kernels: mlx\n")
+    assert cfg.resolve({}, env, ram_gb=16).settings.cpu_kernels == "mlx"
+    for bad in ("numpy", "", "0", "\ud800"):
+        with pytest.raises(ConfigError, match="cpu_kernels.*must be one of auto, mlx"):
+            cfg.resolve({}, {**env, "MACPROVIDER_CPU_KERNELS": bad}, ram_gb=16)

@@ -91,6 +91,30 @@ def test_log_softmax_equals_mlx():
     assert close(cpu_kernels.log_softmax(logits), expected, atol=1e-4)
 
 
+def test_log_probabilities_take_the_numpy_route_only_where_enabled(monkeypatch, on_this_thread):
+    routes: list[str] = []
+    monkeypatch.setattr(cpu_kernels, "log_softmax", lambda logits: routes.append("numpy") or logits)
+    logits = mx.zeros((2, 5))
+    cpu_kernels.log_probabilities(logits)
+    cpu_kernels.log_probabilities(logits.astype(mx.float16))  # not float32: MLX's
+    cpu_kernels.enable_in_this_thread(False)
+    assert close(cpu_kernels.log_probabilities(logits), mx.full((2, 5), -np.log(5.0)), atol=1e-6)
+    assert routes == ["numpy"]
+
+
+def test_fully_masked_rows_give_nan_as_mlx_does_without_warnings():
+    rows = mx.array([[-np.inf, -np.inf, -np.inf], [0.0, 1.0, 2.0]], dtype=mx.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probabilities, log_probabilities = cpu_kernels.softmax(rows), cpu_kernels.log_softmax(rows)
+    for got, expected in (
+        (probabilities, mx.softmax(rows, axis=-1)),
+        (log_probabilities, rows - mx.logsumexp(rows, axis=-1, keepdims=True)),
+    ):
+        assert np.isnan(np.array(got[0])).all() and np.isnan(np.array(expected[0])).all()
+        assert close(got[1], expected[1], atol=1e-6)
+
+
 def test_installed_wrappers_use_numpy_only_on_an_enabled_thread(monkeypatch):
     import mlx_lm.models.llama as llama
 

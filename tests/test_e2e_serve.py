@@ -406,7 +406,7 @@ def test_speculative_serve_matches_plain_text_reports_health_and_exits_zero(serv
     health = speculative.health()
     assert health["capacity"]["speculative"] == "prompt-lookup"
     assert server.health()["capacity"]["speculative"] == "off"
-    from macprovider.engine import cpu_kernels  # the NumPy route for exponentials on MLX's CPU device
+    from macprovider.engine import cpu_kernels  # (imports MLX: only here) the NumPy route on MLX's CPU device
 
     assert health["capacity"]["cpu_kernels"] == ("numpy" if cpu_kernels.wanted("auto") else "mlx")
     engine = health["engine"]

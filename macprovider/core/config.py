@@ -189,11 +189,19 @@ def _text(raw: Any) -> str:
     return str(raw).strip()
 
 
-def _log_level(raw: Any) -> str:
-    value = str(raw).strip().lower()
-    if value not in ("debug", "info", "warning", "error", "critical"):
-        raise ValueError("must be one of debug, info, warning, error, critical")
-    return value
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    """A parser for a setting that takes one of `choices` (case-insensitive, surrounding space ignored)."""
+
+    def parse(raw: Any) -> str:
+        value = str(raw).strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+_log_level = _one_of(("debug", "info", "warning", "error", "critical"))
 
 
 AUTO_BUDGET_FRACTION = 0.5
@@ -222,27 +230,12 @@ def choose_weights_dtype(
     return QUANTIZED_FLOAT32 if quantized else None
 
 
-def _weights_dtype(raw: Any) -> str:
-    value = str(raw).strip().lower()
-    if value not in WEIGHTS_DTYPES:
-        raise ValueError(f"must be one of {', '.join(WEIGHTS_DTYPES)}")
-    return value
+_weights_dtype = _one_of(WEIGHTS_DTYPES)
+_cpu_kernels = _one_of(CPU_KERNELS)
 
 
 def _speculative(raw: Any) -> str:
-    if raw is False:  # YAML 1.1 reads a bare `off` as false
-        return "off"
-    value = str(raw).strip().lower()
-    if value not in SPECULATIVE_MODES:
-        raise ValueError(f"must be one of {', '.join(SPECULATIVE_MODES)}")
-    return value
-
-
-def _cpu_kernels(raw: Any) -> str:
-    value = str(raw).strip().lower()
-    if value not in CPU_KERNELS:
-        raise ValueError(f"must be one of {', '.join(CPU_KERNELS)}")
-    return value
+    return "off" if raw is False else _one_of(SPECULATIVE_MODES)(raw)  # YAML 1.1 reads a bare `off` as false
 
 
 def _parallel(raw: Any) -> str:

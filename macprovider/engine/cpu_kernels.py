@@ -15,7 +15,8 @@ hand back an MLX array —
     that MLX's CPU `scaled_dot_product_attention` falls back to (scores, mask, softmax, values), plain or
     over kv-bits caches (`quantized_matmul`, as mlx-lm's `quantized_scaled_dot_product_attention`);
   * `swiglu`: mlx-lm's `swiglu` (models/activations.py), silu(gate) · x;
-  * `log_softmax`: log-probabilities from logits (speculative verification).
+  * `log_softmax`: log-probabilities from logits (`log_probabilities` picks it or MLX's for the thread;
+    speculative verification).
 Results differ from MLX's by float32 rounding only (a few 1e-7 in probabilities, ~1e-4 in log-probabilities
 of a 30-layer model); greedy text on the real test model is unchanged (tests/test_cpu_kernels.py).
 
@@ -95,9 +96,10 @@ def softmax(scores: mx.array) -> mx.array:
     saved ~10 % of a prefill; it needs that estimate's prefill term revisited first."""
     mx.eval(scores)
     values = np.asarray(scores)
-    out = values - values.max(axis=-1, keepdims=True)
-    np.exp(out, out=out)
-    out /= out.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a row masked to -inf throughout gives NaN, as in MLX, silently
+        out = values - values.max(axis=-1, keepdims=True)
+        np.exp(out, out=out)
+        out /= out.sum(axis=-1, keepdims=True)
     return mx.array(out)
 
 
@@ -105,11 +107,18 @@ def log_softmax(logits: mx.array) -> mx.array:
     """log(softmax(logits)) over the last axis of float32 `logits` (any shape), computed by NumPy."""
     mx.eval(logits)
     values = np.asarray(logits)
-    peak = values.max(axis=-1, keepdims=True)
-    shifted = values - peak
-    total = np.exp(shifted).sum(axis=-1, keepdims=True)
-    shifted -= np.log(total)
+    with np.errstate(invalid="ignore", divide="ignore"):  # all -inf or NaN logits: NaN, as in MLX, silently
+        shifted = values - values.max(axis=-1, keepdims=True)
+        shifted -= np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     return mx.array(shifted)
+
+
+def log_probabilities(logits: mx.array) -> mx.array:
+    """logits − logsumexp(logits) over the last axis: by `log_softmax` on a thread that enabled the NumPy
+    route (float32), else by MLX (as mlx-lm's generation step computes them)."""
+    if enabled() and logits.dtype == mx.float32:
+        return log_softmax(logits)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
@@ -170,7 +179,7 @@ def _masked(scores: mx.array, mask: mx.array | str, heads: int, kv_heads: int) -
     else:
         mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (B|1, H|1, L|1, S|1)
         mask_batch, mask_heads = mask.shape[:2]
-        if mask_heads == heads and heads > 1:
+        if mask_heads == heads:
             mask = mask.reshape(mask_batch, kv_heads, heads // kv_heads, *mask.shape[2:])
         else:
             mask = mx.expand_dims(mask, 2)

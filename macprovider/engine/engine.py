@@ -97,9 +97,10 @@ class Engine:
         # caches cannot roll back per row).
         self.speculative: str = settings.speculative if lockstep is None else "off"
         self.speculative_tokens = settings.speculative_tokens
-        # Exponentials on MLX's CPU device (engine/cpu_kernels.py): the setting; after load(), what runs
-        # ("numpy" or "mlx").
-        self.cpu_kernels: str = settings.cpu_kernels
+        # Exponentials on MLX's CPU device (engine/cpu_kernels.py): the setting, and what runs ("numpy" once
+        # load() chose the NumPy route, else "mlx").
+        self.cpu_kernels_setting = settings.cpu_kernels
+        self.cpu_kernels = "mlx"
         self.max_queue_depth = settings.max_queue_depth
         # Prefix reuse is per rank and byte-bounded: ranks holding different layers would evict differently.
         self.prompt_cache_bytes = settings.prompt_cache_bytes if lockstep is None else 0
@@ -348,7 +349,7 @@ class Engine:
             cache_memory_bytes=counters.get("cache_memory", 0),
             speculative_drafted_tokens_total=counters.get("drafted_tokens", 0),
             speculative_accepted_tokens_total=counters.get("accepted_tokens", 0),
-            cpu_kernels=self.cpu_kernels if self._loaded.is_set() else "mlx",
+            cpu_kernels=self.cpu_kernels,
             **self._disk_stats(),
             extra={"distributed": self.lockstep.describe()} if self.lockstep is not None else {},
         )
@@ -462,12 +463,10 @@ class Engine:
             model, tokenizer = load_sharded(self.model_path, self.lockstep, budget, cast)
         from macprovider.engine import cpu_kernels
 
-        if cpu_kernels.wanted(self.cpu_kernels, distributed=self.lockstep is not None):
+        if cpu_kernels.wanted(self.cpu_kernels_setting, distributed=self.lockstep is not None):
             cpu_kernels.install()
             cpu_kernels.enable_in_this_thread()  # the generation thread: every forward pass of this engine
             self.cpu_kernels = "numpy"
-        else:
-            self.cpu_kernels = "mlx"
         group_size = 64
         if self.kv_bits is not None:
             layer = model.layers[0] if hasattr(model, "layers") else None

@@ -285,10 +285,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         inputs = mx.array(rows)
         logits = self.model(inputs, cache=self.prompt_cache)
         logits = self._process_first_position(logits, inputs)
-        if cpu_kernels.enabled() and logits.dtype == mx.float32:
-            logprobs = cpu_kernels.log_softmax(logits)
-        else:
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = cpu_kernels.log_probabilities(logits)
         targets = cast(list[list[int]], self._sample(logprobs).tolist())  # (B, W)
         self.costs.record(len(pending), width, time.perf_counter() - started)
         self._previous_width = width
